@@ -1,0 +1,226 @@
+//! [`Builder`]: client configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use crate::codec::{DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
+use crate::error::{Error, Kind, Result};
+
+use super::Client;
+
+/// Default per-call timeout (20 s, as gorpc's `DefaultRequestTimeout`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Default bound on calls awaiting replies (32,768, as gorpc's `DefaultPendingMessages`).
+pub const DEFAULT_PENDING_MESSAGES: usize = 32 * 1024;
+
+/// Default delay before the writer takes a batch: none. Batches still form under load, because
+/// every caller that arrives while a write is in progress goes into the next one.
+pub const DEFAULT_FLUSH_DELAY: Option<Duration> = None;
+
+/// Default bound on how long a dial plus the preface exchange may take (10 s).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default stall bound (10 s): with calls pending and nothing received for half of it, the
+/// client pings; with nothing for all of it, the server is declared stalled.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a client does when `max_pending` calls are already awaiting replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// `poll_ready` waits for a free slot (tower backpressure); `Client::call` awaits one.
+    #[default]
+    Backpressure,
+    /// The oldest pending call fails with an `is_overloaded()` error so the new one can go
+    /// (gorpc's behaviour: recent calls are the ones still worth answering).
+    FailOldest,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) addr: Option<SocketAddr>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) max_pending: usize,
+    pub(crate) fail_oldest: bool,
+    pub(crate) flush_delay: Option<Duration>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) stall_timeout: Option<Duration>,
+    pub(crate) max_frame_len: usize,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) backoff: super::backoff::Backoff,
+}
+
+/// Configures and connects a [`Client`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// # async fn f() -> towerpc::Result<()> {
+/// let client = towerpc::Client::builder()
+///     .timeout(Duration::from_secs(2))
+///     .max_pending(10_000)
+///     .connect("127.0.0.1:7000")
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    config: Config,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder::new()
+    }
+}
+
+impl Builder {
+    /// A builder with the defaults.
+    pub fn new() -> Builder {
+        Builder {
+            config: Config {
+                addr: None,
+                timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+                max_pending: DEFAULT_PENDING_MESSAGES,
+                fail_oldest: false,
+                flush_delay: DEFAULT_FLUSH_DELAY,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
+                max_frame_len: DEFAULT_MAX_FRAME_LEN,
+                tcp_nodelay: true,
+                backoff: super::backoff::Backoff::default(),
+            },
+        }
+    }
+
+    /// Default timeout of each call, the deadline the server also learns. Default 20 s
+    /// ([`DEFAULT_REQUEST_TIMEOUT`]). `None` lets calls wait forever, which is rarely right: a
+    /// lost reply then holds its caller until the connection breaks. A request can override it
+    /// with [`Request::timeout`](crate::Request::timeout).
+    #[must_use]
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.config.timeout = timeout.into();
+        self
+    }
+
+    /// Largest number of calls awaiting replies at once. Default 32,768
+    /// ([`DEFAULT_PENDING_MESSAGES`]). It bounds the client's memory; pick it above the number
+    /// of concurrent callers you expect, or calls wait (or fail, see [`Builder::overflow`]).
+    #[must_use]
+    pub fn max_pending(mut self, n: usize) -> Self {
+        self.config.max_pending = n.max(1);
+        self
+    }
+
+    /// What happens when `max_pending` calls are pending. Default [`Overflow::Backpressure`].
+    #[must_use]
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.config.fail_oldest = overflow == Overflow::FailOldest;
+        self
+    }
+
+    /// How long the writer waits after waking before it takes a batch. Default `None`.
+    ///
+    /// Without a delay, batching still happens whenever calls arrive faster than one write
+    /// takes, which is exactly when it matters. A delay (say 100 µs to 1 ms) makes batches
+    /// bigger, and packets and syscalls fewer, at low to moderate load, at the price of adding
+    /// up to that much latency to every call. Choose it only when packets or syscalls cost more
+    /// than latency (many clients sending to one busy server, for example).
+    #[must_use]
+    pub fn flush_delay(mut self, delay: impl Into<Option<Duration>>) -> Self {
+        self.config.flush_delay = delay.into().filter(|d| !d.is_zero());
+        self
+    }
+
+    /// Bound on one dial plus the preface exchange. Default 10 s.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Stall bound: with calls pending and no byte received for half of it the client pings
+    /// the server; with none for all of it the connection is closed and its calls fail with an
+    /// `is_stalled()` error at once, instead of each waiting out its own timeout. Default 10 s.
+    /// Choose it well below the call timeout; `None` turns detection off.
+    #[must_use]
+    pub fn stall_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.config.stall_timeout = timeout.into();
+        self
+    }
+
+    /// Largest frame body this client accepts from the server. Default 16 MiB. It bounds the
+    /// largest response, and the memory a misbehaving server can make the client buffer.
+    #[must_use]
+    pub fn max_frame_len(mut self, len: usize) -> Self {
+        self.config.max_frame_len = len.clamp(MIN_MAX_FRAME_LEN, u32::MAX as usize);
+        self
+    }
+
+    /// Sets `TCP_NODELAY` on TCP connections. Default `true`: batching already makes writes
+    /// large, and Nagle's algorithm would only add latency.
+    #[must_use]
+    pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
+        self.config.tcp_nodelay = nodelay;
+        self
+    }
+
+    /// The reconnect backoff: first wait, growth factor and cap. Default 1 s, ×1.6, 120 s,
+    /// each wait jittered by ±20 % so that clients that failed together spread out.
+    #[must_use]
+    pub fn reconnect_backoff(mut self, initial: Duration, multiplier: f64, max: Duration) -> Self {
+        self.config.backoff = super::backoff::Backoff::new(initial, multiplier, max);
+        self
+    }
+
+    /// Resolves `addr`, dials it over TCP and completes the preface exchange. The client then
+    /// keeps the connection up in the background, reconnecting with backoff when it breaks.
+    ///
+    /// Fails if the first connection cannot be made. Must be called within a tokio runtime.
+    pub async fn connect(self, addr: impl tokio::net::ToSocketAddrs) -> Result<Client> {
+        let addr = resolve(addr).await?;
+        let (client, first) = self.start(addr);
+        first
+            .await
+            .unwrap_or_else(|_| Err(Error::new(Kind::Closed)))?;
+        Ok(client)
+    }
+
+    /// Returns at once and dials `addr` in the background. Calls made before the first
+    /// connection is up wait for it; if it fails they fail with an `is_unavailable()` error.
+    ///
+    /// Must be called within a tokio runtime.
+    pub fn connect_lazy(self, addr: SocketAddr) -> Client {
+        self.start(addr).0
+    }
+
+    fn start(mut self, addr: SocketAddr) -> (Client, tokio::sync::oneshot::Receiver<Result<()>>) {
+        self.config.addr = Some(addr);
+        let nodelay = self.config.tcp_nodelay;
+        let dial = move || async move {
+            if addr.ip().is_unspecified() {
+                // gorpc #18: dialing ":port" hung every call until its timeout on some systems.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "cannot dial an unspecified address; use 127.0.0.1 or a real host",
+                ));
+            }
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(nodelay)?;
+            Ok(stream)
+        };
+        Client::spawn(self.config, dial)
+    }
+}
+
+async fn resolve(addr: impl tokio::net::ToSocketAddrs) -> Result<SocketAddr> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Error::new(Kind::Unavailable).with(e))?;
+    addrs.next().ok_or_else(|| {
+        Error::new(Kind::Unavailable).with("address resolved to nothing".to_string())
+    })
+}

@@ -1,0 +1,393 @@
+//! The client's background task: dial, exchange prefaces, run the reader (here) and the writer
+//! (its own task, so that encoding replies and writing requests use both cores), detect stalls,
+//! and redial with backoff when the connection ends.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+
+use super::pending::{ConnSource, Phase, Reply, Shared};
+use crate::codec::{code, CodecError, FrameCodec, Message, Preface, Role};
+use crate::conn::{exchange_preface, write_loop, FrameReader, WriteOptions};
+use crate::error::{Code, Error, Kind, Result, Status};
+use crate::stats::{Counters, CountingIo};
+use crate::Response;
+
+/// How a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client was dropped.
+    Closed,
+    /// The server finished draining us (GOAWAY 0, nothing left in flight) or closed cleanly.
+    Drained,
+    Eof,
+    Io(io::Error),
+    /// We saw the server break the protocol.
+    Protocol(CodecError),
+    /// The server closed with a reason.
+    GoAway(Status),
+    Stalled,
+}
+
+/// Connections that lived shorter than this are followed by a backoff wait, not an immediate
+/// redial, so a server that accepts and drops at once is not hammered.
+const MIN_HEALTHY: Duration = Duration::from_secs(1);
+
+pub(super) async fn run<F, Fut, T>(
+    shared: Arc<Shared>,
+    mut dial: F,
+    first: oneshot::Sender<Result<()>>,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut first = Some(first);
+    let mut backoff = shared.config.backoff.clone();
+    let mut rng = fastrand::Rng::new();
+    let addr = shared.config.addr;
+    loop {
+        Counters::inc(&shared.counters.dials);
+        let attempt = tokio::time::timeout(
+            shared.config.connect_timeout,
+            connect(&shared, &mut dial),
+        );
+        let res = tokio::select! {
+            r = attempt => r.unwrap_or_else(|_| Err(Error::new(Kind::Unavailable)
+                .addr(addr)
+                .with("connect timed out".to_string()))),
+            _ = shared.closed.cancelled() => break,
+        };
+        let (io, peer) = match res {
+            Ok(ok) => ok,
+            Err(e) => {
+                Counters::inc(&shared.counters.dial_errors);
+                tracing::debug!(?addr, error = %e, "dial failed");
+                let cause: Arc<str> = e.to_string().into();
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(e));
+                }
+                shared.reset(Phase::Backoff(cause.clone()), || {
+                    Error::new(Kind::Unavailable)
+                        .addr(addr)
+                        .with(cause.to_string())
+                });
+                if !wait(&shared, backoff.next(&mut rng)).await {
+                    break;
+                }
+                shared.set_phase(Phase::Connecting);
+                continue;
+            }
+        };
+        backoff.reset();
+        if let Some(first) = first.take() {
+            let _ = first.send(Ok(()));
+        }
+        let started = Instant::now();
+        let end = serve(&shared, io, peer).await;
+        tracing::debug!(?addr, ?end, "connection ended");
+        let (err, phase): (Box<dyn Fn() -> Error + Send>, Phase) = match &end {
+            End::Closed => (Box::new(|| Error::new(Kind::Closed)), Phase::Closed),
+            End::Stalled => (
+                Box::new(move || Error::new(Kind::Stalled).addr(addr)),
+                Phase::Connecting,
+            ),
+            End::GoAway(status) => {
+                let status = status.clone();
+                (
+                    Box::new(move || Error::new(Kind::ConnectionLost).addr(addr).with(status.clone())),
+                    Phase::Connecting,
+                )
+            }
+            End::Protocol(e) => {
+                let cause = e.to_string();
+                (
+                    Box::new(move || Error::new(Kind::Protocol).addr(addr).with(cause.clone())),
+                    Phase::Connecting,
+                )
+            }
+            End::Io(e) => {
+                let cause = e.to_string();
+                (
+                    Box::new(move || Error::new(Kind::ConnectionLost).addr(addr).with(cause.clone())),
+                    Phase::Connecting,
+                )
+            }
+            End::Eof | End::Drained => (
+                Box::new(move || {
+                    Error::new(Kind::ConnectionLost)
+                        .addr(addr)
+                        .with("server closed the connection".to_string())
+                }),
+                Phase::Connecting,
+            ),
+        };
+        if matches!(end, End::Protocol(_)) {
+            Counters::inc(&shared.counters.protocol_errors);
+        }
+        shared.reset(phase, err);
+        if matches!(end, End::Closed) {
+            break;
+        }
+        if started.elapsed() < MIN_HEALTHY {
+            shared.set_phase(Phase::Backoff("connection closed right after it opened".into()));
+            if !wait(&shared, backoff.next(&mut rng)).await {
+                break;
+            }
+            shared.set_phase(Phase::Connecting);
+        }
+    }
+    shared.set_phase(Phase::Closed);
+    shared.reset(Phase::Closed, || Error::new(Kind::Closed));
+}
+
+/// Sleeps `d` unless the client closes first (then false).
+async fn wait(shared: &Shared, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shared.closed.cancelled() => false,
+    }
+}
+
+async fn connect<F, Fut, T>(shared: &Shared, dial: &mut F) -> Result<(T, Preface)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let addr = shared.config.addr;
+    let mut io = dial()
+        .await
+        .map_err(|e| Error::new(Kind::Unavailable).addr(addr).with(e))?;
+    let ours = Preface::new(Role::Client, shared.config.max_frame_len);
+    let peer = exchange_preface(&mut io, ours)
+        .await
+        .map_err(|e| Error::new(Kind::Handshake).addr(addr).with(e))?;
+    if peer.version != ours.version {
+        return Err(Error::new(Kind::Handshake)
+            .addr(addr)
+            .with(format!("server speaks protocol version {}", peer.version)));
+    }
+    if peer.role != Role::Server || peer.compression != 0 {
+        return Err(Error::new(Kind::Handshake)
+            .addr(addr)
+            .with("bad server preface".to_string()));
+    }
+    Ok((io, peer))
+}
+
+/// Runs one established connection until it ends.
+async fn serve<T>(shared: &Arc<Shared>, io: T, peer: Preface) -> End
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let gen = {
+        let mut inner = shared.lock();
+        inner.outbox.set_max_frame_len(peer.max_frame_len as usize);
+        if inner.phase == Phase::Connecting {
+            inner.phase = Phase::Connected;
+        }
+        inner.gen
+    };
+    let io = CountingIo::new(io, shared.counters.clone());
+    let (r, w) = tokio::io::split(io);
+    let source = ConnSource {
+        shared: shared.clone(),
+        gen,
+    };
+    let opts = WriteOptions {
+        flush_delay: shared.config.flush_delay,
+        write_timeout: None,
+    };
+    let writer_shared = shared.clone();
+    let mut writer = tokio::spawn(async move {
+        write_loop(
+            w,
+            &source,
+            &writer_shared.notify_writer,
+            opts,
+            &writer_shared.counters,
+        )
+        .await
+    });
+    // Calls queued while dialing are waiting in the outbox.
+    shared.notify_writer.notify_one();
+
+    let codec = FrameCodec::builder()
+        .max_frame_len(shared.config.max_frame_len)
+        .new_codec();
+    let mut reader = FrameReader::new(r, codec);
+    let end = tokio::select! {
+        end = read_loop(shared, &mut reader) => end,
+        res = &mut writer => match res {
+            Ok(Ok(())) => End::Eof,
+            Ok(Err(e)) => End::Io(e),
+            Err(_) => End::Io(io::Error::other("writer task failed")),
+        },
+        _ = shared.closed.cancelled() => End::Closed,
+    };
+    // Tell the server why, when it is our decision and it can help.
+    let goaway = match &end {
+        End::Protocol(e) => Some(Message::GoAway {
+            code: e.wire_code(),
+            reason: Bytes::from(e.to_string()),
+        }),
+        End::Stalled => Some(Message::GoAway {
+            code: code::STALLED,
+            reason: Bytes::from_static(b"no reply or pong within the stall timeout"),
+        }),
+        _ => None,
+    };
+    if !writer.is_finished() {
+        {
+            let mut inner = shared.lock();
+            if let Some(msg) = &goaway {
+                let _ = inner.push_control(msg);
+            }
+            if inner.gen == gen && inner.phase != Phase::Closed {
+                inner.phase = Phase::Closing;
+            }
+        }
+        shared.notify_writer.notify_one();
+        // Give the writer a moment to flush what is queued (the GOAWAY), then drop the socket.
+        if tokio::time::timeout(Duration::from_millis(100), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    }
+    end
+}
+
+async fn read_loop<R>(shared: &Shared, reader: &mut FrameReader<R>) -> End
+where
+    R: AsyncRead + Unpin,
+{
+    let stall = shared.config.stall_timeout;
+    let tick = stall.map(|s| s / 4).unwrap_or(Duration::from_secs(3600));
+    let mut last_recv = Instant::now();
+    let mut pinged = false;
+    let mut out: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            f = reader.next() => f,
+            _ = interval.tick() => {
+                if let Some(stall) = stall {
+                    match check_stall(shared, last_recv, stall, &mut pinged) {
+                        Some(end) => return end,
+                        None => continue,
+                    }
+                }
+                continue;
+            }
+        };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return End::Eof,
+            Err(CodecError::Io(e)) => return End::Io(e),
+            Err(e) => return End::Protocol(e),
+        };
+        last_recv = Instant::now();
+        pinged = false;
+        Counters::inc(&shared.counters.frames_read);
+        let mut wake = false;
+        let mut end = None;
+        {
+            let mut inner = shared.lock();
+            for msg in frame.into_messages() {
+                let res = match msg {
+                    Message::Response { id, body } => {
+                        inner.complete(id, Ok(Response::new(body)), &mut out)
+                    }
+                    Message::Error {
+                        id,
+                        code,
+                        message,
+                        details,
+                    } => {
+                        let status = Status::new(
+                            Code::from_u16(code),
+                            String::from_utf8_lossy(&message).into_owned(),
+                        )
+                        .with_details(details);
+                        inner.complete(id, Err(Error::remote(status)), &mut out)
+                    }
+                    Message::Ping { data } => {
+                        wake |= inner.push_control(&Message::Pong { data });
+                        Ok(())
+                    }
+                    Message::Pong { .. } => Ok(()),
+                    Message::GoAway { code: 0, .. } => {
+                        inner.phase = Phase::Draining;
+                        Ok(())
+                    }
+                    Message::GoAway { code, reason } => {
+                        end = Some(End::GoAway(Status::new(
+                            Code::from_u16(code),
+                            String::from_utf8_lossy(&reason).into_owned(),
+                        )));
+                        break;
+                    }
+                    Message::Request { .. } | Message::OneWay { .. } | Message::Cancel { .. } => {
+                        Err("server sent a client-only message")
+                    }
+                };
+                if let Err(why) = res {
+                    end = Some(End::Protocol(CodecError::InvalidFrame(why)));
+                    break;
+                }
+            }
+            if end.is_none()
+                && inner.phase == Phase::Draining
+                && inner.live == 0
+                && inner.abandoned == 0
+            {
+                end = Some(End::Drained);
+            }
+        }
+        if wake {
+            shared.notify_writer.notify_one();
+        }
+        for (tx, reply) in out.drain(..) {
+            let _ = tx.send(reply);
+        }
+        if let Some(end) = end {
+            return end;
+        }
+    }
+}
+
+fn check_stall(
+    shared: &Shared,
+    last_recv: Instant,
+    stall: Duration,
+    pinged: &mut bool,
+) -> Option<End> {
+    let mut inner = shared.lock();
+    let since = match inner.busy_since {
+        Some(b) if inner.live + inner.abandoned > 0 => b.max(last_recv),
+        _ => return None,
+    };
+    let waited = since.elapsed();
+    if waited >= stall {
+        return Some(End::Stalled);
+    }
+    if waited >= stall / 2 && !*pinged {
+        *pinged = true;
+        let wake = inner.push_control(&Message::Ping { data: 0 });
+        drop(inner);
+        if wake {
+            shared.notify_writer.notify_one();
+        }
+    }
+    None
+}

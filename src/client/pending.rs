@@ -1,0 +1,335 @@
+//! The client's shared state: the phase of its connection, the outbox, and the in-flight map
+//! from request id to the caller waiting for it. One mutex guards all of it, so starting a call
+//! (allocate id, encode into the outbox, register the waiter) is a single short critical section.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{Message, Outbox};
+use crate::conn::Source;
+use crate::error::{Error, Kind, Result};
+use crate::stats::Counters;
+use crate::Response;
+
+use super::builder::Config;
+
+pub(crate) type Reply = Result<Response>;
+
+#[derive(Debug)]
+pub(crate) enum Slot {
+    /// A caller is waiting for this id.
+    Waiting(oneshot::Sender<Reply>),
+    /// The caller gave up (timeout, drop); the id stays reserved until the reply arrives, so it
+    /// is never reused while a reply for it may still be on its way.
+    Abandoned,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Dialing: calls queue in the outbox and wait for the outcome.
+    Connecting,
+    /// Calls go out.
+    Connected,
+    /// The server sent GOAWAY(draining): no new calls on this connection.
+    Draining,
+    /// Flushing a final GOAWAY before the connection closes.
+    Closing,
+    /// Between dials: calls fail at once with this cause.
+    Backoff(Arc<str>),
+    /// The client was dropped.
+    Closed,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) phase: Phase,
+    /// Bumped for every connection; a writer or a call from an older connection sees it changed.
+    pub(crate) gen: u64,
+    pub(crate) outbox: Outbox,
+    pub(crate) pending: HashMap<u32, Slot>,
+    next_id: u32,
+    pub(crate) live: usize,
+    pub(crate) abandoned: usize,
+    /// Ids in the order they were issued; kept only when overflow fails the oldest call.
+    order: VecDeque<u32>,
+    /// When the in-flight map last went from empty to non-empty: a stall is measured from the
+    /// later of this and the last byte received.
+    pub(crate) busy_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) notify_writer: Notify,
+    pub(crate) closed: CancellationToken,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) config: Config,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config) -> Shared {
+        Shared {
+            inner: Mutex::new(Inner {
+                phase: Phase::Connecting,
+                gen: 0,
+                outbox: Outbox::new(config.max_frame_len, 0),
+                pending: HashMap::new(),
+                next_id: 0,
+                live: 0,
+                abandoned: 0,
+                order: VecDeque::new(),
+                busy_since: None,
+            }),
+            notify_writer: Notify::new(),
+            closed: CancellationToken::new(),
+            counters: Arc::new(Counters::default()),
+            config,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the map half-updated in a way that
+        // matters more than losing the client, so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unavailable(&self, cause: Option<&str>) -> Error {
+        let e = Error::new(Kind::Unavailable).addr(self.config.addr);
+        match cause {
+            Some(c) => e.with(c.to_string()),
+            None => e,
+        }
+    }
+
+    /// Registers a call and queues its request. Returns the id and the connection generation.
+    pub(crate) fn start(
+        &self,
+        msg: impl FnOnce(u32) -> Message,
+        tx: oneshot::Sender<Reply>,
+    ) -> Result<(u32, u64)> {
+        let mut inner = self.lock();
+        match &inner.phase {
+            Phase::Connecting | Phase::Connected => {}
+            Phase::Draining | Phase::Closing => {
+                return Err(self.unavailable(Some("server is draining the connection")))
+            }
+            Phase::Backoff(cause) => {
+                let cause = cause.clone();
+                drop(inner);
+                return Err(self.unavailable(Some(&cause)));
+            }
+            Phase::Closed => return Err(Error::new(Kind::Closed)),
+        }
+        // Replies that never come for abandoned calls must not grow the map without bound: at
+        // the cap new calls are refused at once (the stall detector will close a server that
+        // has stopped answering altogether).
+        let was_empty = inner.outbox.is_empty();
+        if inner.abandoned >= self.config.max_pending {
+            return Err(Error::new(Kind::Overloaded).addr(self.config.addr));
+        }
+        if inner.live >= self.config.max_pending {
+            // Only reachable when overflow fails the oldest call (backpressure keeps `live`
+            // under the cap through the semaphore).
+            if !inner.fail_oldest(self) {
+                return Err(Error::new(Kind::Overloaded).addr(self.config.addr));
+            }
+        }
+        let id = inner.next_free_id();
+        if let Err(e) = inner.outbox.push(&msg(id)) {
+            return Err(Error::new(Kind::Encode).with(e));
+        }
+        inner.pending.insert(id, Slot::Waiting(tx));
+        if inner.live == 0 && inner.abandoned == 0 {
+            inner.busy_since = Some(Instant::now());
+        }
+        inner.live += 1;
+        if self.config.fail_oldest {
+            inner.order.push_back(id);
+        }
+        let gen = inner.gen;
+        let can_write = inner.phase == Phase::Connected;
+        drop(inner);
+        if was_empty && can_write {
+            self.notify_writer.notify_one();
+        }
+        Ok((id, gen))
+    }
+
+    /// Queues a one-way message (no id, no reply).
+    pub(crate) fn send_one_way(&self, msg: Message) -> Result<()> {
+        let mut inner = self.lock();
+        match &inner.phase {
+            Phase::Connecting | Phase::Connected => {}
+            Phase::Backoff(cause) => {
+                let cause = cause.clone();
+                drop(inner);
+                return Err(self.unavailable(Some(&cause)));
+            }
+            Phase::Draining | Phase::Closing => {
+                return Err(self.unavailable(Some("server is draining the connection")))
+            }
+            Phase::Closed => return Err(Error::new(Kind::Closed)),
+        }
+        let was_empty = inner.outbox.is_empty();
+        inner
+            .outbox
+            .push(&msg)
+            .map_err(|e| Error::new(Kind::Encode).with(e))?;
+        let can_write = inner.phase == Phase::Connected;
+        drop(inner);
+        Counters::inc(&self.counters.one_way);
+        if was_empty && can_write {
+            self.notify_writer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The caller of `id` gave up. Its id stays reserved until the server answers; with
+    /// `cancel`, the server is told (best effort) so it can stop the handler.
+    pub(crate) fn abandon(&self, id: u32, gen: u64, cancel: bool) {
+        let mut inner = self.lock();
+        if inner.gen != gen {
+            return;
+        }
+        let Some(slot) = inner.pending.get_mut(&id) else {
+            return;
+        };
+        if matches!(slot, Slot::Abandoned) {
+            return;
+        }
+        *slot = Slot::Abandoned;
+        inner.live -= 1;
+        inner.abandoned += 1;
+        if cancel && matches!(inner.phase, Phase::Connected | Phase::Draining) {
+            let was_empty = inner.outbox.is_empty();
+            if inner.outbox.push(&Message::Cancel { id }).is_ok() && was_empty {
+                drop(inner);
+                self.notify_writer.notify_one();
+            }
+        }
+    }
+
+    /// Fails every call of the current connection with `err()` and starts a new generation
+    /// in `phase`.
+    pub(crate) fn reset(&self, phase: Phase, err: impl Fn() -> Error) {
+        let mut inner = self.lock();
+        let pending = std::mem::take(&mut inner.pending);
+        inner.live = 0;
+        inner.abandoned = 0;
+        inner.order.clear();
+        inner.busy_since = None;
+        inner.gen += 1;
+        inner.outbox = Outbox::new(self.config.max_frame_len, 0);
+        if inner.phase != Phase::Closed {
+            inner.phase = phase;
+        }
+        drop(inner);
+        for slot in pending.into_values() {
+            if let Slot::Waiting(tx) = slot {
+                let _ = tx.send(Err(err()));
+            }
+        }
+    }
+
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        let mut inner = self.lock();
+        if inner.phase != Phase::Closed {
+            inner.phase = phase;
+        }
+    }
+
+    /// Live and abandoned calls awaiting replies.
+    pub(crate) fn in_flight(&self) -> usize {
+        let inner = self.lock();
+        inner.live + inner.abandoned
+    }
+}
+
+impl Inner {
+    fn next_free_id(&mut self) -> u32 {
+        // Ids wrap after 2^32 calls; one still awaiting a reply is skipped, so an id is never
+        // reused while a reply for it may arrive. The map holds at most 2 * max_pending ids,
+        // so the loop ends quickly.
+        loop {
+            self.next_id = self.next_id.wrapping_add(1);
+            if self.next_id != 0 && !self.pending.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+
+    /// Fails the oldest live call with `Overloaded` to make room. False if there is none.
+    fn fail_oldest(&mut self, shared: &Shared) -> bool {
+        while let Some(id) = self.order.pop_front() {
+            if let Some(slot) = self.pending.get_mut(&id) {
+                if let Slot::Waiting(_) = slot {
+                    let Slot::Waiting(tx) = std::mem::replace(slot, Slot::Abandoned) else {
+                        unreachable!()
+                    };
+                    self.live -= 1;
+                    self.abandoned += 1;
+                    let _ = tx.send(Err(Error::new(Kind::Overloaded).addr(shared.config.addr)));
+                    if self.phase == Phase::Connected {
+                        let _ = self.outbox.push(&Message::Cancel { id });
+                    }
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Delivers replies; `Err` names a protocol violation (a reply to an id not awaiting one).
+    pub(crate) fn complete(
+        &mut self,
+        id: u32,
+        reply: Reply,
+        out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
+    ) -> std::result::Result<(), &'static str> {
+        match self.pending.remove(&id) {
+            Some(Slot::Waiting(tx)) => {
+                self.live -= 1;
+                out.push((tx, reply));
+            }
+            Some(Slot::Abandoned) => self.abandoned -= 1,
+            None => return Err("reply to a request id that is not awaiting one"),
+        }
+        if self.live == 0 && self.abandoned == 0 {
+            self.busy_since = None;
+        }
+        Ok(())
+    }
+
+    /// Queues a message from the connection itself (pong, goaway). Returns whether the writer
+    /// needs a wake-up.
+    pub(crate) fn push_control(&mut self, msg: &Message) -> bool {
+        let was_empty = self.outbox.is_empty();
+        self.outbox.push(msg).is_ok() && was_empty
+    }
+}
+
+/// The writer's view of the shared state: one connection generation's outbox.
+#[derive(Debug)]
+pub(crate) struct ConnSource {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) gen: u64,
+}
+
+impl Source for ConnSource {
+    fn take(&self, spare: BytesMut) -> Option<BytesMut> {
+        let mut inner = self.shared.lock();
+        if inner.gen != self.gen {
+            return None;
+        }
+        match inner.phase {
+            Phase::Connected | Phase::Draining => Some(inner.outbox.take(spare)),
+            Phase::Closing if !inner.outbox.is_empty() => Some(inner.outbox.take(spare)),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The frame codec: connection preface, batched frames and the messages inside them.
+//!
+//! The byte layout is specified in `PROTOCOL.md`; this module is its implementation. A frame is an
+//! 8-byte header followed by a batch of messages:
+//!
+//! ```text
+//! +----------------+--------+----------+-------------+---------------------------+
+//! | len: u32 (BE)  | flags  | reserved | count: u16  | count messages (len bytes) |
+//! +----------------+--------+----------+-------------+---------------------------+
+//! ```
+//!
+//! [`FrameCodec`] is a [`tokio_util::codec::Decoder`] that yields one [`Frame`] (a whole batch)
+//! at a time and an [`Encoder`](tokio_util::codec::Encoder) for single messages and whole batches.
+//! The decoder checks the announced length against `max_frame_len` from the header alone, before
+//! it reserves memory or waits for the body, so a lying length prefix costs nothing. Bodies are
+//! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload.
+
+mod decode;
+mod encode;
+mod error;
+mod frame;
+mod preface;
+
+pub use self::error::CodecError;
+pub use self::frame::{Frame, Message};
+pub use self::preface::{Preface, Role, PREFACE_LEN};
+
+pub(crate) use self::encode::Outbox;
+pub(crate) use self::frame::code;
+
+use bytes::BytesMut;
+use tokio_util::codec::{Decoder, Encoder, Framed};
+
+/// Version of the wire protocol this crate speaks, sent in the preface.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Default largest frame body accepted, in bytes (16 MiB), announced in the preface.
+///
+/// A frame holds a whole batch, so this also bounds the largest single message.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+
+/// Smallest `max_frame_len` a peer may announce (4 KiB).
+pub const MIN_MAX_FRAME_LEN: usize = 4096;
+
+/// Size of the frame header in bytes.
+pub const FRAME_HEADER_LEN: usize = 8;
+
+/// Largest number of messages in one frame (the `count` field is a `u16`).
+pub const MAX_MESSAGES_PER_FRAME: usize = u16::MAX as usize;
+
+/// Largest method name, in bytes.
+pub const MAX_METHOD_LEN: usize = 255;
+
+/// Largest request metadata block, in bytes (16 KiB).
+pub const MAX_METADATA_LEN: usize = 16 * 1024;
+
+/// A tokio-util codec for towerpc frames.
+///
+/// # Examples
+///
+/// ```
+/// use bytes::{Bytes, BytesMut};
+/// use tokio_util::codec::{Decoder, Encoder};
+/// use towerpc::codec::{FrameCodec, Message};
+///
+/// let mut codec = FrameCodec::new();
+/// let mut buf = BytesMut::new();
+/// let ping = Message::Ping { data: 7 };
+/// codec.encode(ping.clone(), &mut buf).unwrap();
+/// let frame = codec.decode(&mut buf).unwrap().unwrap();
+/// assert_eq!(frame.messages(), &[ping]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    decoder: decode::FrameDecoder,
+    /// Largest frame body the peer accepts: what the encoder may send.
+    max_send_len: usize,
+}
+
+/// Configures a [`FrameCodec`].
+///
+/// Built by [`FrameCodec::builder`]. Setters take `&mut self`, as tokio-util's
+/// `length_delimited::Builder` does.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    max_frame_len: usize,
+    max_send_len: usize,
+}
+
+// ===== impl FrameCodec =====
+
+impl FrameCodec {
+    /// A codec with the default limits ([`DEFAULT_MAX_FRAME_LEN`] in both directions).
+    pub fn new() -> Self {
+        Builder::new().new_codec()
+    }
+
+    /// Starts a [`Builder`].
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// The largest frame body this codec decodes.
+    pub fn max_frame_len(&self) -> usize {
+        self.decoder.max_frame_len
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        self.decoder.decode(src)
+    }
+}
+
+impl Encoder<Message> for FrameCodec {
+    type Error = CodecError;
+
+    /// Encodes one message as a frame of one.
+    fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        encode::encode_frame(std::slice::from_ref(&item), self.max_send_len, dst)
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = CodecError;
+
+    /// Encodes a whole batch as one frame. Refuses (and writes nothing) if the batch is empty,
+    /// holds more than [`MAX_MESSAGES_PER_FRAME`] messages or exceeds the peer's limit.
+    fn encode(&mut self, item: Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        encode::encode_frame(item.messages(), self.max_send_len, dst)
+    }
+}
+
+// ===== impl Builder =====
+
+impl Builder {
+    /// A builder with the defaults.
+    pub fn new() -> Self {
+        Builder {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            max_send_len: DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+
+    /// Largest frame body to decode, in bytes. Default [`DEFAULT_MAX_FRAME_LEN`] (16 MiB).
+    ///
+    /// A frame above it is rejected from its header with [`CodecError::FrameTooLarge`]. Choose it
+    /// as the largest batch you expect plus headroom: it bounds the memory one connection may make
+    /// this side buffer. Values below [`MIN_MAX_FRAME_LEN`] are raised to it.
+    pub fn max_frame_len(&mut self, len: usize) -> &mut Self {
+        self.max_frame_len = len.clamp(MIN_MAX_FRAME_LEN, u32::MAX as usize);
+        self
+    }
+
+    /// Largest frame body to encode (the peer's `max_frame_len`). Default 16 MiB.
+    pub fn max_send_len(&mut self, len: usize) -> &mut Self {
+        self.max_send_len = len.clamp(MIN_MAX_FRAME_LEN, u32::MAX as usize);
+        self
+    }
+
+    /// Builds the codec.
+    pub fn new_codec(&self) -> FrameCodec {
+        FrameCodec {
+            decoder: decode::FrameDecoder::new(self.max_frame_len),
+            max_send_len: self.max_send_len,
+        }
+    }
+
+    /// Wraps `io` in a [`Framed`] with the configured codec.
+    pub fn new_framed<T>(&self, io: T) -> Framed<T, FrameCodec>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    {
+        Framed::new(io, self.new_codec())
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,156 @@
+//! Pieces both ends of a connection share: the preface exchange, the batching writer loop and
+//! the buffered reader.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::codec::Decoder;
+
+use crate::codec::{CodecError, Frame, FrameCodec, Preface, PREFACE_LEN};
+use crate::stats::Counters;
+
+/// Default size of the read buffer reserved before each socket read (64 KiB): one read pulls
+/// up to this much, so under load one `recv` carries many batches.
+pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
+
+/// Writes our preface and reads the peer's.
+pub(crate) async fn exchange_preface<T>(io: &mut T, ours: Preface) -> io::Result<Preface>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    io.write_all(&ours.to_bytes()).await?;
+    io.flush().await?;
+    read_preface(io).await
+}
+
+pub(crate) async fn read_preface<T>(io: &mut T) -> io::Result<Preface>
+where
+    T: AsyncRead + Unpin,
+{
+    let mut b = [0u8; PREFACE_LEN];
+    io.read_exact(&mut b).await?;
+    Preface::parse(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Where a writer takes its bytes from: a take hands over everything pending (possibly several
+/// frames) and leaves the source empty.
+pub(crate) trait Source {
+    /// Swaps the pending bytes with `spare` (an empty, reusable buffer). `None` means the
+    /// connection is over and nothing is left to write: the writer shuts the stream down.
+    fn take(&self, spare: BytesMut) -> Option<BytesMut>;
+}
+
+/// The batching writer: take *everything* pending, write it with one `write_all` (one syscall
+/// unless the socket buffer is full), and repeat; sleep only when a take comes back empty.
+///
+/// Callers append to the source and wake `notify` only when they found it empty, so a busy
+/// connection makes one write per round of this loop, however many callers there are: the
+/// callers that arrive while a write is in progress all go out in the next one.
+pub(crate) async fn write_loop<W, S>(
+    mut io: W,
+    source: &S,
+    notify: &Notify,
+    opts: WriteOptions,
+    counters: &Counters,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    S: Source + ?Sized,
+{
+    let mut spare = BytesMut::new();
+    loop {
+        let Some(buf) = source.take(spare) else {
+            let _ = io.shutdown().await;
+            return Ok(());
+        };
+        if buf.is_empty() {
+            spare = buf;
+            notify.notified().await;
+            if let Some(delay) = opts.flush_delay {
+                // Trade latency for bigger batches: let more callers append before we take.
+                tokio::time::sleep(delay).await;
+            } else {
+                // The task that woke us is usually one of many made runnable by the same batch
+                // of replies, and tokio runs a freshly woken task next (its LIFO slot). Taking
+                // now would send one message per write; yielding once lets the rest of the
+                // runnable callers append first, so the batch forms at no latency cost.
+                tokio::task::yield_now().await;
+            }
+            continue;
+        }
+        let write = io.write_all(&buf);
+        match opts.write_timeout {
+            Some(t) => match tokio::time::timeout(t, write).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "peer stopped reading (write stalled)",
+                    ))
+                }
+            },
+            None => write.await?,
+        }
+        io.flush().await?;
+        Counters::inc(&counters.frames_written);
+        spare = buf;
+        // Keep a large one-off buffer from pinning memory for the connection's life.
+        if spare.capacity() > 4 * DEFAULT_BUFFER_SIZE {
+            spare = BytesMut::new();
+        }
+    }
+}
+
+/// Options of [`write_loop`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct WriteOptions {
+    pub(crate) flush_delay: Option<Duration>,
+    pub(crate) write_timeout: Option<Duration>,
+}
+
+/// Buffered frame reader: each read pulls as much as the socket has (up to the buffer's free
+/// space), then every whole frame in the buffer is decoded.
+#[derive(Debug)]
+pub(crate) struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    codec: FrameCodec,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub(crate) fn new(io: R, codec: FrameCodec) -> Self {
+        FrameReader {
+            io,
+            buf: BytesMut::with_capacity(DEFAULT_BUFFER_SIZE),
+            codec,
+        }
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream (between frames).
+    ///
+    /// Cancel safe: a read that is dropped loses no bytes (they stay in the buffer).
+    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, CodecError> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                return Ok(Some(frame));
+            }
+            if self.buf.capacity() - self.buf.len() < DEFAULT_BUFFER_SIZE / 4 {
+                self.buf.reserve(DEFAULT_BUFFER_SIZE);
+            }
+            let n = self.io.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(CodecError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed in the middle of a frame",
+                    )))
+                };
+            }
+        }
+    }
+}

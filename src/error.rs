@@ -1,0 +1,421 @@
+//! The crate [`Error`], the wire [`Code`]s and the remote [`Status`].
+//!
+//! `Error` is opaque: ask it what happened through its predicates (`is_timeout`, `is_remote`,
+//! ...), [`Error::code`] and [`Error::status`]. Its message text and the concrete types behind
+//! `source()` are not part of the stable API.
+
+use std::{fmt, net::SocketAddr};
+
+use bytes::Bytes;
+
+use crate::codec::code;
+use crate::BoxError;
+
+/// A `Result` with the crate [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong with a call, a client or a server.
+///
+/// # Examples
+///
+/// ```
+/// # async fn f(client: towerpc::Client) {
+/// match client.call::<u64, u64>("Calc.Double", &21).await {
+///     Ok(n) => println!("{n}"),
+///     Err(e) if e.is_timeout() => println!("too slow"),
+///     Err(e) if e.is_remote() => println!("server said {:?}: {e}", e.code()),
+///     Err(e) => println!("failed: {e}"),
+/// }
+/// # }
+/// ```
+pub struct Error {
+    inner: Box<ErrorImpl>,
+}
+
+struct ErrorImpl {
+    kind: Kind,
+    addr: Option<SocketAddr>,
+    source: Option<BoxError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The call's deadline passed before its reply arrived.
+    Timeout,
+    /// The server answered with an error (the source is a [`Status`]).
+    Remote,
+    /// No connection to the server right now (dial failed, or backing off between dials).
+    Unavailable,
+    /// The connection broke while the call was in flight; it may or may not have run.
+    ConnectionLost,
+    /// The server stopped answering (no reply nor pong within the stall bound).
+    Stalled,
+    /// The client's pending-call table was full and this call was the oldest queued one
+    /// (or, with backpressure off, the new one).
+    Overloaded,
+    /// The client was closed, or the call was abandoned.
+    Closed,
+    /// The call was cancelled before it completed.
+    Cancelled,
+    /// The request could not be encoded (serde, or over a wire limit).
+    Encode,
+    /// The response could not be decoded into the expected type.
+    Decode,
+    /// The peer broke the protocol; the connection was closed.
+    Protocol,
+    /// The connection preface exchange failed.
+    Handshake,
+    /// Binding, accepting or another local I/O failure.
+    Io,
+}
+
+impl Error {
+    pub(crate) fn new(kind: Kind) -> Error {
+        Error {
+            inner: Box::new(ErrorImpl {
+                kind,
+                addr: None,
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) fn with(mut self, source: impl Into<BoxError>) -> Error {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    pub(crate) fn addr(mut self, addr: Option<SocketAddr>) -> Error {
+        self.inner.addr = addr;
+        self
+    }
+
+    pub(crate) fn remote(status: Status) -> Error {
+        Error::new(Kind::Remote).with(status)
+    }
+
+    /// The call's deadline passed, locally or on the server (`DEADLINE_EXCEEDED`).
+    pub fn is_timeout(&self) -> bool {
+        self.inner.kind == Kind::Timeout || self.code() == Some(Code::DeadlineExceeded)
+    }
+
+    /// The server answered with an error; see [`Error::status`].
+    pub fn is_remote(&self) -> bool {
+        self.inner.kind == Kind::Remote
+    }
+
+    /// The client is closed, or the connection is gone and the call cannot complete.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.inner.kind, Kind::Closed | Kind::ConnectionLost)
+    }
+
+    /// There is no connection to the server now; the call was not sent.
+    pub fn is_unavailable(&self) -> bool {
+        self.inner.kind == Kind::Unavailable
+    }
+
+    /// The server stopped answering while calls were pending.
+    pub fn is_stalled(&self) -> bool {
+        self.inner.kind == Kind::Stalled
+    }
+
+    /// The client had too many pending calls.
+    pub fn is_overloaded(&self) -> bool {
+        self.inner.kind == Kind::Overloaded
+    }
+
+    /// The call was cancelled (locally, or by the server with `CANCELLED`).
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.kind == Kind::Cancelled || self.code() == Some(Code::Cancelled)
+    }
+
+    /// The request could not be encoded.
+    pub fn is_encode(&self) -> bool {
+        self.inner.kind == Kind::Encode
+    }
+
+    /// The response could not be decoded.
+    pub fn is_decode(&self) -> bool {
+        self.inner.kind == Kind::Decode
+    }
+
+    /// The peer broke the wire protocol (or the preface exchange failed).
+    pub fn is_protocol(&self) -> bool {
+        matches!(self.inner.kind, Kind::Protocol | Kind::Handshake)
+    }
+
+    /// The call certainly did not run on the server, so sending it again is safe even if it is
+    /// not idempotent: it was never sent, or the server refused it unprocessed (`REFUSED`).
+    pub fn is_retry_safe(&self) -> bool {
+        matches!(
+            self.inner.kind,
+            Kind::Unavailable | Kind::Overloaded | Kind::Encode
+        ) || self.code() == Some(Code::Refused)
+    }
+
+    /// The server's error code, for remote errors.
+    pub fn code(&self) -> Option<Code> {
+        self.status().map(Status::code)
+    }
+
+    /// The server's [`Status`], for remote errors.
+    pub fn status(&self) -> Option<&Status> {
+        if self.inner.kind != Kind::Remote {
+            return None;
+        }
+        self.inner.source.as_ref()?.downcast_ref::<Status>()
+    }
+
+    /// The server address the error concerns, when known.
+    pub fn server_addr(&self) -> Option<SocketAddr> {
+        self.inner.addr
+    }
+
+    fn description(&self) -> &'static str {
+        match self.inner.kind {
+            Kind::Timeout => "call timed out",
+            Kind::Remote => "server returned an error",
+            Kind::Unavailable => "server unavailable",
+            Kind::ConnectionLost => "connection lost while the call was in flight",
+            Kind::Stalled => "server stopped answering",
+            Kind::Overloaded => "too many pending calls",
+            Kind::Closed => "client closed",
+            Kind::Cancelled => "call cancelled",
+            Kind::Encode => "failed to encode request",
+            Kind::Decode => "failed to decode response",
+            Kind::Protocol => "protocol error",
+            Kind::Handshake => "connection handshake failed",
+            Kind::Io => "i/o error",
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_tuple("towerpc::Error");
+        d.field(&self.inner.kind);
+        if let Some(addr) = &self.inner.addr {
+            d.field(addr);
+        }
+        if let Some(source) = &self.inner.source {
+            d.field(source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.description())?;
+        if let Some(addr) = &self.inner.addr {
+            write!(f, " ({addr})")?;
+        }
+        // The remote status and the lower-level cause carry the useful detail for most
+        // kinds; say it here too, as most callers only ever print the top level.
+        if let Some(source) = &self.inner.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_ref()
+            .map(|e| &**e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Error codes carried on the wire in `ERROR` and `GOAWAY` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Code {
+    /// The call was cancelled.
+    Cancelled,
+    /// An error with no better code (also any code this version does not know).
+    Unknown,
+    /// The request did not decode into the handler's type.
+    InvalidArgument,
+    /// The deadline passed before the handler finished.
+    DeadlineExceeded,
+    /// No handler for the method.
+    NotFound,
+    /// Not processed, safe to retry: the server is draining or overloaded.
+    Refused,
+    /// A limit was hit.
+    ResourceExhausted,
+    /// The handler panicked (no panic text is sent).
+    Internal,
+    /// The service is unavailable.
+    Unavailable,
+    /// The handler returned an error.
+    Application,
+    /// The peer broke the protocol.
+    ProtocolError,
+    /// A frame above the limit.
+    FrameTooLarge,
+    /// The peer speaks another protocol version.
+    UnsupportedVersion,
+    /// The peer stopped making progress.
+    Stalled,
+}
+
+impl Code {
+    /// The code for a wire value; unknown values read as [`Code::Unknown`].
+    pub fn from_u16(v: u16) -> Code {
+        match v {
+            code::CANCELLED => Code::Cancelled,
+            code::INVALID_ARGUMENT => Code::InvalidArgument,
+            code::DEADLINE_EXCEEDED => Code::DeadlineExceeded,
+            code::NOT_FOUND => Code::NotFound,
+            code::REFUSED => Code::Refused,
+            code::RESOURCE_EXHAUSTED => Code::ResourceExhausted,
+            code::INTERNAL => Code::Internal,
+            code::UNAVAILABLE => Code::Unavailable,
+            code::APPLICATION => Code::Application,
+            code::PROTOCOL_ERROR => Code::ProtocolError,
+            code::FRAME_TOO_LARGE => Code::FrameTooLarge,
+            code::UNSUPPORTED_VERSION => Code::UnsupportedVersion,
+            code::STALLED => Code::Stalled,
+            _ => Code::Unknown,
+        }
+    }
+
+    /// The wire value.
+    pub fn as_u16(self) -> u16 {
+        match self {
+            Code::Cancelled => code::CANCELLED,
+            Code::Unknown => code::UNKNOWN,
+            Code::InvalidArgument => code::INVALID_ARGUMENT,
+            Code::DeadlineExceeded => code::DEADLINE_EXCEEDED,
+            Code::NotFound => code::NOT_FOUND,
+            Code::Refused => code::REFUSED,
+            Code::ResourceExhausted => code::RESOURCE_EXHAUSTED,
+            Code::Internal => code::INTERNAL,
+            Code::Unavailable => code::UNAVAILABLE,
+            Code::Application => code::APPLICATION,
+            Code::ProtocolError => code::PROTOCOL_ERROR,
+            Code::FrameTooLarge => code::FRAME_TOO_LARGE,
+            Code::UnsupportedVersion => code::UNSUPPORTED_VERSION,
+            Code::Stalled => code::STALLED,
+        }
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Code::Cancelled => "cancelled",
+            Code::Unknown => "unknown",
+            Code::InvalidArgument => "invalid argument",
+            Code::DeadlineExceeded => "deadline exceeded",
+            Code::NotFound => "not found",
+            Code::Refused => "refused",
+            Code::ResourceExhausted => "resource exhausted",
+            Code::Internal => "internal",
+            Code::Unavailable => "unavailable",
+            Code::Application => "application error",
+            Code::ProtocolError => "protocol error",
+            Code::FrameTooLarge => "frame too large",
+            Code::UnsupportedVersion => "unsupported version",
+            Code::Stalled => "stalled",
+        })
+    }
+}
+
+/// An error as it travels on the wire: a [`Code`], a message and optional details.
+///
+/// A handler returns a `Status` (boxed as its error) to choose the code the client sees; any other
+/// error becomes [`Code::Application`] with the error's `Display` text. On the client,
+/// [`Error::status`] gives it back.
+///
+/// # Examples
+///
+/// ```
+/// use towerpc::{Code, Status};
+///
+/// let s = Status::new(Code::NotFound, "no such user");
+/// assert_eq!(s.code(), Code::NotFound);
+/// assert_eq!(s.to_string(), "not found: no such user");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    code: Code,
+    message: String,
+    details: Bytes,
+}
+
+impl Status {
+    /// A status with `code` and `message`.
+    pub fn new(code: Code, message: impl Into<String>) -> Status {
+        Status {
+            code,
+            message: message.into(),
+            details: Bytes::new(),
+        }
+    }
+
+    /// Attaches opaque details (msgpack by convention) for the client to decode.
+    #[must_use]
+    pub fn with_details(mut self, details: Bytes) -> Status {
+        self.details = details;
+        self
+    }
+
+    /// The code.
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The details bytes (empty if none).
+    pub fn details(&self) -> &Bytes {
+        &self.details
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.message.is_empty() {
+            write!(f, "{}", self.code)
+        } else {
+            write!(f, "{}: {}", self.code, self.message)
+        }
+    }
+}
+
+impl std::error::Error for Status {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_is_one_pointer_and_send_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Error>();
+        assert_eq!(std::mem::size_of::<Error>(), std::mem::size_of::<usize>());
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for v in 1..=14u16 {
+            assert_eq!(Code::from_u16(v).as_u16(), v);
+        }
+        assert_eq!(Code::from_u16(999), Code::Unknown);
+    }
+
+    #[test]
+    fn remote_refused_is_retry_safe() {
+        let e = Error::remote(Status::new(Code::Refused, "draining"));
+        assert!(e.is_remote() && e.is_retry_safe());
+        let e = Error::remote(Status::new(Code::Internal, ""));
+        assert!(!e.is_retry_safe());
+    }
+}

@@ -1,0 +1,25 @@
+#![doc = include_str!("lib.md")]
+#![doc(test(
+    no_crate_inject,
+    attr(deny(warnings, rust_2018_idioms), allow(dead_code, unused_variables))
+))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod client;
+pub mod codec;
+mod conn;
+mod error;
+mod request;
+pub mod server;
+pub mod stats;
+pub mod transport;
+
+pub use crate::client::Client;
+pub use crate::conn::DEFAULT_BUFFER_SIZE;
+pub use crate::error::{Code, Error, Result, Status};
+pub use crate::request::{Method, Request, Response};
+pub use crate::server::Server;
+pub use crate::stats::Stats;
+
+/// The boxed error type that flows between tower layers.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

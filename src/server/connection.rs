@@ -1,0 +1,546 @@
+//! One server connection: preface, then a reader that dispatches each request to its own task,
+//! and a writer that batches the replies.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::{Service, ServiceExt};
+
+use super::recover::status_from_error;
+use super::Config;
+use crate::codec::{code, CodecError, FrameCodec, Message, Outbox, Preface, Role};
+use crate::conn::{read_preface, write_loop, FrameReader, Source, WriteOptions};
+use crate::error::{Code, Status};
+use crate::stats::{Counters, CountingIo};
+use crate::transport::Connected;
+use crate::{BoxError, Request, Response};
+
+/// State shared by the reader, the writer and the handler tasks of one connection.
+#[derive(Debug)]
+struct Conn {
+    inner: Mutex<Inner>,
+    notify_writer: Notify,
+    /// The writer took the outbox: a reader paused on `max_queued_bytes` may go on.
+    notify_taken: Notify,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    outbox: Outbox,
+    /// Requests awaiting a reply. Whoever removes an id (the handler finishing, a cancel, the
+    /// grace deadline) is the one that sends its single reply.
+    in_flight: HashMap<u32, AbortHandle>,
+    /// No more requests will be read; the writer stops once the outbox is empty.
+    closing: bool,
+}
+
+impl Conn {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `msg`; wakes the writer if it may be asleep.
+    fn push(&self, inner: &mut Inner, msg: &Message) -> bool {
+        let was_empty = inner.outbox.is_empty();
+        match inner.outbox.push(msg) {
+            Ok(()) => was_empty,
+            Err(e) => {
+                tracing::debug!(error = %e, "reply refused by the encoder");
+                false
+            }
+        }
+    }
+
+    fn push_now(&self, msg: &Message) {
+        let mut inner = self.lock();
+        let wake = self.push(&mut inner, msg);
+        drop(inner);
+        if wake {
+            self.notify_writer.notify_one();
+        }
+    }
+
+    /// Sends the one reply for `id`, unless someone else (a cancel) already did.
+    fn reply(&self, id: u32, reply: std::result::Result<Bytes, Status>) {
+        let mut inner = self.lock();
+        if inner.in_flight.remove(&id).is_none() {
+            return;
+        }
+        let msg = match reply {
+            Ok(body) => Message::Response { id, body },
+            Err(status) => error_message(id, &status),
+        };
+        let was_empty = inner.outbox.is_empty();
+        let wake = match inner.outbox.push(&msg) {
+            Ok(()) => was_empty,
+            Err(e) => {
+                // Too big for the client's frame limit: say so instead of leaving it hanging.
+                let status = Status::new(Code::ResourceExhausted, e.to_string());
+                self.push(&mut inner, &error_message(id, &status))
+            }
+        };
+        drop(inner);
+        if wake {
+            self.notify_writer.notify_one();
+        }
+    }
+}
+
+fn error_message(id: u32, status: &Status) -> Message {
+    let mut text = status.message().as_bytes();
+    if text.len() > u16::MAX as usize {
+        // Cut on a character boundary so the message stays UTF-8.
+        let mut end = u16::MAX as usize;
+        while !status.message().is_char_boundary(end) {
+            end -= 1;
+        }
+        text = &text[..end];
+    }
+    Message::Error {
+        id,
+        code: status.code().as_u16(),
+        message: Bytes::copy_from_slice(text),
+        details: status.details().clone(),
+    }
+}
+
+struct ConnSource(Arc<Conn>);
+
+impl Source for ConnSource {
+    fn take(&self, spare: BytesMut) -> Option<BytesMut> {
+        let mut inner = self.0.lock();
+        if inner.closing && inner.outbox.is_empty() {
+            return None;
+        }
+        let buf = inner.outbox.take(spare);
+        drop(inner);
+        self.0.notify_taken.notify_one();
+        Some(buf)
+    }
+}
+
+/// Why the reader stopped.
+#[derive(Debug)]
+enum Stop {
+    /// End of stream from the client, or it said goodbye.
+    Eof,
+    Io,
+    Protocol(CodecError),
+    /// Graceful shutdown finished (or its grace period ran out).
+    Drained,
+    /// The writer failed or finished.
+    Writer,
+}
+
+pub(super) async fn run<S, IO>(
+    io: IO,
+    svc: S,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) where
+    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+{
+    let info = io.connect_info();
+    let mut io = CountingIo::new(io, counters.clone());
+    // The handshake runs on this connection's task with its own bound: a peer that sends
+    // nothing costs a timer, never the accept loop.
+    let peer = match tokio::time::timeout(config.handshake_timeout, read_preface(&mut io)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            Counters::inc(&counters.accept_errors);
+            tracing::debug!(peer = ?info.remote_addr(), error = %e, "bad preface");
+            return;
+        }
+        Err(_) => {
+            Counters::inc(&counters.accept_errors);
+            tracing::debug!(peer = ?info.remote_addr(), "handshake timed out");
+            return;
+        }
+    };
+    let ours = Preface::new(Role::Server, config.max_frame_len);
+    if peer.version != ours.version || peer.role != Role::Client {
+        Counters::inc(&counters.accept_errors);
+        // Tell the client what we speak, then hang up.
+        let _ = io.write_all(&ours.to_bytes()).await;
+        let _ = io.shutdown().await;
+        return;
+    }
+    if io.write_all(&ours.to_bytes()).await.is_err() {
+        Counters::inc(&counters.accept_errors);
+        return;
+    }
+
+    let conn = Arc::new(Conn {
+        inner: Mutex::new(Inner {
+            outbox: Outbox::new(peer.max_frame_len as usize, 0),
+            in_flight: HashMap::new(),
+            closing: false,
+        }),
+        notify_writer: Notify::new(),
+        notify_taken: Notify::new(),
+        counters: counters.clone(),
+    });
+    let (r, w) = tokio::io::split(io);
+    let writer_conn = conn.clone();
+    let opts = WriteOptions {
+        flush_delay: None,
+        write_timeout: config.write_timeout,
+    };
+    let mut writer = tokio::spawn(async move {
+        let source = ConnSource(writer_conn.clone());
+        write_loop(
+            w,
+            &source,
+            &writer_conn.notify_writer,
+            opts,
+            &writer_conn.counters,
+        )
+        .await
+    });
+    let codec = FrameCodec::builder()
+        .max_frame_len(config.max_frame_len)
+        .new_codec();
+    let mut reader = FrameReader::new(r, codec);
+    let tasks = TaskTracker::new();
+    let per_conn = Arc::new(Semaphore::new(config.max_concurrency_per_connection));
+    let mut ctx = Ctx {
+        conn: &conn,
+        svc,
+        config: &config,
+        limit: &limit,
+        per_conn: &per_conn,
+        tasks: &tasks,
+        info: &info,
+        shutdown: &shutdown,
+        draining: false,
+    };
+
+    let stop = tokio::select! {
+        stop = ctx.read_loop(&mut reader) => stop,
+        _ = &mut writer => Stop::Writer,
+    };
+    tracing::debug!(peer = ?info.remote_addr(), ?stop, "connection reader stopped");
+    let goaway = match &stop {
+        Stop::Protocol(e) => {
+            Counters::inc(&counters.protocol_errors);
+            Some(Message::GoAway {
+                code: e.wire_code(),
+                reason: Bytes::from(e.to_string()),
+            })
+        }
+        _ => None,
+    };
+    let drain = matches!(stop, Stop::Eof | Stop::Drained);
+    if drain && !writer.is_finished() {
+        // Let handlers still running finish and reply (the client may have half-closed),
+        // bounded by the grace period once a shutdown is under way.
+        tasks.close();
+        let grace = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(config.grace_period).await;
+        };
+        tokio::select! {
+            _ = tasks.wait() => {}
+            _ = grace => {}
+            _ = &mut writer => {}
+        }
+    }
+    // Whatever is still running is stopped and answered CANCELLED.
+    cancel_all(&conn, goaway.as_ref());
+    conn.notify_writer.notify_one();
+    if !writer.is_finished()
+        && tokio::time::timeout(Duration::from_millis(500), &mut writer)
+            .await
+            .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// Stops every handler still running, answers each CANCELLED, queues `last` and marks the
+/// connection closing so the writer ends after flushing.
+fn cancel_all(conn: &Conn, last: Option<&Message>) {
+    let mut inner = conn.lock();
+    let status = Status::new(Code::Cancelled, "server closed the connection");
+    let ids: Vec<(u32, AbortHandle)> = inner.in_flight.drain().collect();
+    for (id, handle) in ids {
+        handle.abort();
+        conn.push(&mut inner, &error_message(id, &status));
+    }
+    if let Some(msg) = last {
+        conn.push(&mut inner, msg);
+    }
+    inner.closing = true;
+}
+
+struct Ctx<'a, S> {
+    conn: &'a Arc<Conn>,
+    svc: S,
+    config: &'a Config,
+    limit: &'a Arc<Semaphore>,
+    per_conn: &'a Arc<Semaphore>,
+    tasks: &'a TaskTracker,
+    info: &'a crate::transport::ConnectInfo,
+    shutdown: &'a CancellationToken,
+    draining: bool,
+}
+
+impl<S> Ctx<'_, S>
+where
+    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> Stop {
+        loop {
+            // A client that does not read its replies must not make us queue them without
+            // bound: pause reading (and so dispatching) until the writer catches up.
+            while self.conn.lock().outbox.len() > self.config.max_queued_bytes {
+                tokio::select! {
+                    _ = self.conn.notify_taken.notified() => {}
+                    _ = self.shutdown.cancelled(), if !self.draining => self.start_drain(),
+                }
+            }
+            let frame = tokio::select! {
+                f = reader.next() => f,
+                _ = self.shutdown.cancelled(), if !self.draining => {
+                    self.start_drain();
+                    continue;
+                }
+                _ = drained(self.tasks, self.config.grace_period), if self.draining => {
+                    return Stop::Drained
+                }
+            };
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => return Stop::Eof,
+                Err(CodecError::Io(e)) => {
+                    tracing::debug!(error = %e, "read failed");
+                    return Stop::Io;
+                }
+                Err(e) => return Stop::Protocol(e),
+            };
+            Counters::inc(&self.conn.counters.frames_read);
+            for msg in frame.into_messages() {
+                if let Some(stop) = self.handle(msg).await {
+                    return stop;
+                }
+            }
+        }
+    }
+
+    fn start_drain(&mut self) {
+        self.draining = true;
+        self.conn.push_now(&Message::GoAway {
+            code: code::OK,
+            reason: Bytes::from_static(b"server shutting down"),
+        });
+    }
+
+    async fn handle(&mut self, msg: Message) -> Option<Stop> {
+        match msg {
+            Message::Request {
+                id,
+                timeout_ms,
+                method,
+                metadata,
+                body,
+            } => {
+                if self.draining {
+                    let status = Status::new(Code::Refused, "server is shutting down");
+                    let mut inner = self.conn.lock();
+                    if inner.in_flight.contains_key(&id) {
+                        return Some(Stop::Protocol(CodecError::InvalidFrame(
+                            "request id already in flight",
+                        )));
+                    }
+                    let wake = self.conn.push(&mut inner, &error_message(id, &status));
+                    drop(inner);
+                    if wake {
+                        self.conn.notify_writer.notify_one();
+                    }
+                    return None;
+                }
+                self.dispatch(Some(id), timeout_ms, method, metadata, body)
+                    .await
+            }
+            Message::OneWay {
+                timeout_ms,
+                method,
+                metadata,
+                body,
+            } => {
+                if self.draining {
+                    return None;
+                }
+                self.dispatch(None, timeout_ms, method, metadata, body)
+                    .await
+            }
+            Message::Cancel { id } => {
+                let mut inner = self.conn.lock();
+                if let Some(handle) = inner.in_flight.remove(&id) {
+                    handle.abort();
+                    let status = Status::new(Code::Cancelled, "cancelled by the client");
+                    let wake = self.conn.push(&mut inner, &error_message(id, &status));
+                    drop(inner);
+                    if wake {
+                        self.conn.notify_writer.notify_one();
+                    }
+                }
+                None
+            }
+            Message::Ping { data } => {
+                self.conn.push_now(&Message::Pong { data });
+                None
+            }
+            Message::Pong { .. } => None,
+            Message::GoAway { code, reason } => {
+                tracing::debug!(code, reason = %String::from_utf8_lossy(&reason), "client goaway");
+                Some(Stop::Eof)
+            }
+            Message::Response { .. } | Message::Error { .. } => Some(Stop::Protocol(
+                CodecError::InvalidFrame("client sent a server-only message"),
+            )),
+        }
+    }
+
+    async fn dispatch(
+        &mut self,
+        id: Option<u32>,
+        timeout_ms: u32,
+        method: Bytes,
+        metadata: Bytes,
+        body: Bytes,
+    ) -> Option<Stop> {
+        if let Some(id) = id {
+            // Checked before waiting for a slot so a duplicate is caught even at the limit.
+            if self.conn.lock().in_flight.contains_key(&id) {
+                return Some(Stop::Protocol(CodecError::InvalidFrame(
+                    "request id already in flight",
+                )));
+            }
+        }
+        // The limits are awaited here, on the reader: at the limit the socket is not read.
+        let permits = tokio::select! {
+            p = acquire(self.limit, self.per_conn) => p,
+            _ = self.shutdown.cancelled(), if !self.draining => {
+                self.start_drain();
+                if let Some(id) = id {
+                    let status = Status::new(Code::Refused, "server is shutting down");
+                    self.conn.push_now(&error_message(id, &status));
+                }
+                return None;
+            }
+        };
+        let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let mut req = Request {
+            method,
+            body,
+            metadata,
+            timeout: Some(timeout),
+            one_way: id.is_none(),
+            extensions: http::Extensions::new(),
+        };
+        req.extensions.insert(self.info.clone());
+
+        let fut = match (&mut self.svc).ready().await {
+            Ok(svc) => std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(req))),
+            Err(e) => {
+                let status = status_from_error(e.into());
+                if let Some(id) = id {
+                    self.conn.push_now(&error_message(id, &status));
+                }
+                return None;
+            }
+        };
+        let conn = self.conn.clone();
+        let task = async move {
+            let _permits = permits;
+            let res = match fut {
+                Ok(fut) => {
+                    let run = AssertUnwindSafe(fut).catch_unwind();
+                    match timeout {
+                        Some(t) => tokio::time::timeout(t, run).await.ok(),
+                        None => Some(run.await),
+                    }
+                }
+                Err(panic) => Some(Err(panic)),
+            };
+            let reply = match res {
+                None => Err(Status::new(Code::DeadlineExceeded, "deadline exceeded")),
+                Some(Ok(Ok(resp))) => Ok(resp.into_body()),
+                Some(Ok(Err(e))) => Err(status_from_error(e.into())),
+                Some(Err(_panic)) => {
+                    // The panic payload may hold paths or secrets: it stays in this process.
+                    Counters::inc(&conn.counters.panics);
+                    Err(Status::new(Code::Internal, "handler panicked"))
+                }
+            };
+            Counters::inc(&conn.counters.calls);
+            if reply.is_err() {
+                Counters::inc(&conn.counters.errors);
+            }
+            match id {
+                Some(id) => conn.reply(id, reply),
+                None => Counters::inc(&conn.counters.one_way),
+            }
+        };
+        match id {
+            Some(id) => {
+                // Spawned under the lock so that the task's own `reply` (which needs the lock)
+                // always finds its entry in place.
+                let mut inner = self.conn.lock();
+                let handle = self.tasks.spawn(task);
+                inner.in_flight.insert(id, handle.abort_handle());
+            }
+            None => {
+                self.tasks.spawn(task);
+            }
+        }
+        None
+    }
+}
+
+/// Resolves once nothing is in flight (after a short linger that lets requests already on
+/// the wire arrive and be refused) or the grace period is over.
+async fn drained(tasks: &TaskTracker, grace: Duration) {
+    let grace = tokio::time::sleep(grace);
+    tokio::pin!(grace);
+    loop {
+        if tasks.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if tasks.is_empty() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = &mut grace => return,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+}
+
+async fn acquire(
+    limit: &Arc<Semaphore>,
+    per_conn: &Arc<Semaphore>,
+) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+    // Neither semaphore is ever closed.
+    let a = per_conn.clone().acquire_owned().await.expect("semaphore closed");
+    let b = limit.clone().acquire_owned().await.expect("semaphore closed");
+    (a, b)
+}

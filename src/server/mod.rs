@@ -1,0 +1,301 @@
+//! The server: accepts connections and runs any tower [`Service`] of [`Request`]s on them.
+//!
+//! Per connection, one reader decodes whole batches and dispatches each request to its own task
+//! (so a slow handler never blocks the others, and CPU-bound handlers use every core), and one
+//! writer sends the replies back in batches. A handler limit stops the reader (and so the
+//! socket) when reached, which keeps memory bounded. Handler panics become `INTERNAL` errors
+//! for that call only.
+
+mod connection;
+mod recover;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::Service;
+
+use crate::codec::{DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
+use crate::error::{Error, Kind, Result};
+use crate::stats::{Counters, Stats};
+use crate::transport::Connected;
+use crate::{BoxError, Request, Response};
+
+/// Default limit on handlers running at once, server-wide (8,192, as gorpc's
+/// `DefaultConcurrency`).
+pub const DEFAULT_MAX_CONCURRENCY: usize = 8192;
+
+/// Default time in-flight calls get to finish after a graceful shutdown starts (5 s).
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
+
+/// Default bound on the connection preface exchange (10 s).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default bound on one write to a peer that stopped reading (30 s).
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default cap on reply bytes queued for one connection (8 MiB) before its reader pauses.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1024 * 1024;
+
+/// A towerpc server: configuration plus the counters of everything it serves.
+///
+/// Setters consume and return the server, tonic style; `serve*` methods run it. Clone it first
+/// to keep a handle for [`Server::stats`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use towerpc::{Request, Response, Server};
+///
+/// # async fn f() -> towerpc::Result<()> {
+/// let echo = tower::service_fn(|req: Request| async move {
+///     Ok::<_, towerpc::BoxError>(Response::new(req.into_body()))
+/// });
+/// Server::builder()
+///     .max_concurrency(1024)
+///     .serve("127.0.0.1:7000".parse().unwrap(), echo)
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Server {
+    config: Config,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) max_concurrency: usize,
+    pub(crate) max_concurrency_per_connection: usize,
+    pub(crate) grace_period: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) write_timeout: Option<Duration>,
+    pub(crate) max_frame_len: usize,
+    pub(crate) max_queued_bytes: usize,
+    pub(crate) tcp_nodelay: bool,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server::builder()
+    }
+}
+
+impl Server {
+    /// A server with the defaults.
+    pub fn builder() -> Server {
+        Server {
+            config: Config {
+                max_concurrency: DEFAULT_MAX_CONCURRENCY,
+                max_concurrency_per_connection: DEFAULT_MAX_CONCURRENCY,
+                grace_period: DEFAULT_GRACE_PERIOD,
+                handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
+                max_frame_len: DEFAULT_MAX_FRAME_LEN,
+                max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+                tcp_nodelay: true,
+            },
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// Handlers running at once across all connections. Default 8,192. When reached, readers
+    /// stop reading their sockets until a handler finishes, so clients feel backpressure
+    /// instead of the server queueing without bound.
+    #[must_use]
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.config.max_concurrency = n.max(1);
+        self
+    }
+
+    /// Handlers running at once for one connection. Default 8,192 (no tighter than the server
+    /// limit). Lower it so that one busy client cannot take every slot.
+    #[must_use]
+    pub fn max_concurrency_per_connection(mut self, n: usize) -> Self {
+        self.config.max_concurrency_per_connection = n.max(1);
+        self
+    }
+
+    /// How long in-flight calls may run after a graceful shutdown starts. Default 5 s. Calls
+    /// still running then end with `CANCELLED`.
+    #[must_use]
+    pub fn grace_period(mut self, d: Duration) -> Self {
+        self.config.grace_period = d;
+        self
+    }
+
+    /// Bound on reading the client's preface. Default 10 s. It is what a connection that sends
+    /// nothing can cost; it runs on the connection's own task, never on the accept loop.
+    #[must_use]
+    pub fn handshake_timeout(mut self, d: Duration) -> Self {
+        self.config.handshake_timeout = d;
+        self
+    }
+
+    /// Bound on one write to a client; a client that stops reading for longer is disconnected.
+    /// Default 30 s. `None` disables it.
+    #[must_use]
+    pub fn write_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.write_timeout = d.into();
+        self
+    }
+
+    /// Largest frame body accepted from clients. Default 16 MiB. It bounds the largest request
+    /// and the memory one connection can make the server buffer.
+    #[must_use]
+    pub fn max_frame_len(mut self, len: usize) -> Self {
+        self.config.max_frame_len = len.clamp(MIN_MAX_FRAME_LEN, u32::MAX as usize);
+        self
+    }
+
+    /// Reply bytes queued for one connection before its reader pauses. Default 8 MiB. With a
+    /// client that does not read its replies, this (plus one write in progress) is what the
+    /// connection can hold.
+    #[must_use]
+    pub fn max_queued_bytes(mut self, n: usize) -> Self {
+        self.config.max_queued_bytes = n.max(1);
+        self
+    }
+
+    /// Sets `TCP_NODELAY` on accepted TCP connections. Default `true`.
+    #[must_use]
+    pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
+        self.config.tcp_nodelay = nodelay;
+        self
+    }
+
+    /// A snapshot of the counters of every connection this server has served.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
+    }
+
+    /// Binds `addr` and serves `svc` on it until an error stops the listener.
+    pub async fn serve<S>(self, addr: SocketAddr, svc: S) -> Result<()>
+    where
+        S: Service<Request, Response = Response> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.serve_with_shutdown(addr, svc, std::future::pending())
+            .await
+    }
+
+    /// Binds `addr` and serves `svc` until `signal` completes, then shuts down gracefully:
+    /// stops accepting, sends every client a GOAWAY, lets in-flight calls finish within the
+    /// grace period, and returns when every connection is closed.
+    pub async fn serve_with_shutdown<S, F>(self, addr: SocketAddr, svc: S, signal: F) -> Result<()>
+    where
+        S: Service<Request, Response = Response> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        F: Future<Output = ()>,
+    {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::new(Kind::Io).with(e))?;
+        self.serve_with_listener(listener, svc, signal).await
+    }
+
+    /// Serves `svc` on an already bound listener until `signal` completes (see
+    /// [`Server::serve_with_shutdown`]). Handy with `127.0.0.1:0` to learn the port first.
+    pub async fn serve_with_listener<S, F>(
+        self,
+        listener: TcpListener,
+        svc: S,
+        signal: F,
+    ) -> Result<()>
+    where
+        S: Service<Request, Response = Response> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        F: Future<Output = ()>,
+    {
+        let nodelay = self.config.tcp_nodelay;
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(
+            move |conn: std::io::Result<TcpStream>| {
+                let stream = conn?;
+                stream.set_nodelay(nodelay)?;
+                Ok::<_, std::io::Error>(stream)
+            },
+        );
+        self.serve_with_incoming_shutdown(incoming, svc, signal)
+            .await
+    }
+
+    /// Serves `svc` on every connection `incoming` yields, until it ends.
+    pub async fn serve_with_incoming<S, I, IO, E>(self, incoming: I, svc: S) -> Result<()>
+    where
+        S: Service<Request, Response = Response> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        I: Stream<Item = std::result::Result<IO, E>>,
+        IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+        E: Into<BoxError>,
+    {
+        self.serve_with_incoming_shutdown(incoming, svc, std::future::pending())
+            .await
+    }
+
+    /// Serves `svc` on every connection `incoming` yields, until it ends or `signal`
+    /// completes; then shuts down gracefully as [`Server::serve_with_shutdown`] does.
+    pub async fn serve_with_incoming_shutdown<S, I, IO, E, F>(
+        self,
+        incoming: I,
+        svc: S,
+        signal: F,
+    ) -> Result<()>
+    where
+        S: Service<Request, Response = Response> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        I: Stream<Item = std::result::Result<IO, E>>,
+        IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+        E: Into<BoxError>,
+        F: Future<Output = ()>,
+    {
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(self.config.max_concurrency));
+        let config = Arc::new(self.config);
+        tokio::pin!(incoming);
+        tokio::pin!(signal);
+        loop {
+            let conn = tokio::select! {
+                conn = incoming.next() => conn,
+                _ = &mut signal => break,
+            };
+            match conn {
+                Some(Ok(io)) => {
+                    Counters::inc(&self.counters.accepts);
+                    tracker.spawn(connection::run(
+                        io,
+                        svc.clone(),
+                        config.clone(),
+                        self.counters.clone(),
+                        limit.clone(),
+                        shutdown.child_token(),
+                    ));
+                }
+                Some(Err(e)) => {
+                    Counters::inc(&self.counters.accept_errors);
+                    let e: BoxError = e.into();
+                    tracing::debug!(error = %e, "accept failed");
+                    // Out of file descriptors and similar: wait a little instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                None => break,
+            }
+        }
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        Ok(())
+    }
+}
