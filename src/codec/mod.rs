@@ -10,7 +10,7 @@
 //! ```
 //!
 //! [`FrameCodec`] is a [`tokio_util::codec::Decoder`] that yields one [`Frame`] (a whole batch)
-//! at a time and an [`Encoder`](tokio_util::codec::Encoder) for single messages and whole batches.
+//! at a time and an [`Encoder`] for single messages and whole batches.
 //! The decoder checks the announced length against `max_frame_len` from the header alone, before
 //! it reserves memory or waits for the body, so a lying length prefix costs nothing. Bodies are
 //! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload.
