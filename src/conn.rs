@@ -41,7 +41,13 @@ pub(crate) trait Source {
     /// Swaps the pending bytes with `spare` (an empty, reusable buffer). `None` means the
     /// connection is over and nothing is left to write: the writer shuts the stream down.
     fn take(&self, spare: BytesMut) -> Option<BytesMut>;
+
+    /// Bytes waiting to be taken.
+    fn pending_len(&self) -> usize;
 }
+
+/// Most times the writer yields, waiting for a batch to stop growing, before it writes.
+const MAX_BATCH_YIELDS: usize = 4;
 
 /// The batching writer: take *everything* pending, write it with one `write_all` (one syscall
 /// unless the socket buffer is full), and repeat; sleep only when a take comes back empty.
@@ -75,9 +81,18 @@ where
             } else {
                 // The task that woke us is usually one of many made runnable by the same batch
                 // of replies, and tokio runs a freshly woken task next (its LIFO slot). Taking
-                // now would send one message per write; yielding once lets the rest of the
-                // runnable callers append first, so the batch forms at no latency cost.
-                tokio::task::yield_now().await;
+                // now would send one message per write; yielding lets the rest of the runnable
+                // callers append first. We yield while the batch keeps growing (a few times at
+                // most), so it forms at no latency cost: nothing here waits on a timer.
+                let mut last = source.pending_len();
+                for _ in 0..MAX_BATCH_YIELDS {
+                    tokio::task::yield_now().await;
+                    let now = source.pending_len();
+                    if now == last {
+                        break;
+                    }
+                    last = now;
+                }
             }
             continue;
         }

@@ -55,7 +55,10 @@ mod tests {
         let waits: Vec<f64> = (0..20).map(|_| b.next(&mut rng).as_secs_f64()).collect();
         let mut nominal = 1.0f64;
         for w in &waits {
-            assert!(*w >= nominal * 0.8 - 1e-9 && *w <= nominal * 1.2 + 1e-9, "{w} vs {nominal}");
+            assert!(
+                *w >= nominal * 0.8 - 1e-9 && *w <= nominal * 1.2 + 1e-9,
+                "{w} vs {nominal}"
+            );
             nominal = (nominal * 1.6).min(120.0);
         }
         // At most 15 attempts fit in 10 minutes even if every draw is -20 %.

@@ -53,10 +53,8 @@ pub(super) async fn run<F, Fut, T>(
     let addr = shared.config.addr;
     loop {
         Counters::inc(&shared.counters.dials);
-        let attempt = tokio::time::timeout(
-            shared.config.connect_timeout,
-            connect(&shared, &mut dial),
-        );
+        let attempt =
+            tokio::time::timeout(shared.config.connect_timeout, connect(&shared, &mut dial));
         let res = tokio::select! {
             r = attempt => r.unwrap_or_else(|_| Err(Error::new(Kind::Unavailable)
                 .addr(addr)
@@ -100,7 +98,11 @@ pub(super) async fn run<F, Fut, T>(
             End::GoAway(status) => {
                 let status = status.clone();
                 (
-                    Box::new(move || Error::new(Kind::ConnectionLost).addr(addr).with(status.clone())),
+                    Box::new(move || {
+                        Error::new(Kind::ConnectionLost)
+                            .addr(addr)
+                            .with(status.clone())
+                    }),
                     Phase::Connecting,
                 )
             }
@@ -114,7 +116,11 @@ pub(super) async fn run<F, Fut, T>(
             End::Io(e) => {
                 let cause = e.to_string();
                 (
-                    Box::new(move || Error::new(Kind::ConnectionLost).addr(addr).with(cause.clone())),
+                    Box::new(move || {
+                        Error::new(Kind::ConnectionLost)
+                            .addr(addr)
+                            .with(cause.clone())
+                    }),
                     Phase::Connecting,
                 )
             }
@@ -135,7 +141,9 @@ pub(super) async fn run<F, Fut, T>(
             break;
         }
         if started.elapsed() < MIN_HEALTHY {
-            shared.set_phase(Phase::Backoff("connection closed right after it opened".into()));
+            shared.set_phase(Phase::Backoff(
+                "connection closed right after it opened".into(),
+            ));
             if !wait(&shared, backoff.next(&mut rng)).await {
                 break;
             }

@@ -97,7 +97,11 @@ impl Future for ResponseFuture {
         let this = self.project();
         let reply = match this.state {
             State::Ready { reply } => {
-                return Poll::Ready(reply.take().expect("ResponseFuture polled after completion"))
+                return Poll::Ready(
+                    reply
+                        .take()
+                        .expect("ResponseFuture polled after completion"),
+                )
             }
             State::Waiting { call, rx, .. } => match Pin::new(rx).poll(cx) {
                 Poll::Ready(Ok(reply)) => reply,

@@ -102,10 +102,7 @@ impl Client {
         Builder::new().connect(addr).await
     }
 
-    fn spawn<F, Fut, T>(
-        config: builder::Config,
-        dial: F,
-    ) -> (Client, oneshot::Receiver<Result<()>>)
+    fn spawn<F, Fut, T>(config: builder::Config, dial: F) -> (Client, oneshot::Receiver<Result<()>>)
     where
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = std::io::Result<T>> + Send + 'static,
@@ -212,10 +209,7 @@ impl Client {
 
     /// Whether a connection is up right now.
     pub fn is_connected(&self) -> bool {
-        matches!(
-            self.handle.shared.lock().phase,
-            pending::Phase::Connected
-        )
+        matches!(self.handle.shared.lock().phase, pending::Phase::Connected)
     }
 }
 

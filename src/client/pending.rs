@@ -332,4 +332,8 @@ impl Source for ConnSource {
             _ => None,
         }
     }
+
+    fn pending_len(&self) -> usize {
+        self.shared.lock().outbox.len()
+    }
 }

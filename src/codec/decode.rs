@@ -101,7 +101,9 @@ fn parse_batch(mut body: Bytes, count: u16) -> Result<Vec<Message>, CodecError> 
 
 fn need(body: &Bytes, n: usize) -> Result<(), CodecError> {
     if body.len() < n {
-        Err(CodecError::InvalidFrame("message runs past the end of the frame"))
+        Err(CodecError::InvalidFrame(
+            "message runs past the end of the frame",
+        ))
     } else {
         Ok(())
     }
@@ -231,7 +233,13 @@ mod tests {
         let mut d = FrameDecoder::new(4096);
         let mut src = head(4097, 0, 0, 1);
         let err = d.decode(&mut src).unwrap_err();
-        assert!(matches!(err, CodecError::FrameTooLarge { len: 4097, max: 4096 }));
+        assert!(matches!(
+            err,
+            CodecError::FrameTooLarge {
+                len: 4097,
+                max: 4096
+            }
+        ));
         // Nothing was reserved for the body.
         assert!(src.capacity() < 4096);
     }
@@ -241,7 +249,13 @@ mod tests {
         let mut d = FrameDecoder::new(4096);
         let mut src = head(4096, 0, 0, 1);
         assert!(d.decode(&mut src).unwrap().is_none());
-        assert!(matches!(d.state, State::Body { len: 4096, count: 1 }));
+        assert!(matches!(
+            d.state,
+            State::Body {
+                len: 4096,
+                count: 1
+            }
+        ));
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use bytes::{BufMut, BytesMut};
 
 use super::frame::{kind, Message};
-use super::{CodecError, FRAME_HEADER_LEN, MAX_MESSAGES_PER_FRAME, MAX_METADATA_LEN, MAX_METHOD_LEN};
+use super::{
+    CodecError, FRAME_HEADER_LEN, MAX_MESSAGES_PER_FRAME, MAX_METADATA_LEN, MAX_METHOD_LEN,
+};
 
 /// Checks the per-field limits that the wire format can express, so that an encoder never writes
 /// something the decoder must refuse.
@@ -137,7 +139,9 @@ pub(super) fn encode_frame(
         return Err(CodecError::InvalidFrame("empty frame"));
     }
     if messages.len() > MAX_MESSAGES_PER_FRAME {
-        return Err(CodecError::InvalidFrame("more than 65535 messages in a frame"));
+        return Err(CodecError::InvalidFrame(
+            "more than 65535 messages in a frame",
+        ));
     }
     let mut len = 0usize;
     for m in messages {
@@ -290,7 +294,10 @@ mod tests {
             id: 1,
             body: Bytes::from(vec![0u8; 4096]),
         };
-        assert!(matches!(o.push(&big), Err(CodecError::FrameTooLarge { .. })));
+        assert!(matches!(
+            o.push(&big),
+            Err(CodecError::FrameTooLarge { .. })
+        ));
         assert!(o.is_empty());
     }
 

@@ -71,7 +71,9 @@ impl Preface {
     /// report it); everything else that is off is an error.
     pub fn parse(b: &[u8; PREFACE_LEN]) -> Result<Preface, CodecError> {
         if &b[..4] != MAGIC {
-            return Err(CodecError::InvalidFrame("bad preface magic (not a towerpc peer)"));
+            return Err(CodecError::InvalidFrame(
+                "bad preface magic (not a towerpc peer)",
+            ));
         }
         let role = match b[5] {
             b'C' => Role::Client,

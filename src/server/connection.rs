@@ -127,6 +127,10 @@ impl Source for ConnSource {
         self.0.notify_taken.notify_one();
         Some(buf)
     }
+
+    fn pending_len(&self) -> usize {
+        self.0.lock().outbox.len()
+    }
 }
 
 /// Why the reader stopped.
@@ -227,7 +231,7 @@ pub(super) async fn run<S, IO>(
         tasks: &tasks,
         info: &info,
         shutdown: &shutdown,
-        draining: false,
+        grace_deadline: None,
     };
 
     let stop = tokio::select! {
@@ -245,22 +249,11 @@ pub(super) async fn run<S, IO>(
         }
         _ => None,
     };
-    let drain = matches!(stop, Stop::Eof | Stop::Drained);
-    if drain && !writer.is_finished() {
-        // Let handlers still running finish and reply (the client may have half-closed),
-        // bounded by the grace period once a shutdown is under way.
-        tasks.close();
-        let grace = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(config.grace_period).await;
-        };
-        tokio::select! {
-            _ = tasks.wait() => {}
-            _ = grace => {}
-            _ = &mut writer => {}
-        }
-    }
-    // Whatever is still running is stopped and answered CANCELLED.
+    // A drain has already waited for its handlers (up to the grace period). After an EOF or
+    // an error nobody can receive their replies, so handlers still running are stopped: a
+    // vanished client must not keep work (and the tasks' memory) alive.
+    // Whatever is still running is stopped and answered CANCELLED (when a peer is still there
+    // to read it).
     cancel_all(&conn, goaway.as_ref());
     conn.notify_writer.notify_one();
     if !writer.is_finished()
@@ -297,7 +290,8 @@ struct Ctx<'a, S> {
     tasks: &'a TaskTracker,
     info: &'a crate::transport::ConnectInfo,
     shutdown: &'a CancellationToken,
-    draining: bool,
+    /// Set when a graceful shutdown reaches this connection: in-flight calls have until then.
+    grace_deadline: Option<tokio::time::Instant>,
 }
 
 impl<S> Ctx<'_, S>
@@ -313,16 +307,16 @@ where
             while self.conn.lock().outbox.len() > self.config.max_queued_bytes {
                 tokio::select! {
                     _ = self.conn.notify_taken.notified() => {}
-                    _ = self.shutdown.cancelled(), if !self.draining => self.start_drain(),
+                    _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => self.start_drain(),
                 }
             }
             let frame = tokio::select! {
                 f = reader.next() => f,
-                _ = self.shutdown.cancelled(), if !self.draining => {
+                _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
                     self.start_drain();
                     continue;
                 }
-                _ = drained(self.tasks, self.config.grace_period), if self.draining => {
+                _ = drained(self.tasks, self.grace_deadline), if self.grace_deadline.is_some() => {
                     return Stop::Drained
                 }
             };
@@ -345,7 +339,7 @@ where
     }
 
     fn start_drain(&mut self) {
-        self.draining = true;
+        self.grace_deadline = Some(tokio::time::Instant::now() + self.config.grace_period);
         self.conn.push_now(&Message::GoAway {
             code: code::OK,
             reason: Bytes::from_static(b"server shutting down"),
@@ -361,7 +355,7 @@ where
                 metadata,
                 body,
             } => {
-                if self.draining {
+                if self.grace_deadline.is_some() {
                     let status = Status::new(Code::Refused, "server is shutting down");
                     let mut inner = self.conn.lock();
                     if inner.in_flight.contains_key(&id) {
@@ -385,7 +379,7 @@ where
                 metadata,
                 body,
             } => {
-                if self.draining {
+                if self.grace_deadline.is_some() {
                     return None;
                 }
                 self.dispatch(None, timeout_ms, method, metadata, body)
@@ -438,7 +432,7 @@ where
         // The limits are awaited here, on the reader: at the limit the socket is not read.
         let permits = tokio::select! {
             p = acquire(self.limit, self.per_conn) => p,
-            _ = self.shutdown.cancelled(), if !self.draining => {
+            _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
                 self.start_drain();
                 if let Some(id) = id {
                     let status = Status::new(Code::Refused, "server is shutting down");
@@ -518,8 +512,11 @@ where
 
 /// Resolves once nothing is in flight (after a short linger that lets requests already on
 /// the wire arrive and be refused) or the grace period is over.
-async fn drained(tasks: &TaskTracker, grace: Duration) {
-    let grace = tokio::time::sleep(grace);
+async fn drained(tasks: &TaskTracker, deadline: Option<tokio::time::Instant>) {
+    let Some(deadline) = deadline else {
+        return std::future::pending().await;
+    };
+    let grace = tokio::time::sleep_until(deadline);
     tokio::pin!(grace);
     loop {
         if tasks.is_empty() {
@@ -540,7 +537,15 @@ async fn acquire(
     per_conn: &Arc<Semaphore>,
 ) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
     // Neither semaphore is ever closed.
-    let a = per_conn.clone().acquire_owned().await.expect("semaphore closed");
-    let b = limit.clone().acquire_owned().await.expect("semaphore closed");
+    let a = per_conn
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore closed");
+    let b = limit
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("semaphore closed");
     (a, b)
 }

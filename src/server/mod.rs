@@ -264,33 +264,39 @@ impl Server {
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(self.config.max_concurrency));
         let config = Arc::new(self.config);
-        tokio::pin!(incoming);
         tokio::pin!(signal);
-        loop {
-            let conn = tokio::select! {
-                conn = incoming.next() => conn,
-                _ = &mut signal => break,
-            };
-            match conn {
-                Some(Ok(io)) => {
-                    Counters::inc(&self.counters.accepts);
-                    tracker.spawn(connection::run(
-                        io,
-                        svc.clone(),
-                        config.clone(),
-                        self.counters.clone(),
-                        limit.clone(),
-                        shutdown.child_token(),
-                    ));
+        {
+            // The listener lives only as long as this loop: once a shutdown starts it is
+            // dropped, so new dials are refused at once instead of waiting in the backlog.
+            let incoming = incoming;
+            tokio::pin!(incoming);
+            loop {
+                let conn = tokio::select! {
+                    conn = incoming.next() => conn,
+                    _ = &mut signal => break,
+                };
+                match conn {
+                    Some(Ok(io)) => {
+                        Counters::inc(&self.counters.accepts);
+                        tracker.spawn(connection::run(
+                            io,
+                            svc.clone(),
+                            config.clone(),
+                            self.counters.clone(),
+                            limit.clone(),
+                            shutdown.child_token(),
+                        ));
+                    }
+                    Some(Err(e)) => {
+                        Counters::inc(&self.counters.accept_errors);
+                        let e: BoxError = e.into();
+                        tracing::debug!(error = %e, "accept failed");
+                        // Out of file descriptors and similar: wait a little instead of
+                        // spinning.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    None => break,
                 }
-                Some(Err(e)) => {
-                    Counters::inc(&self.counters.accept_errors);
-                    let e: BoxError = e.into();
-                    tracing::debug!(error = %e, "accept failed");
-                    // Out of file descriptors and similar: wait a little instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                None => break,
             }
         }
         shutdown.cancel();
