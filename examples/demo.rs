@@ -131,8 +131,9 @@ async fn main() -> Result<(), BoxError> {
         ss.write_calls, ss.read_calls, ss.bytes_written, ss.bytes_read, ss.calls
     );
     println!(
-        "errors: {errors}; average batch: {:.1} calls per client write",
-        per_call(1) * calls as f64 / per_call(cs.write_calls).max(f64::MIN_POSITIVE) / calls.max(1) as f64
+        "errors: {errors}; {:.1} calls per client write, {:.1} per server write",
+        calls as f64 / cs.write_calls.max(1) as f64,
+        calls as f64 / ss.write_calls.max(1) as f64,
     );
     println!(
         "demo: {calls} calls in {elapsed:.1} s, {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms, \
