@@ -21,7 +21,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
@@ -128,20 +127,23 @@ impl Client {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let body = encode(req)?;
+        let body = crate::codec::to_msgpack(req)?;
         let resp = self.request(Request::new(method, body)).await?;
-        decode(resp.body())
+        crate::codec::from_msgpack(resp.body())
     }
 
     /// Sends a raw [`Request`] and waits for its reply, without `poll_ready`.
     pub async fn request(&self, req: Request) -> Result<Response> {
         let permit = match &self.handle.permits {
-            Some(sem) => Some(
-                sem.clone()
+            // A free slot is the common case: take it without building an acquire future.
+            Some(sem) => Some(match sem.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => sem
+                    .clone()
                     .acquire_owned()
                     .await
                     .map_err(|_| Error::new(Kind::Closed))?,
-            ),
+            }),
             None => None,
         };
         self.start(req, permit).await
@@ -153,7 +155,7 @@ impl Client {
     where
         Req: Serialize + ?Sized,
     {
-        let body = encode(req)?;
+        let body = crate::codec::to_msgpack(req)?;
         self.send_raw(Request::new(method, body))
     }
 
@@ -219,16 +221,6 @@ fn timeout_ms(timeout: Option<std::time::Duration>) -> u32 {
         Some(t) => t.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32,
         None => 0,
     }
-}
-
-pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
-    rmp_serde::to_vec_named(value)
-        .map(Bytes::from)
-        .map_err(|e| Error::new(Kind::Encode).with(e))
-}
-
-pub(crate) fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
-    rmp_serde::from_slice(body).map_err(|e| Error::new(Kind::Decode).with(e))
 }
 
 impl Service<Request> for Client {

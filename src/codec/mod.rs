@@ -19,10 +19,12 @@ mod decode;
 mod encode;
 mod error;
 mod frame;
+mod msgpack;
 mod preface;
 
 pub use self::error::CodecError;
 pub use self::frame::{Frame, Message};
+pub use self::msgpack::{from_msgpack, to_msgpack, MAX_DECODE_DEPTH};
 pub use self::preface::{Preface, Role, PREFACE_LEN};
 
 pub(crate) use self::encode::Outbox;

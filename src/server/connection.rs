@@ -1,10 +1,16 @@
 //! One server connection: preface, then a reader that dispatches each request to its own task,
 //! and a writer that batches the replies.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use pin_project_lite::pin_project;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -177,7 +183,11 @@ pub(super) async fn run<S, IO>(
         }
     };
     let ours = Preface::new(Role::Server, config.max_frame_len);
-    if peer.version != ours.version || peer.role != Role::Client {
+    if peer.role != Role::Client {
+        Counters::inc(&counters.accept_errors);
+        return;
+    }
+    if peer.version != ours.version {
         Counters::inc(&counters.accept_errors);
         // Tell the client what we speak, then hang up.
         let _ = io.write_all(&ours.to_bytes()).await;
@@ -421,16 +431,10 @@ where
         metadata: Bytes,
         body: Bytes,
     ) -> Option<Stop> {
-        if let Some(id) = id {
-            // Checked before waiting for a slot so a duplicate is caught even at the limit.
-            if self.conn.lock().in_flight.contains_key(&id) {
-                return Some(Stop::Protocol(CodecError::InvalidFrame(
-                    "request id already in flight",
-                )));
-            }
-        }
         // The limits are awaited here, on the reader: at the limit the socket is not read.
-        let permits = tokio::select! {
+        let permits = match try_acquire(self.limit, self.per_conn) {
+            Some(p) => p,
+            None => tokio::select! {
             p = acquire(self.limit, self.per_conn) => p,
             _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
                 self.start_drain();
@@ -440,6 +444,7 @@ where
                 }
                 return None;
             }
+            },
         };
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
         let mut req = Request {
@@ -452,7 +457,7 @@ where
         };
         req.extensions.insert(self.info.clone());
 
-        let fut = match (&mut self.svc).ready().await {
+        let fut = match self.svc.ready().await {
             Ok(svc) => std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(req))),
             Err(e) => {
                 let status = status_from_error(e.into());
@@ -466,13 +471,7 @@ where
         let task = async move {
             let _permits = permits;
             let res = match fut {
-                Ok(fut) => {
-                    let run = AssertUnwindSafe(fut).catch_unwind();
-                    match timeout {
-                        Some(t) => tokio::time::timeout(t, run).await.ok(),
-                        None => Some(run.await),
-                    }
-                }
+                Ok(fut) => LazyDeadline::new(AssertUnwindSafe(fut).catch_unwind(), timeout).await,
                 Err(panic) => Some(Err(panic)),
             };
             let reply = match res {
@@ -499,8 +498,17 @@ where
                 // Spawned under the lock so that the task's own `reply` (which needs the lock)
                 // always finds its entry in place.
                 let mut inner = self.conn.lock();
-                let handle = self.tasks.spawn(task);
-                inner.in_flight.insert(id, handle.abort_handle());
+                match inner.in_flight.entry(id) {
+                    Entry::Occupied(_) => {
+                        // The handler's future is dropped unpolled: it never ran.
+                        return Some(Stop::Protocol(CodecError::InvalidFrame(
+                            "request id already in flight",
+                        )));
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(self.tasks.spawn(task).abort_handle());
+                    }
+                }
             }
             None => {
                 self.tasks.spawn(task);
@@ -532,6 +540,15 @@ async fn drained(tasks: &TaskTracker, deadline: Option<tokio::time::Instant>) {
     }
 }
 
+fn try_acquire(
+    limit: &Arc<Semaphore>,
+    per_conn: &Arc<Semaphore>,
+) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    let a = per_conn.clone().try_acquire_owned().ok()?;
+    let b = limit.clone().try_acquire_owned().ok()?;
+    Some((a, b))
+}
+
 async fn acquire(
     limit: &Arc<Semaphore>,
     per_conn: &Arc<Semaphore>,
@@ -548,4 +565,47 @@ async fn acquire(
         .await
         .expect("semaphore closed");
     (a, b)
+}
+
+pin_project! {
+    /// Runs a handler under its deadline, but arms the timer only if the handler does not finish
+    /// on its first poll: most handlers answer at once, and a timer per request is a measurable
+    /// share of a fast call's cost. The deadline still counts from when the request was read,
+    /// give or take the first poll.
+    struct LazyDeadline<F> {
+        #[pin]
+        fut: F,
+        timeout: Option<Duration>,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+impl<F> LazyDeadline<F> {
+    fn new(fut: F, timeout: Option<Duration>) -> Self {
+        LazyDeadline {
+            fut,
+            timeout,
+            sleep: None,
+        }
+    }
+}
+
+impl<F: Future> Future for LazyDeadline<F> {
+    /// `None` when the deadline passed first.
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if let Some(t) = this.timeout.take() {
+            this.sleep.set(Some(tokio::time::sleep(t)));
+        }
+        match this.sleep.as_pin_mut() {
+            Some(sleep) => sleep.poll(cx).map(|()| None),
+            None => Poll::Pending,
+        }
+    }
 }

@@ -1,0 +1,806 @@
+//! Wire conformance (RELIABILITY.md W1, PROTOCOL.md §3–§12): a real server on 127.0.0.1:0,
+//! driven by a raw `TcpStream` that writes hand-built bytes and checks the server's bytes.
+//!
+//! Every verdict is bounded ([`VERDICT`]); nothing here trusts the library's own encoder.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use towerpc::{BoxError, Client, Request, Response, Server};
+
+/// Upper bound on any single verdict.
+const VERDICT: Duration = Duration::from_secs(2);
+
+const PROTOCOL_ERROR: u16 = 11;
+const FRAME_TOO_LARGE: u16 = 12;
+const DEADLINE_EXCEEDED: u16 = 4;
+const REFUSED: u16 = 6;
+
+/// The client preface of PROTOCOL.md §14: no compression, 16 MiB.
+const CLIENT_PREFACE: [u8; 12] = [
+    0x54, 0x52, 0x50, 0x43, 0x01, 0x43, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
+];
+
+/// The server preface with the default 16 MiB limit.
+const SERVER_PREFACE: [u8; 12] = [
+    0x54, 0x52, 0x50, 0x43, 0x01, 0x53, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
+];
+
+// ===== server =====
+
+/// Methods: `echo` replies with the body; `slow` sleeps 1 s, `sleep` 5 s, then echo.
+async fn handler(req: Request) -> Result<Response, BoxError> {
+    match req.method() {
+        "slow" => tokio::time::sleep(Duration::from_secs(1)).await,
+        "sleep" => tokio::time::sleep(Duration::from_secs(5)).await,
+        _ => {}
+    }
+    Ok(Response::new(req.into_body()))
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<towerpc::Result<()>>,
+}
+
+async fn start(server: Server) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let svc = tower::service_fn(handler);
+    let task = tokio::spawn(server.serve_with_listener(listener, svc, async {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+async fn start_default() -> TestServer {
+    start(Server::builder()).await
+}
+
+// ===== hand-built bytes =====
+
+/// A frame header: len u32, flags u8, reserved u8, count u16, big-endian.
+fn header(len: u32, flags: u8, reserved: u8, count: u16) -> Vec<u8> {
+    let mut h = len.to_be_bytes().to_vec();
+    h.push(flags);
+    h.push(reserved);
+    h.extend_from_slice(&count.to_be_bytes());
+    h
+}
+
+/// A well-formed frame around `msgs`.
+fn frame(msgs: &[Vec<u8>]) -> Vec<u8> {
+    let len: usize = msgs.iter().map(Vec::len).sum();
+    let mut f = header(len as u32, 0, 0, msgs.len() as u16);
+    for m in msgs {
+        f.extend_from_slice(m);
+    }
+    f
+}
+
+/// REQUEST (kind 1) or ONEWAY (kind 2) with any id, so that bad ids can be sent too.
+fn call_msg(kind: u8, id: u32, timeout_ms: u32, method: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&timeout_ms.to_be_bytes());
+    m.push(method.len() as u8);
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    m.extend_from_slice(method);
+    m.extend_from_slice(body);
+    m
+}
+
+fn request(id: u32, timeout_ms: u32, method: &str, body: &[u8]) -> Vec<u8> {
+    call_msg(0x01, id, timeout_ms, method.as_bytes(), body)
+}
+
+fn oneway(method: &str, body: &[u8]) -> Vec<u8> {
+    call_msg(0x02, 0, 0, method.as_bytes(), body)
+}
+
+fn cancel(id: u32) -> Vec<u8> {
+    let mut m = vec![0x05];
+    m.extend_from_slice(&id.to_be_bytes());
+    m
+}
+
+fn ping(data: u64) -> Vec<u8> {
+    let mut m = vec![0x06];
+    m.extend_from_slice(&data.to_be_bytes());
+    m
+}
+
+/// The exact frame a server must send in reply to `ping(data)`.
+fn pong_frame(data: u64) -> Vec<u8> {
+    let mut m = vec![0x07];
+    m.extend_from_slice(&data.to_be_bytes());
+    frame(&[m])
+}
+
+// ===== reading the server =====
+
+/// A message from the server, parsed by hand with every length checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Msg {
+    Response { id: u32, body: Vec<u8> },
+    Error { id: u32, code: u16, message: String },
+    Ping(u64),
+    Pong(u64),
+    GoAway { code: u16, reason: String },
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Parses `count` messages that must fill `body` exactly.
+fn parse_messages(mut body: &[u8], count: u16) -> Vec<Msg> {
+    let mut out = Vec::new();
+    for i in 0..count {
+        assert!(!body.is_empty(), "message {i} missing: frame too short");
+        let (msg, used) = match body[0] {
+            0x03 => {
+                assert!(body.len() >= 9, "short RESPONSE");
+                let n = be_u32(&body[5..]) as usize;
+                assert!(body.len() >= 9 + n, "RESPONSE body overruns the frame");
+                let msg = Msg::Response {
+                    id: be_u32(&body[1..]),
+                    body: body[9..9 + n].to_vec(),
+                };
+                (msg, 9 + n)
+            }
+            0x04 => {
+                assert!(body.len() >= 13, "short ERROR");
+                let code = be_u16(&body[5..]);
+                let n = be_u16(&body[7..]) as usize;
+                let d = be_u32(&body[9..]) as usize;
+                assert!(body.len() >= 13 + n + d, "ERROR overruns the frame");
+                assert_ne!(code, 0, "ERROR with code 0 (§10)");
+                let message =
+                    String::from_utf8(body[13..13 + n].to_vec()).expect("ERROR msg is not UTF-8");
+                let msg = Msg::Error {
+                    id: be_u32(&body[1..]),
+                    code,
+                    message,
+                };
+                (msg, 13 + n + d)
+            }
+            k @ (0x06 | 0x07) => {
+                assert!(body.len() >= 9, "short PING/PONG");
+                let data = u64::from_be_bytes(body[1..9].try_into().unwrap());
+                (
+                    if k == 0x06 {
+                        Msg::Ping(data)
+                    } else {
+                        Msg::Pong(data)
+                    },
+                    9,
+                )
+            }
+            0x08 => {
+                assert!(body.len() >= 5, "short GOAWAY");
+                let code = be_u16(&body[1..]);
+                let n = be_u16(&body[3..]) as usize;
+                assert!(body.len() >= 5 + n, "GOAWAY reason overruns the frame");
+                let reason =
+                    String::from_utf8(body[5..5 + n].to_vec()).expect("reason is not UTF-8");
+                (Msg::GoAway { code, reason }, 5 + n)
+            }
+            k => panic!("server sent message kind {k:#04x}, not valid server to client"),
+        };
+        out.push(msg);
+        body = &body[used..];
+    }
+    assert!(body.is_empty(), "{} bytes left over in frame", body.len());
+    out
+}
+
+/// A raw client connection.
+struct Peer {
+    stream: TcpStream,
+    queued: VecDeque<Msg>,
+}
+
+impl Peer {
+    /// Connects without sending anything.
+    async fn raw(addr: SocketAddr) -> Peer {
+        let stream = tokio::time::timeout(VERDICT, TcpStream::connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Peer {
+            stream,
+            queued: VecDeque::new(),
+        }
+    }
+
+    /// Connects, sends the standard client preface and checks the server's, byte for byte.
+    async fn handshake(addr: SocketAddr, server_preface: [u8; 12]) -> Peer {
+        let mut p = Peer::raw(addr).await;
+        p.send(&CLIENT_PREFACE).await;
+        let got = p.read_exact(12).await;
+        assert_eq!(got, server_preface, "server preface");
+        p
+    }
+
+    async fn connect(addr: SocketAddr) -> Peer {
+        Peer::handshake(addr, SERVER_PREFACE).await
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        tokio::time::timeout(VERDICT, self.stream.write_all(bytes))
+            .await
+            .expect("write timed out")
+            .expect("write");
+    }
+
+    /// Exactly `n` bytes, within [`VERDICT`].
+    async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        match tokio::time::timeout(VERDICT, self.stream.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => buf,
+            Ok(Err(e)) => panic!("reading {n} bytes: {e}"),
+            Err(_) => panic!("no {n} bytes from the server within {VERDICT:?}"),
+        }
+    }
+
+    /// The next frame's header and body, or `None` at a clean EOF before a header.
+    async fn read_frame(&mut self) -> Option<([u8; 8], Vec<u8>)> {
+        let mut head = [0u8; 8];
+        let mut got = 0;
+        while got < head.len() {
+            let n = match tokio::time::timeout(VERDICT, self.stream.read(&mut head[got..])).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) if got == 0 && is_reset(&e) => return None,
+                Ok(Err(e)) => panic!("reading a frame header: {e}"),
+                Err(_) => panic!("no frame from the server within {VERDICT:?}"),
+            };
+            if n == 0 {
+                assert_eq!(got, 0, "EOF inside a frame header");
+                return None;
+            }
+            got += n;
+        }
+        let len = be_u32(&head) as usize;
+        assert_eq!(&head[4..6], &[0, 0], "server frame flags/reserved");
+        assert_ne!(be_u16(&head[6..]), 0, "server frame with count 0");
+        assert!(len >= 1, "server frame with len 0");
+        assert!(len <= 16 << 20, "server frame above our 16 MiB limit");
+        let body = self.read_exact(len).await;
+        Some((head, body))
+    }
+
+    /// The next message from the server, or `None` once it closed.
+    async fn next_msg(&mut self) -> Option<Msg> {
+        if let Some(m) = self.queued.pop_front() {
+            return Some(m);
+        }
+        let (head, body) = self.read_frame().await?;
+        self.queued
+            .extend(parse_messages(&body, be_u16(&head[6..])));
+        self.queued.pop_front()
+    }
+
+    async fn expect_msg(&mut self) -> Msg {
+        self.next_msg().await.expect("server closed the connection")
+    }
+
+    /// Asserts that the server closes without sending another byte.
+    async fn expect_closed(&mut self) {
+        assert!(self.queued.is_empty(), "unread messages: {:?}", self.queued);
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(VERDICT, self.stream.read(&mut buf)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => panic!("expected close, got {:02x?}", &buf[..n]),
+            Ok(Err(e)) if is_reset(&e) => {}
+            Ok(Err(e)) => panic!("expected close, got error {e}"),
+            Err(_) => panic!("connection still open after {VERDICT:?}"),
+        }
+    }
+
+    /// Reads until a GOAWAY, asserts its code and that the connection closes right after.
+    /// Returns the messages that came before it.
+    async fn expect_goaway_then_close(&mut self, code: u16) -> Vec<Msg> {
+        let mut before = Vec::new();
+        for _ in 0..64 {
+            match self.next_msg().await {
+                Some(Msg::GoAway { code: c, reason }) => {
+                    assert_eq!(c, code, "GOAWAY code (reason {reason:?})");
+                    self.expect_closed().await;
+                    return before;
+                }
+                Some(m) => before.push(m),
+                None => panic!("closed without GOAWAY {code}; got {before:?}"),
+            }
+        }
+        panic!("no GOAWAY among {before:?}");
+    }
+
+    /// PING with `data` and check the next frame is exactly its PONG.
+    async fn assert_alive(&mut self, data: u64) {
+        self.send(&frame(&[ping(data)])).await;
+        let got = self.read_exact(17).await;
+        assert_eq!(got, pong_frame(data), "PONG for {data:#x}");
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Sends `bytes` after a good handshake and expects GOAWAY `code` with nothing before it, then
+/// a close.
+async fn assert_goaway(server: Server, bytes: &[u8], code: u16) {
+    let srv = start(server).await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(bytes).await;
+    let before = p.expect_goaway_then_close(code).await;
+    assert!(
+        before.is_empty(),
+        "unexpected messages before GOAWAY: {before:?}"
+    );
+}
+
+// ===== §3 prefaces =====
+
+#[tokio::test]
+async fn good_preface_gets_the_server_preface() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.assert_alive(1).await;
+}
+
+#[tokio::test]
+async fn server_preface_announces_the_configured_limit() {
+    let srv = start(Server::builder().max_frame_len(4096)).await;
+    let mut expected = SERVER_PREFACE;
+    expected[8..].copy_from_slice(&4096u32.to_be_bytes());
+    let mut p = Peer::handshake(srv.addr, expected).await;
+    p.assert_alive(2).await;
+}
+
+#[tokio::test]
+async fn bad_magic_is_closed_without_a_byte() {
+    let srv = start_default().await;
+    let mut p = Peer::raw(srv.addr).await;
+    let mut bad = CLIENT_PREFACE;
+    bad[..4].copy_from_slice(b"XRPC");
+    p.send(&bad).await;
+    p.expect_closed().await;
+}
+
+#[tokio::test]
+async fn http_request_is_closed_without_a_byte() {
+    let srv = start_default().await;
+    let mut p = Peer::raw(srv.addr).await;
+    // Exactly 12 bytes, so the server has read everything we sent when it closes.
+    p.send(b"GET / HTTP/1").await;
+    p.expect_closed().await;
+}
+
+#[tokio::test]
+async fn version_2_gets_the_v1_preface_then_close() {
+    let srv = start_default().await;
+    let mut p = Peer::raw(srv.addr).await;
+    let mut v2 = CLIENT_PREFACE;
+    v2[4] = 0x02;
+    p.send(&v2).await;
+    assert_eq!(p.read_exact(12).await, SERVER_PREFACE);
+    p.expect_closed().await;
+}
+
+#[tokio::test]
+async fn bad_preface_flags_role_or_limit_are_closed() {
+    let srv = start_default().await;
+    let mut flags = CLIENT_PREFACE;
+    flags[7] = 0x01;
+    let mut role = CLIENT_PREFACE;
+    role[5] = b'X';
+    let mut small = CLIENT_PREFACE;
+    small[8..].copy_from_slice(&4095u32.to_be_bytes());
+    for (why, bytes) in [("flags", flags), ("role X", role), ("limit 4095", small)] {
+        let mut p = Peer::raw(srv.addr).await;
+        p.send(&bytes).await;
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(VERDICT, p.stream.read(&mut buf)).await {
+            Ok(Ok(0)) => {}
+            Ok(Err(e)) if is_reset(&e) => {}
+            other => panic!("{why}: expected a close, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn server_role_in_client_preface_is_closed() {
+    // §3.2: wrong role -> close without sending anything.
+    let srv = start_default().await;
+    let mut p = Peer::raw(srv.addr).await;
+    let mut role = CLIENT_PREFACE;
+    role[5] = b'S';
+    p.send(&role).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + VERDICT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, p.stream.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if is_reset(&e) => break,
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("connection still open after {VERDICT:?}"),
+        }
+    }
+    assert!(got.is_empty(), "unexpected bytes {got:02x?}");
+}
+
+#[tokio::test]
+async fn silent_or_partial_preface_is_closed_after_handshake_timeout() {
+    let srv = start(Server::builder().handshake_timeout(Duration::from_millis(200))).await;
+    for sent in [&[][..], &CLIENT_PREFACE[..5]] {
+        let mut p = Peer::raw(srv.addr).await;
+        p.send(sent).await;
+        let started = Instant::now();
+        p.expect_closed().await;
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(150),
+            "closed early: {elapsed:?}"
+        );
+    }
+}
+
+// ===== §5, §8, §9: good traffic =====
+
+#[tokio::test]
+async fn request_echo_gets_the_exact_response_bytes() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    // PROTOCOL.md §14, byte for byte.
+    #[rustfmt::skip]
+    let req = [
+        0x00, 0x00, 0x00, 0x15, 0x00, 0x00, 0x00, 0x01,
+        0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x4E, 0x20, 0x04, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x01, 0x65, 0x63, 0x68, 0x6F, 0x07,
+    ];
+    assert_eq!(&req[..], &frame(&[request(1, 20_000, "echo", &[7])])[..]);
+    p.send(&req).await;
+    #[rustfmt::skip]
+    let resp = [
+        0x00, 0x00, 0x00, 0x0A, 0x00, 0x00, 0x00, 0x01,
+        0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x07,
+    ];
+    assert_eq!(p.read_exact(resp.len()).await, resp);
+    p.assert_alive(3).await;
+}
+
+#[tokio::test]
+async fn batched_requests_are_each_answered_once() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let msgs: Vec<Vec<u8>> = (1..=20u32)
+        .map(|id| request(id, 0, "echo", &id.to_be_bytes()))
+        .collect();
+    p.send(&frame(&msgs)).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        match p.expect_msg().await {
+            Msg::Response { id, body } => {
+                assert_eq!(body, id.to_be_bytes(), "body of {id}");
+                assert!(seen.insert(id, ()).is_none(), "two replies for {id}");
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+    }
+    assert_eq!(seen.len(), 20);
+    p.assert_alive(4).await;
+}
+
+#[tokio::test]
+async fn oneway_gets_no_reply() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[oneway("echo", &[1, 2, 3])])).await;
+    // Give a wrong reply time to arrive; the next bytes must be the PONG.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.assert_alive(0xAB).await;
+    // And a ONEWAY batched before a PING in one frame.
+    p.send(&frame(&[oneway("echo", &[4]), ping(0xCD)])).await;
+    assert_eq!(p.read_exact(17).await, pong_frame(0xCD));
+}
+
+#[tokio::test]
+async fn ping_gets_pong_with_the_same_data() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    for data in [0, 1, 0x0102_0304_0506_0708, u64::MAX] {
+        p.send(&frame(&[ping(data)])).await;
+        #[rustfmt::skip]
+        let mut want = vec![0x00, 0x00, 0x00, 0x09, 0x00, 0x00, 0x00, 0x01, 0x07];
+        want.extend_from_slice(&data.to_be_bytes());
+        assert_eq!(p.read_exact(17).await, want);
+    }
+}
+
+#[tokio::test]
+async fn unsolicited_pong_is_ignored() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let mut pong = vec![0x07];
+    pong.extend_from_slice(&5u64.to_be_bytes());
+    p.send(&frame(&[pong])).await;
+    p.assert_alive(6).await;
+}
+
+#[tokio::test]
+async fn cancel_for_unknown_id_is_ignored() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[cancel(999)])).await;
+    p.send(&frame(&[request(1, 0, "echo", &[9])])).await;
+    assert_eq!(
+        p.expect_msg().await,
+        Msg::Response {
+            id: 1,
+            body: vec![9]
+        }
+    );
+    p.assert_alive(7).await;
+}
+
+// ===== §12 malformed input =====
+
+#[tokio::test]
+async fn oversize_header_gets_frame_too_large_before_the_body() {
+    for len in [4097, u32::MAX] {
+        let srv = start(Server::builder().max_frame_len(4096)).await;
+        let mut expected = SERVER_PREFACE;
+        expected[8..].copy_from_slice(&4096u32.to_be_bytes());
+        let mut p = Peer::handshake(srv.addr, expected).await;
+        // The header alone; the body never comes and the socket stays open.
+        p.send(&header(len, 0, 0, 1)).await;
+        let before = p.expect_goaway_then_close(FRAME_TOO_LARGE).await;
+        assert!(before.is_empty(), "{before:?}");
+    }
+}
+
+#[tokio::test]
+async fn frame_of_exactly_max_len_is_accepted() {
+    let srv = start(Server::builder().max_frame_len(4096)).await;
+    let mut expected = SERVER_PREFACE;
+    expected[8..].copy_from_slice(&4096u32.to_be_bytes());
+    let mut p = Peer::handshake(srv.addr, expected).await;
+    // REQUEST is 16 + 4 ("echo") + body: a body of 4076 makes exactly 4096.
+    let body = vec![0x5A; 4096 - 20];
+    let f = frame(&[request(1, 0, "echo", &body)]);
+    assert_eq!(f.len(), 8 + 4096);
+    p.send(&f).await;
+    assert_eq!(p.expect_msg().await, Msg::Response { id: 1, body });
+}
+
+macro_rules! protocol_error {
+    ($($name:ident: $bytes:expr;)*) => {$(
+        #[tokio::test]
+        async fn $name() {
+            assert_goaway(Server::builder(), &$bytes, PROTOCOL_ERROR).await;
+        }
+    )*};
+}
+
+protocol_error! {
+    frame_flags_nonzero_is_a_protocol_error: [header(5, 0x01, 0, 1), cancel(1)].concat();
+    frame_reserved_nonzero_is_a_protocol_error: [header(5, 0, 0x01, 1), cancel(1)].concat();
+    frame_count_zero_is_a_protocol_error: [header(5, 0, 0, 0), cancel(1)].concat();
+    frame_len_zero_is_a_protocol_error: header(0, 0, 0, 1);
+    unknown_message_kind_is_a_protocol_error: [header(5, 0, 0, 1), vec![0x7F, 0, 0, 0, 1]].concat();
+    message_overrunning_its_frame_is_a_protocol_error:
+        [header(5, 0, 0, 1), vec![0x06, 0, 0, 0, 1]].concat();
+    request_overrunning_its_frame_is_a_protocol_error: {
+        let mut m = request(1, 0, "echo", &[1, 2, 3]);
+        m.truncate(m.len() - 1);
+        frame(&[m])
+    };
+    bytes_left_over_is_a_protocol_error: [header(7, 0, 0, 1), cancel(1), vec![0, 0]].concat();
+    count_larger_than_messages_is_a_protocol_error:
+        [header(9, 0, 0, 2), cancel(1), vec![0x05, 0, 0, 0]].concat();
+    empty_method_is_a_protocol_error: frame(&[request(1, 0, "", &[])]);
+    method_not_utf8_is_a_protocol_error: frame(&[call_msg(0x01, 1, 0, &[0xFF, 0xFE], &[])]);
+    request_id_zero_is_a_protocol_error: frame(&[request(0, 0, "echo", &[])]);
+    oneway_with_id_is_a_protocol_error: frame(&[call_msg(0x02, 1, 0, b"echo", &[])]);
+    response_from_client_is_a_protocol_error:
+        frame(&[vec![0x03, 0, 0, 0, 1, 0, 0, 0, 0]]);
+    error_from_client_is_a_protocol_error:
+        frame(&[vec![0x04, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0]]);
+}
+
+#[tokio::test]
+async fn metadata_above_16_kib_is_a_protocol_error() {
+    // With the default 16 MiB limit the frame itself is fine: only meta_len is wrong.
+    let mut m = request(1, 0, "echo", &[]);
+    m[10..12].copy_from_slice(&16_385u16.to_be_bytes());
+    m.splice(20..20, std::iter::repeat_n(0x80, 16_385));
+    assert_eq!(m.len(), 16 + 4 + 16_385);
+    assert_goaway(Server::builder(), &frame(&[m]), PROTOCOL_ERROR).await;
+}
+
+#[tokio::test]
+async fn duplicate_in_flight_id_is_a_protocol_error() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[request(5, 0, "sleep", &[1])])).await;
+    // Make sure the first one was read (and is sleeping) before the duplicate arrives.
+    p.assert_alive(8).await;
+    p.send(&frame(&[request(5, 0, "echo", &[2])])).await;
+    let started = Instant::now();
+    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+    assert!(started.elapsed() < VERDICT);
+    // The server may answer the sleeping call before hanging up (§6), but only with an ERROR,
+    // and at most once; it must never run the duplicate.
+    assert!(before.len() <= 1, "{before:?}");
+    for m in before {
+        assert!(matches!(m, Msg::Error { id: 5, .. }), "{m:?}");
+    }
+}
+
+#[tokio::test]
+async fn duplicate_id_in_one_frame_is_a_protocol_error() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[
+        request(6, 0, "sleep", &[1]),
+        request(6, 0, "sleep", &[2]),
+    ]))
+    .await;
+    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+    assert!(before.len() <= 1, "{before:?}");
+    for m in before {
+        assert!(matches!(m, Msg::Error { id: 6, .. }), "{m:?}");
+    }
+}
+
+#[tokio::test]
+async fn garbage_closes_one_connection_and_spares_the_others() {
+    let srv = start_default().await;
+    let client = tokio::time::timeout(VERDICT, Client::builder().connect(srv.addr))
+        .await
+        .expect("client connect timed out")
+        .expect("client connect");
+    let call = |n: u32| {
+        let client = client.clone();
+        async move {
+            tokio::time::timeout(VERDICT, client.call::<u32, u32>("echo", &n))
+                .await
+                .expect("call timed out")
+        }
+    };
+    assert_eq!(call(1).await.unwrap(), 1);
+
+    // Garbage instead of a preface.
+    let mut rng = fastrand::Rng::with_seed(0x9a7b);
+    let mut junk = vec![0u8; 12];
+    rng.fill(&mut junk);
+    junk[0] = b'X';
+    let mut a = Peer::raw(srv.addr).await;
+    a.send(&junk).await;
+    a.expect_closed().await;
+    assert_eq!(call(2).await.unwrap(), 2);
+
+    // Garbage after a good preface: whatever the server makes of it, it closes.
+    let mut b = Peer::connect(srv.addr).await;
+    let mut junk = vec![0u8; 256];
+    rng.fill(&mut junk);
+    junk[0] = 0xEE; // a header announcing ~4 GB: refused from the header
+    b.send(&junk).await;
+    let deadline = Instant::now() + VERDICT;
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, b.stream.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if is_reset(&e) => break,
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("garbage connection still open after {VERDICT:?}"),
+        }
+    }
+    assert_eq!(call(3).await.unwrap(), 3);
+    assert!(client.is_connected());
+}
+
+// ===== §7 deadlines =====
+
+#[tokio::test]
+async fn expired_deadline_gets_deadline_exceeded() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let started = Instant::now();
+    p.send(&frame(&[request(9, 50, "sleep", &[])])).await;
+    match p.expect_msg().await {
+        Msg::Error { id, code, .. } => {
+            assert_eq!((id, code), (9, DEADLINE_EXCEEDED));
+        }
+        m => panic!("expected ERROR DEADLINE_EXCEEDED, got {m:?}"),
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(45), "{elapsed:?}");
+    assert!(elapsed < VERDICT, "{elapsed:?}");
+    p.assert_alive(10).await;
+}
+
+// ===== §10.1 graceful shutdown =====
+
+#[tokio::test]
+async fn shutdown_sends_goaway_draining_and_refuses_new_requests() {
+    let mut srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    // One call in flight (1 s handler), confirmed read by the PONG behind it.
+    p.send(&frame(&[request(1, 0, "slow", &[1])])).await;
+    p.assert_alive(11).await;
+
+    srv.stop.take().unwrap().send(()).unwrap();
+    match p.expect_msg().await {
+        Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
+        m => panic!("expected GOAWAY 0, got {m:?}"),
+    }
+
+    p.send(&frame(&[request(2, 0, "echo", &[2])])).await;
+    let mut rest = Vec::new();
+    for _ in 0..8 {
+        match p.next_msg().await {
+            Some(m) => rest.push(m),
+            None => break,
+        }
+    }
+    let refused = rest
+        .iter()
+        .filter(|m| {
+            matches!(
+                m,
+                Msg::Error {
+                    id: 2,
+                    code: REFUSED,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(refused, 1, "request 2 after GOAWAY: {rest:?}");
+    let answered = rest
+        .iter()
+        .filter(|m| matches!(m, Msg::Response { id: 1, body } if body == &[1]))
+        .count();
+    assert_eq!(
+        answered, 1,
+        "request 1 read before GOAWAY finishes: {rest:?}"
+    );
+    assert_eq!(rest.len(), 2, "{rest:?}");
+
+    let res = tokio::time::timeout(VERDICT, &mut srv.task)
+        .await
+        .expect("server did not stop")
+        .expect("server task panicked");
+    assert!(res.is_ok(), "{res:?}");
+}
