@@ -1,0 +1,660 @@
+//! Client behaviour end to end, over real sockets on 127.0.0.1.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tower::{Service, ServiceExt};
+use towerpc::client::Overflow;
+use towerpc::codec::Message;
+use towerpc::{Client, Request, Response, Server};
+
+use support::{eventually, DropCounter};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Ask {
+    caller: u64,
+    nonce: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Answer {
+    caller: u64,
+    nonce: u64,
+    slept_ms: u64,
+}
+
+/// A handler that parks until the test adds permits to `gate`; counts handlers that started.
+fn gated(gate: Arc<Semaphore>, started: Arc<AtomicUsize>) -> support::Svc {
+    support::typed(move |n: u64| {
+        let gate = gate.clone();
+        let started = started.clone();
+        async move {
+            started.fetch_add(1, SeqCst);
+            gate.acquire().await?.forget();
+            Ok(n)
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_out_of_order_reach_their_callers() {
+    // Each request sleeps a different time derived from its own contents, so replies leave
+    // the server in an order unrelated to the requests'.
+    let svc = support::typed(|ask: Ask| async move {
+        let slept_ms = ask.caller.wrapping_mul(7919).wrapping_add(ask.nonce) % 50;
+        tokio::time::sleep(Duration::from_millis(slept_ms)).await;
+        Ok(Answer {
+            caller: ask.caller,
+            nonce: ask.nonce,
+            slept_ms,
+        })
+    });
+    let server = support::serve(Server::builder(), svc).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+
+    let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut calls = JoinSet::new();
+    for caller in 0..1000u64 {
+        let client = client.clone();
+        let finished = finished.clone();
+        calls.spawn(async move {
+            let ask = Ask {
+                caller,
+                nonce: caller.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40,
+            };
+            let answer: Answer = client.call("Sleep", &ask).await.unwrap();
+            assert_eq!(
+                (answer.caller, answer.nonce),
+                (ask.caller, ask.nonce),
+                "caller {caller} got someone else's reply"
+            );
+            finished.lock().unwrap().push(answer.slept_ms);
+        });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(res) = calls.join_next().await {
+            res.unwrap();
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "1,000 calls did not finish within 30 s");
+
+    let finished = finished.lock().unwrap();
+    assert_eq!(finished.len(), 1000);
+    // Replies really did come back out of order: short sleeps tend to finish first, so the
+    // completion order is far from the order the calls were made in.
+    let first_half: u64 = finished[..500].iter().sum();
+    let second_half: u64 = finished[500..].iter().sum();
+    assert!(
+        first_half < second_half,
+        "completion order does not follow the handlers' sleeps ({first_half} vs {second_half})"
+    );
+    assert_eq!(client.pending(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_times_out_and_its_id_is_released_by_the_late_reply() {
+    let server = support::serve(Server::builder(), support::sleepy(Duration::from_secs(10))).await;
+    let client = Client::builder()
+        .timeout(Duration::from_millis(100))
+        .connect(server.addr)
+        .await
+        .unwrap();
+
+    let start = Instant::now();
+    let err = client.call::<_, u64>("Sleep", &1u64).await.unwrap_err();
+    let took = start.elapsed();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(
+        took >= Duration::from_millis(100),
+        "timed out early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "timed out late: {took:?}");
+    if err.is_remote() {
+        // On a starved machine the server's DEADLINE_EXCEEDED can reach the call before its
+        // own timer is polled; both are timeouts.
+        assert_eq!(err.code(), Some(towerpc::Code::DeadlineExceeded), "{err:?}");
+    } else {
+        assert_eq!(client.stats().timeouts, 1);
+    }
+
+    // The server knows the same deadline, stops the handler and answers DEADLINE_EXCEEDED;
+    // that reply frees the reserved id.
+    eventually(
+        "the abandoned id to be released",
+        Duration::from_secs(3),
+        || client.pending() == 0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_call_cancels_the_handler_on_the_server() {
+    let started = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let svc = {
+        let (started, dropped) = (started.clone(), dropped.clone());
+        support::service(move |_req: Request| {
+            let guard = DropCounter(dropped.clone());
+            let started = started.clone();
+            async move {
+                let _guard = guard;
+                started.fetch_add(1, SeqCst);
+                std::future::pending::<()>().await;
+                Ok(Response::default())
+            }
+        })
+    };
+    let server = support::serve(Server::builder(), svc).await;
+    // A long client timeout: only a CANCEL can stop the handler within this test.
+    let client = Client::builder()
+        .timeout(Duration::from_secs(60))
+        .connect(server.addr)
+        .await
+        .unwrap();
+
+    let mut call = Box::pin(client.call::<_, ()>("Forever", &()));
+    tokio::select! {
+        res = &mut call => panic!("the call ended on its own: {res:?}"),
+        () = eventually("the handler to start", Duration::from_secs(5), || started.load(SeqCst) == 1) => {}
+    }
+    assert_eq!(dropped.load(SeqCst), 0);
+    assert_eq!(client.pending(), 1);
+    drop(call);
+
+    eventually(
+        "the handler to be cancelled",
+        Duration::from_secs(3),
+        || dropped.load(SeqCst) == 1,
+    )
+    .await;
+    eventually(
+        "the cancelled id to be released",
+        Duration::from_secs(3),
+        || client.pending() == 0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reconnects_after_the_server_restarts_on_the_same_port() {
+    let mut server = support::serve(Server::builder(), support::echo()).await;
+    let addr = server.addr;
+    let client = Client::builder()
+        .reconnect_backoff(Duration::from_millis(50), 1.6, Duration::from_millis(200))
+        .connect(addr)
+        .await
+        .unwrap();
+    assert_eq!(client.call::<_, u64>("Echo", &1u64).await.unwrap(), 1);
+
+    server.trigger_shutdown();
+    server.join(Duration::from_secs(5)).await;
+
+    // With the server gone, calls fail at once with a typed error instead of waiting out
+    // their 20 s timeout.
+    let start = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &2u64))
+        .await
+        .expect("a call to a stopped server hung");
+    let err = res.expect_err("a call to a stopped server succeeded");
+    assert!(err.is_unavailable() || err.is_closed(), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "failing took {:?}",
+        start.elapsed()
+    );
+
+    let listener = support::rebind(addr).await;
+    let _server = support::serve_on(listener, Server::builder(), support::echo());
+
+    let start = Instant::now();
+    let mut last_err = None;
+    let mut recovered = false;
+    for i in 0..500u64 {
+        match tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &i)).await
+        {
+            Ok(Ok(n)) => {
+                assert_eq!(n, i);
+                recovered = true;
+                break;
+            }
+            Ok(Err(e)) => last_err = Some(e),
+            Err(_) => panic!("a call hung while the client reconnected"),
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        recovered,
+        "no successful call within 5 s of the restart; last error: {last_err:?}"
+    );
+    assert!(client.stats().dials >= 2);
+}
+
+#[tokio::test]
+async fn call_fails_fast_with_no_server_listening() {
+    let addr = support::free_addr();
+    let client = Client::builder().connect_lazy(addr);
+
+    let start = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &1u64))
+        .await
+        .expect("the call hung");
+    let took = start.elapsed();
+    let err = res.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(!err.is_timeout(), "{err:?}");
+    assert!(err.is_retry_safe(), "{err:?}");
+    assert!(took < Duration::from_secs(1), "failing took {took:?}");
+    assert_eq!(err.server_addr(), Some(addr));
+    let text = err.to_string();
+    assert!(text.contains(&addr.to_string()), "{text}");
+}
+
+#[tokio::test]
+async fn connect_returns_err_with_no_server_listening() {
+    let addr = support::free_addr();
+    let res = tokio::time::timeout(Duration::from_secs(5), Client::builder().connect(addr))
+        .await
+        .expect("connect hung");
+    let err = res.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn dialing_an_unspecified_address_fails_at_once() {
+    // gorpc #18: dialing ":port" must fail at once, never look like a call timeout.
+    let port = support::free_addr().port();
+    let addr: std::net::SocketAddr = ([0, 0, 0, 0], port).into();
+
+    let res = tokio::time::timeout(Duration::from_secs(5), Client::builder().connect(addr))
+        .await
+        .expect("connect to 0.0.0.0 hung");
+    let err = res.unwrap_err();
+    assert!(!err.is_timeout(), "{err:?}");
+
+    let client = Client::builder().connect_lazy(addr);
+    let start = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &1u64))
+        .await
+        .expect("a call to 0.0.0.0 hung");
+    let err = res.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(!err.is_timeout(), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "failing took {:?}",
+        start.elapsed()
+    );
+    assert!(err.to_string().contains("unspecified"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_server_is_detected_as_stalled() {
+    // Completes the preface, reads everything, never replies and never answers a ping.
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        conn.read_to_end_within(Duration::from_secs(10)).await
+    })
+    .await;
+    let client = Client::builder()
+        .stall_timeout(Duration::from_millis(400))
+        .timeout(Duration::from_secs(20))
+        .connect(addr)
+        .await
+        .unwrap();
+
+    let start = Instant::now();
+    let res = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.call::<_, u64>("Echo", &1u64),
+    )
+    .await
+    .expect("the call to a silent server hung");
+    let took = start.elapsed();
+    let err = res.unwrap_err();
+    assert!(err.is_stalled(), "{err:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "stall detected after {took:?}"
+    );
+
+    // On the wire: the request, then a ping, then GOAWAY STALLED before the close.
+    let seen = tokio::time::timeout(Duration::from_secs(5), script)
+        .await
+        .expect("the client did not close the stalled connection")
+        .unwrap();
+    assert!(
+        matches!(seen.first(), Some(Message::Request { .. })),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|m| matches!(m, Message::Ping { .. })),
+        "no PING before giving up: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|m| matches!(m, Message::GoAway { code: 14, .. })),
+        "no GOAWAY STALLED: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_to_unknown_id_is_a_protocol_error() {
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        let msgs = conn
+            .read_frame_within(Duration::from_secs(5))
+            .await
+            .expect("a request");
+        let Some(Message::Request { id, .. }) = msgs.first().cloned() else {
+            panic!("expected a request, got {msgs:?}");
+        };
+        conn.write_frame(vec![Message::Response {
+            id: id.wrapping_add(1000),
+            body: support::msgpack(&7u64),
+        }])
+        .await;
+        conn.read_to_end_within(Duration::from_secs(5)).await
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+
+    let res = tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &1u64))
+        .await
+        .expect("the call hung");
+    let err = res.unwrap_err();
+    assert!(err.is_protocol(), "{err:?}");
+    assert_eq!(client.stats().protocol_errors, 1);
+
+    // The client told the server why it hung up, and is still alive (a panicked background
+    // task would have dropped the reply channel instead of reporting a protocol error).
+    let seen = tokio::time::timeout(Duration::from_secs(5), script)
+        .await
+        .expect("the client did not close the connection")
+        .unwrap();
+    assert!(
+        seen.iter()
+            .any(|m| matches!(m, Message::GoAway { code: 11, .. })),
+        "no GOAWAY PROTOCOL_ERROR: {seen:?}"
+    );
+    assert_eq!(client.pending(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_reply_is_a_protocol_error_not_a_second_answer() {
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        let mut ids = Vec::new();
+        while ids.len() < 2 {
+            let msgs = conn
+                .read_frame_within(Duration::from_secs(5))
+                .await
+                .expect("requests");
+            for m in msgs {
+                if let Message::Request { id, body, .. } = m {
+                    ids.push((id, body));
+                }
+            }
+        }
+        let (first, body) = ids[0].clone();
+        // Answer the first call twice and the second not at all.
+        conn.write_frame(vec![
+            Message::Response {
+                id: first,
+                body: body.clone(),
+            },
+            Message::Response { id: first, body },
+        ])
+        .await;
+        conn.read_to_end_within(Duration::from_secs(5)).await
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+
+    let a = tokio::spawn({
+        let client = client.clone();
+        async move { client.call::<_, u64>("Echo", &1u64).await }
+    });
+    eventually("the first call to be sent", Duration::from_secs(5), || {
+        client.pending() == 1
+    })
+    .await;
+    let b = tokio::spawn({
+        let client = client.clone();
+        async move { client.call::<_, u64>("Echo", &2u64).await }
+    });
+    let (a, b) = tokio::time::timeout(Duration::from_secs(5), async {
+        (a.await.unwrap(), b.await.unwrap())
+    })
+    .await
+    .expect("the calls hung");
+    assert_eq!(a.unwrap(), 1);
+    let err = b.unwrap_err();
+    assert!(err.is_protocol(), "{err:?}");
+    let seen = tokio::time::timeout(Duration::from_secs(5), script)
+        .await
+        .expect("the client did not close the connection")
+        .unwrap();
+    assert!(
+        seen.iter()
+            .any(|m| matches!(m, Message::GoAway { code: 11, .. })),
+        "no GOAWAY PROTOCOL_ERROR: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_oldest_overflow_fails_the_first_call() {
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let server = support::serve(Server::builder(), gated(gate.clone(), started.clone())).await;
+    let client = Client::builder()
+        .max_pending(4)
+        .overflow(Overflow::FailOldest)
+        .connect(server.addr)
+        .await
+        .unwrap();
+
+    // Start the calls one at a time so their order (and so "the oldest") is known.
+    let mut calls = Vec::new();
+    for n in 1..=4u64 {
+        let c = client.clone();
+        calls.push(tokio::spawn(
+            async move { c.call::<_, u64>("Gate", &n).await },
+        ));
+        eventually("the call to be pending", Duration::from_secs(5), || {
+            client.pending() == n as usize
+        })
+        .await;
+    }
+    eventually("4 handlers to start", Duration::from_secs(5), || {
+        started.load(SeqCst) == 4
+    })
+    .await;
+    assert!(calls.iter().all(|c| !c.is_finished()));
+
+    let c = client.clone();
+    calls.push(tokio::spawn(async move {
+        c.call::<_, u64>("Gate", &5u64).await
+    }));
+    let first = tokio::time::timeout(Duration::from_secs(5), &mut calls[0])
+        .await
+        .expect("the oldest call was not failed")
+        .unwrap();
+    let err = first.unwrap_err();
+    assert!(err.is_overloaded(), "{err:?}");
+    for c in &calls[1..4] {
+        assert!(!c.is_finished(), "a call other than the oldest ended");
+    }
+
+    gate.add_permits(100);
+    for (i, c) in calls.into_iter().enumerate().skip(1) {
+        let n = tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .expect("call hung")
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, i as u64 + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_makes_poll_ready_wait_for_a_free_slot() {
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let server = support::serve(Server::builder(), gated(gate.clone(), started.clone())).await;
+    let client = Client::builder()
+        .max_pending(2)
+        .connect(server.addr)
+        .await
+        .unwrap();
+
+    let mut calls = JoinSet::new();
+    for n in 1..=2u64 {
+        let c = client.clone();
+        calls.spawn(async move { c.call::<_, u64>("Gate", &n).await });
+    }
+    eventually("2 handlers to start", Duration::from_secs(5), || {
+        started.load(SeqCst) == 2
+    })
+    .await;
+    assert_eq!(client.pending(), 2);
+
+    let mut svc = client.clone();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), svc.ready())
+            .await
+            .is_err(),
+        "poll_ready was Ready with max_pending calls pending"
+    );
+
+    gate.add_permits(1);
+    let done = tokio::time::timeout(Duration::from_secs(5), calls.join_next())
+        .await
+        .expect("released call hung")
+        .unwrap()
+        .unwrap();
+    assert!(done.is_ok(), "{done:?}");
+    tokio::time::timeout(Duration::from_secs(2), svc.ready())
+        .await
+        .expect("poll_ready stayed Pending after a slot was freed")
+        .unwrap();
+
+    let third = Service::call(&mut svc, Request::new("Gate", support::msgpack(&3u64)));
+    gate.add_permits(10);
+    let resp = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("third call hung")
+        .unwrap();
+    assert_eq!(resp.body(), &support::msgpack(&3u64));
+    let rest = tokio::time::timeout(Duration::from_secs(5), calls.join_next())
+        .await
+        .expect("second call hung")
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_ok(), "{rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_message_runs_the_handler_and_gets_no_reply() {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let svc = {
+        let ran = ran.clone();
+        support::typed(move |n: u64| {
+            let ran = ran.clone();
+            async move {
+                ran.fetch_add(1, SeqCst);
+                // A reply the server must not send for a one-way message.
+                Ok(n + 1)
+            }
+        })
+    };
+    let server = support::serve(Server::builder(), svc).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+
+    client.send("Note", &41u64).unwrap();
+    assert_eq!(client.pending(), 0);
+    eventually("the one-way handler to run", Duration::from_secs(5), || {
+        ran.load(SeqCst) == 1
+    })
+    .await;
+    eventually("the server to count it", Duration::from_secs(2), || {
+        server.stats().one_way == 1
+    })
+    .await;
+    // Give a reply, were one wrongly sent, time to arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(client.pending(), 0);
+    assert_eq!(client.stats().one_way, 1);
+    assert_eq!(
+        client.stats().frames_read,
+        0,
+        "the server sent something back"
+    );
+    assert_eq!(
+        server.stats().frames_written,
+        0,
+        "the server sent something back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_calls_and_batch_writes() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+    let before = client.stats();
+
+    const CALLERS: u64 = 100;
+    const PER_CALLER: u64 = 10;
+    let mut callers = JoinSet::new();
+    for c in 0..CALLERS {
+        let client = client.clone();
+        callers.spawn(async move {
+            for i in 0..PER_CALLER {
+                let n = c * 1000 + i;
+                assert_eq!(client.call::<_, u64>("Echo", &n).await.unwrap(), n);
+            }
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(r) = callers.join_next().await {
+            r.unwrap();
+        }
+    })
+    .await
+    .expect("calls did not finish in 30 s");
+
+    let n = CALLERS * PER_CALLER;
+    let s = client.stats().since(&before);
+    assert_eq!(s.calls, n);
+    assert_eq!(s.errors, 0);
+    assert!(s.write_calls > 0, "{s:?}");
+    assert!(
+        s.write_calls < n,
+        "no batching: {} writes for {n} calls",
+        s.write_calls
+    );
+    assert!(s.bytes_written > 0 && s.bytes_read > 0, "{s:?}");
+    assert_eq!(client.stats().dials, 1);
+    assert_eq!(server.stats().accepts, 1);
+    assert_eq!(server.stats().calls, n);
+}
+
+#[tokio::test]
+async fn raw_request_round_trips_bytes_unchanged() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+    let body = Bytes::from_static(b"\x00\x01not msgpack\xff");
+    let resp = client
+        .request(Request::new("Echo", body.clone()))
+        .await
+        .unwrap();
+    assert_eq!(resp.body(), &body);
+}

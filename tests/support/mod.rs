@@ -1,0 +1,333 @@
+//! Helpers shared by the end-to-end tests: servers on `127.0.0.1:0` with a shutdown switch,
+//! scripted raw-byte peers, and bounded waiting.
+
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::codec::{Decoder, Encoder};
+use tower::util::BoxCloneService;
+use towerpc::codec::{Frame, FrameCodec, Message, DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
+use towerpc::{BoxError, Request, Response, Server, Stats};
+
+/// The service type every test server runs.
+pub type Svc = BoxCloneService<Request, Response, BoxError>;
+
+/// A raw service from an async closure.
+pub fn service<F, Fut>(f: F) -> Svc
+where
+    F: Fn(Request) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    BoxCloneService::new(tower::service_fn(f))
+}
+
+/// A service that decodes the body as msgpack `Req`, runs `f` and encodes its `Resp`.
+pub fn typed<Req, Resp, F, Fut>(f: F) -> Svc
+where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    F: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Resp, BoxError>> + Send + 'static,
+{
+    service(move |req: Request| {
+        let f = f.clone();
+        async move {
+            let arg: Req = rmp_serde::from_slice(req.body())?;
+            let out = f(arg).await?;
+            Ok(Response::new(rmp_serde::to_vec_named(&out)?.into()))
+        }
+    })
+}
+
+/// Echoes the request body.
+pub fn echo() -> Svc {
+    service(|req: Request| async move { Ok(Response::new(req.into_body())) })
+}
+
+/// Sleeps `d`, then echoes.
+pub fn sleepy(d: Duration) -> Svc {
+    service(move |req: Request| async move {
+        tokio::time::sleep(d).await;
+        Ok(Response::new(req.into_body()))
+    })
+}
+
+/// Echoes a msgpack `u64` back; panics (inside the handler's future) when it is a multiple of
+/// `every`.
+pub fn panicky(every: u64) -> Svc {
+    typed(move |n: u64| async move {
+        if n.is_multiple_of(every) {
+            panic!("injected panic for request {n}");
+        }
+        Ok(n)
+    })
+}
+
+/// A server running on its own task, with a switch for graceful shutdown.
+///
+/// Dropping it without joining aborts the serve task.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    /// A clone of the running server, for its stats.
+    pub server: Server,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<towerpc::Result<()>>>,
+}
+
+impl TestServer {
+    pub fn stats(&self) -> Stats {
+        self.server.stats()
+    }
+
+    /// Fires the shutdown signal; returns at once.
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the serve future to return, at most `bound`; panics if it does not, or if it
+    /// returned an error.
+    pub async fn join(&mut self, bound: Duration) {
+        let handle = self.handle.as_mut().expect("already joined");
+        let res = tokio::time::timeout(bound, handle)
+            .await
+            .unwrap_or_else(|_| panic!("serve did not return within {bound:?}"));
+        self.handle = None;
+        res.expect("serve task panicked").expect("serve failed");
+    }
+
+    /// Triggers shutdown and waits (at most `bound`) for serve to return.
+    pub async fn shutdown(mut self, bound: Duration) {
+        self.trigger_shutdown();
+        self.join(bound).await;
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
+    }
+}
+
+/// Starts `server` running `svc` on `127.0.0.1:0`.
+pub async fn serve(server: Server, svc: Svc) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    serve_on(listener, server, svc)
+}
+
+/// Starts `server` running `svc` on `listener`.
+pub fn serve_on(listener: TcpListener, server: Server, svc: Svc) -> TestServer {
+    let addr = listener.local_addr().expect("local_addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let stats = server.clone();
+    let handle = tokio::spawn(server.serve_with_listener(listener, svc, async move {
+        let _ = rx.await;
+    }));
+    TestServer {
+        addr,
+        server: stats,
+        shutdown: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+/// Binds `addr` again, retrying briefly (a port just released may take a moment).
+pub async fn rebind(addr: SocketAddr) -> TcpListener {
+    let mut last = None;
+    for _ in 0..100 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not bind {addr} again: {last:?}");
+}
+
+/// A loopback port with nothing listening on it (bound, then released).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("local_addr")
+}
+
+/// Polls `cond` every 10 ms until it holds; panics naming `what` after `limit`.
+pub async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    let max_polls = limit.as_millis() / 10 + 2;
+    for _ in 0..max_polls {
+        if cond() {
+            return;
+        }
+        if start.elapsed() >= limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(cond(), "gave up after {limit:?} waiting for {what}");
+}
+
+/// Increments its counter when dropped: put one in a handler to observe that the handler's
+/// future was dropped (finished, cancelled or aborted).
+#[derive(Debug)]
+pub struct DropCounter(pub Arc<AtomicUsize>);
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Encodes a value as msgpack (named), the way `Client::call` does.
+pub fn msgpack<T: Serialize>(v: &T) -> bytes::Bytes {
+    rmp_serde::to_vec_named(v).expect("encode").into()
+}
+
+/// The preface a server sends, written out by hand: magic, version 1, role 'S', no
+/// compression, flags 0, `max_frame_len` big-endian.
+pub fn server_preface(max_frame_len: u32) -> [u8; PREFACE_LEN] {
+    let mut b = [0u8; PREFACE_LEN];
+    b[..4].copy_from_slice(b"TRPC");
+    b[4] = 1;
+    b[5] = b'S';
+    b[6] = 0;
+    b[7] = 0;
+    b[8..].copy_from_slice(&max_frame_len.to_be_bytes());
+    b
+}
+
+/// The preface a client sends, by hand (role 'C', no compression offered).
+pub fn client_preface(max_frame_len: u32) -> [u8; PREFACE_LEN] {
+    let mut b = server_preface(max_frame_len);
+    b[5] = b'C';
+    b
+}
+
+/// One side of a connection after the prefaces, speaking whole frames.
+#[derive(Debug)]
+pub struct RawConn {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    codec: FrameCodec,
+}
+
+impl RawConn {
+    pub fn new(stream: TcpStream) -> Self {
+        RawConn {
+            stream,
+            buf: BytesMut::new(),
+            codec: FrameCodec::new(),
+        }
+    }
+
+    /// The next frame's messages; `None` at end of stream or on a read error (a reset).
+    pub async fn read_frame(&mut self) -> Option<Vec<Message>> {
+        loop {
+            if let Some(frame) = self
+                .codec
+                .decode(&mut self.buf)
+                .expect("peer sent a bad frame")
+            {
+                return Some(frame.into_messages());
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// The next frame, at most `bound` away; panics on timeout.
+    pub async fn read_frame_within(&mut self, bound: Duration) -> Option<Vec<Message>> {
+        tokio::time::timeout(bound, self.read_frame())
+            .await
+            .unwrap_or_else(|_| panic!("no frame within {bound:?}"))
+    }
+
+    /// Every message until end of stream, at most `bound` in all; panics on timeout.
+    pub async fn read_to_end_within(&mut self, bound: Duration) -> Vec<Message> {
+        let mut all = Vec::new();
+        let res = tokio::time::timeout(bound, async {
+            while let Some(msgs) = self.read_frame().await {
+                all.extend(msgs);
+            }
+        })
+        .await;
+        assert!(
+            res.is_ok(),
+            "peer did not close within {bound:?}; got {all:?}"
+        );
+        all
+    }
+
+    /// Writes `msgs` as one frame.
+    pub async fn write_frame(&mut self, msgs: Vec<Message>) {
+        let mut out = BytesMut::new();
+        self.codec
+            .encode(Frame::new(msgs), &mut out)
+            .expect("encode frame");
+        self.stream.write_all(&out).await.expect("write frame");
+    }
+}
+
+/// A hand-driven server on `127.0.0.1:0`: it accepts one connection, checks the client's
+/// preface, answers with a preface written byte by byte, stops listening, and hands the
+/// connection to `script`. Returns the address and the script's task.
+pub async fn raw_server<F, Fut>(script: F) -> (SocketAddr, JoinHandle<Fut::Output>)
+where
+    F: FnOnce(RawConn) -> Fut + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        drop(listener);
+        let mut preface = [0u8; PREFACE_LEN];
+        stream
+            .read_exact(&mut preface)
+            .await
+            .expect("read client preface");
+        assert_eq!(&preface[..4], b"TRPC", "client preface magic");
+        assert_eq!(preface[4], 1, "client preface version");
+        assert_eq!(preface[5], b'C', "client preface role");
+        stream
+            .write_all(&server_preface(DEFAULT_MAX_FRAME_LEN as u32))
+            .await
+            .expect("write server preface");
+        script(RawConn::new(stream)).await
+    });
+    (addr, task)
+}
+
+/// A hand-driven client: dials `addr`, sends a client preface, checks the server's.
+pub async fn raw_client(addr: SocketAddr) -> RawConn {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(&client_preface(DEFAULT_MAX_FRAME_LEN as u32))
+        .await
+        .expect("write client preface");
+    let mut preface = [0u8; PREFACE_LEN];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut preface))
+        .await
+        .expect("server preface in time")
+        .expect("read server preface");
+    assert_eq!(&preface[..6], b"TRPC\x01S", "server preface");
+    RawConn::new(stream)
+}
