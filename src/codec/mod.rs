@@ -61,7 +61,7 @@ pub const MAX_METADATA_LEN: usize = 16 * 1024;
 /// # Examples
 ///
 /// ```
-/// use bytes::{Bytes, BytesMut};
+/// use bytes::BytesMut;
 /// use tokio_util::codec::{Decoder, Encoder};
 /// use towerpc::codec::{FrameCodec, Message};
 ///
