@@ -2,6 +2,8 @@
 //! the buffered reader.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -166,6 +168,116 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     )))
                 };
             }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The read side of a connection after the prefaces: the socket itself, or a decompressor
+    /// over it (boxed: one indirect call per read is nothing next to decompressing). The frame
+    /// reader above it never knows which.
+    #[project = WireReaderProj]
+    pub(crate) enum WireReader<R> {
+        Plain { #[pin] io: R },
+        Compressed { io: Pin<Box<dyn AsyncRead + Send>> },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The write side of a connection after the prefaces: the socket, or a compressor over it.
+    /// A flush ends the compressor's block, so every batch is decodable on arrival.
+    #[project = WireWriterProj]
+    pub(crate) enum WireWriter<W> {
+        Plain { #[pin] io: W },
+        Compressed { io: Pin<Box<dyn AsyncWrite + Send>> },
+    }
+}
+
+/// Wraps both halves of a connection in the negotiated compression.
+pub(crate) fn wire<R, W>(
+    r: R,
+    w: W,
+    compression: Option<crate::codec::Compression>,
+) -> (WireReader<R>, WireWriter<W>)
+where
+    R: AsyncRead + Send + 'static,
+    W: AsyncWrite + Send + 'static,
+{
+    match compression {
+        None => (WireReader::Plain { io: r }, WireWriter::Plain { io: w }),
+        #[cfg(feature = "compression-zstd")]
+        Some(crate::codec::Compression::Zstd) => {
+            use async_compression::{tokio::bufread::ZstdDecoder, tokio::write::ZstdEncoder};
+            let params = [async_compression::zstd::DParameter::window_log_max(
+                crate::codec::ZSTD_WINDOW_LOG_MAX,
+            )];
+            let mut dec = ZstdDecoder::with_params(tokio::io::BufReader::new(r), &params);
+            // The peer flushes once per batch; keep decoding past the end of any zstd frame.
+            dec.multiple_members(true);
+            (
+                WireReader::Compressed { io: Box::pin(dec) },
+                WireWriter::Compressed {
+                    io: Box::pin(ZstdEncoder::with_quality(
+                        w,
+                        async_compression::Level::Fastest,
+                    )),
+                },
+            )
+        }
+        #[cfg(feature = "compression-deflate")]
+        Some(crate::codec::Compression::Deflate) => {
+            use async_compression::{tokio::bufread::DeflateDecoder, tokio::write::DeflateEncoder};
+            (
+                WireReader::Compressed {
+                    io: Box::pin(DeflateDecoder::new(tokio::io::BufReader::new(r))),
+                },
+                WireWriter::Compressed {
+                    io: Box::pin(DeflateEncoder::with_quality(
+                        w,
+                        async_compression::Level::Fastest,
+                    )),
+                },
+            )
+        }
+    }
+}
+
+impl<R: AsyncRead> AsyncRead for WireReader<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.project() {
+            WireReaderProj::Plain { io } => io.poll_read(cx, buf),
+            WireReaderProj::Compressed { io } => io.as_mut().poll_read(cx, buf),
+        }
+    }
+}
+
+impl<W: AsyncWrite> AsyncWrite for WireWriter<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.project() {
+            WireWriterProj::Plain { io } => io.poll_write(cx, buf),
+            WireWriterProj::Compressed { io } => io.as_mut().poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.project() {
+            WireWriterProj::Plain { io } => io.poll_flush(cx),
+            WireWriterProj::Compressed { io } => io.as_mut().poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.project() {
+            WireWriterProj::Plain { io } => io.poll_shutdown(cx),
+            WireWriterProj::Compressed { io } => io.as_mut().poll_shutdown(cx),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! ...), [`Error::code`] and [`Error::status`]. Its message text and the concrete types behind
 //! `source()` are not part of the stable API.
 
-use std::{fmt, net::SocketAddr};
+use std::{fmt, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 
@@ -34,7 +34,8 @@ pub struct Error {
 
 struct ErrorImpl {
     kind: Kind,
-    addr: Option<SocketAddr>,
+    /// The server as it was dialed: an address, a path, whatever the connector targets.
+    target: Option<Arc<str>>,
     source: Option<BoxError>,
 }
 
@@ -74,7 +75,7 @@ impl Error {
         Error {
             inner: Box::new(ErrorImpl {
                 kind,
-                addr: None,
+                target: None,
                 source: None,
             }),
         }
@@ -85,8 +86,8 @@ impl Error {
         self
     }
 
-    pub(crate) fn addr(mut self, addr: Option<SocketAddr>) -> Error {
-        self.inner.addr = addr;
+    pub(crate) fn target(mut self, target: Option<&Arc<str>>) -> Error {
+        self.inner.target = target.cloned();
         self
     }
 
@@ -166,9 +167,20 @@ impl Error {
         self.inner.source.as_ref()?.downcast_ref::<Status>()
     }
 
-    /// The server address the error concerns, when known.
+    /// The server the error concerns, as it was dialed (an address, a socket path, ...).
+    pub fn server(&self) -> Option<&str> {
+        self.inner.target.as_deref()
+    }
+
+    /// The server's socket address, when it was dialed by address.
     pub fn server_addr(&self) -> Option<SocketAddr> {
-        self.inner.addr
+        self.server()?.parse().ok()
+    }
+
+    /// The connection could not be set up: TLS, the preface exchange, or an `on_connect` hook
+    /// refused it.
+    pub fn is_handshake(&self) -> bool {
+        self.inner.kind == Kind::Handshake
     }
 
     fn description(&self) -> &'static str {
@@ -194,8 +206,8 @@ impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_tuple("towerpc::Error");
         d.field(&self.inner.kind);
-        if let Some(addr) = &self.inner.addr {
-            d.field(addr);
+        if let Some(target) = &self.inner.target {
+            d.field(target);
         }
         if let Some(source) = &self.inner.source {
             d.field(source);
@@ -207,8 +219,8 @@ impl fmt::Debug for Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.description())?;
-        if let Some(addr) = &self.inner.addr {
-            write!(f, " ({addr})")?;
+        if let Some(target) = &self.inner.target {
+            write!(f, " ({target})")?;
         }
         // The remote status and the lower-level cause carry the useful detail for most
         // kinds; say it here too, as most callers only ever print the top level.

@@ -1,9 +1,16 @@
 //! [`Builder`]: client configuration.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tower::Service;
+
+use crate::codec::Compression;
+use crate::transport::{ConnectHook, ConnectInfo, Connected, TcpConnector};
+use crate::BoxError;
 
 use crate::codec::{DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
 use crate::error::{Error, Kind, Result};
@@ -38,9 +45,10 @@ pub enum Overflow {
     FailOldest,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Config {
-    pub(crate) addr: Option<SocketAddr>,
+    /// The server as dialed, for error messages.
+    pub(crate) target: Option<Arc<str>>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) max_pending: usize,
     pub(crate) fail_oldest: bool,
@@ -50,6 +58,23 @@ pub(crate) struct Config {
     pub(crate) max_frame_len: usize,
     pub(crate) tcp_nodelay: bool,
     pub(crate) backoff: super::backoff::Backoff,
+    /// Preface bitmask of the compression algorithms offered.
+    pub(crate) compression: u8,
+    pub(crate) on_connect: Option<ConnectHook>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("target", &self.target)
+            .field("timeout", &self.timeout)
+            .field("max_pending", &self.max_pending)
+            .field("fail_oldest", &self.fail_oldest)
+            .field("flush_delay", &self.flush_delay)
+            .field("compression", &self.compression)
+            .field("on_connect", &self.on_connect.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Configures and connects a [`Client`].
@@ -82,7 +107,7 @@ impl Builder {
     pub fn new() -> Builder {
         Builder {
             config: Config {
-                addr: None,
+                target: None,
                 timeout: Some(DEFAULT_REQUEST_TIMEOUT),
                 max_pending: DEFAULT_PENDING_MESSAGES,
                 fail_oldest: false,
@@ -92,6 +117,8 @@ impl Builder {
                 max_frame_len: DEFAULT_MAX_FRAME_LEN,
                 tcp_nodelay: true,
                 backoff: super::backoff::Backoff::default(),
+                compression: 0,
+                on_connect: None,
             },
         }
     }
@@ -176,17 +203,39 @@ impl Builder {
         self
     }
 
+    /// Offers `compression` to the server (in addition to any offered before). The server
+    /// picks one algorithm it also accepts, or none; the choice holds for the connection.
+    /// Default: none offered.
+    ///
+    /// Compression pays when payloads repeat (field names, ids, similar values) and the network
+    /// costs more than CPU; on loopback or with incompressible payloads it only costs CPU.
+    #[must_use]
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.config.compression |= compression.bit();
+        self
+    }
+
+    /// Runs `hook` on every new connection, after the transport (and TLS) handshake and before
+    /// the preface; an `Err` refuses the connection (the dial counts as failed and is retried
+    /// with backoff). Bounded by the connect timeout.
+    #[must_use]
+    pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(ConnectInfo) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), BoxError>> + Send + 'static,
+    {
+        self.config.on_connect = Some(crate::transport::hook(hook));
+        self
+    }
+
     /// Resolves `addr`, dials it over TCP and completes the preface exchange. The client then
     /// keeps the connection up in the background, reconnecting with backoff when it breaks.
     ///
     /// Fails if the first connection cannot be made. Must be called within a tokio runtime.
     pub async fn connect(self, addr: impl tokio::net::ToSocketAddrs) -> Result<Client> {
         let addr = resolve(addr).await?;
-        let (client, first) = self.start(addr);
-        first
-            .await
-            .unwrap_or_else(|_| Err(Error::new(Kind::Closed)))?;
-        Ok(client)
+        let connector = self.tcp_connector();
+        self.connect_with(addr, connector).await
     }
 
     /// Returns at once and dials `addr` in the background. Calls made before the first
@@ -194,25 +243,58 @@ impl Builder {
     ///
     /// Must be called within a tokio runtime.
     pub fn connect_lazy(self, addr: SocketAddr) -> Client {
-        self.start(addr).0
+        let connector = self.tcp_connector();
+        self.connect_lazy_with(addr, connector)
     }
 
-    fn start(mut self, addr: SocketAddr) -> (Client, tokio::sync::oneshot::Receiver<Result<()>>) {
-        self.config.addr = Some(addr);
-        let nodelay = self.config.tcp_nodelay;
-        let dial = move || async move {
-            if addr.ip().is_unspecified() {
-                // gorpc #18: dialing ":port" hung every call until its timeout on some systems.
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    "cannot dial an unspecified address; use 127.0.0.1 or a real host",
-                ));
-            }
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(nodelay)?;
-            Ok(stream)
-        };
-        Client::spawn(self.config, dial)
+    /// Like [`Builder::connect`], over any transport: `connector` is a tower `Service` that
+    /// turns `target` into a stream (TCP, TLS, a unix socket, an in-memory pipe...), called
+    /// again for every reconnect.
+    pub async fn connect_with<C, T>(self, target: T, connector: C) -> Result<Client>
+    where
+        C: Service<T> + Send + 'static,
+        C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send,
+        T: Clone + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let (client, first) = self.start(target, connector);
+        first
+            .await
+            .unwrap_or_else(|_| Err(Error::new(Kind::Closed)))?;
+        Ok(client)
+    }
+
+    /// Like [`Builder::connect_lazy`], over any transport (see [`Builder::connect_with`]).
+    pub fn connect_lazy_with<C, T>(self, target: T, connector: C) -> Client
+    where
+        C: Service<T> + Send + 'static,
+        C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send,
+        T: Clone + std::fmt::Debug + Send + Sync + 'static,
+    {
+        self.start(target, connector).0
+    }
+
+    fn tcp_connector(&self) -> TcpConnector {
+        TcpConnector::new().nodelay(self.config.tcp_nodelay)
+    }
+
+    fn start<C, T>(
+        mut self,
+        target: T,
+        connector: C,
+    ) -> (Client, tokio::sync::oneshot::Receiver<Result<()>>)
+    where
+        C: Service<T> + Send + 'static,
+        C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+        C::Error: Into<BoxError>,
+        C::Future: Send,
+        T: Clone + std::fmt::Debug + Send + Sync + 'static,
+    {
+        self.config.target = Some(format!("{target:?}").into());
+        Client::spawn(self.config, connector, target)
     }
 }
 

@@ -2,7 +2,6 @@
 //! (its own task, so that encoding replies and writing requests use both cores), detect stalls,
 //! and redial with backoff when the connection ends.
 
-use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,10 +11,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::pending::{ConnSource, Phase, Reply, Shared};
-use crate::codec::{code, CodecError, FrameCodec, Message, Preface, Role};
-use crate::conn::{exchange_preface, write_loop, FrameReader, WriteOptions};
+use tower::{Service, ServiceExt};
+
+use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Preface, Role};
+use crate::conn::{exchange_preface, wire, write_loop, FrameReader, WriteOptions};
 use crate::error::{Code, Error, Kind, Result, Status};
 use crate::stats::{Counters, CountingIo};
+use crate::transport::Connected;
+use crate::BoxError;
 use crate::Response;
 
 /// How a connection ended.
@@ -38,41 +41,46 @@ enum End {
 /// redial, so a server that accepts and drops at once is not hammered.
 const MIN_HEALTHY: Duration = Duration::from_secs(1);
 
-pub(super) async fn run<F, Fut, T>(
+pub(super) async fn run<C, T>(
     shared: Arc<Shared>,
-    mut dial: F,
+    mut connector: C,
+    target: T,
     first: oneshot::Sender<Result<()>>,
 ) where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = io::Result<T>>,
-    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    C: Service<T>,
+    C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+    C::Error: Into<BoxError>,
+    T: Clone,
 {
     let mut first = Some(first);
     let mut backoff = shared.config.backoff.clone();
     let mut rng = fastrand::Rng::new();
-    let addr = shared.config.addr;
+    let server = shared.config.target.clone();
+    let server = server.as_ref();
     loop {
         Counters::inc(&shared.counters.dials);
-        let attempt =
-            tokio::time::timeout(shared.config.connect_timeout, connect(&shared, &mut dial));
+        let attempt = tokio::time::timeout(
+            shared.config.connect_timeout,
+            connect(&shared, &mut connector, target.clone()),
+        );
         let res = tokio::select! {
             r = attempt => r.unwrap_or_else(|_| Err(Error::new(Kind::Unavailable)
-                .addr(addr)
+                .target(server)
                 .with("connect timed out".to_string()))),
             _ = shared.closed.cancelled() => break,
         };
-        let (io, peer) = match res {
+        let (io, peer, compression) = match res {
             Ok(ok) => ok,
             Err(e) => {
                 Counters::inc(&shared.counters.dial_errors);
-                tracing::debug!(?addr, error = %e, "dial failed");
-                let cause: Arc<str> = e.to_string().into();
+                tracing::debug!(?server, error = %e, "dial failed");
+                let cause: Arc<str> = error_chain(&e).into();
                 if let Some(first) = first.take() {
                     let _ = first.send(Err(e));
                 }
                 shared.reset(Phase::Backoff(cause.clone()), || {
                     Error::new(Kind::Unavailable)
-                        .addr(addr)
+                        .target(server)
                         .with(cause.to_string())
                 });
                 if !wait(&shared, backoff.next(&mut rng)).await {
@@ -87,12 +95,13 @@ pub(super) async fn run<F, Fut, T>(
             let _ = first.send(Ok(()));
         }
         let started = Instant::now();
-        let end = serve(&shared, io, peer).await;
-        tracing::debug!(?addr, ?end, "connection ended");
+        let end = serve(&shared, io, peer, compression).await;
+        tracing::debug!(?server, ?end, "connection ended");
+        let server = server.cloned();
         let (err, phase): (Box<dyn Fn() -> Error + Send>, Phase) = match &end {
             End::Closed => (Box::new(|| Error::new(Kind::Closed)), Phase::Closed),
             End::Stalled => (
-                Box::new(move || Error::new(Kind::Stalled).addr(addr)),
+                Box::new(move || Error::new(Kind::Stalled).target(server.as_ref())),
                 Phase::Connecting,
             ),
             End::GoAway(status) => {
@@ -100,7 +109,7 @@ pub(super) async fn run<F, Fut, T>(
                 (
                     Box::new(move || {
                         Error::new(Kind::ConnectionLost)
-                            .addr(addr)
+                            .target(server.as_ref())
                             .with(status.clone())
                     }),
                     Phase::Connecting,
@@ -109,7 +118,11 @@ pub(super) async fn run<F, Fut, T>(
             End::Protocol(e) => {
                 let cause = e.to_string();
                 (
-                    Box::new(move || Error::new(Kind::Protocol).addr(addr).with(cause.clone())),
+                    Box::new(move || {
+                        Error::new(Kind::Protocol)
+                            .target(server.as_ref())
+                            .with(cause.clone())
+                    }),
                     Phase::Connecting,
                 )
             }
@@ -118,7 +131,7 @@ pub(super) async fn run<F, Fut, T>(
                 (
                     Box::new(move || {
                         Error::new(Kind::ConnectionLost)
-                            .addr(addr)
+                            .target(server.as_ref())
                             .with(cause.clone())
                     }),
                     Phase::Connecting,
@@ -127,7 +140,7 @@ pub(super) async fn run<F, Fut, T>(
             End::Eof | End::Drained => (
                 Box::new(move || {
                     Error::new(Kind::ConnectionLost)
-                        .addr(addr)
+                        .target(server.as_ref())
                         .with("server closed the connection".to_string())
                 }),
                 Phase::Connecting,
@@ -154,6 +167,21 @@ pub(super) async fn run<F, Fut, T>(
     shared.reset(Phase::Closed, || Error::new(Kind::Closed));
 }
 
+/// `e` and its sources, as one line: the cause a fail-fast call reports.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
 /// Sleeps `d` unless the client closes first (then false).
 async fn wait(shared: &Shared, d: Duration) -> bool {
     tokio::select! {
@@ -162,35 +190,79 @@ async fn wait(shared: &Shared, d: Duration) -> bool {
     }
 }
 
-async fn connect<F, Fut, T>(shared: &Shared, dial: &mut F) -> Result<(T, Preface)>
+async fn connect<C, T>(
+    shared: &Shared,
+    connector: &mut C,
+    target: T,
+) -> Result<(C::Response, Preface, Option<Compression>)>
 where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = io::Result<T>>,
-    T: AsyncRead + AsyncWrite + Unpin,
+    C: Service<T>,
+    C::Response: AsyncRead + AsyncWrite + Connected + Unpin,
+    C::Error: Into<BoxError>,
 {
-    let addr = shared.config.addr;
-    let mut io = dial()
-        .await
-        .map_err(|e| Error::new(Kind::Unavailable).addr(addr).with(e))?;
-    let ours = Preface::new(Role::Client, shared.config.max_frame_len);
+    let server = shared.config.target.as_ref();
+    let dial = async {
+        // Errors become `BoxError` before any await so the future stays `Send` whatever the
+        // connector's error type is.
+        let ready: std::result::Result<&mut C, BoxError> =
+            connector.ready().await.map_err(Into::into);
+        let fut = ready?.call(target);
+        fut.await.map_err(Into::into)
+    };
+    let mut io = dial.await.map_err(|e: BoxError| {
+        // A TLS handshake that fails is a refusal, not an absence: say so.
+        let kind = if crate::transport::is_handshake_error(&*e) {
+            Kind::Handshake
+        } else {
+            Kind::Unavailable
+        };
+        Error::new(kind).target(server).with(e)
+    })?;
+    if let Some(hook) = &shared.config.on_connect {
+        hook(io.connect_info())
+            .await
+            .map_err(|e| Error::new(Kind::Handshake).target(server).with(e))?;
+    }
+    let mut ours = Preface::new(Role::Client, shared.config.max_frame_len);
+    ours.compression = shared.config.compression;
     let peer = exchange_preface(&mut io, ours)
         .await
-        .map_err(|e| Error::new(Kind::Handshake).addr(addr).with(e))?;
+        .map_err(|e| Error::new(Kind::Handshake).target(server).with(e))?;
     if peer.version != ours.version {
         return Err(Error::new(Kind::Handshake)
-            .addr(addr)
+            .target(server)
             .with(format!("server speaks protocol version {}", peer.version)));
     }
-    if peer.role != Role::Server || peer.compression != 0 {
+    if peer.role != Role::Server {
         return Err(Error::new(Kind::Handshake)
-            .addr(addr)
+            .target(server)
             .with("bad server preface".to_string()));
     }
-    Ok((io, peer))
+    let compression = match peer.compression {
+        0 => None,
+        bit if bit & ours.compression == bit && bit.count_ones() == 1 => {
+            Some(Compression::from_bit(bit).ok_or_else(|| {
+                Error::new(Kind::Handshake)
+                    .target(server)
+                    .with("server chose a compression this build lacks".to_string())
+            })?)
+        }
+        _ => {
+            return Err(Error::new(Kind::Handshake)
+                .target(server)
+                .with("server chose a compression that was not offered".to_string()))
+        }
+    };
+    Ok((io, peer, compression))
 }
 
 /// Runs one established connection until it ends.
-async fn serve<T>(shared: &Arc<Shared>, io: T, peer: Preface) -> End
+async fn serve<T>(
+    shared: &Arc<Shared>,
+    io: T,
+    peer: Preface,
+    compression: Option<Compression>,
+) -> End
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -204,6 +276,7 @@ where
     };
     let io = CountingIo::new(io, shared.counters.clone());
     let (r, w) = tokio::io::split(io);
+    let (r, w) = wire(r, w, compression);
     let source = ConnSource {
         shared: shared.clone(),
         gen,

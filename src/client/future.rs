@@ -108,7 +108,7 @@ impl Future for ResponseFuture {
                 // The sender only goes away without a reply if the client's state was torn
                 // down, which the reset path normally reports; say so rather than hang.
                 Poll::Ready(Err(_)) => {
-                    Err(Error::new(Kind::ConnectionLost).addr(call.shared.config.addr))
+                    Err(Error::new(Kind::ConnectionLost).target(call.shared.config.target.as_ref()))
                 }
                 Poll::Pending => match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
                     Some(Poll::Ready(())) => {
@@ -116,7 +116,7 @@ impl Future for ResponseFuture {
                         // nothing: it knows the same deadline and stops the handler itself.
                         call.shared.abandon(call.id, call.gen, false);
                         Counters::inc(&call.shared.counters.timeouts);
-                        Err(Error::new(Kind::Timeout).addr(call.shared.config.addr))
+                        Err(Error::new(Kind::Timeout).target(call.shared.config.target.as_ref()))
                     }
                     _ => return Poll::Pending,
                 },

@@ -17,7 +17,6 @@ pub use self::builder::{
     DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT,
 };
 
-use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -85,7 +84,7 @@ impl Clone for Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("addr", &self.handle.shared.config.addr)
+            .field("server", &self.handle.shared.config.target)
             .finish_non_exhaustive()
     }
 }
@@ -101,16 +100,27 @@ impl Client {
         Builder::new().connect(addr).await
     }
 
-    fn spawn<F, Fut, T>(config: builder::Config, dial: F) -> (Client, oneshot::Receiver<Result<()>>)
+    fn spawn<C, T>(
+        config: builder::Config,
+        connector: C,
+        target: T,
+    ) -> (Client, oneshot::Receiver<Result<()>>)
     where
-        F: FnMut() -> Fut + Send + 'static,
-        Fut: Future<Output = std::io::Result<T>> + Send + 'static,
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+        C: Service<T> + Send + 'static,
+        C::Response: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + crate::transport::Connected
+            + Send
+            + Unpin
+            + 'static,
+        C::Error: Into<crate::BoxError>,
+        C::Future: Send,
+        T: Clone + std::fmt::Debug + Send + Sync + 'static,
     {
         let permits = (!config.fail_oldest).then(|| Arc::new(Semaphore::new(config.max_pending)));
         let shared = Arc::new(Shared::new(config));
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(connection::run(shared.clone(), dial, tx));
+        tokio::spawn(connection::run(shared.clone(), connector, target, tx));
         let client = Client {
             handle: Arc::new(Handle { shared, permits }),
             poll_permits: None,

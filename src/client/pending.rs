@@ -99,7 +99,7 @@ impl Shared {
     }
 
     fn unavailable(&self, cause: Option<&str>) -> Error {
-        let e = Error::new(Kind::Unavailable).addr(self.config.addr);
+        let e = Error::new(Kind::Unavailable).target(self.config.target.as_ref());
         match cause {
             Some(c) => e.with(c.to_string()),
             None => e,
@@ -130,13 +130,13 @@ impl Shared {
         // has stopped answering altogether).
         let was_empty = inner.outbox.is_empty();
         if inner.abandoned >= self.config.max_pending {
-            return Err(Error::new(Kind::Overloaded).addr(self.config.addr));
+            return Err(Error::new(Kind::Overloaded).target(self.config.target.as_ref()));
         }
         if inner.live >= self.config.max_pending {
             // Only reachable when overflow fails the oldest call (backpressure keeps `live`
             // under the cap through the semaphore).
             if !inner.fail_oldest(self) {
-                return Err(Error::new(Kind::Overloaded).addr(self.config.addr));
+                return Err(Error::new(Kind::Overloaded).target(self.config.target.as_ref()));
             }
         }
         let id = inner.next_free_id();
@@ -273,7 +273,9 @@ impl Inner {
                     };
                     self.live -= 1;
                     self.abandoned += 1;
-                    let _ = tx.send(Err(Error::new(Kind::Overloaded).addr(shared.config.addr)));
+                    let _ = tx.send(Err(
+                        Error::new(Kind::Overloaded).target(shared.config.target.as_ref())
+                    ));
                     if self.phase == Phase::Connected {
                         let _ = self.outbox.push(&Message::Cancel { id });
                     }

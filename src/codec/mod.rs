@@ -15,6 +15,7 @@
 //! it reserves memory or waits for the body, so a lying length prefix costs nothing. Bodies are
 //! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload.
 
+mod compression;
 mod decode;
 mod encode;
 mod error;
@@ -22,6 +23,7 @@ mod frame;
 mod msgpack;
 mod preface;
 
+pub use self::compression::{Compression, ZSTD_WINDOW_LOG_MAX};
 pub use self::error::CodecError;
 pub use self::frame::{Frame, Message};
 pub use self::msgpack::{from_msgpack, to_msgpack, MAX_DECODE_DEPTH};

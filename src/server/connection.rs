@@ -23,11 +23,11 @@ use tower::{Service, ServiceExt};
 
 use super::recover::status_from_error;
 use super::Config;
-use crate::codec::{code, CodecError, FrameCodec, Message, Outbox, Preface, Role};
-use crate::conn::{read_preface, write_loop, FrameReader, Source, WriteOptions};
-use crate::error::{Code, Status};
+use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface, Role};
+use crate::conn::{read_preface, wire, write_loop, FrameReader, Source, WriteOptions};
+use crate::error::{Code, Error, Kind, Status};
 use crate::stats::{Counters, CountingIo};
-use crate::transport::Connected;
+use crate::transport::{ConnectInfo, Connected};
 use crate::{BoxError, Request, Response};
 
 /// State shared by the reader, the writer and the handler tasks of one connection.
@@ -166,34 +166,94 @@ pub(super) async fn run<S, IO>(
     IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
 {
     let info = io.connect_info();
-    let mut io = CountingIo::new(io, counters.clone());
-    // The handshake runs on this connection's task with its own bound: a peer that sends
-    // nothing costs a timer, never the accept loop.
-    let peer = match tokio::time::timeout(config.handshake_timeout, read_preface(&mut io)).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            Counters::inc(&counters.accept_errors);
-            tracing::debug!(peer = ?info.remote_addr(), error = %e, "bad preface");
-            return;
+    // Counted beneath TLS and compression: the stats are what crossed the wire.
+    let io = CountingIo::new(io, counters.clone());
+    // The whole handshake (TLS, hook, preface) runs on this connection's task under one bound:
+    // a peer that sends nothing, or a ClientHello a byte a second, costs a timer here and
+    // never holds up the accept loop.
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    #[cfg(feature = "tls")]
+    if let Some(acceptor) = config.tls.clone() {
+        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let err = Error::new(Kind::Handshake).with(e);
+                return refused(&config, &counters, &info, err);
+            }
+            Err(_) => {
+                let err = Error::new(Kind::Handshake).with("TLS handshake timed out".to_string());
+                return refused(&config, &counters, &info, err);
+            }
+        };
+        let certs = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+        let info = info.with_peer_certificates(certs);
+        return established(tls, info, deadline, svc, config, counters, limit, shutdown).await;
+    }
+    established(io, info, deadline, svc, config, counters, limit, shutdown).await
+}
+
+/// Counts and reports a connection refused during its handshake.
+fn refused(config: &Config, counters: &Counters, info: &ConnectInfo, err: Error) {
+    Counters::inc(&counters.accept_errors);
+    tracing::debug!(peer = ?info.remote_addr(), error = %err, "connection refused");
+    if let Some(report) = &config.on_connection_error {
+        report(info, &err);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn established<S, IO>(
+    mut io: IO,
+    info: ConnectInfo,
+    deadline: tokio::time::Instant,
+    svc: S,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) where
+    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let handshake = async {
+        if let Some(hook) = &config.on_connect {
+            hook(info.clone())
+                .await
+                .map_err(|e| Error::new(Kind::Handshake).with(e))?;
         }
+        read_preface(&mut io)
+            .await
+            .map_err(|e| Error::new(Kind::Handshake).with(e))
+    };
+    let peer = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(err)) => return refused(&config, &counters, &info, err),
         Err(_) => {
-            Counters::inc(&counters.accept_errors);
-            tracing::debug!(peer = ?info.remote_addr(), "handshake timed out");
-            return;
+            let err = Error::new(Kind::Handshake).with("handshake timed out".to_string());
+            return refused(&config, &counters, &info, err);
         }
     };
-    let ours = Preface::new(Role::Server, config.max_frame_len);
+    let mut ours = Preface::new(Role::Server, config.max_frame_len);
     if peer.role != Role::Client {
-        Counters::inc(&counters.accept_errors);
-        return;
+        let err = Error::new(Kind::Handshake).with("peer preface is not a client's".to_string());
+        return refused(&config, &counters, &info, err);
     }
     if peer.version != ours.version {
-        Counters::inc(&counters.accept_errors);
         // Tell the client what we speak, then hang up.
         let _ = io.write_all(&ours.to_bytes()).await;
         let _ = io.shutdown().await;
-        return;
+        let err = Error::new(Kind::Handshake)
+            .with(format!("client speaks protocol version {}", peer.version));
+        return refused(&config, &counters, &info, err);
     }
+    let compression = Compression::choose(&config.compression, peer.compression);
+    ours.compression = compression.map_or(0, Compression::bit);
     if io.write_all(&ours.to_bytes()).await.is_err() {
         Counters::inc(&counters.accept_errors);
         return;
@@ -210,6 +270,7 @@ pub(super) async fn run<S, IO>(
         counters: counters.clone(),
     });
     let (r, w) = tokio::io::split(io);
+    let (r, w) = wire(r, w, compression);
     let writer_conn = conn.clone();
     let opts = WriteOptions {
         flush_delay: None,

@@ -22,10 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
-use crate::codec::{DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
+use crate::codec::{Compression, DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
 use crate::error::{Error, Kind, Result};
 use crate::stats::{Counters, Stats};
-use crate::transport::Connected;
+use crate::transport::{ConnectHook, ConnectInfo, Connected};
 use crate::{BoxError, Request, Response};
 
 /// Default limit on handlers running at once, server-wide (8,192, as gorpc's
@@ -70,7 +70,10 @@ pub struct Server {
     counters: Arc<Counters>,
 }
 
-#[derive(Debug, Clone)]
+/// Reports a connection refused during its handshake.
+pub(crate) type ErrorHook = Arc<dyn Fn(&ConnectInfo, &Error) + Send + Sync>;
+
+#[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) max_concurrency: usize,
     pub(crate) max_concurrency_per_connection: usize,
@@ -80,6 +83,26 @@ pub(crate) struct Config {
     pub(crate) max_frame_len: usize,
     pub(crate) max_queued_bytes: usize,
     pub(crate) tcp_nodelay: bool,
+    pub(crate) tcp_keepalive: Option<Duration>,
+    /// Accepted compression algorithms, in order of preference.
+    pub(crate) compression: Vec<Compression>,
+    pub(crate) on_connect: Option<ConnectHook>,
+    pub(crate) on_connection_error: Option<ErrorHook>,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("max_concurrency", &self.max_concurrency)
+            .field("grace_period", &self.grace_period)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_frame_len", &self.max_frame_len)
+            .field("compression", &self.compression)
+            .field("on_connect", &self.on_connect.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Server {
@@ -101,6 +124,12 @@ impl Server {
                 max_frame_len: DEFAULT_MAX_FRAME_LEN,
                 max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
                 tcp_nodelay: true,
+                tcp_keepalive: None,
+                compression: Vec::new(),
+                on_connect: None,
+                on_connection_error: None,
+                #[cfg(feature = "tls")]
+                tls: None,
             },
             counters: Arc::new(Counters::default()),
         }
@@ -171,6 +200,61 @@ impl Server {
         self
     }
 
+    /// Serves over TLS with `config` (see [`crate::transport::tls::config`]); with a client
+    /// verifier in it, over mutual TLS. The handshake runs on each connection's own task within
+    /// the handshake timeout.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    #[must_use]
+    pub fn tls(mut self, config: Arc<tokio_rustls::rustls::ServerConfig>) -> Self {
+        self.config.tls = Some(tokio_rustls::TlsAcceptor::from(config));
+        self
+    }
+
+    /// Turns on TCP keepalive probes on accepted connections after `idle` without traffic.
+    /// Default off.
+    #[must_use]
+    pub fn tcp_keepalive(mut self, idle: impl Into<Option<Duration>>) -> Self {
+        self.config.tcp_keepalive = idle.into();
+        self
+    }
+
+    /// Accepts `compression` when a client offers it. Call it once per algorithm, most
+    /// preferred first; the server picks the first accepted one the client offered. Default:
+    /// none accepted, so connections are uncompressed.
+    #[must_use]
+    pub fn accept_compression(mut self, compression: Compression) -> Self {
+        if !self.config.compression.contains(&compression) {
+            self.config.compression.push(compression);
+        }
+        self
+    }
+
+    /// Runs `hook` on every accepted connection, after TLS and before the preface exchange;
+    /// an `Err` refuses the connection (it is closed without a word). The hook runs on the
+    /// connection's own task, within the handshake timeout, so a slow one holds up nobody else.
+    #[must_use]
+    pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(ConnectInfo) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), BoxError>> + Send + 'static,
+    {
+        self.config.on_connect = Some(crate::transport::hook(hook));
+        self
+    }
+
+    /// Calls `report` for every connection refused during its handshake (TLS failure,
+    /// handshake timeout, bad preface, `on_connect` refusal), with the typed error
+    /// (`is_handshake()`). Use it for logs and alerts; it must not block.
+    #[must_use]
+    pub fn on_connection_error<F>(mut self, report: F) -> Self
+    where
+        F: Fn(&ConnectInfo, &Error) + Send + Sync + 'static,
+    {
+        self.config.on_connection_error = Some(Arc::new(report));
+        self
+    }
+
     /// A snapshot of the counters of every connection this server has served.
     pub fn stats(&self) -> Stats {
         self.counters.snapshot()
@@ -218,10 +302,11 @@ impl Server {
         F: Future<Output = ()>,
     {
         let nodelay = self.config.tcp_nodelay;
+        let keepalive = self.config.tcp_keepalive;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(
             move |conn: std::io::Result<TcpStream>| {
                 let stream = conn?;
-                stream.set_nodelay(nodelay)?;
+                crate::transport::configure_tcp(&stream, nodelay, keepalive)?;
                 Ok::<_, std::io::Error>(stream)
             },
         );
