@@ -154,6 +154,32 @@ impl Error {
         ) || self.code() == Some(Code::Refused)
     }
 
+    /// The typed error a handler sent (see [`Status::typed`]), decoded as `E`: `None` if the
+    /// error is not remote, carries no details, or they do not decode as `E`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # async fn f(client: towerpc::Client) {
+    /// #[derive(serde::Deserialize)]
+    /// enum CacheError {
+    ///     Missing { key: String },
+    ///     Full,
+    /// }
+    ///
+    /// if let Err(e) = client.call::<String, String>("Cache.Get", &"k".to_string()).await {
+    ///     match e.details::<CacheError>() {
+    ///         Some(CacheError::Missing { key }) => println!("no {key}"),
+    ///         Some(CacheError::Full) => println!("full"),
+    ///         None => println!("failed: {e}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn details<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
+        self.status()?.details_as()
+    }
+
     /// The server's error code, for remote errors.
     pub fn code(&self) -> Option<Code> {
         self.status().map(Status::code)
@@ -389,6 +415,54 @@ impl Status {
     /// The details bytes (empty if none).
     pub fn details(&self) -> &Bytes {
         &self.details
+    }
+
+    /// A status for a typed error: `code`, the error's `Display` text as the message, and the
+    /// error itself as msgpack details, which the client decodes back with
+    /// [`Error::details`]. A handler returns it (for instance through a
+    /// `From<MyError> for Status` impl and `?`) when the caller should be able to match on the
+    /// error rather than parse its text. Should `error` fail to encode, the details stay empty.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use towerpc::{Code, Status};
+    ///
+    /// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    /// enum CacheError {
+    ///     Missing { key: String },
+    /// }
+    ///
+    /// impl std::fmt::Display for CacheError {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         match self {
+    ///             CacheError::Missing { key } => write!(f, "no entry for {key:?}"),
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// impl From<CacheError> for Status {
+    ///     fn from(e: CacheError) -> Status {
+    ///         Status::typed(Code::NotFound, &e)
+    ///     }
+    /// }
+    ///
+    /// let s = Status::from(CacheError::Missing { key: "k".into() });
+    /// assert_eq!(s.message(), "no entry for \"k\"");
+    /// assert_eq!(s.details_as(), Some(CacheError::Missing { key: "k".into() }));
+    /// ```
+    pub fn typed<E: serde::Serialize + fmt::Display + ?Sized>(code: Code, error: &E) -> Status {
+        let details = crate::codec::to_msgpack(error).unwrap_or_default();
+        Status::new(code, error.to_string()).with_details(details)
+    }
+
+    /// The details decoded (msgpack) as `E`; `None` if there are none or they do not decode.
+    pub fn details_as<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
+        if self.details.is_empty() {
+            return None;
+        }
+        crate::codec::from_msgpack(&self.details).ok()
     }
 }
 

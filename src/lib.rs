@@ -8,6 +8,7 @@
 pub mod client;
 pub mod codec;
 mod conn;
+pub mod dispatch;
 mod error;
 mod request;
 pub mod server;
