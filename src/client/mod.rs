@@ -7,10 +7,15 @@
 //! the server's address.
 
 mod backoff;
+mod batch;
 mod builder;
 mod connection;
 pub mod future;
 mod pending;
+mod typed;
+
+pub use self::batch::{Batch, FromReply, Replies, Slot};
+pub use self::typed::{TypedFuture, TypedMethod};
 
 pub use self::builder::{
     Builder, Overflow, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FLUSH_DELAY, DEFAULT_PENDING_MESSAGES,
@@ -30,7 +35,7 @@ use self::pending::Shared;
 use crate::codec::Message;
 use crate::error::{Error, Kind, Result};
 use crate::stats::Stats;
-use crate::{Request, Response};
+use crate::{Method, Request, Response};
 
 /// A handle to a towerpc server: cheap to clone, safe to share among any number of tasks.
 ///
@@ -130,9 +135,11 @@ impl Client {
     }
 
     /// Calls `method` with `req` encoded as msgpack (named fields) and decodes the reply.
+    /// The name is a `&'static str` (used without copying) or a `String` known only at run
+    /// time; [`Client::method`] makes a reusable typed handle instead.
     ///
     /// Waits for a free slot if `max_pending` calls are pending (see [`Overflow`]).
-    pub async fn call<Req, Resp>(&self, method: &'static str, req: &Req) -> Result<Resp>
+    pub async fn call<Req, Resp>(&self, method: impl Into<Method>, req: &Req) -> Result<Resp>
     where
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
@@ -161,7 +168,7 @@ impl Client {
 
     /// Sends a one-way message: returns once it is queued for the wire. The server runs the
     /// handler and replies nothing, so errors on the server side are not reported.
-    pub fn send<Req>(&self, method: &'static str, req: &Req) -> Result<()>
+    pub fn send<Req>(&self, method: impl Into<Method>, req: &Req) -> Result<()>
     where
         Req: Serialize + ?Sized,
     {

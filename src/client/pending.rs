@@ -20,6 +20,10 @@ use super::builder::Config;
 
 pub(crate) type Reply = Result<Response>;
 
+/// What [`Shared::start_batch`] did with one message: a call's id and reply receiver, `None`
+/// for a queued one-way message, or why the message was refused.
+pub(crate) type Started = Result<Option<(u32, oneshot::Receiver<Reply>)>>;
+
 #[derive(Debug)]
 pub(crate) enum Slot {
     /// A caller is waiting for this id.
@@ -158,6 +162,88 @@ impl Shared {
             self.notify_writer.notify_one();
         }
         Ok((id, gen))
+    }
+
+    /// Registers the calls of a batch and queues all of its messages under one lock
+    /// acquisition, so they leave together in one write (a batch larger than a frame becomes
+    /// several frames, still in that write). `Message::Request`s are calls, their ids filled in
+    /// here; other messages (one-way) are queued as they are. The same checks as [`start`]
+    /// apply; the caller has made sure the batch holds at most `max_pending` calls.
+    ///
+    /// Returns, per message in order, the call's id and reply receiver (`None` for a one-way
+    /// message) or why that message was refused, and the connection generation.
+    ///
+    /// [`start`]: Shared::start
+    pub(crate) fn start_batch(&self, msgs: Vec<Message>) -> Result<(Vec<Started>, u64)> {
+        let mut inner = self.lock();
+        match &inner.phase {
+            Phase::Connecting | Phase::Connected => {}
+            Phase::Draining | Phase::Closing => {
+                return Err(self.unavailable(Some("server is draining the connection")))
+            }
+            Phase::Backoff(cause) => {
+                let cause = cause.clone();
+                drop(inner);
+                return Err(self.unavailable(Some(&cause)));
+            }
+            Phase::Closed => return Err(Error::new(Kind::Closed)),
+        }
+        let calls = msgs
+            .iter()
+            .filter(|m| matches!(m, Message::Request { .. }))
+            .count();
+        if calls > 0 && inner.abandoned >= self.config.max_pending {
+            return Err(Error::new(Kind::Overloaded).target(self.config.target.as_ref()));
+        }
+        let was_empty = inner.outbox.is_empty();
+        let mut started = Vec::with_capacity(msgs.len());
+        let mut one_way = 0;
+        for mut msg in msgs {
+            let Message::Request { id, .. } = &mut msg else {
+                match inner.outbox.push(&msg) {
+                    Ok(()) => {
+                        one_way += 1;
+                        started.push(Ok(None));
+                    }
+                    Err(e) => started.push(Err(Error::new(Kind::Encode).with(e))),
+                }
+                continue;
+            };
+            if inner.live >= self.config.max_pending && !inner.fail_oldest(self) {
+                let e = Error::new(Kind::Overloaded).target(self.config.target.as_ref());
+                started.push(Err(e));
+                continue;
+            }
+            let new_id = inner.next_free_id();
+            *id = new_id;
+            if let Err(e) = inner.outbox.push(&msg) {
+                started.push(Err(Error::new(Kind::Encode).with(e)));
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            inner.pending.insert(new_id, Slot::Waiting(tx));
+            if inner.live == 0 && inner.abandoned == 0 {
+                inner.busy_since = Some(Instant::now());
+            }
+            inner.live += 1;
+            if self.config.fail_oldest {
+                inner.order.push_back(new_id);
+            }
+            started.push(Ok(Some((new_id, rx))));
+        }
+        let gen = inner.gen;
+        let can_write = inner.phase == Phase::Connected;
+        let queued = !inner.outbox.is_empty();
+        drop(inner);
+        if one_way > 0 {
+            self.counters
+                .one_way
+                .fetch_add(one_way, std::sync::atomic::Ordering::Relaxed);
+        }
+        if was_empty && queued && can_write {
+            self.notify_writer.notify_one();
+        }
+        Ok((started, gen))
     }
 
     /// Queues a one-way message (no id, no reply).
