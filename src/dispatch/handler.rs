@@ -190,7 +190,10 @@ fn decode<T: DeserializeOwned>(req: &Request) -> Result<T, BoxError> {
             req.method(),
             type_name::<T>()
         );
-        Box::new(Status::new(Code::InvalidArgument, msg)).into()
+        // Coerced, not `.into()`: that would box the `Box<Status>` again and hide the
+        // status from the server's downcast.
+        let e: BoxError = Box::new(Status::new(Code::InvalidArgument, msg));
+        e
     })
 }
 

@@ -57,8 +57,12 @@
 //! Requests and replies are msgpack made by `rmp-serde` with **field names** (structs are maps,
 //! not arrays), so any serde type works: `()`, unit and empty structs, maps and sets,
 //! enums, `Option`, byte strings (`serde_bytes`), timestamps (chrono's or `time`'s serde
-//! support). Because fields are found by name, these changes are safe while old and new
-//! programs talk to each other (a rolling upgrade), in either direction:
+//! support). One msgpack quirk: there is a single nil, and `Some(x)` is written as `x`, so an
+//! `Option` around something that is itself nil (`Option<()>`, `Option<Option<T>>`) reads
+//! `Some(nil)` back as `None`.
+//!
+//! Because fields are found by name, these changes are safe while old and new programs talk to
+//! each other (a rolling upgrade), in either direction:
 //!
 //! - adding a field marked `#[serde(default)]` (an old peer leaves it out and the new one
 //!   fills in the default; the old peer skips the field it does not know);

@@ -331,3 +331,15 @@ pub async fn raw_client(addr: SocketAddr) -> RawConn {
     assert_eq!(&preface[..6], b"TRPC\x01S", "server preface");
     RawConn::new(stream)
 }
+
+/// A [`towerpc::dispatch::Dispatcher`] as the service type test servers run.
+pub fn dispatcher(d: towerpc::dispatch::Dispatcher) -> Svc {
+    BoxCloneService::new(d)
+}
+
+/// Runs `fut`, failing the test if it takes longer than `bound`.
+pub async fn within<F: Future>(bound: Duration, fut: F) -> F::Output {
+    tokio::time::timeout(bound, fut)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish within {bound:?}"))
+}
