@@ -483,7 +483,6 @@ async fn tls_server_speaks_tls_on_the_wire() {
 /// `Connected` (src/client/connection.rs, `run`: `first.send(Ok(()))` precedes `serve`), so on
 /// a multi-thread runtime the caller can observe `false` in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: client reports !is_connected() right after connect_with returns Ok (src/client/connection.rs run: first.send(Ok) before serve() sets Phase::Connected)"]
 async fn is_connected_right_after_tls_connect() {
     bounded(async {
         let pki = Pki::new();

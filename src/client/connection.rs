@@ -91,11 +91,21 @@ pub(super) async fn run<C, T>(
             }
         };
         backoff.reset();
+        // Connected before the first caller hears of it, so `is_connected()` right after
+        // `connect` is true.
+        let gen = {
+            let mut inner = shared.lock();
+            inner.outbox.set_max_frame_len(peer.max_frame_len as usize);
+            if inner.phase == Phase::Connecting {
+                inner.phase = Phase::Connected;
+            }
+            inner.gen
+        };
         if let Some(first) = first.take() {
             let _ = first.send(Ok(()));
         }
         let started = Instant::now();
-        let end = serve(&shared, io, peer, compression).await;
+        let end = serve(&shared, io, gen, compression).await;
         tracing::debug!(?server, ?end, "connection ended");
         let server = server.cloned();
         let (err, phase): (Box<dyn Fn() -> Error + Send>, Phase) = match &end {
@@ -260,20 +270,12 @@ where
 async fn serve<T>(
     shared: &Arc<Shared>,
     io: T,
-    peer: Preface,
+    gen: u64,
     compression: Option<Compression>,
 ) -> End
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let gen = {
-        let mut inner = shared.lock();
-        inner.outbox.set_max_frame_len(peer.max_frame_len as usize);
-        if inner.phase == Phase::Connecting {
-            inner.phase = Phase::Connected;
-        }
-        inner.gen
-    };
     let io = CountingIo::new(io, shared.counters.clone());
     let (r, w) = tokio::io::split(io);
     let (r, w) = wire(r, w, compression);
