@@ -3,12 +3,14 @@
 //!
 //! ```text
 //! cargo bench --bench e2e -- [--callers 1000] [--secs 3] [--rounds 2] [--payload small|1k]
-//!     [--only floor,towerpc,towerpc-typed]
+//!     [--only floor,towerpc,towerpc-typed,towerpc-dispatch]
 //! ```
 //!
 //! The same settings can come from `E2E_CALLERS`, `E2E_SECS`, `E2E_ROUNDS` and `E2E_PAYLOAD`;
 //! arguments win. Each round runs `floor`, `towerpc` (raw `Client::request`) and, with the small
-//! payload, `towerpc-typed` (`Client::call::<u64, u64>`), back to back (A B A B), each against
+//! payload, `towerpc-typed` (`Client::call::<u64, u64>` against a raw echo `Service`) and
+//! `towerpc-dispatch` (the same call, served by a `Dispatcher` route `|n: u64| async move { n }`,
+//! so the difference is the cost of dispatch by name), back to back (A B A B), each against
 //! a fresh server on `127.0.0.1:0` in this process, on one multi-thread runtime with tokio's
 //! default worker count. Every run warms up for 1 s and then measures for `--secs`. A call
 //! counts only if its reply equals its request. Machines here are noisy, so the summary quotes
@@ -30,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::net::TcpListener;
+use towerpc::dispatch::Dispatcher;
 use towerpc::{BoxError, Client, Request, Response, Server};
 
 mod floor;
@@ -90,7 +93,7 @@ fn usage(msg: &str) -> ! {
     eprintln!("e2e: {msg}");
     eprintln!(
         "usage: cargo bench --bench e2e -- [--callers N] [--secs S] [--rounds R] \
-         [--payload small|1k] [--only floor,towerpc,towerpc-typed]"
+         [--payload small|1k] [--only floor,towerpc,towerpc-typed,towerpc-dispatch]"
     );
     std::process::exit(2)
 }
@@ -322,6 +325,16 @@ enum Api {
     Raw,
     /// `Client::call::<u64, u64>` (msgpack).
     Typed,
+    /// `Client::call::<u64, u64>` to a `Dispatcher` route that decodes and re-encodes the value.
+    Dispatch,
+}
+
+fn label_of(api: Api) -> &'static str {
+    match api {
+        Api::Raw => "towerpc",
+        Api::Typed => "towerpc-typed",
+        Api::Dispatch => "towerpc-dispatch",
+    }
 }
 
 async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
@@ -333,9 +346,16 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
     let echo = tower::service_fn(|req: Request| async move {
         Ok::<_, BoxError>(Response::new(req.into_body()))
     });
-    let serving = tokio::spawn(server.serve_with_listener(listener, echo, async move {
+    let stop = async move {
         let _ = stop_rx.await;
-    }));
+    };
+    let serving = match api {
+        Api::Dispatch => {
+            let dispatcher = Dispatcher::new().route("echo", |n: u64| async move { n });
+            tokio::spawn(server.serve_with_listener(listener, dispatcher, stop))
+        }
+        Api::Raw | Api::Typed => tokio::spawn(server.serve_with_listener(listener, echo, stop)),
+    };
     let client = Client::builder().connect(addr).await?;
     let counters = TowerpcWrites(&client, &server_stats);
     let payload = args.payload;
@@ -355,7 +375,7 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
                 })
                 .await
             }
-            Api::Typed => drive("towerpc-typed", args, &counters, move |n| {
+            Api::Typed | Api::Dispatch => drive(label_of(api), args, &counters, move |n| {
                 let client = c.clone();
                 async move { matches!(client.call::<u64, u64>("echo", &n).await, Ok(r) if r == n) }
             })
@@ -395,11 +415,15 @@ fn main() -> Result<(), BoxError> {
     let mut labels = vec!["floor", "towerpc"];
     if args.payload == Payload::Small {
         labels.push("towerpc-typed");
+        labels.push("towerpc-dispatch");
     }
     if let Some(only) = &args.only {
         labels.retain(|l| only.iter().any(|o| o == l));
         if labels.is_empty() {
-            usage("--only names none of floor, towerpc, towerpc-typed (typed: small payload)");
+            usage(
+                "--only names none of floor, towerpc, towerpc-typed, towerpc-dispatch \
+                 (typed and dispatch: small payload)",
+            );
         }
     }
     println!(
@@ -421,6 +445,7 @@ fn main() -> Result<(), BoxError> {
                 match label {
                     "floor" => run_floor(&args).await,
                     "towerpc" => run_towerpc(&args, Api::Raw).await,
+                    "towerpc-dispatch" => run_towerpc(&args, Api::Dispatch).await,
                     _ => run_towerpc(&args, Api::Typed).await,
                 }
             })?;
@@ -439,11 +464,25 @@ fn main() -> Result<(), BoxError> {
         let cps: Vec<f64> = rounds.iter().map(|r| r[i].cps()).collect();
         let p99: Vec<f64> = rounds.iter().map(|r| r[i].p99_us as f64).collect();
         println!(
-            "  {label:<14} median_cps={:.0} median_p99_us={:.0} per_round_cps=[{}]",
+            "  {label:<16} median_cps={:.0} median_p99_us={:.0} per_round_cps=[{}]",
             median(cps.clone()),
             median(p99),
             cps.iter()
                 .map(|c| format!("{c:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    // Dispatch by name against the raw service path, compared within each round.
+    let pos = |l: &str| labels.iter().position(|x| *x == l);
+    if let (Some(t), Some(d)) = (pos("towerpc-typed"), pos("towerpc-dispatch")) {
+        let ratios: Vec<f64> = rounds.iter().map(|r| r[d].cps() / r[t].cps()).collect();
+        println!(
+            "  ratio towerpc-dispatch/towerpc-typed median={:.3} per_round=[{}]",
+            median(ratios.clone()),
+            ratios
+                .iter()
+                .map(|r| format!("{r:.3}"))
                 .collect::<Vec<_>>()
                 .join(", "),
         );
