@@ -1,0 +1,761 @@
+//! Decompression bombs against a server that accepts stream compression (RELIABILITY.md L1–L3).
+//!
+//! A hostile raw client negotiates compression in its preface, then streams a compressed
+//! stream that decompresses to far more than any limit (1 GiB of zeros, produced on the fly), a
+//! zstd frame that declares a 2 GiB window, or a stream that decompresses into a frame header
+//! above the limit. Each case checks that the server closes the connection quickly, that the
+//! process's extra peak heap stays within the configured bound, and that an honest client on
+//! its own connection keeps working during and after the attack.
+//!
+//! Heap is measured with a counting global allocator; zstd's C library allocates with `malloc`
+//! behind Rust's back, so the peak resident set (`VmHWM`, reset through
+//! `/proc/self/clear_refs`) is checked against the same bound where Linux provides it.
+//!
+//! The cases share the allocator's counters, so they run one at a time (a global mutex).
+
+#![cfg(all(feature = "compression-zstd", feature = "compression-deflate"))]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+use towerpc::codec::{Compression, Frame, FrameCodec, Message, PREFACE_LEN};
+use towerpc::{Client, Request, Response, Server};
+
+#[global_allocator]
+static ALLOC: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
+
+const MIB: usize = 1 << 20;
+/// What the bombs decompress to.
+const BOMB_PLAIN_LEN: u64 = 1 << 30;
+/// Zeros fed to the compressor per step.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// One case at a time: they share the allocator's counters.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `field` of /proc/self/status in bytes (Linux only).
+fn proc_status(field: &str) -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Extra peak memory since `start`: heap through the counting allocator, and resident set.
+struct Meter {
+    heap0: usize,
+    rss0: Option<usize>,
+}
+
+impl Meter {
+    fn start() -> Meter {
+        // "5" resets the peak resident set size (VmHWM) to the current one.
+        let rss_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        ALLOC.reset_peak_usage();
+        Meter {
+            heap0: ALLOC.current_usage(),
+            rss0: if rss_reset {
+                proc_status("VmRSS:")
+            } else {
+                None
+            },
+        }
+    }
+
+    fn extra_heap(&self) -> usize {
+        ALLOC.peak_usage().saturating_sub(self.heap0)
+    }
+
+    fn extra_rss(&self) -> Option<usize> {
+        Some(proc_status("VmHWM:")?.saturating_sub(self.rss0?))
+    }
+}
+
+/// The compressed bytes a hostile client sends, a chunk at a time.
+type Source = Box<dyn FnMut() -> Option<Vec<u8>> + Send>;
+
+enum Enc {
+    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+    Deflate(flate2::write::DeflateEncoder<Vec<u8>>),
+}
+
+impl Enc {
+    fn new(algo: Compression) -> Enc {
+        match algo {
+            Compression::Zstd => {
+                Enc::Zstd(zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap())
+            }
+            Compression::Deflate => Enc::Deflate(flate2::write::DeflateEncoder::new(
+                Vec::new(),
+                flate2::Compression::best(),
+            )),
+            _ => unreachable!("no other algorithm"),
+        }
+    }
+
+    fn write(&mut self, b: &[u8]) {
+        match self {
+            Enc::Zstd(e) => e.write_all(b).unwrap(),
+            Enc::Deflate(e) => e.write_all(b).unwrap(),
+        }
+    }
+
+    fn finish(&mut self) {
+        match self {
+            Enc::Zstd(e) => e.do_finish().unwrap(),
+            Enc::Deflate(e) => e.try_finish().unwrap(),
+        }
+    }
+
+    fn take(&mut self) -> Vec<u8> {
+        match self {
+            Enc::Zstd(e) => std::mem::take(e.get_mut()),
+            Enc::Deflate(e) => std::mem::take(e.get_mut()),
+        }
+    }
+}
+
+/// A bomb compressed on the fly: `prefix`, then zeros up to 1 GiB in all, through `algo`.
+/// The encoder is created and primed (its first output made) before it is returned, so its
+/// own allocations are not counted against the server.
+fn bomb(algo: Compression, prefix: &[u8]) -> Source {
+    let mut enc = Enc::new(algo);
+    enc.write(prefix);
+    let mut left = BOMB_PLAIN_LEN - prefix.len() as u64;
+    let mut done = false;
+    let mut step = move || -> Option<Vec<u8>> {
+        if done {
+            return None;
+        }
+        // Feed zeros until the compressor emits something (zstd emits ~4 bytes per 128 KiB
+        // block of zeros), then hand that over.
+        loop {
+            if left == 0 {
+                enc.finish();
+                done = true;
+                return Some(enc.take());
+            }
+            let n = left.min(ZEROS.len() as u64) as usize;
+            enc.write(&ZEROS[..n]);
+            left -= n as u64;
+            let out = enc.take();
+            if !out.is_empty() {
+                return Some(out);
+            }
+        }
+    };
+    let mut first = step();
+    Box::new(move || first.take().or_else(&mut step))
+}
+
+/// A frame header (length, flags 0, reserved 0, count 1).
+fn frame_header(len: u32) -> [u8; 8] {
+    let mut h = [0u8; 8];
+    h[..4].copy_from_slice(&len.to_be_bytes());
+    h[6..8].copy_from_slice(&1u16.to_be_bytes());
+    h
+}
+
+/// A towerpc frame holding one REQUEST for `Probe`.
+fn probe_frame() -> Vec<u8> {
+    let mut out = BytesMut::new();
+    FrameCodec::new()
+        .encode(
+            Frame::new(vec![Message::Request {
+                id: 1,
+                timeout_ms: 0,
+                method: Bytes::from_static(b"Probe"),
+                metadata: Bytes::new(),
+                body: support::msgpack(&7u64),
+            }]),
+            &mut out,
+        )
+        .unwrap();
+    out.to_vec()
+}
+
+/// A zstd frame written by hand (RFC 8878): magic, a frame header descriptor with no content
+/// size and no checksum, then `window`, then one raw last block holding `content`.
+/// `window` is either a window descriptor byte (exponent in the high 5 bits: log = 10 + e) or,
+/// with `single_segment`, a 4-byte frame content size that is also the window size.
+fn zstd_frame(window: WindowDecl, content: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x28, 0xB5, 0x2F, 0xFD];
+    match window {
+        WindowDecl::Log(log) => {
+            assert!((10..=41).contains(&log));
+            f.push(0x00);
+            f.push(((log - 10) as u8) << 3);
+        }
+        WindowDecl::SingleSegment(size) => {
+            // FCS_flag 2 (4-byte content size), Single_Segment 1.
+            f.push(0b1010_0000);
+            f.extend_from_slice(&size.to_le_bytes());
+        }
+    }
+    assert!(content.len() < 128 << 10);
+    // Block header, little-endian: last block, type raw (0), size.
+    let header = ((content.len() as u32) << 3) | 1;
+    f.extend_from_slice(&header.to_le_bytes()[..3]);
+    f.extend_from_slice(content);
+    f
+}
+
+#[derive(Debug, Clone, Copy)]
+enum WindowDecl {
+    Log(u32),
+    SingleSegment(u32),
+}
+
+/// What the hostile client saw.
+#[derive(Debug)]
+struct Outcome {
+    /// From the first bomb byte to the connection's end (EOF or reset), if it ended.
+    closed_in: Option<Duration>,
+    /// Compressed bytes written.
+    sent: u64,
+    /// Bytes the server sent after its preface (compressed).
+    received: Vec<u8>,
+}
+
+/// The hostile client, on plain blocking sockets on its own threads (so that compressing a
+/// gigabyte of zeros never holds up the server's runtime): offers `algo`, checks that the
+/// server chose it, streams `source`, and waits at most `wait` for the server to hang up.
+fn attack(addr: SocketAddr, algo: Compression, mut source: Source, wait: Duration) -> Outcome {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let mut preface = support::client_preface(16 << 20);
+    preface[6] = algo.bit();
+    stream.write_all(&preface).expect("write preface");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut theirs = [0u8; PREFACE_LEN];
+    stream
+        .read_exact(&mut theirs)
+        .expect("read the server preface");
+    assert_eq!(&theirs[..6], b"TRPC\x01S", "server preface");
+    assert_eq!(theirs[6], algo.bit(), "the server did not choose {algo}");
+
+    let start = Instant::now();
+    let closed = Arc::new(AtomicBool::new(false));
+    let mut rd = stream.try_clone().unwrap();
+    rd.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let reader = {
+        let closed = closed.clone();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match rd.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        if start.elapsed() > wait {
+                            return (None, got);
+                        }
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            }
+            closed.store(true, SeqCst);
+            (Some(start.elapsed()), got)
+        })
+    };
+    stream.set_write_timeout(Some(wait)).unwrap();
+    let mut sent = 0u64;
+    while !closed.load(SeqCst) && start.elapsed() < wait {
+        let Some(chunk) = source() else { break };
+        if stream.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += chunk.len() as u64;
+    }
+    let (closed_in, received) = reader.join().unwrap();
+    Outcome {
+        closed_in,
+        sent,
+        received,
+    }
+}
+
+/// Decompresses what the server sent before it hung up (possibly cut short) and returns the
+/// messages in it, for the report.
+fn server_messages(algo: Compression, received: &[u8]) -> Vec<Message> {
+    let mut plain = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut read_all = |r: &mut dyn Read| loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => plain.extend_from_slice(&buf[..n]),
+        }
+    };
+    match algo {
+        Compression::Zstd => {
+            if let Ok(mut d) = zstd::stream::read::Decoder::new(received) {
+                read_all(&mut d);
+            }
+        }
+        _ => read_all(&mut flate2::read::DeflateDecoder::new(received)),
+    }
+    let mut src = BytesMut::from(&plain[..]);
+    let mut codec = FrameCodec::new();
+    let mut out = Vec::new();
+    while let Ok(Some(frame)) = codec.decode(&mut src) {
+        out.extend(frame.into_messages());
+    }
+    out
+}
+
+/// Echoes, and counts `Probe` requests (the hand-made frames' method).
+fn counting_echo(probes: Arc<AtomicUsize>) -> support::Svc {
+    support::service(move |req: Request| {
+        let probes = probes.clone();
+        async move {
+            match req.method() {
+                "Probe" => {
+                    probes.fetch_add(1, SeqCst);
+                }
+                // Holds its request (and so its body) for a while, like a slow handler.
+                "Hold" => {
+                    probes.fetch_add(1, SeqCst);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                _ => {}
+            }
+            Ok(Response::new(req.into_body()))
+        }
+    })
+}
+
+/// What one case measured.
+#[derive(Debug)]
+struct Report {
+    outcome: Outcome,
+    extra_heap: usize,
+    extra_rss: Option<usize>,
+    probes: usize,
+    protocol_errors: u64,
+    read_errors: u64,
+    honest_calls: usize,
+}
+
+/// Runs one attack: a server built by `server` (accepting `algo`), an honest client calling it
+/// all along on its own connection, and the hostile client streaming `source` (made by `make`
+/// before measuring starts). Checks the honest client; returns the rest for the case to judge.
+fn run_case(
+    name: &str,
+    server: Server,
+    algo: Compression,
+    make: impl FnOnce() -> Source,
+    wait: Duration,
+) -> Report {
+    let rt = runtime();
+    let report = rt.block_on(async {
+        let probes = Arc::new(AtomicUsize::new(0));
+        let server = support::serve(
+            server.accept_compression(algo),
+            counting_echo(probes.clone()),
+        )
+        .await;
+        let addr = server.addr;
+        let honest = Client::builder()
+            .compression(algo)
+            .timeout(Duration::from_secs(5))
+            .connect(addr)
+            .await
+            .unwrap();
+        assert_eq!(honest.call::<_, u64>("Echo", &0u64).await.unwrap(), 0);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let honest_task = {
+            let honest = honest.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut ok = 0usize;
+                let mut n = 1u64;
+                while !stop.load(SeqCst) {
+                    match honest.call::<_, u64>("Echo", &n).await {
+                        Ok(v) if v == n => ok += 1,
+                        other => return Err(format!("honest call {n}: {other:?}")),
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Ok(ok)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let source = make();
+        let before = server.stats();
+        let meter = Meter::start();
+        let outcome = tokio::task::spawn_blocking(move || attack(addr, algo, source, wait))
+            .await
+            .unwrap();
+        let extra_heap = meter.extra_heap();
+        let extra_rss = meter.extra_rss();
+
+        // Let the honest client go on a little after the attack, then stop it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.store(true, SeqCst);
+        let honest_calls = honest_task
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: the honest client failed: {e}"));
+        assert!(
+            honest_calls > 0,
+            "{name}: the honest client made no call during the attack"
+        );
+        for n in 0..10u64 {
+            let v: u64 = honest
+                .call("Echo", &n)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: honest call after the attack: {e}"));
+            assert_eq!(v, n);
+        }
+        assert_eq!(
+            honest.stats().dials,
+            1,
+            "{name}: the honest client redialed"
+        );
+        let delta = server.stats().since(&before);
+        drop(honest);
+        server.shutdown(Duration::from_secs(5)).await;
+        Report {
+            outcome,
+            extra_heap,
+            extra_rss,
+            probes: probes.load(SeqCst),
+            protocol_errors: delta.protocol_errors,
+            read_errors: delta.read_errors,
+            honest_calls,
+        }
+    });
+    let said: Vec<String> = server_messages(algo, &report.outcome.received)
+        .iter()
+        .map(|m| format!("{m:?}"))
+        .collect();
+    println!(
+        "{name}: closed in {:?}, {} compressed bytes sent, extra peak heap {:.2} MiB, extra \
+         peak RSS {}, protocol errors {}, read errors {}, probes run {}, honest calls during {}; \
+         server said {said:?}",
+        report.outcome.closed_in,
+        report.outcome.sent,
+        report.extra_heap as f64 / MIB as f64,
+        report.extra_rss.map_or("n/a".to_string(), |r| format!(
+            "{:.2} MiB",
+            r as f64 / MIB as f64
+        )),
+        report.protocol_errors,
+        report.read_errors,
+        report.probes,
+        report.honest_calls,
+    );
+    report
+}
+
+/// Asserts the connection closed within 5 s and extra peak memory within `bound`.
+fn assert_closed_within(name: &str, r: &Report, bound: usize) {
+    let closed_in = r
+        .outcome
+        .closed_in
+        .unwrap_or_else(|| panic!("{name}: the server did not close the connection"));
+    assert!(
+        closed_in < Duration::from_secs(5),
+        "{name}: closing took {closed_in:?}"
+    );
+    assert!(
+        r.extra_heap <= bound,
+        "{name}: extra peak heap {} bytes, bound {bound}",
+        r.extra_heap
+    );
+    if let Some(rss) = r.extra_rss {
+        assert!(
+            rss <= bound,
+            "{name}: extra peak RSS {rss} bytes, bound {bound}"
+        );
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// L1/L2: 1 GiB of zeros against `max_frame_len(1 MiB)`; the zeros read as an empty frame.
+fn zeros_bomb(algo: Compression) {
+    let _serial = serial();
+    let name = format!("{algo} bomb, 1 GiB of zeros");
+    let r = run_case(
+        &name,
+        Server::builder().max_frame_len(MIB),
+        algo,
+        || bomb(algo, &[]),
+        WAIT,
+    );
+    assert_closed_within(&name, &r, MIB + 8 * MIB);
+    assert_eq!(
+        r.protocol_errors, 1,
+        "{name}: not counted as a protocol error"
+    );
+}
+
+/// L1/L2 at the limit: a valid header announcing exactly `max_frame_len` (1 MiB), then zeros
+/// to 1 GiB: the server may buffer one whole frame, and no more.
+fn max_frame_bomb(algo: Compression) {
+    let _serial = serial();
+    let name = format!("{algo} bomb, a 1 MiB frame header then zeros to 1 GiB");
+    let r = run_case(
+        &name,
+        Server::builder().max_frame_len(MIB),
+        algo,
+        || bomb(algo, &frame_header(MIB as u32)),
+        WAIT,
+    );
+    assert_closed_within(&name, &r, MIB + 8 * MIB);
+    assert_eq!(
+        r.protocol_errors, 1,
+        "{name}: not counted as a protocol error"
+    );
+}
+
+/// A stream that decompresses into a header announcing 16 MiB + 1 against the default 16 MiB
+/// limit: refused from the header, before anything is reserved for the body.
+fn oversized_header_bomb(algo: Compression) {
+    let _serial = serial();
+    let name = format!("{algo} bomb, a 16 MiB + 1 frame header then zeros");
+    let r = run_case(
+        &name,
+        Server::builder(),
+        algo,
+        || bomb(algo, &frame_header((16 * MIB + 1) as u32)),
+        WAIT,
+    );
+    assert_closed_within(&name, &r, 4 * MIB);
+    assert_eq!(
+        r.protocol_errors, 1,
+        "{name}: not counted as a protocol error"
+    );
+    let said = server_messages(algo, &r.outcome.received);
+    // Best effort: the GOAWAY may be lost to the reset caused by the unread bomb.
+    if let Some(Message::GoAway { code, .. }) = said.last() {
+        assert_eq!(*code, 12, "{name}: GOAWAY code is not FRAME_TOO_LARGE");
+    }
+}
+
+#[test]
+fn zstd_bomb_of_zeros_is_cut_off() {
+    zeros_bomb(Compression::Zstd);
+}
+
+#[test]
+fn deflate_bomb_of_zeros_is_cut_off() {
+    zeros_bomb(Compression::Deflate);
+}
+
+#[test]
+fn zstd_bomb_behind_a_max_size_frame_header_is_cut_off() {
+    max_frame_bomb(Compression::Zstd);
+}
+
+#[test]
+fn deflate_bomb_behind_a_max_size_frame_header_is_cut_off() {
+    max_frame_bomb(Compression::Deflate);
+}
+
+#[test]
+fn zstd_bomb_announcing_a_frame_above_the_limit_is_refused_from_the_header() {
+    oversized_header_bomb(Compression::Zstd);
+}
+
+#[test]
+fn deflate_bomb_announcing_a_frame_above_the_limit_is_refused_from_the_header() {
+    oversized_header_bomb(Compression::Deflate);
+}
+
+/// Sends one hand-made zstd frame declaring `window` and holding a valid `Probe` request.
+fn window_case(name: &str, window: WindowDecl) -> Report {
+    let frame = zstd_frame(window, &probe_frame());
+    run_case(
+        name,
+        Server::builder(),
+        Compression::Zstd,
+        move || {
+            let mut frame = Some(frame);
+            Box::new(move || frame.take())
+        },
+        // A refused frame closes at once; an accepted one leaves the connection open.
+        Duration::from_secs(3),
+    )
+}
+
+#[test]
+fn zstd_frame_with_an_ordinary_window_is_decoded() {
+    // The control: the same hand-made frame with a 1 MiB window runs its request, which shows
+    // that the refusals below are about the window alone.
+    let _serial = serial();
+    let r = window_case("zstd window log 20 (control)", WindowDecl::Log(20));
+    assert_eq!(r.probes, 1, "the hand-made zstd frame was not decoded");
+    assert!(
+        r.outcome.closed_in.is_none(),
+        "the server closed a connection with a valid frame"
+    );
+    let said = server_messages(Compression::Zstd, &r.outcome.received);
+    assert!(
+        said.iter()
+            .any(|m| matches!(m, Message::Response { id: 1, .. })),
+        "no reply to the probe: {said:?}"
+    );
+}
+
+#[test]
+fn zstd_frame_declaring_a_2_gib_window_is_refused() {
+    let _serial = serial();
+    let name = "zstd window log 31";
+    let r = window_case(name, WindowDecl::Log(31));
+    assert_eq!(r.probes, 0, "{name}: the request inside the frame ran");
+    assert_closed_within(name, &r, 4 * MIB);
+}
+
+#[test]
+fn zstd_single_segment_frame_of_2_gib_is_refused() {
+    let _serial = serial();
+    let name = "zstd single segment, content size 2 GiB";
+    let r = window_case(name, WindowDecl::SingleSegment(1 << 31));
+    assert_eq!(r.probes, 0, "{name}: the request inside the frame ran");
+    assert_closed_within(name, &r, 4 * MIB);
+}
+
+#[test]
+fn zstd_frame_one_step_above_the_window_cap_is_refused() {
+    let _serial = serial();
+    let log = towerpc::codec::ZSTD_WINDOW_LOG_MAX + 1;
+    let name = format!("zstd window log {log}");
+    let r = window_case(&name, WindowDecl::Log(log));
+    assert_eq!(r.probes, 0, "{name}: the request inside the frame ran");
+    assert_closed_within(&name, &r, 4 * MIB);
+}
+
+#[test]
+#[ignore = "bug: a refused zstd frame is not reported: no GOAWAY, no protocol_errors or read_errors \
+            count (src/conn.rs decoder error -> CodecError::Io -> Stop::Io in src/server/connection.rs)"]
+fn zstd_window_refusal_is_counted_and_reported() {
+    let _serial = serial();
+    let name = "zstd window log 31, reporting";
+    let r = window_case(name, WindowDecl::Log(31));
+    assert_eq!(r.probes, 0);
+    assert!(
+        r.protocol_errors + r.read_errors > 0,
+        "{name}: the refusal shows in no server counter"
+    );
+    let said = server_messages(Compression::Zstd, &r.outcome.received);
+    assert!(
+        matches!(said.last(), Some(Message::GoAway { .. })),
+        "{name}: no GOAWAY before closing: {said:?}"
+    );
+}
+
+/// A compressed stream of `count` valid REQUESTs for `Hold`, each filling a frame of
+/// `frame_len` with a body of zeros: a few bytes on the wire per mebibyte the server keeps.
+fn request_bomb(algo: Compression, count: u32, frame_len: usize) -> Source {
+    // Frame header, then the request's fixed part and method; the body is zeros.
+    const METHOD: &[u8] = b"Hold";
+    let body_len = frame_len - 16 - METHOD.len();
+    let mut enc = Enc::new(algo);
+    let mut next_id = 1u32;
+    Box::new(move || loop {
+        if next_id > count {
+            if next_id == count + 1 {
+                next_id += 1;
+                enc.finish();
+                return Some(enc.take());
+            }
+            return None;
+        }
+        let mut head = Vec::with_capacity(8 + 16 + METHOD.len());
+        head.extend_from_slice(&frame_header(frame_len as u32));
+        head.push(0x01);
+        head.extend_from_slice(&next_id.to_be_bytes());
+        head.extend_from_slice(&0u32.to_be_bytes());
+        head.push(METHOD.len() as u8);
+        head.extend_from_slice(&0u16.to_be_bytes());
+        head.extend_from_slice(&(body_len as u32).to_be_bytes());
+        head.extend_from_slice(METHOD);
+        enc.write(&head);
+        let mut left = body_len;
+        while left > 0 {
+            let n = left.min(ZEROS.len());
+            enc.write(&ZEROS[..n]);
+            left -= n;
+        }
+        next_id += 1;
+        let out = enc.take();
+        if !out.is_empty() {
+            return Some(out);
+        }
+    })
+}
+
+/// Valid requests, not garbage: each decompresses to a whole 1 MiB frame the server accepts
+/// and keeps while its (slow) handler runs. Nothing bounds the decompressed bytes a connection
+/// holds other than `max_concurrency_per_connection` (8,192 by default) × `max_frame_len`, so a
+/// few KiB on the wire pin hundreds of MiB. RELIABILITY.md L1 asks for `max_decompressed` +
+/// 8 MiB.
+fn request_bomb_case(algo: Compression) {
+    let _serial = serial();
+    let name = format!("{algo} bomb of 512 valid 1 MiB requests to a slow handler");
+    let r = run_case(
+        &name,
+        Server::builder().max_frame_len(MIB),
+        algo,
+        || request_bomb(algo, 512, MIB),
+        Duration::from_secs(2),
+    );
+    println!(
+        "{name}: {} compressed bytes on the wire held {} handlers",
+        r.outcome.sent, r.probes
+    );
+    assert!(
+        r.extra_heap <= MIB + 8 * MIB,
+        "{name}: extra peak heap {:.1} MiB from {} compressed bytes ({} requests held)",
+        r.extra_heap as f64 / MIB as f64,
+        r.outcome.sent,
+        r.probes
+    );
+}
+
+#[test]
+#[ignore = "bug: decompressed request bodies held by running handlers are bounded only by \
+            max_concurrency_per_connection x max_frame_len (8 GiB by default), not by a \
+            decompressed-bytes budget: ~32 wire bytes pin 1 MiB"]
+fn zstd_bomb_of_valid_requests_is_bounded() {
+    request_bomb_case(Compression::Zstd);
+}
+
+#[test]
+#[ignore = "bug: decompressed request bodies held by running handlers are bounded only by \
+            max_concurrency_per_connection x max_frame_len, not by a decompressed-bytes budget"]
+fn deflate_bomb_of_valid_requests_is_bounded() {
+    request_bomb_case(Compression::Deflate);
+}
