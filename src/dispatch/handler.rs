@@ -1,29 +1,4 @@
-//! [`Handler`]: which async functions and closures can serve a method.
-//!
-//! A handler is called with what its arguments ask for and its output becomes the reply:
-//!
-//! | arguments | |
-//! |---|---|
-//! | `()` | the request body is ignored |
-//! | `(Req)` | the request, decoded from msgpack |
-//! | `(CallContext, Req)` | the call's [`CallContext`], then the request |
-//!
-//! | output | reply |
-//! |---|---|
-//! | `()` | msgpack nil, which the client reads as `()` |
-//! | `T: Serialize` | `T` as msgpack |
-//! | `Result<T, E>`, `E: Into<BoxError>` | `T`, or an error response made from `E` |
-//!
-//! With [`Dispatcher::route_with`](super::Dispatcher::route_with) the same shapes take an
-//! `Arc<S>` first.
-//!
-//! The shapes are told apart by a marker type parameter (`Handler<M>`), inferred from the
-//! function's signature; no macro is needed. The one case inference cannot settle is a
-//! `Result<T, E>` whose `E` is itself `Serialize` and an error (`String`, `&str`, a
-//! `#[derive(Serialize)]` error type): such a `Result` is both a plain value and a fallible
-//! output, and the compiler says "type annotations needed". Return `Result<T, Status>` (see
-//! [`Status::typed`](crate::Status::typed) for errors the client decodes back into their type)
-//! or `Result<T, BoxError>` instead.
+//! [`Handler`]: which async functions and closures can serve a method, and their type erasure.
 
 use std::any::type_name;
 use std::future::Future;
@@ -42,8 +17,30 @@ use crate::{BoxError, Request};
 /// An async function or closure that can serve a method of a
 /// [`Dispatcher`](super::Dispatcher).
 ///
-/// It is implemented for every `Fn` of the shapes listed in the [module docs](self); `M` is a
-/// marker the compiler infers from the signature, and users never name it. The trait is sealed.
+/// A handler is called with what its arguments ask for, and its output becomes the reply:
+///
+/// | arguments | |
+/// |---|---|
+/// | `()` | the request body is ignored |
+/// | `(Req)` | the request, decoded from msgpack (`Req: DeserializeOwned`) |
+/// | `(CallContext, Req)` | the call's [`CallContext`], then the request |
+///
+/// | output | reply |
+/// |---|---|
+/// | `()` | msgpack nil, which the client reads as `()` |
+/// | `T: Serialize` | `T` as msgpack |
+/// | `Result<T, E>`, `E: Into<BoxError>` | `T`, or an error response made from `E` |
+///
+/// With [`Dispatcher::route_with`](super::Dispatcher::route_with) the same shapes take an
+/// `Arc<S>` first (`async fn get(self: Arc<Self>, key: String)` fits).
+///
+/// The trait is implemented for every such `Fn` and sealed. `M` is a marker the compiler infers
+/// from the signature; users never name it, and no macro is needed. The one case inference
+/// cannot settle is a `Result<T, E>` whose `E` is itself `Serialize` (`String`, `&str`, a
+/// `#[derive(Serialize)]` error type): that `Result` is both a plain value and a fallible
+/// output, and the compiler asks for type annotations. Return `Result<T, Status>` instead (see
+/// [`Status::typed`](crate::Status::typed) for errors the client decodes back into their own
+/// type), or `Result<T, BoxError>`.
 ///
 /// # Examples
 ///

@@ -79,11 +79,11 @@
 //!
 //! Every failure is an error response on the call; none closes the connection.
 //!
-//! | what | [`Code`](crate::Code) | message |
+//! | what | [`Code`] | message |
 //! |---|---|---|
 //! | no such method | `NotFound` | `unknown method "Calc.Ad"` |
 //! | the request does not decode | `InvalidArgument` | `method "Calc.Add": request does not decode as my_app::Add: ...` |
-//! | the handler returned a [`Status`](crate::Status) (anywhere in the `source()` chain) | its code | its message, and its details |
+//! | the handler returned a [`Status`] (anywhere in the `source()` chain) | its code | its message, and its details |
 //! | the handler returned another error | `Application` | the error's `Display` text |
 //! | the handler panicked | `Internal` | `handler panicked` |
 //!
@@ -160,8 +160,8 @@ pub struct MethodInfo {
 ///
 /// Build it once with [`route`](Dispatcher::route) and
 /// [`route_with`](Dispatcher::route_with), then serve it. Cloning is cheap (the route table is
-/// shared), which is what the server does for every connection. See the
-/// [module docs](self) for handler shapes, payloads and errors.
+/// shared), which is what the server does for every connection. See [`Handler`] for the
+/// handler shapes and the [module docs](self) for payloads and errors.
 ///
 /// # Examples
 ///
@@ -201,8 +201,8 @@ impl Dispatcher {
         Dispatcher::default()
     }
 
-    /// Registers `handler` under `name`. Any [`Handler`] shape works; see the
-    /// [module docs](self).
+    /// Registers `handler` under `name`: any async function or closure of a [`Handler`]
+    /// shape.
     ///
     /// # Panics
     ///
