@@ -928,3 +928,26 @@ async fn batch_after_close_fails_whole() {
     let e = within(BOUND, batch.run()).await.unwrap_err();
     assert!(e.is_unavailable() || e.is_closed(), "{e}");
 }
+
+#[tokio::test]
+async fn dispatcher_runs_under_tower_layers() {
+    let d = calc().route("Slow", |ms: u64| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        ms
+    });
+    let svc = tower::ServiceBuilder::new()
+        .concurrency_limit(64)
+        .timeout(Duration::from_millis(100))
+        .service(d);
+    let server = support::serve(Server::builder(), tower::util::BoxCloneService::new(svc)).await;
+    let client = Client::connect(server.addr).await.unwrap();
+    within(BOUND, async {
+        let e = client.call::<_, u64>("Slow", &5_000u64).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::DeadlineExceeded), "{e}");
+        assert_eq!(client.call::<_, u64>("Slow", &1u64).await.unwrap(), 1);
+        // Errors of the dispatcher itself pass through the layers unchanged.
+        let e = client.call::<_, u64>("Nope", &()).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::NotFound));
+    })
+    .await;
+}
