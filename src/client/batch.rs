@@ -51,7 +51,9 @@ impl Client {
 ///
 /// A batch may hold at most `max_pending` calls (see
 /// [`Builder::max_pending`](super::Builder::max_pending)); under backpressure `run` first waits
-/// until that many slots are free, all at once. One-way messages take no slot.
+/// until that many slots are free, all at once, and with
+/// [`Overflow::FailOldest`](super::Overflow::FailOldest) it makes room as single calls do, by
+/// failing the oldest pending calls. One-way messages take no slot.
 ///
 /// Dropping the future of `run` before it completes cancels the calls still waiting, as
 /// dropping single calls does.
