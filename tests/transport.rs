@@ -554,3 +554,103 @@ async fn client_reconnects_with_zstd_after_a_server_restart() {
 async fn client_reconnects_with_deflate_after_a_server_restart() {
     reconnects_with(Compression::Deflate).await;
 }
+
+/// Makes 200 calls over `client` (after one to settle the connection: the prefaces and any
+/// handshake are left out), then waits for both ends' counters to agree: the bytes one side
+/// wrote are the bytes the other read. Panics with both figures when they do not.
+async fn assert_wire_bytes_agree(label: &str, client: &Client, server: &Server) {
+    let item = Item::sample(3);
+    let _: Item = client.call("Echo", &item).await.unwrap();
+    // The server counts its reply's bytes just after the write returns, which may be after
+    // the client has read them: let the counters settle before the snapshot.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (c0, s0) = (client.stats(), server.stats());
+    for _ in 0..200 {
+        let _: Item = client.call("Echo", &item).await.unwrap();
+    }
+    let mut agree = false;
+    let (mut c, mut s) = (client.stats().since(&c0), server.stats().since(&s0));
+    for _ in 0..200 {
+        c = client.stats().since(&c0);
+        s = server.stats().since(&s0);
+        if c.bytes_written == s.bytes_read && c.bytes_read == s.bytes_written {
+            agree = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "{label}: over 200 calls the client wrote {} / read {}, the server read {} / wrote {}",
+        c.bytes_written, c.bytes_read, s.bytes_read, s.bytes_written
+    );
+    assert!(
+        agree,
+        "{label}: over 200 calls the client wrote {} bytes and read {}, the server read {} and \
+         wrote {}",
+        c.bytes_written, c.bytes_read, s.bytes_read, s.bytes_written
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_and_server_count_the_same_wire_bytes() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+    assert_wire_bytes_agree("tcp", &client, &server.server).await;
+    drop(client);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[cfg(feature = "compression-zstd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_and_server_count_the_same_compressed_wire_bytes() {
+    let server = support::serve(
+        Server::builder().accept_compression(Compression::Zstd),
+        support::echo(),
+    )
+    .await;
+    let client = Client::builder()
+        .compression(Compression::Zstd)
+        .connect(server.addr)
+        .await
+        .unwrap();
+    assert_wire_bytes_agree("tcp+zstd", &client, &server.server).await;
+    drop(client);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Stats are documented as bytes on the wire, below TLS. The server counts beneath its TLS
+/// acceptor, but the client wraps the connector's stream, which for `TlsConnector` is already
+/// the TLS stream: its figures leave out the handshake and every record's overhead.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: under TLS the client's stats count plaintext above TLS (src/client/connection.rs \
+            wraps the connector's TlsStream in CountingIo) while the server counts the wire"]
+async fn client_and_server_count_the_same_wire_bytes_under_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+    use towerpc::transport::tls::{config, TlsConnector};
+    use towerpc::transport::TcpConnector;
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let server_tls =
+        config::server(leaf.pem().as_bytes(), leaf_key.serialize_pem().as_bytes()).unwrap();
+    let client_tls = config::client(ca.pem().as_bytes()).unwrap();
+
+    let server = support::serve(Server::builder().tls(server_tls), support::echo()).await;
+    let connector = TlsConnector::new(TcpConnector::new(), client_tls, "localhost").unwrap();
+    let client = Client::builder()
+        .connect_with(server.addr, connector)
+        .await
+        .unwrap();
+    assert_wire_bytes_agree("tcp+tls", &client, &server.server).await;
+    drop(client);
+    server.shutdown(Duration::from_secs(5)).await;
+}
