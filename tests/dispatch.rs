@@ -951,3 +951,67 @@ async fn dispatcher_runs_under_tower_layers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn batch_is_one_frame_on_the_wire() {
+    use towerpc::codec::Message;
+
+    // A hand-driven server: it reads one frame, checks it holds the whole batch, and answers
+    // the calls in reverse order.
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        let msgs = conn.read_frame_within(BOUND).await.expect("a frame");
+        let replies = msgs
+            .iter()
+            .rev()
+            .filter_map(|m| match m {
+                Message::Request { id, body, .. } => Some(Message::Response {
+                    id: *id,
+                    body: body.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        conn.write_frame(replies).await;
+        msgs
+    })
+    .await;
+    let client = Client::connect(addr).await.unwrap();
+    let mut batch = client.batch();
+    batch.timeout(Duration::from_millis(2_500));
+    let a = batch.call::<_, u64>("A", &1u64).unwrap();
+    batch.send("B", &2u64).unwrap();
+    let c = batch.call::<_, String>("C", "three").unwrap();
+    let mut replies = within(BOUND, batch.run()).await.unwrap();
+    assert_eq!(replies.take(a).unwrap(), 1);
+    assert_eq!(replies.take(c).unwrap(), "three");
+
+    let msgs = within(BOUND, script).await.unwrap();
+    let [Message::Request {
+        id: id_a,
+        timeout_ms: t_a,
+        method: m_a,
+        body: b_a,
+        ..
+    }, Message::OneWay {
+        method: m_b,
+        body: b_b,
+        ..
+    }, Message::Request {
+        id: id_c,
+        method: m_c,
+        body: b_c,
+        ..
+    }] = &msgs[..]
+    else {
+        panic!("expected request, one-way, request in one frame; got {msgs:?}");
+    };
+    assert_ne!(id_a, id_c);
+    assert_eq!(*t_a, 2_500);
+    assert_eq!(
+        (&m_a[..], &m_b[..], &m_c[..]),
+        (&b"A"[..], &b"B"[..], &b"C"[..])
+    );
+    // msgpack: positive fixint 1 and 2, fixstr "three".
+    assert_eq!((&b_a[..], &b_b[..]), (&[0x01][..], &[0x02][..]));
+    assert_eq!(&b_c[..], b"\xa5three");
+}
