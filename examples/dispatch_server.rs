@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use towerpc::dispatch::{CallContext, Dispatcher};
+use towerpc::dispatch::{CallContext, Dispatcher, Receiver};
 use towerpc::{BoxError, Code, Server, Status};
 
 use types::{Add, CalcError, Div, LogLine, Quotient, Set};
@@ -59,6 +59,11 @@ impl Cache {
         self.lock().insert(req.key, req.value)
     }
 
+    /// `Cache`'s remote methods, registered for each instance under its own prefix.
+    fn methods(r: Receiver<Self>) -> Receiver<Self> {
+        r.method("Get", Cache::get).method("Set", Cache::set)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -83,10 +88,8 @@ async fn main() -> Result<(), BoxError> {
         .route("Calc.Add", add)
         .route("Calc.Div", div)
         .route("Log.Write", log)
-        .route_with("UsersCache.Get", users.clone(), Cache::get)
-        .route_with("UsersCache.Set", users, Cache::set)
-        .route_with("PostsCache.Get", posts.clone(), Cache::get)
-        .route_with("PostsCache.Set", posts, Cache::set);
+        .receiver("UsersCache", users, Cache::methods)
+        .receiver("PostsCache", posts, Cache::methods);
 
     eprintln!("dispatch_server: listening on {addr}; methods:");
     for m in dispatcher.methods() {

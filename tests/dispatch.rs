@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tower::{Service, ServiceExt};
-use towerpc::dispatch::{CallContext, Dispatcher, MethodInfo, METHODS};
+use towerpc::dispatch::{CallContext, Dispatcher, MethodInfo, Receiver, METHODS};
 use towerpc::{BoxError, Client, Code, Request, Server, Status};
 
 use support::{eventually, within, TestServer};
@@ -228,16 +228,25 @@ impl Cache {
     }
 }
 
-fn caches(users: &Arc<Cache>, posts: &Arc<Cache>) -> Dispatcher {
-    let mut d = Dispatcher::new();
-    for (prefix, cache) in [("UsersCache", users), ("PostsCache", posts)] {
-        d = d
-            .route_with(format!("{prefix}.Get"), cache.clone(), Cache::get)
-            .route_with(format!("{prefix}.Set"), cache.clone(), Cache::set)
-            .route_with(format!("{prefix}.Len"), cache.clone(), Cache::len)
-            .route_with(format!("{prefix}.Who"), cache.clone(), Cache::who);
+impl Cache {
+    /// The remote methods of any `Cache`.
+    fn methods(r: Receiver<Self>) -> Receiver<Self> {
+        r.method("Get", Cache::get)
+            .method("Set", Cache::set)
+            .method("Len", Cache::len)
+            .method("Who", Cache::who)
     }
-    d
+}
+
+/// Two instances of one type: one registered method by method with `route_with`, the other
+/// as a whole receiver.
+fn caches(users: &Arc<Cache>, posts: &Arc<Cache>) -> Dispatcher {
+    Dispatcher::new()
+        .route_with("UsersCache.Get", users.clone(), Cache::get)
+        .route_with("UsersCache.Set", users.clone(), Cache::set)
+        .route_with("UsersCache.Len", users.clone(), Cache::len)
+        .route_with("UsersCache.Who", users.clone(), Cache::who)
+        .receiver("PostsCache", posts.clone(), Cache::methods)
 }
 
 #[tokio::test]

@@ -283,6 +283,59 @@ impl Dispatcher {
         self.route(name, WithState::new(state, handler))
     }
 
+    /// Registers the methods of one receiver (a value of shared state) under
+    /// `"{prefix}.{name}"`: gorpc's named service, without a macro. `methods` lists them on a
+    /// [`Receiver`]; being a plain function of the receiver's type, the list can be written
+    /// once and reused for every instance.
+    ///
+    /// # Panics
+    ///
+    /// As [`route`](Dispatcher::route), for each method.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use towerpc::dispatch::{Dispatcher, Receiver};
+    ///
+    /// #[derive(Default)]
+    /// struct Cache(std::sync::Mutex<std::collections::HashMap<String, String>>);
+    ///
+    /// impl Cache {
+    ///     async fn get(self: Arc<Self>, key: String) -> Option<String> {
+    ///         self.0.lock().unwrap().get(&key).cloned()
+    ///     }
+    ///     async fn len(self: Arc<Self>) -> usize {
+    ///         self.0.lock().unwrap().len()
+    ///     }
+    ///
+    ///     /// `Cache`'s remote methods, for any instance.
+    ///     fn methods(r: Receiver<Self>) -> Receiver<Self> {
+    ///         r.method("Get", Cache::get).method("Len", Cache::len)
+    ///     }
+    /// }
+    ///
+    /// let d = Dispatcher::new()
+    ///     .receiver("UsersCache", Arc::new(Cache::default()), Cache::methods)
+    ///     .receiver("PostsCache", Arc::new(Cache::default()), Cache::methods);
+    /// let names: Vec<String> = d.methods().into_iter().map(|m| m.name).collect();
+    /// assert_eq!(names[..4], ["PostsCache.Get", "PostsCache.Len", "UsersCache.Get", "UsersCache.Len"]);
+    /// ```
+    #[must_use]
+    pub fn receiver<S>(
+        self,
+        prefix: &str,
+        state: Arc<S>,
+        methods: impl FnOnce(Receiver<S>) -> Receiver<S>,
+    ) -> Self {
+        let receiver = Receiver {
+            dispatcher: self,
+            prefix: prefix.to_owned(),
+            state,
+        };
+        methods(receiver).dispatcher
+    }
+
     /// The registered methods (the built-in [`METHODS`] included), sorted by name.
     pub fn methods(&self) -> Vec<MethodInfo> {
         let mut list: Vec<MethodInfo> = self
@@ -310,6 +363,43 @@ impl Dispatcher {
             crate::codec::to_msgpack(&self.methods()).unwrap_or_default()
         });
         Ok(list.clone())
+    }
+}
+
+/// The methods of one receiver being registered; see [`Dispatcher::receiver`].
+pub struct Receiver<S> {
+    dispatcher: Dispatcher,
+    prefix: String,
+    state: Arc<S>,
+}
+
+impl<S> Receiver<S> {
+    /// Registers `handler` as `"{prefix}.{name}"`, bound to this receiver's state (as
+    /// [`Dispatcher::route_with`]).
+    #[must_use]
+    pub fn method<F, M>(mut self, name: &str, handler: F) -> Self
+    where
+        WithState<S, F>: Handler<M>,
+    {
+        let full = format!("{}.{name}", self.prefix);
+        self.dispatcher = self
+            .dispatcher
+            .route_with(full, self.state.clone(), handler);
+        self
+    }
+
+    /// The receiver's state.
+    pub fn state(&self) -> &Arc<S> {
+        &self.state
+    }
+}
+
+impl<S> fmt::Debug for Receiver<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receiver")
+            .field("prefix", &self.prefix)
+            .field("state", &std::any::type_name::<S>())
+            .finish()
     }
 }
 
