@@ -157,7 +157,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.buf.capacity() - self.buf.len() < DEFAULT_BUFFER_SIZE / 4 {
                 self.buf.reserve(DEFAULT_BUFFER_SIZE);
             }
-            let n = self.io.read_buf(&mut self.buf).await?;
+            let n = match self.io.read_buf(&mut self.buf).await {
+                Ok(n) => n,
+                // Beneath us a decompressor (or TLS) found the stream corrupt or over its
+                // limits (a zstd window above the cap): the peer broke the protocol.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    tracing::debug!(error = %e, "invalid data on the stream");
+                    return Err(CodecError::InvalidFrame(
+                        "stream data is invalid (corrupt or over the limits of its compression)",
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)

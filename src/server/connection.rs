@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -37,6 +38,10 @@ struct Conn {
     notify_writer: Notify,
     /// The writer took the outbox: a reader paused on `max_queued_bytes` may go on.
     notify_taken: Notify,
+    /// Request bytes held by running handlers (see `Server::max_in_flight_bytes`).
+    in_flight_bytes: AtomicUsize,
+    /// A handler finished and released its request bytes.
+    notify_freed: Notify,
     counters: Arc<Counters>,
 }
 
@@ -267,6 +272,8 @@ async fn established<S, IO>(
         }),
         notify_writer: Notify::new(),
         notify_taken: Notify::new(),
+        in_flight_bytes: AtomicUsize::new(0),
+        notify_freed: Notify::new(),
         counters: counters.clone(),
     });
     let (r, w) = tokio::io::split(io);
@@ -507,6 +514,31 @@ where
             }
             },
         };
+        // Bound what running handlers hold: decompression makes big requests cheap to send.
+        let size = method.len() + metadata.len() + body.len();
+        let max = self.config.max_in_flight_bytes;
+        loop {
+            let held = self.conn.in_flight_bytes.load(Ordering::Acquire);
+            if held == 0 || held + size <= max {
+                break;
+            }
+            tokio::select! {
+                _ = self.conn.notify_freed.notified() => {}
+                _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
+                    self.start_drain();
+                    if let Some(id) = id {
+                        let status = Status::new(Code::Refused, "server is shutting down");
+                        self.conn.push_now(&error_message(id, &status));
+                    }
+                    return None;
+                }
+            }
+        }
+        self.conn.in_flight_bytes.fetch_add(size, Ordering::AcqRel);
+        let held = HeldBytes {
+            conn: self.conn.clone(),
+            size,
+        };
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
         let mut req = Request {
             method,
@@ -531,6 +563,7 @@ where
         let conn = self.conn.clone();
         let task = async move {
             let _permits = permits;
+            let _held = held;
             let res = match fut {
                 Ok(fut) => LazyDeadline::new(AssertUnwindSafe(fut).catch_unwind(), timeout).await,
                 Err(panic) => Some(Err(panic)),
@@ -598,6 +631,21 @@ async fn drained(tasks: &TaskTracker, deadline: Option<tokio::time::Instant>) {
             _ = &mut grace => return,
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
         }
+    }
+}
+
+/// Request bytes a handler task holds; released when the task ends, however it ends.
+struct HeldBytes {
+    conn: Arc<Conn>,
+    size: usize,
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.conn
+            .in_flight_bytes
+            .fetch_sub(self.size, Ordering::AcqRel);
+        self.conn.notify_freed.notify_one();
     }
 }
 

@@ -44,6 +44,9 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default cap on reply bytes queued for one connection (8 MiB) before its reader pauses.
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1024 * 1024;
 
+/// Default cap on request bytes held by one connection's running handlers (64 MiB).
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
+
 /// A towerpc server: configuration plus the counters of everything it serves.
 ///
 /// Setters consume and return the server, tonic style; `serve*` methods run it. Clone it first
@@ -82,6 +85,7 @@ pub(crate) struct Config {
     pub(crate) write_timeout: Option<Duration>,
     pub(crate) max_frame_len: usize,
     pub(crate) max_queued_bytes: usize,
+    pub(crate) max_in_flight_bytes: usize,
     pub(crate) tcp_nodelay: bool,
     pub(crate) tcp_keepalive: Option<Duration>,
     /// Accepted compression algorithms, in order of preference.
@@ -123,6 +127,7 @@ impl Server {
                 write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
                 max_frame_len: DEFAULT_MAX_FRAME_LEN,
                 max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+                max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
                 tcp_nodelay: true,
                 tcp_keepalive: None,
                 compression: Vec::new(),
@@ -190,6 +195,17 @@ impl Server {
     #[must_use]
     pub fn max_queued_bytes(mut self, n: usize) -> Self {
         self.config.max_queued_bytes = n.max(1);
+        self
+    }
+
+    /// Request bytes (method, metadata and body) that one connection's running handlers may
+    /// hold at once before its reader pauses. Default 64 MiB. Without it, memory per connection
+    /// would be bounded only by `max_concurrency_per_connection × max_frame_len`, and with
+    /// compression a few wire bytes can decompress into a mebibyte-sized request. A single
+    /// request larger than the cap still runs, alone.
+    #[must_use]
+    pub fn max_in_flight_bytes(mut self, n: usize) -> Self {
+        self.config.max_in_flight_bytes = n.max(1);
         self
     }
 
