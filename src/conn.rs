@@ -261,9 +261,32 @@ impl<R: AsyncRead> AsyncRead for WireReader<R> {
     ) -> Poll<io::Result<()>> {
         match self.project() {
             WireReaderProj::Plain { io } => io.poll_read(cx, buf),
-            WireReaderProj::Compressed { io } => io.as_mut().poll_read(cx, buf),
+            WireReaderProj::Compressed { io } => match io.as_mut().poll_read(cx, buf) {
+                // The decompressors report a corrupt stream (or a zstd window over the cap) as
+                // `Other` or `InvalidData`; make it `InvalidData` so the frame reader treats
+                // it as the protocol violation it is. Socket errors pass through unchanged.
+                Poll::Ready(Err(e)) if !is_socket_error(&e) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
+                }
+                other => other,
+            },
         }
     }
+}
+
+fn is_socket_error(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset
+            | ConnectionAborted
+            | BrokenPipe
+            | NotConnected
+            | TimedOut
+            | UnexpectedEof
+            | Interrupted
+            | WouldBlock
+    )
 }
 
 impl<W: AsyncWrite> AsyncWrite for WireWriter<W> {

@@ -16,7 +16,7 @@ use tower::{Service, ServiceExt};
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Preface, Role};
 use crate::conn::{exchange_preface, wire, write_loop, FrameReader, WriteOptions};
 use crate::error::{Code, Error, Kind, Result, Status};
-use crate::stats::{Counters, CountingIo};
+use crate::stats::{with_dial_counters, Counters, MaybeCounted};
 use crate::transport::Connected;
 use crate::BoxError;
 use crate::Response;
@@ -204,7 +204,7 @@ async fn connect<C, T>(
     shared: &Shared,
     connector: &mut C,
     target: T,
-) -> Result<(C::Response, Preface, Option<Compression>)>
+) -> Result<(MaybeCounted<C::Response>, Preface, Option<Compression>)>
 where
     C: Service<T>,
     C::Response: AsyncRead + AsyncWrite + Connected + Unpin,
@@ -219,7 +219,8 @@ where
         let fut = ready?.call(target);
         fut.await.map_err(Into::into)
     };
-    let mut io = dial.await.map_err(|e: BoxError| {
+    let dial = with_dial_counters(shared.counters.clone(), dial);
+    let io = dial.await.map_err(|e: BoxError| {
         // A TLS handshake that fails is a refusal, not an absence: say so.
         let kind = if crate::transport::is_handshake_error(&*e) {
             Kind::Handshake
@@ -228,6 +229,9 @@ where
         };
         Error::new(kind).target(server).with(e)
     })?;
+    // Counted from here on (beneath TLS when the connector says it counts itself), so the
+    // stats include the preface, as the server's do.
+    let mut io = MaybeCounted::new(io, shared.counters.clone());
     if let Some(hook) = &shared.config.on_connect {
         hook(io.connect_info())
             .await
@@ -267,16 +271,10 @@ where
 }
 
 /// Runs one established connection until it ends.
-async fn serve<T>(
-    shared: &Arc<Shared>,
-    io: T,
-    gen: u64,
-    compression: Option<Compression>,
-) -> End
+async fn serve<T>(shared: &Arc<Shared>, io: T, gen: u64, compression: Option<Compression>) -> End
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let io = CountingIo::new(io, shared.counters.clone());
     let (r, w) = tokio::io::split(io);
     let (r, w) = wire(r, w, compression);
     let source = ConnSource {

@@ -10,11 +10,36 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::Counters;
 
+tokio::task_local! {
+    /// The counters of the client dialing on this task. A connector that layers something over
+    /// the socket (TLS) puts a [`CountingIo`] beneath it, so stats count what crosses the wire.
+    static DIAL_COUNTERS: Arc<Counters>;
+}
+
+/// Runs `dial` with `counters` as the dialing client's counters.
+pub(crate) async fn with_dial_counters<F: std::future::Future>(
+    counters: Arc<Counters>,
+    dial: F,
+) -> F::Output {
+    DIAL_COUNTERS.scope(counters, dial).await
+}
+
+/// The counters of the client dialing on this task, if any.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+pub(crate) fn dial_counters() -> Option<Arc<Counters>> {
+    DIAL_COUNTERS.try_with(Arc::clone).ok()
+}
+
 pin_project! {
-    /// Counts every read and write that reaches the wrapped stream and completes. A poll that
-    /// returns `Pending` is not counted: tokio only issues the syscall once the socket is ready.
+    /// A stream that counts every read and write reaching it into a client's or server's
+    /// [`Stats`](super::Stats). A poll that returns `Pending` is not counted: tokio only issues
+    /// the syscall once the socket is ready, so the counts are syscalls.
+    ///
+    /// Connectors that layer TLS over a socket (such as
+    /// `transport::tls::TlsConnector`) put it beneath the TLS stream, so the stats count
+    /// bytes on the wire.
     #[derive(Debug)]
-    pub(crate) struct CountingIo<T> {
+    pub struct CountingIo<T> {
         #[pin]
         io: T,
         counters: Arc<Counters>,
@@ -24,6 +49,97 @@ pin_project! {
 impl<T> CountingIo<T> {
     pub(crate) fn new(io: T, counters: Arc<Counters>) -> Self {
         CountingIo { io, counters }
+    }
+
+    /// Counts into the dialing client's stats (or into nothing, outside a client's dial).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn for_dial(io: T) -> Self {
+        CountingIo::new(io, dial_counters().unwrap_or_default())
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+}
+
+impl<T: crate::transport::Connected> crate::transport::Connected for CountingIo<T> {
+    fn connect_info(&self) -> crate::transport::ConnectInfo {
+        self.io.connect_info()
+    }
+
+    fn counted(&self) -> bool {
+        true
+    }
+}
+
+pin_project! {
+    /// A dialed stream, counted by the client: either it counts itself already (a connector put
+    /// a [`CountingIo`] beneath its TLS), or the client wraps it here.
+    #[project = MaybeCountedProj]
+    #[derive(Debug)]
+    pub(crate) enum MaybeCounted<T> {
+        Counted { #[pin] io: T },
+        Wrapped { #[pin] io: CountingIo<T> },
+    }
+}
+
+impl<T: crate::transport::Connected> MaybeCounted<T> {
+    pub(crate) fn new(io: T, counters: Arc<Counters>) -> Self {
+        if io.counted() {
+            MaybeCounted::Counted { io }
+        } else {
+            MaybeCounted::Wrapped {
+                io: CountingIo::new(io, counters),
+            }
+        }
+    }
+
+    pub(crate) fn connect_info(&self) -> crate::transport::ConnectInfo {
+        match self {
+            MaybeCounted::Counted { io } => io.connect_info(),
+            MaybeCounted::Wrapped { io } => io.get_ref().connect_info(),
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for MaybeCounted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.project() {
+            MaybeCountedProj::Counted { io } => io.poll_read(cx, buf),
+            MaybeCountedProj::Wrapped { io } => io.poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for MaybeCounted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.project() {
+            MaybeCountedProj::Counted { io } => io.poll_write(cx, buf),
+            MaybeCountedProj::Wrapped { io } => io.poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.project() {
+            MaybeCountedProj::Counted { io } => io.poll_flush(cx),
+            MaybeCountedProj::Wrapped { io } => io.poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.project() {
+            MaybeCountedProj::Counted { io } => io.poll_shutdown(cx),
+            MaybeCountedProj::Wrapped { io } => io.poll_shutdown(cx),
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 
 mod io;
 
-pub(crate) use self::io::CountingIo;
+pub use self::io::CountingIo;
+pub(crate) use self::io::{with_dial_counters, MaybeCounted};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

@@ -20,6 +20,7 @@ pub use tokio_rustls::rustls;
 use tower::Service;
 
 use super::{ConnectInfo, Connected};
+use crate::stats::CountingIo;
 use crate::BoxError;
 
 /// Dials through `inner`, then runs a TLS handshake as a client.
@@ -77,7 +78,7 @@ where
     C::Error: Into<BoxError>,
     C::Future: Send + 'static,
 {
-    type Response = tokio_rustls::client::TlsStream<C::Response>;
+    type Response = tokio_rustls::client::TlsStream<CountingIo<C::Response>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -90,7 +91,8 @@ where
         let tls = self.tls.clone();
         let name = self.server_name.clone();
         Box::pin(async move {
-            let io = dial.await.map_err(Into::into)?;
+            // Count the socket beneath TLS, into the dialing client's stats.
+            let io = CountingIo::for_dial(dial.await.map_err(Into::into)?);
             tls.connect(name, io)
                 .await
                 .map_err(|e| Box::new(TlsHandshakeError(e)) as BoxError)
@@ -124,6 +126,10 @@ impl<IO: Connected> Connected for tokio_rustls::client::TlsStream<IO> {
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
         io.connect_info().with_peer_certificates(certs)
+    }
+
+    fn counted(&self) -> bool {
+        self.get_ref().0.counted()
     }
 }
 
