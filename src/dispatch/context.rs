@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::Extensions;
 use tokio::time::Instant;
 
+use crate::request::LazyExtensions;
 use crate::transport::ConnectInfo;
 use crate::Request;
 
@@ -37,7 +38,7 @@ pub struct CallContext {
     deadline: Option<Instant>,
     metadata: Bytes,
     one_way: bool,
-    extensions: Extensions,
+    extensions: LazyExtensions,
 }
 
 impl CallContext {
@@ -77,7 +78,7 @@ impl CallContext {
     /// The request's extensions: the server's [`ConnectInfo`], and whatever layers above the
     /// [`Dispatcher`](super::Dispatcher) put there.
     pub fn extensions(&self) -> &Extensions {
-        &self.extensions
+        self.extensions.get()
     }
 }
 
@@ -86,10 +87,7 @@ impl From<Request> for CallContext {
     /// two-argument handler directly in a unit test.
     fn from(req: Request) -> Self {
         let deadline = req.get_timeout().map(|t| Instant::now() + t);
-        let remote_addr = req
-            .extensions
-            .get::<ConnectInfo>()
-            .and_then(ConnectInfo::remote_addr);
+        let remote_addr = req.connect_info().and_then(ConnectInfo::remote_addr);
         CallContext {
             method: req.method,
             remote_addr,

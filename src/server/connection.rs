@@ -27,6 +27,7 @@ use super::Config;
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface, Role};
 use crate::conn::{read_preface, wire, write_loop, FrameReader, Source, WriteOptions};
 use crate::error::{Code, Error, Kind, Status};
+use crate::request::LazyExtensions;
 use crate::stats::{Counters, CountingIo};
 use crate::transport::{ConnectInfo, Connected};
 use crate::{BoxError, Request, Response};
@@ -299,6 +300,7 @@ async fn established<S, IO>(
         .new_codec();
     let mut reader = FrameReader::new(r, codec);
     let tasks = TaskTracker::new();
+    let info = Arc::new(info);
     let per_conn = Arc::new(Semaphore::new(config.max_concurrency_per_connection));
     let mut ctx = Ctx {
         conn: &conn,
@@ -366,7 +368,7 @@ struct Ctx<'a, S> {
     limit: &'a Arc<Semaphore>,
     per_conn: &'a Arc<Semaphore>,
     tasks: &'a TaskTracker,
-    info: &'a crate::transport::ConnectInfo,
+    info: &'a Arc<ConnectInfo>,
     shutdown: &'a CancellationToken,
     /// Set when a graceful shutdown reaches this connection: in-flight calls have until then.
     grace_deadline: Option<tokio::time::Instant>,
@@ -540,15 +542,14 @@ where
             size,
         };
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
-        let mut req = Request {
+        let req = Request {
             method,
             body,
             metadata,
             timeout: Some(timeout),
             one_way: id.is_none(),
-            extensions: http::Extensions::new(),
+            extensions: LazyExtensions::with_connect_info(self.info.clone()),
         };
-        req.extensions.insert(self.info.clone());
 
         let fut = match self.svc.ready().await {
             Ok(svc) => std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(req))),
@@ -680,13 +681,13 @@ pin_project! {
     /// Runs a handler under its deadline, but arms the timer only if the handler does not finish
     /// on its first poll: most handlers answer at once, and a timer per request is a measurable
     /// share of a fast call's cost. The deadline still counts from when the request was read,
-    /// give or take the first poll.
+    /// give or take the first poll. The timer is boxed so that the (common) fast path does not
+    /// carry its hundred-odd bytes through every spawned task.
     struct LazyDeadline<F> {
         #[pin]
         fut: F,
         timeout: Option<Duration>,
-        #[pin]
-        sleep: Option<tokio::time::Sleep>,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
@@ -705,15 +706,15 @@ impl<F: Future> Future for LazyDeadline<F> {
     type Output = Option<F::Output>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Some(out));
         }
         if let Some(t) = this.timeout.take() {
-            this.sleep.set(Some(tokio::time::sleep(t)));
+            *this.sleep = Some(Box::pin(tokio::time::sleep(t)));
         }
-        match this.sleep.as_pin_mut() {
-            Some(sleep) => sleep.poll(cx).map(|()| None),
+        match this.sleep {
+            Some(sleep) => sleep.as_mut().poll(cx).map(|()| None),
             None => Poll::Pending,
         }
     }
