@@ -24,3 +24,8 @@ pub use crate::stats::Stats;
 
 /// The boxed error type that flows between tower layers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+// The README's examples are compiled as doctests, so they cannot drift from the API.
+#[cfg(all(doctest, feature = "tls", feature = "compression-zstd"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
