@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example demo -- [--callers 1000] [--secs 3] [--payload 16]
-//!     [--compression none|zstd|deflate] [--tls]
+//!     [--compression none|zstd|deflate|lz4] [--tls]
 //! ```
 //!
 //! `--compression zstd` needs the `compression-zstd` feature, `deflate` needs
@@ -33,7 +33,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: demo [--callers N] [--secs S] [--payload BYTES] \
-                     [--compression none|zstd|deflate] [--tls]";
+                     [--compression none|zstd|deflate|lz4] [--tls]";
 
 fn parse_args() -> Args {
     let mut args = Args {
@@ -58,7 +58,7 @@ fn parse_args() -> Args {
             "--callers" => args.callers = value.parse().unwrap_or_else(|_| bad()),
             "--secs" => args.secs = value.parse().unwrap_or_else(|_| bad()),
             "--payload" => args.payload = value.parse().unwrap_or_else(|_| bad()),
-            "--compression" if ["none", "zstd", "deflate"].contains(&value.as_str()) => {
+            "--compression" if ["none", "zstd", "deflate", "lz4"].contains(&value.as_str()) => {
                 args.compression = value
             }
             _ => bad(),
@@ -72,7 +72,8 @@ fn parse_args() -> Args {
 #[cfg(not(all(
     feature = "tls",
     feature = "compression-zstd",
-    feature = "compression-deflate"
+    feature = "compression-deflate",
+    feature = "compression-lz4"
 )))]
 fn missing_feature(flag: &str, feature: &str) -> ! {
     eprintln!(
@@ -93,6 +94,10 @@ fn compression(name: &str) -> Option<Compression> {
         "deflate" => Some(Compression::Deflate),
         #[cfg(not(feature = "compression-deflate"))]
         "deflate" => missing_feature("--compression deflate", "compression-deflate"),
+        #[cfg(feature = "compression-lz4")]
+        "lz4" => Some(Compression::Lz4),
+        #[cfg(not(feature = "compression-lz4"))]
+        "lz4" => missing_feature("--compression lz4", "compression-lz4"),
         _ => None,
     }
 }

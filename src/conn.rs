@@ -235,6 +235,21 @@ where
                 },
             )
         }
+        #[cfg(feature = "compression-lz4")]
+        Some(crate::codec::Compression::Lz4) => {
+            use async_compression::{tokio::bufread::Lz4Decoder, tokio::write::Lz4Encoder};
+            let mut dec = Lz4Decoder::new(tokio::io::BufReader::new(r));
+            dec.multiple_members(true);
+            (
+                WireReader::Compressed { io: Box::pin(dec) },
+                WireWriter::Compressed {
+                    io: Box::pin(Lz4Encoder::with_quality(
+                        w,
+                        async_compression::Level::Fastest,
+                    )),
+                },
+            )
+        }
         #[cfg(feature = "compression-deflate")]
         Some(crate::codec::Compression::Deflate) => {
             use async_compression::{tokio::bufread::DeflateDecoder, tokio::write::DeflateEncoder};

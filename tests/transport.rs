@@ -1,6 +1,7 @@
 //! One call suite run over every transport the crate offers (TCP, a unix socket, an in-memory
-//! duplex pipe, TCP with zstd and with deflate), plus compression negotiation, the wire savings
-//! of compression and reconnecting with compression on. TLS has its own suite.
+//! duplex pipe, TLS, TCP with zstd, deflate and lz4, TLS with zstd), plus compression
+//! negotiation, the wire savings of compression and reconnecting with compression on. TLS
+//! failures (bad certificates, mTLS, handshake timeouts) have their own suite in tests/tls.rs.
 
 mod support;
 
@@ -11,7 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
-#[cfg(any(feature = "compression-zstd", feature = "compression-deflate"))]
+#[cfg(any(
+    feature = "compression-zstd",
+    feature = "compression-deflate",
+    feature = "compression-lz4"
+))]
 use towerpc::codec::Compression;
 use towerpc::{BoxError, Client, Code, Request, Response, Server, Status};
 
@@ -316,6 +321,84 @@ async fn suite_over_tcp_with_deflate() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
+#[cfg(feature = "compression-lz4")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_over_tcp_with_lz4() {
+    let (server, notes) =
+        suite_server(Server::builder().accept_compression(Compression::Lz4)).await;
+    let client = Client::builder()
+        .compression(Compression::Lz4)
+        .connect(server.addr)
+        .await
+        .unwrap();
+    call_suite("tcp+lz4", &client, &notes, true).await;
+    drop(client);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A CA, a `localhost` server certificate it signed, and the server and client TLS configs.
+#[cfg(feature = "tls")]
+fn tls_configs() -> (
+    Arc<towerpc::transport::tls::rustls::ServerConfig>,
+    Arc<towerpc::transport::tls::rustls::ClientConfig>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+    use towerpc::transport::tls::config;
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let server =
+        config::server(leaf.pem().as_bytes(), leaf_key.serialize_pem().as_bytes()).unwrap();
+    let client = config::client(ca.pem().as_bytes()).unwrap();
+    (server, client)
+}
+
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_over_tls() {
+    use towerpc::transport::{tls::TlsConnector, TcpConnector};
+    let (server_tls, client_tls) = tls_configs();
+    let (server, notes) = suite_server(Server::builder().tls(server_tls)).await;
+    let connector = TlsConnector::new(TcpConnector::new(), client_tls, "localhost").unwrap();
+    let client = Client::builder()
+        .connect_with(server.addr, connector)
+        .await
+        .unwrap();
+    call_suite("tls", &client, &notes, false).await;
+    drop(client);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[cfg(all(feature = "tls", feature = "compression-zstd"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_over_tls_with_zstd() {
+    use towerpc::transport::{tls::TlsConnector, TcpConnector};
+    let (server_tls, client_tls) = tls_configs();
+    let (server, notes) = suite_server(
+        Server::builder()
+            .tls(server_tls)
+            .accept_compression(Compression::Zstd),
+    )
+    .await;
+    let connector = TlsConnector::new(TcpConnector::new(), client_tls, "localhost").unwrap();
+    let client = Client::builder()
+        .compression(Compression::Zstd)
+        .connect_with(server.addr, connector)
+        .await
+        .unwrap();
+    call_suite("tls+zstd", &client, &notes, true).await;
+    drop(client);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 #[cfg(all(feature = "compression-zstd", feature = "compression-deflate"))]
 /// Dials `addr` as a raw client offering `offer` (the preface bitmask) and returns the
 /// compression byte of the server's preface.
@@ -368,8 +451,9 @@ async fn server_picks_its_preferred_algorithm_among_those_offered() {
     assert_eq!(server_choice(server.addr, 0x01).await, 0x01);
     assert_eq!(server_choice(server.addr, 0x02).await, 0x02);
     assert_eq!(server_choice(server.addr, 0x00).await, 0x00);
-    // Bits of algorithms nobody knows (lz4 is reserved) are not chosen.
+    // Algorithms this server does not accept (lz4), and bits nobody knows, are not chosen.
     assert_eq!(server_choice(server.addr, 0x04).await, 0x00);
+    assert_eq!(server_choice(server.addr, 0x80).await, 0x00);
     assert_eq!(server_choice(server.addr, 0x06).await, 0x02);
     let client = Client::builder()
         .compression(Compression::Zstd)
@@ -618,9 +702,8 @@ async fn client_and_server_count_the_same_compressed_wire_bytes() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
-/// Stats are documented as bytes on the wire, below TLS. The server counts beneath its TLS
-/// acceptor, but the client wraps the connector's stream, which for `TlsConnector` is already
-/// the TLS stream: its figures leave out the handshake and every record's overhead.
+/// Stats are documented as bytes on the wire, below TLS: both ends count beneath it (the
+/// client's `TlsConnector` puts the counter under its TLS stream).
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_and_server_count_the_same_wire_bytes_under_tls() {
