@@ -107,15 +107,25 @@ pub(super) async fn run<C, T>(
         let started = Instant::now();
         let end = serve(&shared, io, gen, compression).await;
         tracing::debug!(?server, ?end, "connection ended");
+        // What every call still pending on this connection fails with.
+        type MakeError = Box<dyn Fn() -> Error + Send>;
         let server = server.cloned();
-        let (err, phase): (Box<dyn Fn() -> Error + Send>, Phase) = match &end {
+        let lost = |kind: Kind, cause: String| -> MakeError {
+            let server = server.clone();
+            Box::new(move || Error::new(kind).target(server.as_ref()).with(cause.clone()))
+        };
+        let (err, phase): (MakeError, Phase) = match &end {
             End::Closed => (Box::new(|| Error::new(Kind::Closed)), Phase::Closed),
-            End::Stalled => (
-                Box::new(move || Error::new(Kind::Stalled).target(server.as_ref())),
-                Phase::Connecting,
-            ),
+            End::Stalled => {
+                let server = server.clone();
+                (
+                    Box::new(move || Error::new(Kind::Stalled).target(server.as_ref())),
+                    Phase::Connecting,
+                )
+            }
             End::GoAway(status) => {
-                let status = status.clone();
+                // Keep the server's status as the source, typed, not as text.
+                let (server, status) = (server.clone(), status.clone());
                 (
                     Box::new(move || {
                         Error::new(Kind::ConnectionLost)
@@ -125,34 +135,10 @@ pub(super) async fn run<C, T>(
                     Phase::Connecting,
                 )
             }
-            End::Protocol(e) => {
-                let cause = e.to_string();
-                (
-                    Box::new(move || {
-                        Error::new(Kind::Protocol)
-                            .target(server.as_ref())
-                            .with(cause.clone())
-                    }),
-                    Phase::Connecting,
-                )
-            }
-            End::Io(e) => {
-                let cause = e.to_string();
-                (
-                    Box::new(move || {
-                        Error::new(Kind::ConnectionLost)
-                            .target(server.as_ref())
-                            .with(cause.clone())
-                    }),
-                    Phase::Connecting,
-                )
-            }
+            End::Protocol(e) => (lost(Kind::Protocol, e.to_string()), Phase::Connecting),
+            End::Io(e) => (lost(Kind::ConnectionLost, e.to_string()), Phase::Connecting),
             End::Eof | End::Drained => (
-                Box::new(move || {
-                    Error::new(Kind::ConnectionLost)
-                        .target(server.as_ref())
-                        .with("server closed the connection".to_string())
-                }),
+                lost(Kind::ConnectionLost, "server closed the connection".into()),
                 Phase::Connecting,
             ),
         };

@@ -110,6 +110,18 @@ impl Shared {
         }
     }
 
+    /// Whether a new call may be queued in `phase`; the error says why not.
+    fn admit(&self, phase: &Phase) -> Result<()> {
+        match phase {
+            Phase::Connecting | Phase::Connected => Ok(()),
+            Phase::Draining | Phase::Closing => {
+                Err(self.unavailable(Some("server is draining the connection")))
+            }
+            Phase::Backoff(cause) => Err(self.unavailable(Some(cause))),
+            Phase::Closed => Err(Error::new(Kind::Closed)),
+        }
+    }
+
     /// Registers a call and queues its request. Returns the id and the connection generation.
     pub(crate) fn start(
         &self,
@@ -117,18 +129,7 @@ impl Shared {
         tx: oneshot::Sender<Reply>,
     ) -> Result<(u32, u64)> {
         let mut inner = self.lock();
-        match &inner.phase {
-            Phase::Connecting | Phase::Connected => {}
-            Phase::Draining | Phase::Closing => {
-                return Err(self.unavailable(Some("server is draining the connection")))
-            }
-            Phase::Backoff(cause) => {
-                let cause = cause.clone();
-                drop(inner);
-                return Err(self.unavailable(Some(&cause)));
-            }
-            Phase::Closed => return Err(Error::new(Kind::Closed)),
-        }
+        self.admit(&inner.phase)?;
         // Replies that never come for abandoned calls must not grow the map without bound: at
         // the cap new calls are refused at once (the stall detector will close a server that
         // has stopped answering altogether).
@@ -176,18 +177,7 @@ impl Shared {
     /// [`start`]: Shared::start
     pub(crate) fn start_batch(&self, msgs: Vec<Message>) -> Result<(Vec<Started>, u64)> {
         let mut inner = self.lock();
-        match &inner.phase {
-            Phase::Connecting | Phase::Connected => {}
-            Phase::Draining | Phase::Closing => {
-                return Err(self.unavailable(Some("server is draining the connection")))
-            }
-            Phase::Backoff(cause) => {
-                let cause = cause.clone();
-                drop(inner);
-                return Err(self.unavailable(Some(&cause)));
-            }
-            Phase::Closed => return Err(Error::new(Kind::Closed)),
-        }
+        self.admit(&inner.phase)?;
         let calls = msgs
             .iter()
             .filter(|m| matches!(m, Message::Request { .. }))
@@ -249,18 +239,7 @@ impl Shared {
     /// Queues a one-way message (no id, no reply).
     pub(crate) fn send_one_way(&self, msg: Message) -> Result<()> {
         let mut inner = self.lock();
-        match &inner.phase {
-            Phase::Connecting | Phase::Connected => {}
-            Phase::Backoff(cause) => {
-                let cause = cause.clone();
-                drop(inner);
-                return Err(self.unavailable(Some(&cause)));
-            }
-            Phase::Draining | Phase::Closing => {
-                return Err(self.unavailable(Some("server is draining the connection")))
-            }
-            Phase::Closed => return Err(Error::new(Kind::Closed)),
-        }
+        self.admit(&inner.phase)?;
         let was_empty = inner.outbox.is_empty();
         inner
             .outbox
