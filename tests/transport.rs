@@ -291,49 +291,40 @@ async fn suite_over_an_in_memory_duplex_stream() {
         .unwrap();
 }
 
-#[cfg(feature = "compression-zstd")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn suite_over_tcp_with_zstd() {
-    let (server, notes) =
-        suite_server(Server::builder().accept_compression(Compression::Zstd)).await;
+/// The call suite over TCP with `compression` negotiated.
+#[cfg(any(
+    feature = "compression-zstd",
+    feature = "compression-deflate",
+    feature = "compression-lz4"
+))]
+async fn suite_over_tcp_with(compression: Compression) {
+    let (server, notes) = suite_server(Server::builder().accept_compression(compression)).await;
     let client = Client::builder()
-        .compression(Compression::Zstd)
+        .compression(compression)
         .connect(server.addr)
         .await
         .unwrap();
-    call_suite("tcp+zstd", &client, &notes, true).await;
+    call_suite(&format!("tcp+{compression}"), &client, &notes, true).await;
     drop(client);
     server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[cfg(feature = "compression-zstd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_over_tcp_with_zstd() {
+    suite_over_tcp_with(Compression::Zstd).await;
 }
 
 #[cfg(feature = "compression-deflate")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suite_over_tcp_with_deflate() {
-    let (server, notes) =
-        suite_server(Server::builder().accept_compression(Compression::Deflate)).await;
-    let client = Client::builder()
-        .compression(Compression::Deflate)
-        .connect(server.addr)
-        .await
-        .unwrap();
-    call_suite("tcp+deflate", &client, &notes, true).await;
-    drop(client);
-    server.shutdown(Duration::from_secs(5)).await;
+    suite_over_tcp_with(Compression::Deflate).await;
 }
 
 #[cfg(feature = "compression-lz4")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suite_over_tcp_with_lz4() {
-    let (server, notes) =
-        suite_server(Server::builder().accept_compression(Compression::Lz4)).await;
-    let client = Client::builder()
-        .compression(Compression::Lz4)
-        .connect(server.addr)
-        .await
-        .unwrap();
-    call_suite("tcp+lz4", &client, &notes, true).await;
-    drop(client);
-    server.shutdown(Duration::from_secs(5)).await;
+    suite_over_tcp_with(Compression::Lz4).await;
 }
 
 /// A CA, a `localhost` server certificate it signed, and the server and client TLS configs.
