@@ -698,24 +698,10 @@ async fn client_and_server_count_the_same_compressed_wire_bytes() {
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_and_server_count_the_same_wire_bytes_under_tls() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
-    use towerpc::transport::tls::{config, TlsConnector};
+    use towerpc::transport::tls::TlsConnector;
     use towerpc::transport::TcpConnector;
 
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
-    let server_tls =
-        config::server(leaf.pem().as_bytes(), leaf_key.serialize_pem().as_bytes()).unwrap();
-    let client_tls = config::client(ca.pem().as_bytes()).unwrap();
-
+    let (server_tls, client_tls) = tls_configs();
     let server = support::serve(Server::builder().tls(server_tls), support::echo()).await;
     let connector = TlsConnector::new(TcpConnector::new(), client_tls, "localhost").unwrap();
     let client = Client::builder()
