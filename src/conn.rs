@@ -46,6 +46,11 @@ pub(crate) trait Source {
 
     /// Bytes waiting to be taken.
     fn pending_len(&self) -> usize;
+
+    /// Whether more messages may be appended soon: some caller or handler that could add one
+    /// is still running. When none is (one caller, whose request is already queued), waiting
+    /// for the batch to grow only adds latency.
+    fn more_may_come(&self) -> bool;
 }
 
 /// Most times the writer yields, waiting for a batch to stop growing, before it writes.
@@ -80,7 +85,7 @@ where
             if let Some(delay) = opts.flush_delay {
                 // Trade latency for bigger batches: let more callers append before we take.
                 tokio::time::sleep(delay).await;
-            } else {
+            } else if source.more_may_come() {
                 // The task that woke us is usually one of many made runnable by the same batch
                 // of replies, and tokio runs a freshly woken task next (its LIFO slot). Taking
                 // now would send one message per write; yielding lets the rest of the runnable

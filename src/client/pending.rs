@@ -403,4 +403,11 @@ impl Source for ConnSource {
     fn pending_len(&self) -> usize {
         self.shared.lock().outbox.len()
     }
+
+    fn more_may_come(&self) -> bool {
+        // Calls whose requests are not in the outbox are on the wire, and their callers
+        // (closed-loop ones at least) will send again once the replies arrive.
+        let inner = self.shared.lock();
+        inner.live > inner.outbox.queued()
+    }
 }

@@ -173,6 +173,8 @@ pub(crate) struct Outbox {
     open: Option<usize>,
     count: u16,
     max_frame_len: usize,
+    /// Messages pushed since the last take.
+    queued: usize,
 }
 
 impl Outbox {
@@ -182,6 +184,7 @@ impl Outbox {
             open: None,
             count: 0,
             max_frame_len,
+            queued: 0,
         }
     }
 
@@ -220,6 +223,7 @@ impl Outbox {
         };
         put_message(msg, &mut self.buf);
         self.count += 1;
+        self.queued += 1;
         let len = self.buf.len() - start - FRAME_HEADER_LEN;
         put_header(&mut self.buf[start..], len, self.count);
         Ok(())
@@ -234,6 +238,11 @@ impl Outbox {
         self.buf.is_empty()
     }
 
+    /// Messages pushed since the last take.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued
+    }
+
     /// Takes every finished frame, leaving the outbox empty. The next push opens a new frame.
     ///
     /// `spare` is the writer's previous (already written) buffer: handing it back lets the two
@@ -241,6 +250,7 @@ impl Outbox {
     pub(crate) fn take(&mut self, spare: BytesMut) -> BytesMut {
         self.open = None;
         self.count = 0;
+        self.queued = 0;
         let mut spare = spare;
         spare.clear();
         std::mem::replace(&mut self.buf, spare)

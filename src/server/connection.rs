@@ -143,6 +143,11 @@ impl Source for ConnSource {
     fn pending_len(&self) -> usize {
         self.0.lock().outbox.len()
     }
+
+    fn more_may_come(&self) -> bool {
+        // A handler still running will reply; with none left, every reply is already queued.
+        !self.0.lock().in_flight.is_empty()
+    }
 }
 
 /// Why the reader stopped.
