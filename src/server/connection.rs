@@ -185,16 +185,9 @@ pub(super) async fn run<S, IO>(
     let deadline = tokio::time::Instant::now() + config.handshake_timeout;
     #[cfg(feature = "tls")]
     if let Some(acceptor) = config.tls.clone() {
-        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                let err = Error::new(Kind::Handshake).with(e);
-                return refused(&config, &counters, &info, err);
-            }
-            Err(_) => {
-                let err = Error::new(Kind::Handshake).with("TLS handshake timed out".to_string());
-                return refused(&config, &counters, &info, err);
-            }
+        let tls = match handshake_step(deadline, "TLS handshake", acceptor.accept(io)).await {
+            Ok(tls) => tls,
+            Err(err) => return refused(&config, &counters, &info, err),
         };
         let certs = tls
             .get_ref()
@@ -205,6 +198,23 @@ pub(super) async fn run<S, IO>(
         return established(tls, info, deadline, svc, config, counters, limit, shutdown).await;
     }
     established(io, info, deadline, svc, config, counters, limit, shutdown).await
+}
+
+/// Runs one step of the handshake under the connection's handshake deadline: its failure, or
+/// the deadline passing first, is a handshake error.
+async fn handshake_step<T, E>(
+    deadline: tokio::time::Instant,
+    what: &'static str,
+    step: impl Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, Error>
+where
+    E: Into<BoxError>,
+{
+    match tokio::time::timeout_at(deadline, step).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::new(Kind::Handshake).with(e)),
+        Err(_) => Err(Error::new(Kind::Handshake).with(format!("{what} timed out"))),
+    }
 }
 
 /// Counts and reports a connection refused during its handshake.
@@ -234,21 +244,13 @@ async fn established<S, IO>(
 {
     let handshake = async {
         if let Some(hook) = &config.on_connect {
-            hook(info.clone())
-                .await
-                .map_err(|e| Error::new(Kind::Handshake).with(e))?;
+            hook(info.clone()).await?;
         }
-        read_preface(&mut io)
-            .await
-            .map_err(|e| Error::new(Kind::Handshake).with(e))
+        read_preface(&mut io).await.map_err(BoxError::from)
     };
-    let peer = match tokio::time::timeout_at(deadline, handshake).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(err)) => return refused(&config, &counters, &info, err),
-        Err(_) => {
-            let err = Error::new(Kind::Handshake).with("handshake timed out".to_string());
-            return refused(&config, &counters, &info, err);
-        }
+    let peer = match handshake_step(deadline, "handshake", handshake).await {
+        Ok(p) => p,
+        Err(err) => return refused(&config, &counters, &info, err),
     };
     let mut ours = Preface::new(Role::Server, config.max_frame_len);
     if peer.role != Role::Client {
