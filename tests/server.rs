@@ -26,6 +26,35 @@ fn counted_sleepy(d: Duration, runs: Arc<AtomicUsize>) -> support::Svc {
     })
 }
 
+/// A server with `grace` whose handler sleeps 10 s (counting its runs), a client built from
+/// `client`, and one call of that client already running in the handler.
+async fn one_call_outliving(
+    grace: Duration,
+    client: towerpc::client::Builder,
+) -> (
+    support::TestServer,
+    Client,
+    tokio::task::JoinHandle<towerpc::Result<u64>>,
+    Arc<AtomicUsize>,
+) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let server = support::serve(
+        Server::builder().grace_period(grace),
+        counted_sleepy(Duration::from_secs(10), runs.clone()),
+    )
+    .await;
+    let client = client.connect(server.addr).await.unwrap();
+    let call = tokio::spawn({
+        let c = client.clone();
+        async move { c.call::<_, u64>("Sleep", &1u64).await }
+    });
+    eventually("the handler to start", Duration::from_secs(5), || {
+        runs.load(SeqCst) == 1
+    })
+    .await;
+    (server, client, call, runs)
+}
+
 fn request(id: u32, method: &'static str, body: bytes::Bytes) -> Message {
     Message::Request {
         id,
@@ -153,21 +182,7 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_cancels_handlers_that_outlive_the_grace_period() {
     let grace = Duration::from_millis(300);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let mut server = support::serve(
-        Server::builder().grace_period(grace),
-        counted_sleepy(Duration::from_secs(10), runs.clone()),
-    )
-    .await;
-    let client = Client::builder().connect(server.addr).await.unwrap();
-    let call = tokio::spawn({
-        let c = client.clone();
-        async move { c.call::<_, u64>("Sleep", &1u64).await }
-    });
-    eventually("the handler to start", Duration::from_secs(5), || {
-        runs.load(SeqCst) == 1
-    })
-    .await;
+    let (mut server, _client, call, _runs) = one_call_outliving(grace, Client::builder()).await;
 
     let start = Instant::now();
     server.trigger_shutdown();
@@ -191,21 +206,7 @@ async fn graceful_shutdown_returns_within_one_grace_period() {
     // grace + 100 ms. Asserted loosely (grace + 1 s); the regression waited 2 × grace (the
     // reader's drain, then a second full grace period after it).
     let grace = Duration::from_millis(1500);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let mut server = support::serve(
-        Server::builder().grace_period(grace),
-        counted_sleepy(Duration::from_secs(10), runs.clone()),
-    )
-    .await;
-    let client = Client::builder().connect(server.addr).await.unwrap();
-    let call = tokio::spawn({
-        let c = client.clone();
-        async move { c.call::<_, u64>("Sleep", &1u64).await }
-    });
-    eventually("the handler to start", Duration::from_secs(5), || {
-        runs.load(SeqCst) == 1
-    })
-    .await;
+    let (mut server, _client, call, _runs) = one_call_outliving(grace, Client::builder()).await;
 
     let start = Instant::now();
     server.trigger_shutdown();
@@ -222,28 +223,11 @@ async fn graceful_shutdown_returns_within_one_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_is_not_extended_by_client_pings() {
     let grace = Duration::from_millis(300);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let mut server = support::serve(
-        Server::builder().grace_period(grace),
-        counted_sleepy(Duration::from_secs(10), runs.clone()),
-    )
-    .await;
     // A short stall bound makes the client ping every ~100 ms while its call is pending. The
     // regression restarted the grace timer on every frame read, so the pings held the
     // shutdown until the 10 s handler finished.
-    let client = Client::builder()
-        .stall_timeout(Duration::from_millis(200))
-        .connect(server.addr)
-        .await
-        .unwrap();
-    let call = tokio::spawn({
-        let c = client.clone();
-        async move { c.call::<_, u64>("Sleep", &1u64).await }
-    });
-    eventually("the handler to start", Duration::from_secs(5), || {
-        runs.load(SeqCst) == 1
-    })
-    .await;
+    let builder = Client::builder().stall_timeout(Duration::from_millis(200));
+    let (mut server, _client, call, _runs) = one_call_outliving(grace, builder).await;
 
     let start = Instant::now();
     server.trigger_shutdown();
@@ -409,23 +393,9 @@ async fn max_concurrency_bounds_handlers_running_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_dials_are_refused_at_once_during_a_drain() {
     let grace = Duration::from_secs(3);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let mut server = support::serve(
-        Server::builder().grace_period(grace),
-        counted_sleepy(Duration::from_secs(10), runs.clone()),
-    )
-    .await;
-    let addr = server.addr;
     // One call outliving the grace period keeps the drain going.
-    let client = Client::builder().connect(addr).await.unwrap();
-    let call = tokio::spawn({
-        let c = client.clone();
-        async move { c.call::<_, u64>("Sleep", &1u64).await }
-    });
-    eventually("the handler to start", Duration::from_secs(5), || {
-        runs.load(SeqCst) == 1
-    })
-    .await;
+    let (mut server, client, call, runs) = one_call_outliving(grace, Client::builder()).await;
+    let addr = server.addr;
 
     server.trigger_shutdown();
     eventually(
