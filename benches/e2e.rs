@@ -360,27 +360,26 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
     let counters = TowerpcWrites(&client, &server_stats);
     let payload = args.payload;
     let c = client.clone();
-    let outcome =
-        match api {
-            Api::Raw => {
-                drive("towerpc", args, &counters, move |n| {
-                    let client = c.clone();
-                    async move {
-                        let req = payload.make(n);
-                        match client.request(Request::new("echo", req.clone())).await {
-                            Ok(resp) => *resp.body() == req,
-                            Err(_) => false,
-                        }
-                    }
-                })
-                .await
-            }
-            Api::Typed | Api::Dispatch => drive(label_of(api), args, &counters, move |n| {
+    let outcome = match api {
+        Api::Raw => {
+            drive("towerpc", args, &counters, move |n| {
                 let client = c.clone();
-                async move { matches!(client.call::<u64, u64>("echo", &n).await, Ok(r) if r == n) }
+                async move {
+                    let req = payload.make(n);
+                    match client.request(Request::new("echo", req.clone())).await {
+                        Ok(resp) => *resp.body() == req,
+                        Err(_) => false,
+                    }
+                }
             })
-            .await,
-        };
+            .await
+        }
+        Api::Typed | Api::Dispatch => drive(label_of(api), args, &counters, move |n| {
+            let client = c.clone();
+            async move { matches!(client.invoke::<u64, u64>("echo", &n).await, Ok(r) if r == n) }
+        })
+        .await,
+    };
     drop(client);
     let _ = stop_tx.send(());
     match tokio::time::timeout(Duration::from_secs(10), serving).await {

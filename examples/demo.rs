@@ -211,7 +211,7 @@ async fn main() -> Result<(), BoxError> {
                     payload: payload.clone(),
                 };
                 let t = Instant::now();
-                match client.call::<Echo, Echo>("Echo", &req).await {
+                match client.invoke::<Echo, Echo>("Echo", &req).await {
                     // A reply that is not our own request would be a mixed-up id.
                     Ok(resp) if resp == req => lat.push(t.elapsed().as_micros() as u32),
                     _ => errors += 1,

@@ -23,7 +23,7 @@ async fn main() -> Result<(), BoxError> {
     let client = Client::connect(addr.as_str()).await?;
 
     // What does the server offer?
-    let methods: Vec<MethodInfo> = client.call(METHODS, &()).await?;
+    let methods: Vec<MethodInfo> = client.invoke(METHODS, &()).await?;
     println!(
         "{} methods: {:?}",
         methods.len(),
@@ -31,7 +31,7 @@ async fn main() -> Result<(), BoxError> {
     );
 
     // A typed call, by name.
-    let sum: i64 = client.call("Calc.Add", &Add { a: 2, b: 40 }).await?;
+    let sum: i64 = client.invoke("Calc.Add", &Add { a: 2, b: 40 }).await?;
     println!("Calc.Add(2, 40) = {sum}");
 
     // A typed handle: a tower Service for one method.
@@ -103,6 +103,6 @@ async fn main() -> Result<(), BoxError> {
         },
     )?;
     // Give the writer a moment before the process (and the connection) ends.
-    let _: Option<String> = client.call("UsersCache.Get", "nobody").await?;
+    let _: Option<String> = client.invoke("UsersCache.Get", "nobody").await?;
     Ok(())
 }

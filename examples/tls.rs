@@ -148,10 +148,10 @@ async fn main() -> Result<(), BoxError> {
         .await?;
 
     for word in ["hello", "over", "mutual", "TLS"] {
-        let back: String = client.call("Echo", &word.to_string()).await?;
+        let back: String = client.invoke("Echo", &word.to_string()).await?;
         println!("echo: {back}");
     }
-    let who: String = client.call("Whoami", &()).await?;
+    let who: String = client.invoke("Whoami", &()).await?;
     println!("server handler saw: {who}");
 
     drop(client);

@@ -70,7 +70,7 @@ async fn main() -> Result<(), BoxError> {
     // Use both.
     let client = Client::builder().connect(rpc_addr).await?;
     for name in ["axum", "tonic", "tower"] {
-        let greeting: String = client.call("Greeter.Hello", name).await?;
+        let greeting: String = client.invoke("Greeter.Hello", name).await?;
         println!("rpc: {greeting}");
     }
     println!("http /health: {}", http_get(http_addr, "/health").await?);

@@ -20,7 +20,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// ```
 /// # async fn f(client: towerpc::Client) {
-/// match client.call::<u64, u64>("Calc.Double", &21).await {
+/// match client.invoke::<u64, u64>("Calc.Double", &21).await {
 ///     Ok(n) => println!("{n}"),
 ///     Err(e) if e.is_timeout() => println!("too slow"),
 ///     Err(e) if e.is_remote() => println!("server said {:?}: {e}", e.code()),
@@ -68,6 +68,8 @@ pub(crate) enum Kind {
     Handshake,
     /// Binding, accepting or another local I/O failure.
     Io,
+    /// A tower layer around the client failed in a way of its own (see `From<BoxError>`).
+    Service,
 }
 
 impl Error {
@@ -120,7 +122,8 @@ impl Error {
         self.inner.kind == Kind::Stalled
     }
 
-    /// The client had too many pending calls.
+    /// The call was not made because of load: the client had too many pending calls, or a
+    /// load-shedding layer (tower's `Overloaded`) turned it away.
     pub fn is_overloaded(&self) -> bool {
         self.inner.kind == Kind::Overloaded
     }
@@ -146,12 +149,27 @@ impl Error {
     }
 
     /// The call certainly did not run on the server, so sending it again is safe even if it is
-    /// not idempotent: it was never sent, or the server refused it unprocessed (`REFUSED`).
+    /// not idempotent: it was never sent (no connection, the connection broke before the
+    /// request was written, or a layer turned it away), or the server refused it unprocessed
+    /// (`REFUSED`).
     pub fn is_retry_safe(&self) -> bool {
         matches!(
             self.inner.kind,
             Kind::Unavailable | Kind::Overloaded | Kind::Encode
         ) || self.code() == Some(Code::Refused)
+    }
+
+    /// A copy for a second owner: same kind, server and status; other sources are kept as
+    /// text.
+    fn duplicate(&self) -> Error {
+        let mut e = Error::new(self.inner.kind).target(self.inner.target.as_ref());
+        if let Some(source) = &self.inner.source {
+            e = match source.downcast_ref::<Status>() {
+                Some(status) => e.with(status.clone()),
+                None => e.with(source.to_string()),
+            };
+        }
+        e
     }
 
     /// The typed error a handler sent (see [`Status::typed`]), decoded as `E`: `None` if the
@@ -167,7 +185,7 @@ impl Error {
     ///     Full,
     /// }
     ///
-    /// if let Err(e) = client.call::<String, String>("Cache.Get", &"k".to_string()).await {
+    /// if let Err(e) = client.invoke::<String, String>("Cache.Get", &"k".to_string()).await {
     ///     match e.details::<CacheError>() {
     ///         Some(CacheError::Missing { key }) => println!("no {key}"),
     ///         Some(CacheError::Full) => println!("full"),
@@ -224,6 +242,7 @@ impl Error {
             Kind::Protocol => "protocol error",
             Kind::Handshake => "connection handshake failed",
             Kind::Io => "i/o error",
+            Kind::Service => "service error",
         }
     }
 }
@@ -264,6 +283,89 @@ impl std::error::Error for Error {
             .as_ref()
             .map(|e| &**e as &(dyn std::error::Error + 'static))
     }
+}
+
+/// One error type after any tower stack: converts the `BoxError` that a `ServiceBuilder` stack
+/// around a [`Client`](crate::Client) returns back into an [`Error`], so that one set of
+/// predicates answers every question.
+///
+/// - a towerpc `Error` (also one wrapped by tower's `Buffer`) comes back as it was;
+/// - tower's `Elapsed` (the `timeout` layer) is [`is_timeout()`](Error::is_timeout);
+/// - tower's `Overloaded` (the `load_shed` layer) is [`is_overloaded()`](Error::is_overloaded)
+///   and [`is_retry_safe()`](Error::is_retry_safe): the call was never made;
+/// - tower's buffer `Closed` is [`is_closed()`](Error::is_closed);
+/// - anything else is kept as the [`source`](std::error::Error::source) of a service error.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+/// use towerpc::{Client, Error, Request};
+///
+/// # async fn f(client: Client) {
+/// let mut svc = ServiceBuilder::new()
+///     .timeout(Duration::from_secs(1))
+///     .load_shed()
+///     .concurrency_limit(64)
+///     .service(client);
+/// let res = match svc.ready().await {
+///     Ok(svc) => svc.call(Request::new("Echo", "hi")).await,
+///     Err(e) => Err(e),
+/// };
+/// if let Err(e) = res.map_err(Error::from) {
+///     if e.is_timeout() {
+///         println!("too slow");
+///     } else if e.is_overloaded() {
+///         println!("shed");
+///     }
+/// }
+/// # }
+/// ```
+impl From<BoxError> for Error {
+    fn from(e: BoxError) -> Error {
+        let e = match e.downcast::<Error>() {
+            Ok(e) => return *e,
+            Err(e) => e,
+        };
+        match classify(&*e) {
+            Ok(ours) => ours,
+            Err(kind) => Error::new(kind).with(e),
+        }
+    }
+}
+
+impl Error {
+    /// What `Error::from(e)` would say, without taking `e` (the source is left out).
+    pub(crate) fn peek(e: &BoxError) -> Error {
+        match classify(&**e) {
+            Ok(ours) => ours,
+            Err(kind) => Error::new(kind),
+        }
+    }
+}
+
+/// Finds what a layer's error means: a towerpc `Error` in its chain (copied), or the kind of a
+/// known tower error. Tower's `Buffer` shares its inner service's error behind its own, so
+/// the whole chain is searched.
+fn classify(e: &(dyn std::error::Error + 'static)) -> std::result::Result<Error, Kind> {
+    let mut cur = Some(e);
+    while let Some(inner) = cur {
+        if let Some(ours) = inner.downcast_ref::<Error>() {
+            return Ok(ours.duplicate());
+        }
+        if inner.is::<tower::timeout::error::Elapsed>() {
+            return Err(Kind::Timeout);
+        }
+        if inner.is::<tower::load_shed::error::Overloaded>() {
+            return Err(Kind::Overloaded);
+        }
+        if inner.is::<tower::buffer::error::Closed>() {
+            return Err(Kind::Closed);
+        }
+        cur = inner.source();
+    }
+    Err(Kind::Service)
 }
 
 /// Error codes carried on the wire in `ERROR` and `GOAWAY` messages.
@@ -495,6 +597,20 @@ mod tests {
             assert_eq!(Code::from_u16(v).as_u16(), v);
         }
         assert_eq!(Code::from_u16(999), Code::Unknown);
+    }
+
+    #[test]
+    fn layer_errors_convert_to_one_type() {
+        let e = Error::from(BoxError::from(tower::timeout::error::Elapsed::new()));
+        assert!(e.is_timeout() && !e.is_retry_safe());
+        let e = Error::from(BoxError::from(tower::load_shed::error::Overloaded::new()));
+        assert!(e.is_overloaded() && e.is_retry_safe());
+        let remote = Error::remote(Status::new(Code::Refused, "draining"));
+        let e = Error::from(BoxError::from(remote));
+        assert_eq!(e.code(), Some(Code::Refused));
+        let e = Error::from(BoxError::from("something else"));
+        assert!(!e.is_timeout() && !e.is_remote() && !e.is_closed());
+        assert_eq!(e.to_string(), "service error: something else");
     }
 
     #[test]

@@ -8,9 +8,11 @@
 pub mod client;
 pub mod codec;
 mod conn;
+pub mod deadline;
 pub mod dispatch;
 mod error;
 mod request;
+pub mod retry;
 pub mod server;
 pub mod stats;
 pub mod transport;
@@ -18,7 +20,7 @@ pub mod transport;
 pub use crate::client::Client;
 pub use crate::conn::DEFAULT_BUFFER_SIZE;
 pub use crate::error::{Code, Error, Result, Status};
-pub use crate::request::{Method, Request, Response};
+pub use crate::request::{Method, Request, Response, Timeout};
 pub use crate::server::Server;
 pub use crate::stats::Stats;
 

@@ -388,7 +388,7 @@ fn run_case(
             .connect(addr)
             .await
             .unwrap();
-        assert_eq!(honest.call::<_, u64>("Echo", &0u64).await.unwrap(), 0);
+        assert_eq!(honest.invoke::<_, u64>("Echo", &0u64).await.unwrap(), 0);
 
         let stop = Arc::new(AtomicBool::new(false));
         let honest_task = {
@@ -398,7 +398,7 @@ fn run_case(
                 let mut ok = 0usize;
                 let mut n = 1u64;
                 while !stop.load(SeqCst) {
-                    match honest.call::<_, u64>("Echo", &n).await {
+                    match honest.invoke::<_, u64>("Echo", &n).await {
                         Ok(v) if v == n => ok += 1,
                         other => return Err(format!("honest call {n}: {other:?}")),
                     }
@@ -432,7 +432,7 @@ fn run_case(
         );
         for n in 0..10u64 {
             let v: u64 = honest
-                .call("Echo", &n)
+                .invoke("Echo", &n)
                 .await
                 .unwrap_or_else(|e| panic!("{name}: honest call after the attack: {e}"));
             assert_eq!(v, n);

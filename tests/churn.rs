@@ -346,7 +346,7 @@ async fn caller(id: u32, client: Client, load: Arc<Load>, seed: u64) -> (u32, Ta
             // while the reply is on its way back.
             let after = Duration::from_micros(rng.u64(0..5000));
             let ended = if rng.bool() {
-                tokio::time::timeout(after, client.call::<Echo, Echo>("Echo", &msg))
+                tokio::time::timeout(after, client.invoke::<Echo, Echo>("Echo", &msg))
                     .await
                     .ok()
             } else {
@@ -380,7 +380,7 @@ async fn caller(id: u32, client: Client, load: Arc<Load>, seed: u64) -> (u32, Ta
             let body = to_msgpack(&msg).expect("encode");
             let begun = Instant::now();
             let res = client
-                .request(Request::new("Echo", body).timeout(deadline))
+                .request(Request::new("Echo", body).with_timeout(deadline))
                 .await;
             let took = begun.elapsed();
             t.lateness_us.push((
@@ -401,7 +401,7 @@ async fn caller(id: u32, client: Client, load: Arc<Load>, seed: u64) -> (u32, Ta
             }
         } else {
             let begun = Instant::now();
-            let res = client.call::<Echo, Echo>("Echo", &msg).await;
+            let res = client.invoke::<Echo, Echo>("Echo", &msg).await;
             t.longest_default = t.longest_default.max(begun.elapsed());
             let outage = res.as_ref().is_err_and(is_outage);
             t.record(Path::Default, &msg, res);

@@ -69,7 +69,7 @@ async fn responses_out_of_order_reach_their_callers() {
                 caller,
                 nonce: caller.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40,
             };
-            let answer: Answer = client.call("Sleep", &ask).await.unwrap();
+            let answer: Answer = client.invoke("Sleep", &ask).await.unwrap();
             assert_eq!(
                 (answer.caller, answer.nonce),
                 (ask.caller, ask.nonce),
@@ -109,7 +109,7 @@ async fn call_times_out_and_its_id_is_released_by_the_late_reply() {
         .unwrap();
 
     let start = Instant::now();
-    let err = client.call::<_, u64>("Sleep", &1u64).await.unwrap_err();
+    let err = client.invoke::<_, u64>("Sleep", &1u64).await.unwrap_err();
     let took = start.elapsed();
     assert!(err.is_timeout(), "{err:?}");
     assert!(
@@ -160,7 +160,7 @@ async fn dropping_a_call_cancels_the_handler_on_the_server() {
         .await
         .unwrap();
 
-    let mut call = Box::pin(client.call::<_, ()>("Forever", &()));
+    let mut call = Box::pin(client.invoke::<_, ()>("Forever", &()));
     tokio::select! {
         res = &mut call => panic!("the call ended on its own: {res:?}"),
         () = eventually("the handler to start", Duration::from_secs(5), || started.load(SeqCst) == 1) => {}
@@ -192,7 +192,7 @@ async fn client_reconnects_after_the_server_restarts_on_the_same_port() {
         .connect(addr)
         .await
         .unwrap();
-    assert_eq!(client.call::<_, u64>("Echo", &1u64).await.unwrap(), 1);
+    assert_eq!(client.invoke::<_, u64>("Echo", &1u64).await.unwrap(), 1);
 
     server.trigger_shutdown();
     server.join(Duration::from_secs(5)).await;
@@ -200,9 +200,12 @@ async fn client_reconnects_after_the_server_restarts_on_the_same_port() {
     // With the server gone, calls fail at once with a typed error instead of waiting out
     // their 20 s timeout.
     let start = Instant::now();
-    let res = tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &2u64))
-        .await
-        .expect("a call to a stopped server hung");
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.invoke::<_, u64>("Echo", &2u64),
+    )
+    .await
+    .expect("a call to a stopped server hung");
     let err = res.expect_err("a call to a stopped server succeeded");
     assert!(err.is_unavailable() || err.is_closed(), "{err:?}");
     assert!(
@@ -218,7 +221,8 @@ async fn client_reconnects_after_the_server_restarts_on_the_same_port() {
     let mut last_err = None;
     let mut recovered = false;
     for i in 0..500u64 {
-        match tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &i)).await
+        match tokio::time::timeout(Duration::from_secs(5), client.invoke::<_, u64>("Echo", &i))
+            .await
         {
             Ok(Ok(n)) => {
                 assert_eq!(n, i);
@@ -246,9 +250,12 @@ async fn call_fails_fast_with_no_server_listening() {
     let client = Client::builder().connect_lazy(addr);
 
     let start = Instant::now();
-    let res = tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &1u64))
-        .await
-        .expect("the call hung");
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.invoke::<_, u64>("Echo", &1u64),
+    )
+    .await
+    .expect("the call hung");
     let took = start.elapsed();
     let err = res.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
@@ -285,9 +292,12 @@ async fn dialing_an_unspecified_address_fails_at_once() {
 
     let client = Client::builder().connect_lazy(addr);
     let start = Instant::now();
-    let res = tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &1u64))
-        .await
-        .expect("a call to 0.0.0.0 hung");
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.invoke::<_, u64>("Echo", &1u64),
+    )
+    .await
+    .expect("a call to 0.0.0.0 hung");
     let err = res.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
     assert!(!err.is_timeout(), "{err:?}");
@@ -316,7 +326,7 @@ async fn silent_server_is_detected_as_stalled() {
     let start = Instant::now();
     let res = tokio::time::timeout(
         Duration::from_secs(10),
-        client.call::<_, u64>("Echo", &1u64),
+        client.invoke::<_, u64>("Echo", &1u64),
     )
     .await
     .expect("the call to a silent server hung");
@@ -368,9 +378,12 @@ async fn reply_to_unknown_id_is_a_protocol_error() {
     .await;
     let client = Client::builder().connect(addr).await.unwrap();
 
-    let res = tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Echo", &1u64))
-        .await
-        .expect("the call hung");
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.invoke::<_, u64>("Echo", &1u64),
+    )
+    .await
+    .expect("the call hung");
     let err = res.unwrap_err();
     assert!(err.is_protocol(), "{err:?}");
     assert_eq!(client.stats().protocol_errors, 1);
@@ -421,7 +434,7 @@ async fn duplicate_reply_is_a_protocol_error_not_a_second_answer() {
 
     let a = tokio::spawn({
         let client = client.clone();
-        async move { client.call::<_, u64>("Echo", &1u64).await }
+        async move { client.invoke::<_, u64>("Echo", &1u64).await }
     });
     eventually("the first call to be sent", Duration::from_secs(5), || {
         client.pending() == 1
@@ -429,7 +442,7 @@ async fn duplicate_reply_is_a_protocol_error_not_a_second_answer() {
     .await;
     let b = tokio::spawn({
         let client = client.clone();
-        async move { client.call::<_, u64>("Echo", &2u64).await }
+        async move { client.invoke::<_, u64>("Echo", &2u64).await }
     });
     let (a, b) = tokio::time::timeout(Duration::from_secs(5), async {
         (a.await.unwrap(), b.await.unwrap())
@@ -467,7 +480,7 @@ async fn fail_oldest_overflow_fails_the_first_call() {
     for n in 1..=4u64 {
         let c = client.clone();
         calls.push(tokio::spawn(
-            async move { c.call::<_, u64>("Gate", &n).await },
+            async move { c.invoke::<_, u64>("Gate", &n).await },
         ));
         eventually("the call to be pending", Duration::from_secs(5), || {
             client.pending() == n as usize
@@ -482,7 +495,7 @@ async fn fail_oldest_overflow_fails_the_first_call() {
 
     let c = client.clone();
     calls.push(tokio::spawn(async move {
-        c.call::<_, u64>("Gate", &5u64).await
+        c.invoke::<_, u64>("Gate", &5u64).await
     }));
     let first = tokio::time::timeout(Duration::from_secs(5), &mut calls[0])
         .await
@@ -519,7 +532,7 @@ async fn backpressure_makes_poll_ready_wait_for_a_free_slot() {
     let mut calls = JoinSet::new();
     for n in 1..=2u64 {
         let c = client.clone();
-        calls.spawn(async move { c.call::<_, u64>("Gate", &n).await });
+        calls.spawn(async move { c.invoke::<_, u64>("Gate", &n).await });
     }
     eventually("2 handlers to start", Duration::from_secs(5), || {
         started.load(SeqCst) == 2
@@ -619,7 +632,7 @@ async fn stats_count_calls_and_batch_writes() {
         callers.spawn(async move {
             for i in 0..PER_CALLER {
                 let n = c * 1000 + i;
-                assert_eq!(client.call::<_, u64>("Echo", &n).await.unwrap(), n);
+                assert_eq!(client.invoke::<_, u64>("Echo", &n).await.unwrap(), n);
             }
         });
     }

@@ -133,25 +133,25 @@ async fn every_handler_shape_serves() {
 
     let (_server, client) = start(d).await;
     within(BOUND, async {
-        client.call::<_, ()>("Ping", &()).await.unwrap();
+        client.invoke::<_, ()>("Ping", &()).await.unwrap();
         assert_eq!(pings.load(SeqCst), 1);
         assert_eq!(
-            client.call::<_, String>("Version", &()).await.unwrap(),
+            client.invoke::<_, String>("Version", &()).await.unwrap(),
             "1.2.3"
         );
-        assert_eq!(client.call::<_, u64>("Double", &21u64).await.unwrap(), 42);
-        assert_eq!(client.call::<_, i64>("Parse", "-7").await.unwrap(), -7);
-        let e = client.call::<_, i64>("Parse", "x").await.unwrap_err();
+        assert_eq!(client.invoke::<_, u64>("Double", &21u64).await.unwrap(), 42);
+        assert_eq!(client.invoke::<_, i64>("Parse", "-7").await.unwrap(), -7);
+        let e = client.invoke::<_, i64>("Parse", "x").await.unwrap_err();
         assert_eq!(e.code(), Some(Code::Application));
         assert_eq!(
             e.status().unwrap().message(),
             "invalid digit found in string"
         );
-        assert_eq!(client.call::<_, f64>("Sqrt", &9.0).await.unwrap(), 3.0);
-        let e = client.call::<_, f64>("Sqrt", &-1.0).await.unwrap_err();
+        assert_eq!(client.invoke::<_, f64>("Sqrt", &9.0).await.unwrap(), 3.0);
+        let e = client.invoke::<_, f64>("Sqrt", &-1.0).await.unwrap_err();
         assert_eq!(e.status().unwrap().message(), "negative");
 
-        let info: CtxInfo = client.call("Ctx", &()).await.unwrap();
+        let info: CtxInfo = client.invoke("Ctx", &()).await.unwrap();
         assert_eq!(info.method, "Ctx");
         assert!(info.remote_port.is_some_and(|p| p != 0));
         // The client's 5 s default timeout reaches the handler as its deadline.
@@ -159,12 +159,12 @@ async fn every_handler_shape_serves() {
         assert!(ms > 3_000 && ms <= 5_000, "remaining {ms} ms");
         assert!(!info.one_way);
         assert_eq!(
-            client.call::<_, String>("CtxEcho", "x").await.unwrap(),
+            client.invoke::<_, String>("CtxEcho", "x").await.unwrap(),
             "CtxEcho:x"
         );
         assert_eq!(
             client
-                .call::<_, i64>("Add", &AddReq { a: 2, b: 3 })
+                .invoke::<_, i64>("Add", &AddReq { a: 2, b: 3 })
                 .await
                 .unwrap(),
             5
@@ -183,8 +183,8 @@ async fn context_carries_metadata_deadline_and_address() {
     within(BOUND, async {
         let body = towerpc::codec::to_msgpack(&()).unwrap();
         let req = Request::new("Ctx", body)
-            .metadata(Bytes::from_static(b"\x81\xa2id\x07"))
-            .timeout(Duration::from_millis(1500));
+            .with_metadata(Bytes::from_static(b"\x81\xa2id\x07"))
+            .with_timeout(Duration::from_millis(1500));
         let resp = client.request(req).await.unwrap();
         let info: CtxInfo = towerpc::codec::from_msgpack(resp.body()).unwrap();
         assert_eq!(&info.metadata[..], b"\x81\xa2id\x07");
@@ -193,7 +193,7 @@ async fn context_carries_metadata_deadline_and_address() {
         assert!(info.remote_port.is_some_and(|p| p != 0));
 
         // Without a timeout there is no deadline.
-        let req = Request::new("Ctx", towerpc::codec::to_msgpack(&()).unwrap()).timeout(None);
+        let req = Request::new("Ctx", towerpc::codec::to_msgpack(&()).unwrap()).with_timeout(None);
         let resp = client.request(req).await.unwrap();
         let info: CtxInfo = towerpc::codec::from_msgpack(resp.body()).unwrap();
         assert_eq!(info.remaining_ms, None);
@@ -257,22 +257,22 @@ async fn two_receivers_of_one_type_keep_their_own_state() {
     within(BOUND, async {
         let set = |k: &str, v: &str| (k.to_owned(), v.to_owned());
         client
-            .call::<_, ()>("UsersCache.Set", &set("alice", "admin"))
+            .invoke::<_, ()>("UsersCache.Set", &set("alice", "admin"))
             .await
             .unwrap();
         client
-            .call::<_, ()>("PostsCache.Set", &set("1", "hello"))
+            .invoke::<_, ()>("PostsCache.Set", &set("1", "hello"))
             .await
             .unwrap();
         client
-            .call::<_, ()>("PostsCache.Set", &set("2", "world"))
+            .invoke::<_, ()>("PostsCache.Set", &set("2", "world"))
             .await
             .unwrap();
 
         let get = |m: &'static str, k: &str| {
             let client = client.clone();
             let k = k.to_owned();
-            async move { client.call::<_, Option<String>>(m, &k).await.unwrap() }
+            async move { client.invoke::<_, Option<String>>(m, &k).await.unwrap() }
         };
         assert_eq!(
             get("UsersCache.Get", "alice").await.as_deref(),
@@ -282,21 +282,21 @@ async fn two_receivers_of_one_type_keep_their_own_state() {
         assert_eq!(get("PostsCache.Get", "2").await.as_deref(), Some("world"));
         assert_eq!(
             client
-                .call::<_, usize>("UsersCache.Len", &())
+                .invoke::<_, usize>("UsersCache.Len", &())
                 .await
                 .unwrap(),
             1
         );
         assert_eq!(
             client
-                .call::<_, usize>("PostsCache.Len", &())
+                .invoke::<_, usize>("PostsCache.Len", &())
                 .await
                 .unwrap(),
             2
         );
         assert_eq!(
             client
-                .call::<_, String>("PostsCache.Who", "k")
+                .invoke::<_, String>("PostsCache.Who", "k")
                 .await
                 .unwrap(),
             "PostsCache.Who k 2"
@@ -318,7 +318,7 @@ where
 {
     let d = Dispatcher::new().route("Echo", |v: T| async move { v });
     let (_server, client) = start(d).await;
-    let back: T = within(BOUND, client.call("Echo", &value)).await.unwrap();
+    let back: T = within(BOUND, client.invoke("Echo", &value)).await.unwrap();
     assert_eq!(back, value);
 }
 
@@ -379,7 +379,7 @@ async fn options_round_trip() {
     // itself nil (`()`, `None`) reads back as `None`. Documented in the dispatch module.
     let d = Dispatcher::new().route("Echo", |v: Option<Option<u8>>| async move { v });
     let (_server, client) = start(d).await;
-    let back: Option<Option<u8>> = within(BOUND, client.call("Echo", &Some(None::<u8>)))
+    let back: Option<Option<u8>> = within(BOUND, client.invoke("Echo", &Some(None::<u8>)))
         .await
         .unwrap();
     assert_eq!(back, None);
@@ -477,7 +477,7 @@ async fn new_server_talks_to_old_client() {
         name: "ann".into(),
         age: 40,
     };
-    let back: v1::User = within(BOUND, client.call("Users.Touch", &old))
+    let back: v1::User = within(BOUND, client.invoke("Users.Touch", &old))
         .await
         .unwrap();
     assert_eq!(
@@ -502,7 +502,7 @@ async fn old_server_talks_to_new_client() {
         email: Some("bob@example.com".into()),
         tags: vec!["x".into()],
     };
-    let back: v2::User = within(BOUND, client.call("Users.Touch", &new))
+    let back: v2::User = within(BOUND, client.invoke("Users.Touch", &new))
         .await
         .unwrap();
     // The old server dropped what it did not know; the new client defaults it.
@@ -523,7 +523,7 @@ async fn old_server_talks_to_new_client() {
 async fn methods_lists_names_and_types() {
     let d = calc().route("Ping", || async {});
     let (_server, client) = start(d).await;
-    let list: Vec<MethodInfo> = within(BOUND, client.call(METHODS, &())).await.unwrap();
+    let list: Vec<MethodInfo> = within(BOUND, client.invoke(METHODS, &())).await.unwrap();
     let names: Vec<&str> = list.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["Calc.Add", "Calc.Div", "Ping", "towerpc.methods"]);
     assert!(list[0].request.ends_with("AddReq"), "{:?}", list[0]);
@@ -542,12 +542,15 @@ async fn methods_lists_names_and_types() {
 async fn unknown_method_names_it_and_keeps_the_connection() {
     let (server, client) = start(calc()).await;
     within(BOUND, async {
-        let e = client.call::<_, i64>("Calc.Ad", &(1, 2)).await.unwrap_err();
+        let e = client
+            .invoke::<_, i64>("Calc.Ad", &(1, 2))
+            .await
+            .unwrap_err();
         assert!(e.is_remote());
         assert_eq!(e.code(), Some(Code::NotFound));
         assert_eq!(e.status().unwrap().message(), "unknown method \"Calc.Ad\"");
         let sum: i64 = client
-            .call("Calc.Add", &AddReq { a: 1, b: 2 })
+            .invoke("Calc.Add", &AddReq { a: 1, b: 2 })
             .await
             .unwrap();
         assert_eq!(sum, 3);
@@ -562,7 +565,7 @@ async fn wrong_request_type_names_method_and_type() {
     let (server, client) = start(calc()).await;
     within(BOUND, async {
         let e = client
-            .call::<_, i64>("Calc.Add", "not an AddReq")
+            .invoke::<_, i64>("Calc.Add", "not an AddReq")
             .await
             .unwrap_err();
         assert!(e.is_remote());
@@ -581,7 +584,10 @@ async fn wrong_request_type_names_method_and_type() {
         assert_eq!(resp.code(), Some(Code::InvalidArgument));
         assert!(resp.status().unwrap().message().contains("(i64, i64)"));
         // Still the same connection.
-        assert_eq!(client.call::<_, i64>("Calc.Div", &(9, 3)).await.unwrap(), 3);
+        assert_eq!(
+            client.invoke::<_, i64>("Calc.Div", &(9, 3)).await.unwrap(),
+            3
+        );
     })
     .await;
     assert_eq!(client.stats().dials, 1);
@@ -593,7 +599,7 @@ async fn typed_handler_errors_reach_the_client() {
     let (_server, client) = start(calc()).await;
     within(BOUND, async {
         let e = client
-            .call::<_, i64>("Calc.Add", &AddReq { a: i64::MAX, b: 1 })
+            .invoke::<_, i64>("Calc.Add", &AddReq { a: i64::MAX, b: 1 })
             .await
             .unwrap_err();
         assert!(e.is_remote());
@@ -607,7 +613,7 @@ async fn typed_handler_errors_reach_the_client() {
             Some(CalcError::Overflow { a: i64::MAX, b: 1 })
         );
         let e = client
-            .call::<_, i64>("Calc.Div", &(1, 0))
+            .invoke::<_, i64>("Calc.Div", &(1, 0))
             .await
             .unwrap_err();
         assert_eq!(e.details::<CalcError>(), Some(CalcError::DivisionByZero));
@@ -629,10 +635,10 @@ async fn panicking_handler_is_internal_and_isolated() {
         .route("Ok", || async { 1u8 });
     let (_server, client) = start(d).await;
     within(BOUND, async {
-        let e = client.call::<_, u64>("Boom", &1u64).await.unwrap_err();
+        let e = client.invoke::<_, u64>("Boom", &1u64).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::Internal));
         assert!(!e.to_string().contains("secret"));
-        assert_eq!(client.call::<_, u8>("Ok", &()).await.unwrap(), 1);
+        assert_eq!(client.invoke::<_, u8>("Ok", &()).await.unwrap(), 1);
     })
     .await;
 }
@@ -951,11 +957,14 @@ async fn dispatcher_runs_under_tower_layers() {
     let server = support::serve(Server::builder(), tower::util::BoxCloneService::new(svc)).await;
     let client = Client::connect(server.addr).await.unwrap();
     within(BOUND, async {
-        let e = client.call::<_, u64>("Slow", &5_000u64).await.unwrap_err();
+        let e = client
+            .invoke::<_, u64>("Slow", &5_000u64)
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Some(Code::DeadlineExceeded), "{e}");
-        assert_eq!(client.call::<_, u64>("Slow", &1u64).await.unwrap(), 1);
+        assert_eq!(client.invoke::<_, u64>("Slow", &1u64).await.unwrap(), 1);
         // Errors of the dispatcher itself pass through the layers unchanged.
-        let e = client.call::<_, u64>("Nope", &()).await.unwrap_err();
+        let e = client.invoke::<_, u64>("Nope", &()).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::NotFound));
     })
     .await;

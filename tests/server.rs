@@ -46,7 +46,7 @@ async fn one_call_outliving(
     let client = client.connect(server.addr).await.unwrap();
     let call = tokio::spawn({
         let c = client.clone();
-        async move { c.call::<_, u64>("Sleep", &1u64).await }
+        async move { c.invoke::<_, u64>("Sleep", &1u64).await }
     });
     eventually("the handler to start", Duration::from_secs(5), || {
         runs.load(SeqCst) == 1
@@ -94,7 +94,7 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
     let mut calls = JoinSet::new();
     for n in 0..100i64 {
         let c = client.clone();
-        calls.spawn(async move { (n, c.call::<_, i64>("Sleep", &n).await) });
+        calls.spawn(async move { (n, c.invoke::<_, i64>("Sleep", &n).await) });
     }
     eventually("101 handlers to start", Duration::from_secs(5), || {
         runs.load(SeqCst) == 101
@@ -136,7 +136,7 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
     )
     .await;
     for n in 1000..1010i64 {
-        let res = tokio::time::timeout(grace * 2, client.call::<_, i64>("Sleep", &n))
+        let res = tokio::time::timeout(grace * 2, client.invoke::<_, i64>("Sleep", &n))
             .await
             .expect("a call after shutdown hung");
         let err = res.expect_err("a call after shutdown succeeded");
@@ -144,7 +144,7 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
     }
     // A brand new client, made after the shutdown started.
     let late = Client::builder().connect_lazy(addr);
-    let res = tokio::time::timeout(grace * 2, late.call::<_, i64>("Sleep", &2000i64))
+    let res = tokio::time::timeout(grace * 2, late.invoke::<_, i64>("Sleep", &2000i64))
         .await
         .expect("a new client's call hung");
     let err = res.expect_err("a new client's call succeeded during shutdown");
@@ -266,7 +266,7 @@ async fn handler_panics_become_internal_errors_one_for_one() {
     let mut calls = JoinSet::new();
     for n in 0..200u64 {
         let c = client.clone();
-        calls.spawn(async move { (n, c.call::<_, u64>("Maybe", &n).await) });
+        calls.spawn(async move { (n, c.invoke::<_, u64>("Maybe", &n).await) });
     }
     let mut internal = 0u64;
     while let Some(res) = tokio::time::timeout(Duration::from_secs(10), calls.join_next())
@@ -301,7 +301,7 @@ async fn handler_status_reaches_the_client_with_its_code_and_message() {
     });
     let server = support::serve(Server::builder(), svc).await;
     let client = Client::builder().connect(server.addr).await.unwrap();
-    let err = client.call::<_, u64>("Find", &1u64).await.unwrap_err();
+    let err = client.invoke::<_, u64>("Find", &1u64).await.unwrap_err();
     assert!(err.is_remote(), "{err:?}");
     assert_eq!(err.code(), Some(Code::NotFound));
     assert_eq!(err.status().unwrap().message(), "nope");
@@ -315,7 +315,7 @@ async fn handler_plain_error_becomes_application_code_with_its_text() {
     });
     let server = support::serve(Server::builder(), svc).await;
     let client = Client::builder().connect(server.addr).await.unwrap();
-    let err = client.call::<_, u64>("Save", &1u64).await.unwrap_err();
+    let err = client.invoke::<_, u64>("Save", &1u64).await.unwrap_err();
     assert!(err.is_remote(), "{err:?}");
     assert_eq!(err.code(), Some(Code::Application));
     assert_eq!(err.status().unwrap().message(), "disk full on shard 7");
@@ -335,7 +335,7 @@ async fn handler_sees_the_client_address() {
     });
     let server = support::serve(Server::builder(), svc).await;
     let client = Client::builder().connect(server.addr).await.unwrap();
-    let peer: String = client.call("Whoami", &()).await.unwrap();
+    let peer: String = client.invoke("Whoami", &()).await.unwrap();
     let peer: SocketAddr = peer
         .parse()
         .unwrap_or_else(|e| panic!("handler saw no usable address ({peer:?}): {e}"));
@@ -367,7 +367,7 @@ async fn max_concurrency_bounds_handlers_running_at_once() {
     let mut calls = JoinSet::new();
     for n in 0..20u64 {
         let c = client.clone();
-        calls.spawn(async move { (n, c.call::<_, u64>("Busy", &n).await) });
+        calls.spawn(async move { (n, c.invoke::<_, u64>("Busy", &n).await) });
     }
     let mut ok = 0;
     while let Some(res) = tokio::time::timeout(Duration::from_secs(10), calls.join_next())
@@ -408,7 +408,7 @@ async fn new_dials_are_refused_at_once_during_a_drain() {
     // until the drain ends.
     let late = Client::builder().connect_lazy(addr);
     let start = Instant::now();
-    let res = tokio::time::timeout(grace * 2, late.call::<_, u64>("Sleep", &2u64))
+    let res = tokio::time::timeout(grace * 2, late.invoke::<_, u64>("Sleep", &2u64))
         .await
         .expect("a new client's call hung");
     let took = start.elapsed();

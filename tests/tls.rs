@@ -380,14 +380,14 @@ async fn tls_echo_suite() {
         // A few calls in a row.
         for i in 0..5 {
             let msg = format!("hello over TLS #{i}");
-            let got: String = client.call("Echo", &msg).await.expect("call");
+            let got: String = client.invoke("Echo", &msg).await.expect("call");
             assert_eq!(got, msg);
         }
 
         // Many at once over the one connection.
         let calls = (0..200u64).map(|i| {
             let client = client.clone();
-            async move { client.call::<u64, u64>("Echo", &i).await }
+            async move { client.invoke::<u64, u64>("Echo", &i).await }
         });
         let results = futures_util::future::join_all(calls).await;
         for (i, r) in results.into_iter().enumerate() {
@@ -460,7 +460,7 @@ async fn tls_server_speaks_tls_on_the_wire() {
             .await
             .expect("TLS connect through relay");
         let secret = "a secret that must not cross the wire in clear".to_string();
-        let got: String = client.call("Echo", &secret).await.expect("call");
+        let got: String = client.invoke("Echo", &secret).await.expect("call");
         assert_eq!(got, secret);
         let seen = seen.lock().unwrap().clone();
         assert!(!seen.is_empty());
@@ -526,7 +526,7 @@ async fn mtls_identity_reaches_handlers() {
             leaf == pki.client.der,
             "handler saw another certificate than the client's"
         );
-        let got: String = client.call("Echo", &"hi".to_string()).await.unwrap();
+        let got: String = client.invoke("Echo", &"hi".to_string()).await.unwrap();
         assert_eq!(got, "hi");
 
         // A second client on the same server: each connection carries its own identity.
@@ -594,7 +594,7 @@ async fn mtls_rejects_client_certificate_from_unknown_ca() {
         let client = connect_tls(srv.addr, pki.identity_config(&pki.client))
             .await
             .expect("good mTLS client");
-        let got: u64 = client.call("Echo", &7u64).await.unwrap();
+        let got: u64 = client.invoke("Echo", &7u64).await.unwrap();
         assert_eq!(got, 7);
         assert_no_reports(&mut reports);
     })
@@ -711,7 +711,7 @@ async fn server_verified_by_ip_address() {
             .connect_with(srv.addr, tls.clone())
             .await
             .expect("TLS by IP address");
-        let got: u64 = client.call("Echo", &1u64).await.unwrap();
+        let got: u64 = client.invoke("Echo", &1u64).await.unwrap();
         assert_eq!(got, 1);
 
         let (bad, _r2) = tls_server(
@@ -842,7 +842,7 @@ async fn slowloris_is_bounded_by_handshake_timeout() {
             let client = connect_tls(srv.addr, pki.client_config())
                 .await
                 .expect("good client during slowloris");
-            let got: u64 = client.call("Echo", &5u64).await.unwrap();
+            let got: u64 = client.invoke("Echo", &5u64).await.unwrap();
             assert_eq!(got, 5);
             let took = start.elapsed();
             assert!(
@@ -931,7 +931,7 @@ async fn server_on_connect_refuses_then_admits() {
         let client = connect_tls(srv.addr, pki.client_config())
             .await
             .expect("admitted by the hook");
-        let got: u64 = client.call("Echo", &3u64).await.unwrap();
+        let got: u64 = client.invoke("Echo", &3u64).await.unwrap();
         assert_eq!(got, 3);
         assert_eq!(seen.load(Ordering::SeqCst), 2);
         assert_no_reports(&mut reports);
@@ -1023,7 +1023,7 @@ async fn client_on_connect_refuses_and_admits() {
         let client = connect_tls_with(admitting, srv.addr, pki.client_config())
             .await
             .expect("admitted by the client hook");
-        let got: String = client.call("Echo", &"pinned".to_string()).await.unwrap();
+        let got: String = client.invoke("Echo", &"pinned".to_string()).await.unwrap();
         assert_eq!(got, "pinned");
         assert_eq!(checked.load(Ordering::SeqCst), 1);
         assert_no_reports(&mut reports);
@@ -1093,7 +1093,7 @@ async fn two_hundred_tls_cycles() {
                 .await
                 .unwrap_or_else(|e| panic!("cycle {i}: connect failed: {e}"));
             let got: u64 = client
-                .call("Echo", &i)
+                .invoke("Echo", &i)
                 .await
                 .unwrap_or_else(|e| panic!("cycle {i}: call failed: {e}"));
             assert_eq!(got, i);

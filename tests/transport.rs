@@ -86,7 +86,7 @@ async fn call_suite(label: &str, client: &Client, notes: &Notes, compressed: boo
     // A single call.
     let item = Item::sample(1);
     let back: Item = client
-        .call("Echo", &item)
+        .invoke("Echo", &item)
         .await
         .unwrap_or_else(|e| panic!("{label}: single call failed: {e}"));
     assert_eq!(back, item, "{label}: single call");
@@ -100,7 +100,7 @@ async fn call_suite(label: &str, client: &Client, notes: &Notes, compressed: boo
         let label = label.to_string();
         calls.spawn(async move {
             let got: u64 = client
-                .call("Shuffle", &n)
+                .invoke("Shuffle", &n)
                 .await
                 .unwrap_or_else(|e| panic!("{label}: call {n} failed: {e}"));
             assert_eq!(got, n, "{label}: call {n} got another call's reply");
@@ -165,7 +165,7 @@ async fn call_suite(label: &str, client: &Client, notes: &Notes, compressed: boo
 
     // A handler error arrives with its code and message.
     let err = client
-        .call::<_, u64>("Fail", &0u64)
+        .invoke::<_, u64>("Fail", &0u64)
         .await
         .expect_err("Fail succeeded");
     assert!(err.is_remote(), "{label}: {err:?}");
@@ -494,7 +494,7 @@ async fn bytes_written_per_call(compression: Option<Compression>, callers: usize
     let client = builder.connect(server.addr).await.unwrap();
     let item = Item::sample(7);
     // One call first, so the figure counts calls, not the connection's start.
-    let _: Item = client.call("Echo", &item).await.unwrap();
+    let _: Item = client.invoke("Echo", &item).await.unwrap();
     let before = client.stats();
     let mut tasks = JoinSet::new();
     for _ in 0..callers {
@@ -502,7 +502,7 @@ async fn bytes_written_per_call(compression: Option<Compression>, callers: usize
         let item = item.clone();
         tasks.spawn(async move {
             for _ in 0..2000 / callers {
-                let back: Item = client.call("Echo", &item).await.unwrap();
+                let back: Item = client.invoke("Echo", &item).await.unwrap();
                 assert_eq!(back, item);
             }
         });
@@ -567,13 +567,13 @@ async fn reconnects_with(compression: Compression) {
         .connect(addr)
         .await
         .unwrap();
-    assert_eq!(client.call::<_, u64>("Shuffle", &1u64).await.unwrap(), 1);
+    assert_eq!(client.invoke::<_, u64>("Shuffle", &1u64).await.unwrap(), 1);
 
     server.trigger_shutdown();
     server.join(Duration::from_secs(5)).await;
     let res = tokio::time::timeout(
         Duration::from_secs(5),
-        client.call::<_, u64>("Shuffle", &2u64),
+        client.invoke::<_, u64>("Shuffle", &2u64),
     )
     .await
     .expect("a call to a stopped server hung");
@@ -591,8 +591,11 @@ async fn reconnects_with(compression: Compression) {
     let mut last_err = None;
     let mut recovered = false;
     for i in 0..500u64 {
-        match tokio::time::timeout(Duration::from_secs(5), client.call::<_, u64>("Shuffle", &i))
-            .await
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            client.invoke::<_, u64>("Shuffle", &i),
+        )
+        .await
         {
             Ok(Ok(n)) => {
                 assert_eq!(n, i);
@@ -635,13 +638,13 @@ async fn client_reconnects_with_deflate_after_a_server_restart() {
 /// wrote are the bytes the other read. Panics with both figures when they do not.
 async fn assert_wire_bytes_agree(label: &str, client: &Client, server: &Server) {
     let item = Item::sample(3);
-    let _: Item = client.call("Echo", &item).await.unwrap();
+    let _: Item = client.invoke("Echo", &item).await.unwrap();
     // The server counts its reply's bytes just after the write returns, which may be after
     // the client has read them: let the counters settle before the snapshot.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (c0, s0) = (client.stats(), server.stats());
     for _ in 0..200 {
-        let _: Item = client.call("Echo", &item).await.unwrap();
+        let _: Item = client.invoke("Echo", &item).await.unwrap();
     }
     let mut agree = false;
     let (mut c, mut s) = (client.stats().since(&c0), server.stats().since(&s0));

@@ -691,7 +691,7 @@ async fn garbage_closes_one_connection_and_spares_the_others() {
     let call = |n: u32| {
         let client = client.clone();
         async move {
-            tokio::time::timeout(VERDICT, client.call::<u32, u32>("echo", &n))
+            tokio::time::timeout(VERDICT, client.invoke::<u32, u32>("echo", &n))
                 .await
                 .expect("call timed out")
         }

@@ -2,15 +2,15 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::future::ResponseFuture;
-use super::{timeout_ms, Client};
+use super::pending::timeout_ms;
+use super::{deadline_for, Client};
 use crate::codec::Message;
 use crate::error::{Error, Kind, Result};
-use crate::{Method, Request, Response};
+use crate::{Method, Request, Response, Timeout};
 
 impl Client {
     /// An empty [`Batch`]: calls and one-way messages to any methods, queued together so they
@@ -37,7 +37,7 @@ impl Client {
         Batch {
             client: self.clone(),
             entries: Vec::new(),
-            timeout: None,
+            timeout: Timeout::Default,
         }
     }
 }
@@ -60,7 +60,7 @@ impl Client {
 pub struct Batch {
     client: Client,
     entries: Vec<Request>,
-    timeout: Option<Option<Duration>>,
+    timeout: Timeout,
 }
 
 impl Batch {
@@ -100,8 +100,8 @@ impl Batch {
 
     /// Sets the timeout of the batch's calls that do not set their own, overriding the client's
     /// default. `None` waits without a bound.
-    pub fn timeout(&mut self, timeout: impl Into<Option<Duration>>) -> &mut Self {
-        self.timeout = Some(timeout.into());
+    pub fn timeout(&mut self, timeout: impl Into<Timeout>) -> &mut Self {
+        self.timeout = timeout.into();
         self
     }
 
@@ -126,7 +126,8 @@ impl Batch {
             entries,
             timeout,
         } = self;
-        let shared = &client.handle.shared;
+        // One connection for the whole batch, so that it leaves in one write.
+        let shared = client.handle.pick();
         let max = shared.config.max_pending;
         let calls = entries.iter().filter(|r| !r.one_way).count();
         if calls > max {
@@ -153,12 +154,18 @@ impl Batch {
             _ => None,
         };
 
-        let mut timeouts = Vec::with_capacity(entries.len());
+        let mut deadlines = Vec::with_capacity(entries.len());
+        let now = tokio::time::Instant::now();
         let msgs: Vec<Message> = entries
             .into_iter()
             .map(|req| {
-                let t = req.timeout.or(timeout).unwrap_or(shared.config.timeout);
-                timeouts.push(t);
+                let own = match req.timeout {
+                    Timeout::Default => timeout.or(shared.config.timeout),
+                    t => t.or(None),
+                };
+                let deadline = deadline_for(own, now);
+                deadlines.push(deadline);
+                let t = deadline.map(|d| d.saturating_duration_since(now));
                 if req.one_way {
                     Message::OneWay {
                         timeout_ms: timeout_ms(t),
@@ -185,11 +192,11 @@ impl Batch {
         // channel.
         let futures: Vec<ResponseFuture> = started
             .into_iter()
-            .zip(timeouts)
+            .zip(deadlines)
             .map(|(s, t)| match s {
                 Ok(Some((id, rx))) => {
                     let permit = permits.as_mut().and_then(|p| p.split(1));
-                    ResponseFuture::waiting(shared.clone(), id, gen, rx, permit, t)
+                    ResponseFuture::waiting(shared.clone(), id, gen, rx, permit, t, None)
                 }
                 Ok(None) => ResponseFuture::ready(Ok(Response::default())),
                 Err(e) => ResponseFuture::ready(Err(e)),

@@ -61,6 +61,10 @@ pub(crate) struct Config {
     /// Preface bitmask of the compression algorithms offered.
     pub(crate) compression: u8,
     pub(crate) on_connect: Option<ConnectHook>,
+    /// Connections kept to the server.
+    pub(crate) connections: usize,
+    /// Calls wait for a connection (up to their deadline) instead of failing at once.
+    pub(crate) wait_for_ready: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -73,6 +77,8 @@ impl std::fmt::Debug for Config {
             .field("flush_delay", &self.flush_delay)
             .field("compression", &self.compression)
             .field("on_connect", &self.on_connect.is_some())
+            .field("connections", &self.connections)
+            .field("wait_for_ready", &self.wait_for_ready)
             .finish_non_exhaustive()
     }
 }
@@ -119,6 +125,8 @@ impl Builder {
                 backoff: super::backoff::Backoff::default(),
                 compression: 0,
                 on_connect: None,
+                connections: 1,
+                wait_for_ready: false,
             },
         }
     }
@@ -228,6 +236,45 @@ impl Builder {
         self
     }
 
+    /// How many connections to keep to the server (gorpc's `Client.Conns`). Default 1.
+    ///
+    /// Each call goes on the connection with the fewest calls awaiting replies. One connection
+    /// already carries hundreds of thousands of calls per second, since every message pending
+    /// when its writer wakes leaves in one write; more connections pay when a server has many
+    /// cores and one connection's reader or writer task becomes the bottleneck. All of them
+    /// share `max_pending`, the stats and the readiness of the client.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f() -> towerpc::Result<()> {
+    /// let client = towerpc::Client::builder()
+    ///     .connections(4)
+    ///     .connect("127.0.0.1:7000")
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn connections(mut self, k: usize) -> Self {
+        self.config.connections = k.clamp(1, 1024);
+        self
+    }
+
+    /// Wait-for-ready instead of fail-fast. Default `false`.
+    ///
+    /// Fail-fast (the default, as gorpc and gRPC): a call made while no connection is up
+    /// (the client is backing off between dials, or the server is draining the connection)
+    /// fails at once with an [`is_unavailable()`](crate::Error::is_unavailable) error, which is
+    /// safe to retry. Wait-for-ready: such a call waits until a connection is up, at most until
+    /// its own deadline (then it fails with `is_timeout()`), and the client's `poll_ready` is
+    /// pending while no connection is up, which is how a balancer learns that this endpoint
+    /// cannot take calls now.
+    #[must_use]
+    pub fn wait_for_ready(mut self, wait: bool) -> Self {
+        self.config.wait_for_ready = wait;
+        self
+    }
+
     /// Resolves `addr`, dials it over TCP and completes the preface exchange. The client then
     /// keeps the connection up in the background, reconnecting with backoff when it breaks.
     ///
@@ -249,26 +296,40 @@ impl Builder {
 
     /// Like [`Builder::connect`], over any transport: `connector` is a tower `Service` that
     /// turns `target` into a stream (TCP, TLS, a unix socket, an in-memory pipe...), called
-    /// again for every reconnect.
+    /// again for every reconnect (and cloned for each of [`Builder::connections`]).
+    ///
+    /// With several connections it returns once every first dial has finished, and fails only
+    /// when all of them failed.
     pub async fn connect_with<C, T>(self, target: T, connector: C) -> Result<Client>
     where
-        C: Service<T> + Send + 'static,
+        C: Service<T> + Clone + Send + 'static,
         C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
         C::Error: Into<BoxError>,
         C::Future: Send,
         T: Clone + std::fmt::Debug + Send + Sync + 'static,
     {
-        let (client, first) = self.start(target, connector);
-        first
-            .await
-            .unwrap_or_else(|_| Err(Error::new(Kind::Closed)))?;
-        Ok(client)
+        let (client, firsts) = self.start(target, connector);
+        let mut err = None;
+        let mut up = false;
+        for first in firsts {
+            match first
+                .await
+                .unwrap_or_else(|_| Err(Error::new(Kind::Closed)))
+            {
+                Ok(()) => up = true,
+                Err(e) => err = err.or(Some(e)),
+            }
+        }
+        match err {
+            Some(e) if !up => Err(e),
+            _ => Ok(client),
+        }
     }
 
     /// Like [`Builder::connect_lazy`], over any transport (see [`Builder::connect_with`]).
     pub fn connect_lazy_with<C, T>(self, target: T, connector: C) -> Client
     where
-        C: Service<T> + Send + 'static,
+        C: Service<T> + Clone + Send + 'static,
         C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
         C::Error: Into<BoxError>,
         C::Future: Send,
@@ -285,9 +346,9 @@ impl Builder {
         mut self,
         target: T,
         connector: C,
-    ) -> (Client, tokio::sync::oneshot::Receiver<Result<()>>)
+    ) -> (Client, Vec<tokio::sync::oneshot::Receiver<Result<()>>>)
     where
-        C: Service<T> + Send + 'static,
+        C: Service<T> + Clone + Send + 'static,
         C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
         C::Error: Into<BoxError>,
         C::Future: Send,

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
+use super::builder::DEFAULT_STALL_TIMEOUT;
 use super::pending::{ConnSource, Phase, Reply, Shared};
 use tower::{Service, ServiceExt};
 
@@ -97,7 +98,7 @@ pub(super) async fn run<C, T>(
             let mut inner = shared.lock();
             inner.outbox.set_max_frame_len(peer.max_frame_len as usize);
             if inner.phase == Phase::Connecting {
-                inner.phase = Phase::Connected;
+                shared.enter(&mut inner, Phase::Connected);
             }
             inner.gen
         };
@@ -161,6 +162,7 @@ pub(super) async fn run<C, T>(
     }
     shared.set_phase(Phase::Closed);
     shared.reset(Phase::Closed, || Error::new(Kind::Closed));
+    shared.finished.cancel();
 }
 
 /// `e` and its sources, as one line: the cause a fail-fast call reports.
@@ -311,21 +313,25 @@ where
         _ => None,
     };
     if !writer.is_finished() {
-        {
+        let graceful = {
             let mut inner = shared.lock();
             if let Some(msg) = &goaway {
                 let _ = inner.push_control(msg);
             }
             if inner.gen == gen && inner.phase != Phase::Closed {
-                inner.phase = Phase::Closing;
+                shared.enter(&mut inner, Phase::Closing);
             }
-        }
+            inner.closing
+        };
         shared.notify_writer.notify_one();
-        // Give the writer a moment to flush what is queued (the GOAWAY), then drop the socket.
-        if tokio::time::timeout(Duration::from_millis(100), &mut writer)
-            .await
-            .is_err()
-        {
+        // Give the writer a moment to flush what is queued (the GOAWAY), then drop the socket;
+        // `Client::close` waits longer, as it promised to write what was queued.
+        let linger = if graceful {
+            shared.config.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT)
+        } else {
+            Duration::from_millis(100)
+        };
+        if tokio::time::timeout(linger, &mut writer).await.is_err() {
             writer.abort();
         }
     }
@@ -394,7 +400,7 @@ where
                     }
                     Message::Pong { .. } => Ok(()),
                     Message::GoAway { code: 0, .. } => {
-                        inner.phase = Phase::Draining;
+                        shared.enter(&mut inner, Phase::Draining);
                         Ok(())
                     }
                     Message::GoAway { code, reason } => {
@@ -419,6 +425,10 @@ where
                 && inner.abandoned == 0
             {
                 end = Some(End::Drained);
+            }
+            if end.is_none() && inner.closing && inner.live == 0 {
+                // `Client::close`: the last live call is answered.
+                end = Some(End::Closed);
             }
         }
         if wake {

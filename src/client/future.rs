@@ -5,26 +5,34 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::Stream;
 use pin_project_lite::pin_project;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
+use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::pending::{Reply, Shared};
+use super::pending::{Refusal, Reply, Shared};
+use super::Handle;
 use crate::error::{Error, Kind, Result};
 use crate::stats::Counters;
-use crate::Response;
+use crate::{Request, Response};
 
 pin_project! {
     /// The future of a call made through the [`Client`](super::Client) service.
     ///
     /// Dropping it before it completes frees the caller's slot at once and sends the server a
     /// best-effort cancel; the request id stays reserved until the server's reply (now
-    /// discarded) arrives, so a late reply can never reach another caller.
+    /// discarded) arrives, so a late reply can never reach another caller. A cancellation
+    /// token set with [`Request::with_cancel`] does the same and resolves the call with an
+    /// `is_cancelled()` error.
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture {
         state: State,
         #[pin]
         sleep: Option<Sleep>,
+        // Boxed: only calls that carry a token pay for its waiter.
+        cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     }
 
     impl PinnedDrop for ResponseFuture {
@@ -44,7 +52,15 @@ struct Call {
     gen: u64,
 }
 
-#[derive(Debug)]
+/// A wait-for-ready call waiting for a connection.
+struct Parked {
+    handle: Arc<Handle>,
+    req: Request,
+    permit: Option<OwnedSemaphorePermit>,
+    deadline: Option<Instant>,
+    changes: WatchStream<usize>,
+}
+
 enum State {
     Waiting {
         call: Call,
@@ -52,6 +68,7 @@ enum State {
         // Held until the call ends: it is the caller's slot under backpressure.
         _permit: Option<OwnedSemaphorePermit>,
     },
+    Parked(Box<Parked>),
     Ready {
         reply: Option<Reply>,
     },
@@ -64,7 +81,8 @@ impl ResponseFuture {
         gen: u64,
         rx: oneshot::Receiver<Reply>,
         permit: Option<OwnedSemaphorePermit>,
-        timeout: Option<std::time::Duration>,
+        deadline: Option<Instant>,
+        cancel: Option<CancellationToken>,
     ) -> Self {
         ResponseFuture {
             state: State::Waiting {
@@ -72,7 +90,29 @@ impl ResponseFuture {
                 rx,
                 _permit: permit,
             },
-            sleep: timeout.map(tokio::time::sleep),
+            sleep: deadline.map(tokio::time::sleep_until),
+            cancel: cancel.map(|c| Box::pin(c.cancelled_owned())),
+        }
+    }
+
+    pub(crate) fn parked(
+        handle: Arc<Handle>,
+        req: Request,
+        permit: Option<OwnedSemaphorePermit>,
+        deadline: Option<Instant>,
+        cancel: Option<CancellationToken>,
+    ) -> Self {
+        let changes = handle.changes();
+        ResponseFuture {
+            state: State::Parked(Box::new(Parked {
+                handle,
+                req,
+                permit,
+                deadline,
+                changes,
+            })),
+            sleep: deadline.map(tokio::time::sleep_until),
+            cancel: cancel.map(|c| Box::pin(c.cancelled_owned())),
         }
     }
 
@@ -80,6 +120,7 @@ impl ResponseFuture {
         ResponseFuture {
             state: State::Ready { reply: Some(reply) },
             sleep: None,
+            cancel: None,
         }
     }
 }
@@ -94,43 +135,119 @@ impl Future for ResponseFuture {
     type Output = Result<Response>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let reply = match this.state {
-            State::Ready { reply } => {
-                return Poll::Ready(
-                    reply
-                        .take()
-                        .expect("ResponseFuture polled after completion"),
-                )
-            }
-            State::Waiting { call, rx, .. } => match Pin::new(rx).poll(cx) {
-                Poll::Ready(Ok(reply)) => reply,
-                // The sender only goes away without a reply if the client's state was torn
-                // down, which the reset path normally reports; say so rather than hang.
-                Poll::Ready(Err(_)) => {
-                    Err(Error::new(Kind::ConnectionLost).target(call.shared.config.target.as_ref()))
-                }
-                Poll::Pending => match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
-                    Some(Poll::Ready(())) => {
-                        // Keep the id reserved (the reply may still come) but tell the server
-                        // nothing: it knows the same deadline and stops the handler itself.
-                        call.shared.abandon(call.id, call.gen, false);
-                        Counters::inc(&call.shared.counters.timeouts);
-                        Err(Error::new(Kind::Timeout).target(call.shared.config.target.as_ref()))
+        let mut this = self.project();
+        loop {
+            let reply =
+                match this.state {
+                    State::Ready { reply } => {
+                        return Poll::Ready(
+                            reply
+                                .take()
+                                .expect("ResponseFuture polled after completion"),
+                        )
                     }
-                    _ => return Poll::Pending,
-                },
-            },
-        };
-        if let State::Waiting { call, .. } = this.state {
-            let c = &call.shared.counters;
-            Counters::inc(&c.calls);
-            if reply.is_err() {
-                Counters::inc(&c.errors);
+                    State::Parked(parked) => match poll_parked(parked, cx) {
+                        Poll::Ready(Ok((shared, id, gen, rx))) => {
+                            let State::Parked(parked) =
+                                std::mem::replace(this.state, State::Ready { reply: None })
+                            else {
+                                unreachable!("matched just above")
+                            };
+                            *this.state = State::Waiting {
+                                call: Call { shared, id, gen },
+                                rx,
+                                _permit: parked.permit,
+                            };
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => Err(e),
+                        Poll::Pending => {
+                            if poll_fired(this.cancel, cx) {
+                                Err(Error::new(Kind::Cancelled))
+                            } else if let Some(Poll::Ready(())) =
+                                this.sleep.as_mut().as_pin_mut().map(|s| s.poll(cx))
+                            {
+                                let shared = &parked.handle.conns[0];
+                                Counters::inc(&shared.counters.timeouts);
+                                Err(Error::new(Kind::Timeout)
+                                    .target(shared.config.target.as_ref())
+                                    .with("no connection came up before the deadline".to_string()))
+                            } else {
+                                return Poll::Pending;
+                            }
+                        }
+                    },
+                    State::Waiting { call, rx, .. } => match Pin::new(rx).poll(cx) {
+                        Poll::Ready(Ok(reply)) => reply,
+                        // The sender only goes away without a reply if the client's state was torn
+                        // down, which the reset path normally reports; say so rather than hang.
+                        Poll::Ready(Err(_)) => Err(Error::new(Kind::ConnectionLost)
+                            .target(call.shared.config.target.as_ref())),
+                        Poll::Pending => {
+                            if poll_fired(this.cancel, cx) {
+                                // Tell the server, as a drop would.
+                                call.shared.abandon(call.id, call.gen, true);
+                                Err(Error::new(Kind::Cancelled)
+                                    .target(call.shared.config.target.as_ref()))
+                            } else if let Some(Poll::Ready(())) =
+                                this.sleep.as_mut().as_pin_mut().map(|s| s.poll(cx))
+                            {
+                                // Keep the id reserved (the reply may still come) but tell the
+                                // server nothing: it knows the same deadline and stops the handler
+                                // itself.
+                                call.shared.abandon(call.id, call.gen, false);
+                                Counters::inc(&call.shared.counters.timeouts);
+                                Err(Error::new(Kind::Timeout)
+                                    .target(call.shared.config.target.as_ref()))
+                            } else {
+                                return Poll::Pending;
+                            }
+                        }
+                    },
+                };
+            if let State::Waiting { call, .. } = this.state {
+                let c = &call.shared.counters;
+                Counters::inc(&c.calls);
+                if reply.is_err() {
+                    Counters::inc(&c.errors);
+                }
+            }
+            // Completed: release the slot now and make drop a no-op.
+            *this.state = State::Ready { reply: None };
+            return Poll::Ready(reply);
+        }
+    }
+}
+
+type Started = (Arc<Shared>, u32, u64, oneshot::Receiver<Reply>);
+
+/// Tries again each time the number of live connections changes.
+fn poll_parked(parked: &mut Parked, cx: &mut Context<'_>) -> Poll<Result<Started>> {
+    loop {
+        if parked.handle.is_up() {
+            match parked
+                .handle
+                .try_start(&mut parked.req, parked.deadline, Instant::now())
+            {
+                Ok(started) => return Poll::Ready(Ok(started)),
+                Err(Refusal::Fail(e)) => return Poll::Ready(Err(e)),
+                Err(Refusal::Park) => {}
             }
         }
-        // Completed: release the slot now and make drop a no-op.
-        *this.state = State::Ready { reply: None };
-        Poll::Ready(reply)
+        match Pin::new(&mut parked.changes).poll_next(cx) {
+            Poll::Ready(Some(_)) => continue,
+            Poll::Ready(None) => return Poll::Ready(Err(Error::new(Kind::Closed))),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+fn poll_fired(
+    cancel: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    cx: &mut Context<'_>,
+) -> bool {
+    match cancel {
+        Some(fut) => fut.as_mut().poll(cx).is_ready(),
+        None => false,
     }
 }

@@ -25,32 +25,53 @@ pub use self::builder::{
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::Stream;
 use serde::{de::DeserializeOwned, Serialize};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
 use self::future::ResponseFuture;
-use self::pending::Shared;
+use self::pending::{timeout_ms, Phase, Refusal, Shared};
 use crate::codec::Message;
 use crate::error::{Error, Kind, Result};
-use crate::stats::Stats;
+use crate::stats::{Counters, Stats};
 use crate::{Method, Request, Response};
 
 /// A handle to a towerpc server: cheap to clone, safe to share among any number of tasks.
 ///
-/// All clones share one connection and one pending-call table. `Client` is a
-/// `Service<Request, Response = Response>`, so tower layers (timeouts, retries, concurrency
-/// limits, load shedding) stack on it; [`Client::call`] is the typed shortcut.
+/// All clones share the client's connection (or its `connections(k)` connections) and its
+/// pending-call table. `Client` is a `Service<Request, Response = Response>`, so tower layers
+/// (timeouts, retries, concurrency limits, load shedding, balancing) stack on it, and it
+/// implements [`tower::load::Load`] (its live calls) for balancers. [`Client::invoke`] is the
+/// typed shortcut.
 ///
-/// When the last clone is dropped the connection is closed and pending calls fail.
+/// # Calling: `invoke` or `Service::call`
+///
+/// The typed shortcut is named `invoke`, not `call`, so that with `use tower::Service` in scope
+/// `client.call(request)` on an owned client is tower's `Service::call`, as on any service.
+///
+/// # Fail-fast or wait-for-ready
+///
+/// By default a call made while there is no connection (dialing failed and the client is
+/// backing off, or the server is draining this connection) fails at once with an
+/// [`is_unavailable()`](Error::is_unavailable) error that names the server, and `poll_ready`
+/// does not wait for a connection. With [`Builder::wait_for_ready`] such a call waits for a
+/// connection instead, up to its own deadline, and `poll_ready` is pending until one is up.
+/// Either way, [`Load`](tower::load::Load) reports a client with no connection as the worst
+/// endpoint there is.
+///
+/// When the last clone is dropped the connection is closed and pending calls fail;
+/// [`Client::close`] closes gracefully.
 ///
 /// # Examples
 ///
 /// ```no_run
 /// # async fn f() -> towerpc::Result<()> {
 /// let client = towerpc::Client::builder().connect("127.0.0.1:7000").await?;
-/// let sum: i64 = client.call("Calc.Add", &(2, 3)).await?;
+/// let sum: i64 = client.invoke("Calc.Add", &(2, 3)).await?;
 /// # Ok(()) }
 /// ```
 pub struct Client {
@@ -58,19 +79,26 @@ pub struct Client {
     /// Per-clone readiness for `poll_ready` (backpressure mode).
     poll_permits: Option<PollSemaphore>,
     permit: Option<OwnedSemaphorePermit>,
+    /// Wakes `poll_ready` when a connection comes up (wait-for-ready).
+    up: Option<WatchStream<usize>>,
 }
 
 /// Closes the client when the last clone goes.
 #[derive(Debug)]
-struct Handle {
-    shared: Arc<Shared>,
+pub(crate) struct Handle {
+    /// One engine per connection; almost always one.
+    conns: Box<[Arc<Shared>]>,
     /// Slots of the pending table, under backpressure.
     permits: Option<Arc<Semaphore>>,
+    /// How many connections are up.
+    health: Arc<watch::Sender<usize>>,
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.shared.closed.cancel();
+        for shared in self.conns.iter() {
+            shared.closed.cancel();
+        }
     }
 }
 
@@ -82,6 +110,7 @@ impl Clone for Client {
             handle: self.handle.clone(),
             poll_permits: None,
             permit: None,
+            up: None,
         }
     }
 }
@@ -89,9 +118,78 @@ impl Clone for Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("server", &self.handle.shared.config.target)
+            .field("server", &self.handle.config().target)
+            .field("connections", &self.handle.conns.len())
             .finish_non_exhaustive()
     }
+}
+
+impl Handle {
+    fn config(&self) -> &builder::Config {
+        &self.conns[0].config
+    }
+
+    /// The connection a new call goes on: the one with the fewest live calls among those up.
+    fn pick(&self) -> &Arc<Shared> {
+        if self.conns.len() == 1 {
+            return &self.conns[0];
+        }
+        let mut best = &self.conns[0];
+        let mut best_load = usize::MAX;
+        for shared in self.conns.iter() {
+            let inner = shared.lock();
+            let load = match inner.phase {
+                Phase::Connected => inner.live,
+                // Dialing still queues calls; anything else would refuse them.
+                Phase::Connecting => usize::MAX / 2 + inner.live,
+                _ => usize::MAX - 1,
+            };
+            drop(inner);
+            if load < best_load {
+                best = shared;
+                best_load = load;
+            }
+        }
+        best
+    }
+
+    /// Queues a call on a connection, or says it must wait for one (wait-for-ready).
+    pub(crate) fn try_start(
+        &self,
+        req: &mut Request,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> std::result::Result<(Arc<Shared>, u32, u64, oneshot::Receiver<Reply>), Refusal> {
+        let shared = self.pick();
+        let timeout = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(now);
+                if left.is_zero() {
+                    return Err(Refusal::Fail(timed_out(shared)));
+                }
+                Some(left)
+            }
+            None => None,
+        };
+        let (id, gen, rx) = shared.start(req, timeout, shared.config.wait_for_ready)?;
+        Ok((shared.clone(), id, gen, rx))
+    }
+
+    /// A receiver of connection-count changes, marked as having seen the current count.
+    pub(crate) fn changes(&self) -> WatchStream<usize> {
+        WatchStream::from_changes(self.health.subscribe())
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        *self.health.borrow() > 0
+    }
+}
+
+use self::pending::Reply;
+
+fn timed_out(shared: &Shared) -> Error {
+    Counters::inc(&shared.counters.timeouts);
+    Error::new(Kind::Timeout).target(shared.config.target.as_ref())
 }
 
 impl Client {
@@ -109,9 +207,9 @@ impl Client {
         config: builder::Config,
         connector: C,
         target: T,
-    ) -> (Client, oneshot::Receiver<Result<()>>)
+    ) -> (Client, Vec<oneshot::Receiver<Result<()>>>)
     where
-        C: Service<T> + Send + 'static,
+        C: Service<T> + Clone + Send + 'static,
         C::Response: tokio::io::AsyncRead
             + tokio::io::AsyncWrite
             + crate::transport::Connected
@@ -123,23 +221,55 @@ impl Client {
         T: Clone + std::fmt::Debug + Send + Sync + 'static,
     {
         let permits = (!config.fail_oldest).then(|| Arc::new(Semaphore::new(config.max_pending)));
-        let shared = Arc::new(Shared::new(config));
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(connection::run(shared.clone(), connector, target, tx));
+        let health = Arc::new(watch::Sender::new(0));
+        let counters = Arc::new(Counters::default());
+        let k = config.connections;
+        let mut conns = Vec::with_capacity(k);
+        let mut firsts = Vec::with_capacity(k);
+        for _ in 0..k {
+            let shared = Arc::new(Shared::new(
+                config.clone(),
+                health.clone(),
+                counters.clone(),
+            ));
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(connection::run(
+                shared.clone(),
+                connector.clone(),
+                target.clone(),
+                tx,
+            ));
+            conns.push(shared);
+            firsts.push(rx);
+        }
         let client = Client {
-            handle: Arc::new(Handle { shared, permits }),
+            handle: Arc::new(Handle {
+                conns: conns.into_boxed_slice(),
+                permits,
+                health,
+            }),
             poll_permits: None,
             permit: None,
+            up: None,
         };
-        (client, rx)
+        (client, firsts)
     }
 
-    /// Calls `method` with `req` encoded as msgpack (named fields) and decodes the reply.
-    /// The name is a `&'static str` (used without copying) or a `String` known only at run
-    /// time; [`Client::method`] makes a reusable typed handle instead.
+    /// Calls `method` with `req` encoded as msgpack (named fields) and decodes the reply: the
+    /// typed shortcut, as gorpc's `Client.Call`. The name is a `&'static str` (used without
+    /// copying) or a `String` known only at run time; [`Client::method`] makes a reusable
+    /// typed handle (a tower `Service<Req>`) instead.
     ///
     /// Waits for a free slot if `max_pending` calls are pending (see [`Overflow`]).
-    pub async fn call<Req, Resp>(&self, method: impl Into<Method>, req: &Req) -> Result<Resp>
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(client: towerpc::Client) -> towerpc::Result<()> {
+    /// let sum: i64 = client.invoke("Calc.Add", &(2, 3)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn invoke<Req, Resp>(&self, method: impl Into<Method>, req: &Req) -> Result<Resp>
     where
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
@@ -168,6 +298,7 @@ impl Client {
 
     /// Sends a one-way message: returns once it is queued for the wire. The server runs the
     /// handler and replies nothing, so errors on the server side are not reported.
+    /// [`Client::close`] waits until queued messages are written.
     pub fn send<Req>(&self, method: impl Into<Method>, req: &Req) -> Result<()>
     where
         Req: Serialize + ?Sized,
@@ -177,8 +308,10 @@ impl Client {
     }
 
     fn send_raw(&self, req: Request) -> Result<()> {
-        let shared = &self.handle.shared;
-        let timeout = req.timeout.unwrap_or(shared.config.timeout);
+        let shared = self.handle.pick();
+        let now = Instant::now();
+        let timeout = resolve_deadline(&req, shared.config.timeout, now)
+            .map(|d| d.saturating_duration_since(now).max(MIN_WIRE_TIMEOUT));
         shared.send_one_way(Message::OneWay {
             timeout_ms: timeout_ms(timeout),
             method: req.method,
@@ -187,56 +320,89 @@ impl Client {
         })
     }
 
-    fn start(&self, req: Request, permit: Option<OwnedSemaphorePermit>) -> ResponseFuture {
+    fn start(&self, mut req: Request, permit: Option<OwnedSemaphorePermit>) -> ResponseFuture {
         if req.one_way {
             return ResponseFuture::ready(self.send_raw(req).map(|()| Response::default()));
         }
-        let shared = &self.handle.shared;
-        let timeout = req.timeout.unwrap_or(shared.config.timeout);
-        let (tx, rx) = oneshot::channel();
-        let Request {
-            method,
-            body,
-            metadata,
-            ..
-        } = req;
-        let started = shared.start(
-            |id| Message::Request {
-                id,
-                timeout_ms: timeout_ms(timeout),
-                method,
-                metadata,
-                body,
-            },
-            tx,
-        );
-        match started {
-            Ok((id, gen)) => ResponseFuture::waiting(shared.clone(), id, gen, rx, permit, timeout),
-            Err(e) => ResponseFuture::ready(Err(e)),
+        let now = Instant::now();
+        let deadline = resolve_deadline(&req, self.handle.config().timeout, now);
+        let cancel = req.cancel.take();
+        if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            return ResponseFuture::ready(Err(Error::new(Kind::Cancelled)));
+        }
+        match self.handle.try_start(&mut req, deadline, now) {
+            Ok((shared, id, gen, rx)) => {
+                ResponseFuture::waiting(shared, id, gen, rx, permit, deadline, cancel)
+            }
+            Err(Refusal::Fail(e)) => ResponseFuture::ready(Err(e)),
+            Err(Refusal::Park) => {
+                ResponseFuture::parked(self.handle.clone(), req, permit, deadline, cancel)
+            }
         }
     }
 
-    /// A snapshot of this client's counters.
+    /// Closes the client gracefully: new calls fail at once with an `is_closed()` error, calls
+    /// already made finish (each within its own deadline), queued one-way messages are
+    /// written, and then the connection is closed. Resolves when all of that is done.
+    ///
+    /// Every clone is closed. Without a connection (dialing or backing off) the client closes
+    /// at once and what is queued is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(client: towerpc::Client) -> towerpc::Result<()> {
+    /// client.send("Log.Append", "shutting down")?;
+    /// client.close().await; // the message is on the wire before this returns
+    /// # Ok(()) }
+    /// ```
+    pub async fn close(&self) {
+        for shared in self.handle.conns.iter() {
+            shared.close();
+        }
+        for shared in self.handle.conns.iter() {
+            shared.finished.cancelled().await;
+        }
+    }
+
+    /// A snapshot of this client's counters (summed over its connections).
     pub fn stats(&self) -> Stats {
-        self.handle.shared.counters.snapshot()
+        self.handle.conns[0].counters.snapshot()
     }
 
     /// Calls awaiting replies right now, including abandoned ones whose ids are still reserved.
     pub fn pending(&self) -> usize {
-        self.handle.shared.in_flight()
+        self.handle.conns.iter().map(|s| s.in_flight()).sum()
     }
 
     /// Whether a connection is up right now.
     pub fn is_connected(&self) -> bool {
-        matches!(self.handle.shared.lock().phase, pending::Phase::Connected)
+        self.handle.is_up()
     }
 }
 
-fn timeout_ms(timeout: Option<std::time::Duration>) -> u32 {
-    match timeout {
-        // Round up so a short deadline never reaches the server as "none" (0).
-        Some(t) => t.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32,
-        None => 0,
+/// The shortest timeout sent for a call whose deadline has nearly passed (zero would mean
+/// "none" on the wire).
+const MIN_WIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// When a call must be over: its own timeout (or the client's default), and no later than the
+/// deadline of the server call being handled by this task, if any.
+fn resolve_deadline(
+    req: &Request,
+    default: Option<std::time::Duration>,
+    now: Instant,
+) -> Option<Instant> {
+    deadline_for(req.timeout.or(default), now)
+}
+
+/// When a call made at `now` with timeout `own` must be over, given the deadline it inherits,
+/// if any.
+pub(crate) fn deadline_for(own: Option<std::time::Duration>, now: Instant) -> Option<Instant> {
+    let inherited = crate::deadline::current();
+    let own = own.map(|t| now + t);
+    match (own, inherited) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -246,6 +412,20 @@ impl Service<Request> for Client {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if self.handle.config().wait_for_ready && !self.handle.is_up() {
+            let changes = self.up.get_or_insert_with(|| self.handle.changes());
+            loop {
+                // Checked after the stream exists, so a change in between is not missed.
+                if self.handle.is_up() {
+                    break;
+                }
+                match std::pin::Pin::new(&mut *changes).poll_next(cx) {
+                    Poll::Ready(Some(_)) => continue,
+                    Poll::Ready(None) => return Poll::Ready(Err(Error::new(Kind::Closed))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
         let Some(sem) = &self.handle.permits else {
             return Poll::Ready(Ok(()));
         };
@@ -275,5 +455,21 @@ impl Service<Request> for Client {
             None => None,
         };
         self.start(req, permit)
+    }
+}
+
+impl tower::load::Load for Client {
+    /// Live calls on the client's connections; `usize::MAX` while none is up.
+    type Metric = usize;
+
+    /// Calls awaiting replies: a slow or stuck server accumulates them, so a balancer that
+    /// prefers the lower load sends it less. (Wrap clients in tower's `PeakEwma` for a
+    /// latency-based signal instead; pending calls need no clock and react at once.) A client
+    /// with no connection up reports `usize::MAX`, so it is chosen only when nothing else is.
+    fn load(&self) -> usize {
+        if !self.handle.is_up() {
+            return usize::MAX;
+        }
+        self.handle.conns.iter().map(|s| s.live()).sum()
     }
 }

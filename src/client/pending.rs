@@ -7,14 +7,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::sync::{oneshot, Notify};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Message, Outbox};
 use crate::conn::Source;
 use crate::error::{Error, Kind, Result};
 use crate::stats::Counters;
-use crate::Response;
+use crate::{Request, Response};
 
 use super::builder::Config;
 
@@ -26,8 +28,9 @@ pub(crate) type Started = Result<Option<(u32, oneshot::Receiver<Reply>)>>;
 
 #[derive(Debug)]
 pub(crate) enum Slot {
-    /// A caller is waiting for this id.
-    Waiting(oneshot::Sender<Reply>),
+    /// A caller is waiting for this id. The number is the writer's take count when the request
+    /// was queued: while no take has happened since, the request has not left the process.
+    Waiting(oneshot::Sender<Reply>, u64),
     /// The caller gave up (timeout, drop); the id stays reserved until the reply arrives, so it
     /// is never reused while a reply for it may still be on its way.
     Abandoned,
@@ -64,6 +67,26 @@ pub(crate) struct Inner {
     /// When the in-flight map last went from empty to non-empty: a stall is measured from the
     /// later of this and the last byte received.
     pub(crate) busy_since: Option<Instant>,
+    /// Non-empty takes by the writer of this generation (see [`Slot::Waiting`]).
+    takes: u64,
+    /// Whether this connection is counted as up in [`Shared::health`].
+    counted_up: bool,
+    /// `Client::close` was called: no new calls; the connection closes once the live ones end.
+    pub(crate) closing: bool,
+}
+
+/// Why [`Shared::start`] did not queue a call.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// Wait-for-ready: no connection now; wait for one and try again.
+    Park,
+    Fail(Error),
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        Refusal::Fail(e)
+    }
 }
 
 #[derive(Debug)]
@@ -73,10 +96,19 @@ pub(crate) struct Shared {
     pub(crate) closed: CancellationToken,
     pub(crate) counters: Arc<Counters>,
     pub(crate) config: Config,
+    /// How many of the client's connections are up; shared by all of them, watched by
+    /// wait-for-ready callers and `poll_ready`.
+    pub(crate) health: Arc<watch::Sender<usize>>,
+    /// Cancelled when the connection task has finished for good.
+    pub(crate) finished: CancellationToken,
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config) -> Shared {
+    pub(crate) fn new(
+        config: Config,
+        health: Arc<watch::Sender<usize>>,
+        counters: Arc<Counters>,
+    ) -> Shared {
         Shared {
             inner: Mutex::new(Inner {
                 phase: Phase::Connecting,
@@ -88,11 +120,16 @@ impl Shared {
                 abandoned: 0,
                 order: VecDeque::new(),
                 busy_since: None,
+                takes: 0,
+                counted_up: false,
+                closing: false,
             }),
             notify_writer: Notify::new(),
             closed: CancellationToken::new(),
-            counters: Arc::new(Counters::default()),
+            counters,
             config,
+            health,
+            finished: CancellationToken::new(),
         }
     }
 
@@ -110,9 +147,12 @@ impl Shared {
         }
     }
 
-    /// Whether a new call may be queued in `phase`; the error says why not.
-    fn admit(&self, phase: &Phase) -> Result<()> {
-        match phase {
+    /// Whether a new call may be queued now; the error says why not.
+    fn admit(&self, inner: &Inner) -> Result<()> {
+        if inner.closing {
+            return Err(Error::new(Kind::Closed).with("client is closing".to_string()));
+        }
+        match &inner.phase {
             Phase::Connecting | Phase::Connected => Ok(()),
             Phase::Draining | Phase::Closing => {
                 Err(self.unavailable(Some("server is draining the connection")))
@@ -122,33 +162,57 @@ impl Shared {
         }
     }
 
-    /// Registers a call and queues its request. Returns the id and the connection generation.
+    /// Registers a call and queues its request, taking its parts out of `req` (which is left
+    /// intact when the call is refused with [`Refusal::Park`]). `timeout` is what the server is
+    /// told. Returns the id, the connection generation and the reply's receiver.
+    ///
+    /// With `park` (wait-for-ready) a call is queued only on an established connection.
     pub(crate) fn start(
         &self,
-        msg: impl FnOnce(u32) -> Message,
-        tx: oneshot::Sender<Reply>,
-    ) -> Result<(u32, u64)> {
+        req: &mut Request,
+        timeout: Option<Duration>,
+        park: bool,
+    ) -> std::result::Result<(u32, u64, oneshot::Receiver<Reply>), Refusal> {
         let mut inner = self.lock();
-        self.admit(&inner.phase)?;
+        if park && inner.phase != Phase::Connected && !inner.closing {
+            return match inner.phase {
+                Phase::Closed => Err(Refusal::Fail(Error::new(Kind::Closed))),
+                _ => Err(Refusal::Park),
+            };
+        }
+        self.admit(&inner)?;
         // Replies that never come for abandoned calls must not grow the map without bound: at
         // the cap new calls are refused at once (the stall detector will close a server that
         // has stopped answering altogether).
         let was_empty = inner.outbox.is_empty();
         if inner.abandoned >= self.config.max_pending {
-            return Err(Error::new(Kind::Overloaded).target(self.config.target.as_ref()));
+            return Err(Error::new(Kind::Overloaded)
+                .target(self.config.target.as_ref())
+                .into());
         }
         if inner.live >= self.config.max_pending {
             // Only reachable when overflow fails the oldest call (backpressure keeps `live`
             // under the cap through the semaphore).
             if !inner.fail_oldest(self) {
-                return Err(Error::new(Kind::Overloaded).target(self.config.target.as_ref()));
+                return Err(Error::new(Kind::Overloaded)
+                    .target(self.config.target.as_ref())
+                    .into());
             }
         }
         let id = inner.next_free_id();
-        if let Err(e) = inner.outbox.push(&msg(id)) {
-            return Err(Error::new(Kind::Encode).with(e));
+        let msg = Message::Request {
+            id,
+            timeout_ms: timeout_ms(timeout),
+            method: std::mem::take(&mut req.method),
+            metadata: std::mem::take(&mut req.metadata),
+            body: std::mem::take(&mut req.body),
+        };
+        if let Err(e) = inner.outbox.push(&msg) {
+            return Err(Error::new(Kind::Encode).with(e).into());
         }
-        inner.pending.insert(id, Slot::Waiting(tx));
+        let (tx, rx) = oneshot::channel();
+        let takes = inner.takes;
+        inner.pending.insert(id, Slot::Waiting(tx, takes));
         if inner.live == 0 && inner.abandoned == 0 {
             inner.busy_since = Some(Instant::now());
         }
@@ -162,7 +226,7 @@ impl Shared {
         if was_empty && can_write {
             self.notify_writer.notify_one();
         }
-        Ok((id, gen))
+        Ok((id, gen, rx))
     }
 
     /// Registers the calls of a batch and queues all of its messages under one lock
@@ -177,7 +241,7 @@ impl Shared {
     /// [`start`]: Shared::start
     pub(crate) fn start_batch(&self, msgs: Vec<Message>) -> Result<(Vec<Started>, u64)> {
         let mut inner = self.lock();
-        self.admit(&inner.phase)?;
+        self.admit(&inner)?;
         let calls = msgs
             .iter()
             .filter(|m| matches!(m, Message::Request { .. }))
@@ -211,7 +275,8 @@ impl Shared {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
-            inner.pending.insert(new_id, Slot::Waiting(tx));
+            let takes = inner.takes;
+            inner.pending.insert(new_id, Slot::Waiting(tx, takes));
             if inner.live == 0 && inner.abandoned == 0 {
                 inner.busy_since = Some(Instant::now());
             }
@@ -239,7 +304,7 @@ impl Shared {
     /// Queues a one-way message (no id, no reply).
     pub(crate) fn send_one_way(&self, msg: Message) -> Result<()> {
         let mut inner = self.lock();
-        self.admit(&inner.phase)?;
+        self.admit(&inner)?;
         let was_empty = inner.outbox.is_empty();
         inner
             .outbox
@@ -270,6 +335,9 @@ impl Shared {
         *slot = Slot::Abandoned;
         inner.live -= 1;
         inner.abandoned += 1;
+        if inner.closing && inner.live == 0 {
+            self.closed.cancel();
+        }
         if cancel && matches!(inner.phase, Phase::Connected | Phase::Draining) {
             let was_empty = inner.outbox.is_empty();
             if inner.outbox.push(&Message::Cancel { id }).is_ok() && was_empty {
@@ -280,38 +348,100 @@ impl Shared {
     }
 
     /// Fails every call of the current connection with `err()` and starts a new generation
-    /// in `phase`.
+    /// in `phase`. A call whose request never left the process (no take since it was queued)
+    /// fails as unavailable instead, which says it is safe to send again.
     pub(crate) fn reset(&self, phase: Phase, err: impl Fn() -> Error) {
         let mut inner = self.lock();
         let pending = std::mem::take(&mut inner.pending);
+        let takes = inner.takes;
+        // Only a connection that was up can have lost a request before writing it; a failed
+        // dial reports its own cause.
+        let was_up = matches!(
+            inner.phase,
+            Phase::Connected | Phase::Draining | Phase::Closing
+        );
         inner.live = 0;
         inner.abandoned = 0;
         inner.order.clear();
         inner.busy_since = None;
         inner.gen += 1;
+        inner.takes = 0;
         inner.outbox = Outbox::new(self.config.max_frame_len, 0);
-        if inner.phase != Phase::Closed {
-            inner.phase = phase;
+        self.enter(&mut inner, phase);
+        if inner.closing {
+            self.closed.cancel();
         }
         drop(inner);
         for slot in pending.into_values() {
-            if let Slot::Waiting(tx) = slot {
-                let _ = tx.send(Err(err()));
+            if let Slot::Waiting(tx, queued_at) = slot {
+                let e = err();
+                let e = if was_up && queued_at == takes && !e.is_retry_safe() {
+                    Error::new(Kind::Unavailable)
+                        .target(self.config.target.as_ref())
+                        .with(format!(
+                            "connection lost before the request was written: {e}"
+                        ))
+                } else {
+                    e
+                };
+                let _ = tx.send(Err(e));
             }
         }
     }
 
     pub(crate) fn set_phase(&self, phase: Phase) {
         let mut inner = self.lock();
+        self.enter(&mut inner, phase);
+    }
+
+    /// Moves to `phase` (a closed client stays closed) and keeps [`Shared::health`] true.
+    pub(crate) fn enter(&self, inner: &mut Inner, phase: Phase) {
         if inner.phase != Phase::Closed {
             inner.phase = phase;
         }
+        let up = inner.phase == Phase::Connected;
+        if up != inner.counted_up {
+            inner.counted_up = up;
+            self.health.send_modify(|n| {
+                if up {
+                    *n += 1;
+                } else {
+                    *n -= 1;
+                }
+            });
+        }
+    }
+
+    /// Stops new calls; the connection closes (flushing what is queued) once the live calls
+    /// have ended.
+    pub(crate) fn close(&self) {
+        let mut inner = self.lock();
+        inner.closing = true;
+        let idle = inner.live == 0 || inner.phase != Phase::Connected;
+        drop(inner);
+        if idle {
+            self.closed.cancel();
+        }
+    }
+
+    /// Live calls: the load a balancer weighs.
+    pub(crate) fn live(&self) -> usize {
+        self.lock().live
     }
 
     /// Live and abandoned calls awaiting replies.
     pub(crate) fn in_flight(&self) -> usize {
         let inner = self.lock();
         inner.live + inner.abandoned
+    }
+}
+
+/// A call's timeout as the wire carries it: whole milliseconds, 0 for none.
+pub(crate) fn timeout_ms(timeout: Option<Duration>) -> u32 {
+    match timeout {
+        // Round up so a short deadline never reaches the server as "none" (0).
+        Some(t) => t.as_micros().div_ceil(1000).clamp(1, u32::MAX as u128) as u32,
+        None => 0,
     }
 }
 
@@ -332,8 +462,8 @@ impl Inner {
     fn fail_oldest(&mut self, shared: &Shared) -> bool {
         while let Some(id) = self.order.pop_front() {
             if let Some(slot) = self.pending.get_mut(&id) {
-                if let Slot::Waiting(_) = slot {
-                    let Slot::Waiting(tx) = std::mem::replace(slot, Slot::Abandoned) else {
+                if let Slot::Waiting(..) = slot {
+                    let Slot::Waiting(tx, _) = std::mem::replace(slot, Slot::Abandoned) else {
                         unreachable!()
                     };
                     self.live -= 1;
@@ -359,7 +489,7 @@ impl Inner {
         out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
     ) -> std::result::Result<(), &'static str> {
         match self.pending.remove(&id) {
-            Some(Slot::Waiting(tx)) => {
+            Some(Slot::Waiting(tx, _)) => {
                 self.live -= 1;
                 out.push((tx, reply));
             }
@@ -393,11 +523,15 @@ impl Source for ConnSource {
         if inner.gen != self.gen {
             return None;
         }
-        match inner.phase {
-            Phase::Connected | Phase::Draining => Some(inner.outbox.take(spare)),
-            Phase::Closing if !inner.outbox.is_empty() => Some(inner.outbox.take(spare)),
-            _ => None,
+        let taken = match inner.phase {
+            Phase::Connected | Phase::Draining => inner.outbox.take(spare),
+            Phase::Closing if !inner.outbox.is_empty() => inner.outbox.take(spare),
+            _ => return None,
+        };
+        if !taken.is_empty() {
+            inner.takes += 1;
         }
+        Some(taken)
     }
 
     fn pending_len(&self) -> usize {

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use serde::{de::DeserializeOwned, Serialize};
@@ -14,7 +13,7 @@ use tower::Service;
 use super::future::ResponseFuture;
 use super::Client;
 use crate::error::{Error, Result};
-use crate::{Method, Request};
+use crate::{Method, Request, Timeout};
 
 impl Client {
     /// A typed handle for one method: a `Service<Req, Response = Resp>` that encodes each
@@ -44,7 +43,7 @@ impl Client {
         TypedMethod {
             client: self.clone(),
             method: name.into(),
-            timeout: None,
+            timeout: Timeout::Default,
             _types: PhantomData,
         }
     }
@@ -54,17 +53,17 @@ impl Client {
 pub struct TypedMethod<Req, Resp> {
     client: Client,
     method: Method,
-    timeout: Option<Option<Duration>>,
+    timeout: Timeout,
     // `fn(Req) -> Resp`: the handle holds neither, so it is Send and Sync whatever they are.
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
 impl<Req, Resp> TypedMethod<Req, Resp> {
     /// Sets the timeout of every call through this handle, overriding the client's default
-    /// (see [`Request::timeout`]).
+    /// (see [`Request::with_timeout`]).
     #[must_use]
-    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.timeout = Some(timeout.into());
+    pub fn timeout(mut self, timeout: impl Into<Timeout>) -> Self {
+        self.timeout = timeout.into();
         self
     }
 
@@ -124,10 +123,7 @@ where
                 return TypedFuture::new(ResponseFuture::ready(Err(e)));
             }
         };
-        let mut request = Request::new(self.method.clone(), body);
-        if let Some(timeout) = self.timeout {
-            request = request.timeout(timeout);
-        }
+        let request = Request::new(self.method.clone(), body).with_timeout(self.timeout);
         TypedFuture::new(Service::call(&mut self.client, request))
     }
 }

@@ -44,9 +44,9 @@
 //! let server = tokio::spawn(Server::builder().serve_with_listener(listener, dispatcher, std::future::pending()));
 //!
 //! let client = Client::connect(addr).await?;
-//! let sum: i64 = client.call("Calc.Add", &Add { a: 2, b: 3 }).await?;
+//! let sum: i64 = client.invoke("Calc.Add", &Add { a: 2, b: 3 }).await?;
 //! assert_eq!(sum, 5);
-//! assert_eq!(client.call::<u64, u64>("Hits.Bump", &2).await?, 2);
+//! assert_eq!(client.invoke::<u64, u64>("Hits.Bump", &2).await?, 2);
 //! # server.abort();
 //! # Ok(())
 //! # }
@@ -130,7 +130,7 @@ use crate::{BoxError, Request, Response};
 /// # async fn f(client: towerpc::Client) -> towerpc::Result<()> {
 /// use towerpc::dispatch::{MethodInfo, METHODS};
 ///
-/// let methods: Vec<MethodInfo> = client.call(METHODS, &()).await?;
+/// let methods: Vec<MethodInfo> = client.invoke(METHODS, &()).await?;
 /// for m in methods {
 ///     println!("{}({}) -> {}", m.name, m.request, m.response);
 /// }

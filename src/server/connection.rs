@@ -549,11 +549,14 @@ where
             size,
         };
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let req = Request {
             method,
             body,
             metadata,
-            timeout: Some(timeout),
+            timeout: timeout.into(),
+            deadline,
+            cancel: None,
             one_way: id.is_none(),
             extensions: LazyExtensions::with_connect_info(self.info.clone()),
         };
@@ -573,7 +576,12 @@ where
             let _permits = permits;
             let _held = held;
             let res = match fut {
-                Ok(fut) => LazyDeadline::new(AssertUnwindSafe(fut).catch_unwind(), timeout).await,
+                // The deadline scope lets calls the handler makes inherit what is left.
+                Ok(fut) => {
+                    let fut =
+                        crate::deadline::scope(deadline, AssertUnwindSafe(fut).catch_unwind());
+                    LazyDeadline::new(fut, deadline).await
+                }
                 Err(panic) => Some(Err(panic)),
             };
             let reply = match res {
@@ -693,16 +701,16 @@ pin_project! {
     struct LazyDeadline<F> {
         #[pin]
         fut: F,
-        timeout: Option<Duration>,
+        deadline: Option<tokio::time::Instant>,
         sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
 impl<F> LazyDeadline<F> {
-    fn new(fut: F, timeout: Option<Duration>) -> Self {
+    fn new(fut: F, deadline: Option<tokio::time::Instant>) -> Self {
         LazyDeadline {
             fut,
-            timeout,
+            deadline,
             sleep: None,
         }
     }
@@ -717,8 +725,8 @@ impl<F: Future> Future for LazyDeadline<F> {
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if let Some(t) = this.timeout.take() {
-            *this.sleep = Some(Box::pin(tokio::time::sleep(t)));
+        if let Some(d) = this.deadline.take() {
+            *this.sleep = Some(Box::pin(tokio::time::sleep_until(d)));
         }
         match this.sleep {
             Some(sleep) => sleep.as_mut().poll(cx).map(|()| None),

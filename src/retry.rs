@@ -1,0 +1,230 @@
+//! An RPC-aware retry [`Policy`] for tower's `Retry` layer: it retries only calls that cannot
+//! have run, plus the methods you mark idempotent, within a budget, with jittered exponential
+//! backoff.
+//!
+//! What is retried:
+//!
+//! - always, since the server cannot have run it: a call refused unprocessed (`REFUSED`, what
+//!   a draining or overloaded server answers), a call that never reached the wire (no
+//!   connection, or the connection broke before the request was written), and a call a layer
+//!   below the retry turned away (tower's `Overloaded`). These are the errors for which
+//!   [`Error::is_retry_safe`] is true (encode errors aside: they would fail again);
+//! - only for methods marked [`idempotent`](Policy::idempotent): calls that may have run —
+//!   the connection was lost after the request was written, the server stalled, the attempt
+//!   timed out (a `timeout` layer *below* the retry), or the server answered `UNAVAILABLE`.
+//!
+//! Nothing else is retried: an application error, a deadline the server hit, a bad argument.
+//! One-way messages are never retried (their "reply" is that they were queued).
+//!
+//! Every call deposits into a shared [`TpsBudget`] and every retry withdraws from it, so
+//! retries add at most a fixed share of extra load (20 % by default, plus a floor of 10
+//! retries a second) however badly the servers fail: a retry storm cannot multiply the load
+//! on a struggling server. Each retry first waits a jittered exponential backoff.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use towerpc::retry::Policy;
+//!
+//! # async fn f(client: towerpc::Client) {
+//! let policy = Policy::new().idempotent("Users.Get").idempotent("Users.List");
+//! let svc = ServiceBuilder::new()
+//!     .timeout(Duration::from_secs(2)) // the whole call, retries included
+//!     .retry(policy)
+//!     .service(client);
+//! # }
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::util::rng::HasherRng;
+
+use crate::error::{Code, Error};
+use crate::{BoxError, Request, Response};
+
+/// The default share of extra load retries may add (20 %).
+pub const DEFAULT_RETRY_PERCENT: f32 = 0.2;
+
+/// The default floor of retries a second allowed whatever the load (10).
+pub const DEFAULT_MIN_RETRIES_PER_SEC: u32 = 10;
+
+/// The default most retries of one call (3, so at most 4 attempts).
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+
+/// The default first backoff (20 ms); it doubles up to [`DEFAULT_MAX_BACKOFF`].
+pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(20);
+
+/// The default longest backoff (1 s).
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The retry policy: give it to tower's `ServiceBuilder::retry` or `RetryLayer::new`, around a
+/// [`Client`](crate::Client) (errors are [`Error`]) or a stack that returns `BoxError`.
+///
+/// Clones share the budget: build one policy per client (or per set of servers) and clone it.
+#[derive(Clone)]
+pub struct Policy {
+    budget: Arc<TpsBudget>,
+    idempotent: Arc<HashSet<String>>,
+    all_idempotent: bool,
+    max_retries: u32,
+    backoff: ExponentialBackoffMaker<HasherRng>,
+    /// Per call: tower clones the policy for each request.
+    attempts: u32,
+    sleeps: Option<ExponentialBackoff<HasherRng>>,
+}
+
+impl Policy {
+    /// A policy with the defaults: 20 % budget with a floor of 10 retries a second (over a
+    /// 10 s window), at most 3 retries a call, backoff from 20 ms doubling to 1 s, jittered.
+    pub fn new() -> Policy {
+        Policy {
+            budget: Arc::new(TpsBudget::new(
+                Duration::from_secs(10),
+                DEFAULT_MIN_RETRIES_PER_SEC,
+                DEFAULT_RETRY_PERCENT,
+            )),
+            idempotent: Arc::new(HashSet::new()),
+            all_idempotent: false,
+            max_retries: DEFAULT_MAX_RETRIES,
+            backoff: make_backoff(DEFAULT_MIN_BACKOFF, DEFAULT_MAX_BACKOFF),
+            attempts: 0,
+            sleeps: None,
+        }
+    }
+
+    /// Marks `method` idempotent: running it twice does no harm, so a call that may have run
+    /// is retried too.
+    #[must_use]
+    pub fn idempotent(mut self, method: impl Into<String>) -> Policy {
+        Arc::make_mut(&mut self.idempotent).insert(method.into());
+        self
+    }
+
+    /// Treats every method as idempotent.
+    #[must_use]
+    pub fn all_idempotent(mut self) -> Policy {
+        self.all_idempotent = true;
+        self
+    }
+
+    /// The most retries of one call. Default 3.
+    #[must_use]
+    pub fn max_retries(mut self, n: u32) -> Policy {
+        self.max_retries = n;
+        self
+    }
+
+    /// The budget: within any `ttl` window retries may add `percent` (0.0 to 1000.0) of the
+    /// calls made, plus `min_per_sec` a second. Default 10 s, 10, 0.2.
+    #[must_use]
+    pub fn budget(mut self, ttl: Duration, min_per_sec: u32, percent: f32) -> Policy {
+        self.budget = Arc::new(TpsBudget::new(ttl, min_per_sec, percent));
+        self
+    }
+
+    /// The backoff before each retry: from `min`, doubling up to `max`, each plus a random
+    /// part of up to the same again. Default 20 ms to 1 s.
+    #[must_use]
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Policy {
+        self.backoff = make_backoff(min, max.max(min));
+        self
+    }
+
+    /// Whether a failed call of `method` with `err` may be sent again.
+    pub fn should_retry(&self, method: &str, err: &Error) -> bool {
+        if err.is_retry_safe() && !err.is_encode() {
+            return true;
+        }
+        let idempotent = self.all_idempotent || self.idempotent.contains(method);
+        idempotent
+            && (err.is_closed()
+                || err.is_stalled()
+                || (err.is_timeout() && !err.is_remote())
+                || err.code() == Some(Code::Unavailable))
+    }
+
+    fn decide(&mut self, req: &Request, err: Option<&Error>) -> Option<tokio::time::Sleep> {
+        if self.attempts == 0 {
+            // The first answer of a call: its deposit, whatever it says.
+            self.budget.deposit();
+        }
+        let err = err?;
+        if req.one_way || self.attempts >= self.max_retries {
+            return None;
+        }
+        if !self.should_retry(req.method(), err) || !self.budget.withdraw() {
+            return None;
+        }
+        self.attempts += 1;
+        let sleeps = self
+            .sleeps
+            .get_or_insert_with(|| self.backoff.make_backoff());
+        Some(sleeps.next_backoff())
+    }
+}
+
+fn make_backoff(min: Duration, max: Duration) -> ExponentialBackoffMaker<HasherRng> {
+    let max = max.max(Duration::from_millis(1));
+    ExponentialBackoffMaker::new(min.min(max), max, 1.0, HasherRng::default())
+        .expect("backoff bounds are valid: min <= max, max > 0, jitter 1.0")
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::new()
+    }
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("idempotent", &self.idempotent)
+            .field("all_idempotent", &self.all_idempotent)
+            .field("max_retries", &self.max_retries)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl tower::retry::Policy<Request, Response, Error> for Policy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Request,
+        result: &mut Result<Response, Error>,
+    ) -> Option<Self::Future> {
+        self.decide(req, result.as_ref().err())
+    }
+
+    fn clone_request(&mut self, req: &Request) -> Option<Request> {
+        (!req.one_way).then(|| req.clone())
+    }
+}
+
+impl tower::retry::Policy<Request, Response, BoxError> for Policy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Request,
+        result: &mut Result<Response, BoxError>,
+    ) -> Option<Self::Future> {
+        match result {
+            Ok(_) => self.decide(req, None),
+            // Classified as one `Error`; the caller still gets the original box.
+            Err(e) => self.decide(req, Some(&Error::peek(e))),
+        }
+    }
+
+    fn clone_request(&mut self, req: &Request) -> Option<Request> {
+        (!req.one_way).then(|| req.clone())
+    }
+}
