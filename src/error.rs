@@ -294,6 +294,8 @@ impl std::error::Error for Error {
 /// - tower's `Overloaded` (the `load_shed` layer) is [`is_overloaded()`](Error::is_overloaded)
 ///   and [`is_retry_safe()`](Error::is_retry_safe): the call was never made;
 /// - tower's buffer `Closed` is [`is_closed()`](Error::is_closed);
+/// - a [`Status`] is a remote error with that status (what a server, or a layer or mock
+///   speaking for one, said);
 /// - anything else is kept as the [`source`](std::error::Error::source) of a service error.
 ///
 /// # Examples
@@ -353,6 +355,10 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> std::result::Result<Error,
     while let Some(inner) = cur {
         if let Some(ours) = inner.downcast_ref::<Error>() {
             return Ok(ours.duplicate());
+        }
+        if let Some(status) = inner.downcast_ref::<Status>() {
+            // The wire's own error: what a server (or a layer speaking for one) said.
+            return Ok(Error::remote(status.clone()));
         }
         if inner.is::<tower::timeout::error::Elapsed>() {
             return Err(Kind::Timeout);

@@ -5,6 +5,7 @@
 ))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod balance;
 pub mod client;
 pub mod codec;
 mod conn;

@@ -39,6 +39,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,6 +72,8 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Policy {
     budget: Arc<TpsBudget>,
+    /// Retries made through this policy and its clones.
+    retried: Arc<AtomicU64>,
     idempotent: Arc<HashSet<String>>,
     all_idempotent: bool,
     max_retries: u32,
@@ -90,6 +93,7 @@ impl Policy {
                 DEFAULT_MIN_RETRIES_PER_SEC,
                 DEFAULT_RETRY_PERCENT,
             )),
+            retried: Arc::new(AtomicU64::new(0)),
             idempotent: Arc::new(HashSet::new()),
             all_idempotent: false,
             max_retries: DEFAULT_MAX_RETRIES,
@@ -137,6 +141,12 @@ impl Policy {
         self
     }
 
+    /// Retries made so far through this policy and its clones (each retry is one extra
+    /// attempt).
+    pub fn retries(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
     /// Whether a failed call of `method` with `err` may be sent again.
     pub fn should_retry(&self, method: &str, err: &Error) -> bool {
         if err.is_retry_safe() && !err.is_encode() {
@@ -163,6 +173,7 @@ impl Policy {
             return None;
         }
         self.attempts += 1;
+        self.retried.fetch_add(1, Ordering::Relaxed);
         let sleeps = self
             .sleeps
             .get_or_insert_with(|| self.backoff.make_backoff());
