@@ -19,13 +19,11 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use towerpc::codec::{from_msgpack, to_msgpack};
 use towerpc::{Client, Error, Request, Response, Server, Stats};
@@ -96,61 +94,6 @@ fn server_config() -> Server {
     #[cfg(feature = "compression-zstd")]
     let server = server.accept_compression(towerpc::codec::Compression::Zstd);
     server
-}
-
-/// The server "process": its own multi-threaded runtime, so that killing it drops the serve
-/// task, every connection task, every handler and every socket at once.
-struct ServerProcess {
-    rt: Option<tokio::runtime::Runtime>,
-    server: Server,
-}
-
-impl ServerProcess {
-    /// Binds `addr` (retrying while the old socket goes away) and serves the echo handler.
-    async fn start(addr: SocketAddr) -> ServerProcess {
-        let listener = support::rebind(addr)
-            .await
-            .into_std()
-            .expect("listener into_std");
-        // One thread: with the callers' two, that already oversubscribes the two cores; a
-        // second server thread only makes every timer later.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("churn-server")
-            .enable_all()
-            .build()
-            .expect("server runtime");
-        let server = server_config();
-        let serving = server.clone();
-        rt.spawn(async move {
-            let listener = TcpListener::from_std(listener).expect("listener from_std");
-            serving
-                .serve_with_listener(listener, echo_handler(), std::future::pending::<()>())
-                .await
-        });
-        ServerProcess {
-            rt: Some(rt),
-            server,
-        }
-    }
-
-    /// SIGKILL, in-process: no drain, no GOAWAY; every task and socket is dropped.
-    fn kill(mut self) -> Stats {
-        let stats = self.server.stats();
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-        stats
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        // Dropping a runtime inside an async context panics; this never blocks.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
 }
 
 /// How a call was made.
@@ -523,7 +466,8 @@ async fn churn_never_delivers_a_reply_to_the_wrong_caller() {
 
     // A fixed port: learn a free one, then keep binding it.
     let addr = support::free_addr();
-    let mut server = Some(ServerProcess::start(addr).await);
+    let mut server =
+        Some(support::ServerProcess::start(addr, server_config(), echo_handler()).await);
     let mut server_stats: Vec<Stats> = Vec::new();
 
     let builder = || {
@@ -591,7 +535,7 @@ async fn churn_never_delivers_a_reply_to_the_wrong_caller() {
         server_stats.push(server.take().expect("server running").kill());
         let down = Duration::from_millis(rng.u64(0..=200));
         tokio::time::sleep(down).await;
-        server = Some(ServerProcess::start(addr).await);
+        server = Some(support::ServerProcess::start(addr, server_config(), echo_handler()).await);
         kills.push((at, in_flight, down, during_load));
         // Let the clients reconnect and load the new server before the next kill.
         tokio::time::sleep(Duration::from_millis(300)).await;

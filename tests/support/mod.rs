@@ -147,6 +147,57 @@ pub fn serve_on(listener: TcpListener, server: Server, svc: Svc) -> TestServer {
     }
 }
 
+/// A server "process": its own multi-threaded runtime, so that killing it drops the serve
+/// task, every connection task, every handler and every socket at once.
+pub struct ServerProcess {
+    rt: Option<tokio::runtime::Runtime>,
+    pub server: Server,
+}
+
+impl ServerProcess {
+    /// Binds `addr` (retrying while the old socket goes away) and serves `svc`.
+    pub async fn start(addr: SocketAddr, server: Server, svc: Svc) -> ServerProcess {
+        let listener = rebind(addr).await.into_std().expect("listener into_std");
+        // One thread: with the callers' two, that already oversubscribes the two cores; a
+        // second server thread only makes every timer later.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("test-server")
+            .enable_all()
+            .build()
+            .expect("server runtime");
+        let serving = server.clone();
+        rt.spawn(async move {
+            let listener = TcpListener::from_std(listener).expect("listener from_std");
+            serving
+                .serve_with_listener(listener, svc, std::future::pending::<()>())
+                .await
+        });
+        ServerProcess {
+            rt: Some(rt),
+            server,
+        }
+    }
+
+    /// SIGKILL, in-process: no drain, no GOAWAY; every task and socket is dropped.
+    pub fn kill(mut self) -> Stats {
+        let stats = self.server.stats();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+        stats
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // Dropping a runtime inside an async context panics; this never blocks.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Binds `addr` again, retrying briefly (a port just released may take a moment).
 pub async fn rebind(addr: SocketAddr) -> TcpListener {
     let mut last = None;
