@@ -3,14 +3,17 @@
 //!
 //! ```text
 //! cargo bench --bench e2e -- [--callers 1000] [--secs 3] [--rounds 2] [--payload small|1k]
-//!     [--only floor,towerpc,towerpc-typed,towerpc-dispatch]
+//!     [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced]
 //! ```
 //!
 //! The same settings can come from `E2E_CALLERS`, `E2E_SECS`, `E2E_ROUNDS` and `E2E_PAYLOAD`;
 //! arguments win. Each round runs `floor`, `towerpc` (raw `Client::request`) and, with the small
 //! payload, `towerpc-typed` (`Client::call::<u64, u64>` against a raw echo `Service`) and
 //! `towerpc-dispatch` (the same call, served by a `Dispatcher` route `|n: u64| async move { n }`,
-//! so the difference is the cost of dispatch by name), back to back (A B A B), each against
+//! so the difference is the cost of dispatch by name), `towerpc-k2` (raw, over
+//! `Builder::connections(2)`), `towerpc-stack` (raw, through tower's `timeout` and `retry` with
+//! `towerpc::retry::Policy`) and `towerpc-balanced` (raw, through `balance::Balanced` over the
+//! one server), back to back (A B A B), each against
 //! a fresh server on `127.0.0.1:0` in this process, on one multi-thread runtime with tokio's
 //! default worker count. Every run warms up for 1 s and then measures for `--secs`. A call
 //! counts only if its reply equals its request. Machines here are noisy, so the summary quotes
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 use towerpc::dispatch::Dispatcher;
 use towerpc::{BoxError, Client, Request, Response, Server};
 
@@ -93,7 +97,7 @@ fn usage(msg: &str) -> ! {
     eprintln!("e2e: {msg}");
     eprintln!(
         "usage: cargo bench --bench e2e -- [--callers N] [--secs S] [--rounds R] \
-         [--payload small|1k] [--only floor,towerpc,towerpc-typed,towerpc-dispatch]"
+         [--payload small|1k] [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced]"
     );
     std::process::exit(2)
 }
@@ -327,6 +331,12 @@ enum Api {
     Typed,
     /// `Client::call::<u64, u64>` to a `Dispatcher` route that decodes and re-encodes the value.
     Dispatch,
+    /// As `Raw`, over a client with two connections.
+    K2,
+    /// As `Raw`, through tower's `timeout` and `retry` (towerpc's policy) layers.
+    Stack,
+    /// As `Raw`, through the balanced client over this one server.
+    Balanced,
 }
 
 fn label_of(api: Api) -> &'static str {
@@ -334,6 +344,9 @@ fn label_of(api: Api) -> &'static str {
         Api::Raw => "towerpc",
         Api::Typed => "towerpc-typed",
         Api::Dispatch => "towerpc-dispatch",
+        Api::K2 => "towerpc-k2",
+        Api::Stack => "towerpc-stack",
+        Api::Balanced => "towerpc-balanced",
     }
 }
 
@@ -354,15 +367,50 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
             let dispatcher = Dispatcher::new().route("echo", |n: u64| async move { n });
             tokio::spawn(server.serve_with_listener(listener, dispatcher, stop))
         }
-        Api::Raw | Api::Typed => tokio::spawn(server.serve_with_listener(listener, echo, stop)),
+        _ => tokio::spawn(server.serve_with_listener(listener, echo, stop)),
     };
-    let client = Client::builder().connect(addr).await?;
+    let connections = if api == Api::K2 { 2 } else { 1 };
+    let client = Client::builder()
+        .connections(connections)
+        .connect(addr)
+        .await?;
     let counters = TowerpcWrites(&client, &server_stats);
     let payload = args.payload;
     let c = client.clone();
     let outcome = match api {
-        Api::Raw => {
-            drive("towerpc", args, &counters, move |n| {
+        Api::Stack => {
+            let svc = tower::ServiceBuilder::new()
+                .timeout(Duration::from_secs(20))
+                .retry(towerpc::retry::Policy::new())
+                .service(client.clone());
+            drive(label_of(api), args, &counters, move |n| {
+                let svc = svc.clone();
+                async move {
+                    let req = payload.make(n);
+                    match svc.oneshot(Request::new("echo", req.clone())).await {
+                        Ok(resp) => *resp.body() == req,
+                        Err(_) => false,
+                    }
+                }
+            })
+            .await
+        }
+        Api::Balanced => {
+            let balanced = towerpc::balance::Balanced::fixed(Client::builder(), [addr]);
+            drive(label_of(api), args, &counters, move |n| {
+                let svc = balanced.clone();
+                async move {
+                    let req = payload.make(n);
+                    match svc.oneshot(Request::new("echo", req.clone())).await {
+                        Ok(resp) => *resp.body() == req,
+                        Err(_) => false,
+                    }
+                }
+            })
+            .await
+        }
+        Api::Raw | Api::K2 => {
+            drive(label_of(api), args, &counters, move |n| {
                 let client = c.clone();
                 async move {
                     let req = payload.make(n);
@@ -416,12 +464,13 @@ fn main() -> Result<(), BoxError> {
         labels.push("towerpc-typed");
         labels.push("towerpc-dispatch");
     }
+    labels.extend(["towerpc-k2", "towerpc-stack", "towerpc-balanced"]);
     if let Some(only) = &args.only {
         labels.retain(|l| only.iter().any(|o| o == l));
         if labels.is_empty() {
             usage(
-                "--only names none of floor, towerpc, towerpc-typed, towerpc-dispatch \
-                 (typed and dispatch: small payload)",
+                "--only names none of floor, towerpc, towerpc-typed, towerpc-dispatch, \
+                 towerpc-k2, towerpc-stack, towerpc-balanced (typed and dispatch: small payload)",
             );
         }
     }
@@ -445,6 +494,9 @@ fn main() -> Result<(), BoxError> {
                     "floor" => run_floor(&args).await,
                     "towerpc" => run_towerpc(&args, Api::Raw).await,
                     "towerpc-dispatch" => run_towerpc(&args, Api::Dispatch).await,
+                    "towerpc-k2" => run_towerpc(&args, Api::K2).await,
+                    "towerpc-stack" => run_towerpc(&args, Api::Stack).await,
+                    "towerpc-balanced" => run_towerpc(&args, Api::Balanced).await,
                     _ => run_towerpc(&args, Api::Typed).await,
                 }
             })?;
@@ -485,6 +537,22 @@ fn main() -> Result<(), BoxError> {
                 .collect::<Vec<_>>()
                 .join(", "),
         );
+    }
+    // Layers, balancing and more connections against the bare client, within each round.
+    if let Some(bare) = pos("towerpc") {
+        for label in ["towerpc-k2", "towerpc-stack", "towerpc-balanced"] {
+            let Some(i) = pos(label) else { continue };
+            let ratios: Vec<f64> = rounds.iter().map(|r| r[i].cps() / r[bare].cps()).collect();
+            println!(
+                "  ratio {label}/towerpc median={:.3} per_round=[{}]",
+                median(ratios.clone()),
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+        }
     }
     if labels[0] != "floor" {
         return Ok(());

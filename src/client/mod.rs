@@ -432,6 +432,15 @@ impl Service<Request> for Client {
         if self.permit.is_some() {
             return Poll::Ready(Ok(()));
         }
+        if self.poll_permits.is_none() {
+            // A free slot is the common case, and tower stacks often clone the service for
+            // every call (`svc.clone().oneshot(req)`): take it without building the (boxed)
+            // acquire future a waiting poll needs.
+            if let Ok(permit) = sem.clone().try_acquire_owned() {
+                self.permit = Some(permit);
+                return Poll::Ready(Ok(()));
+            }
+        }
         let poll = self
             .poll_permits
             .get_or_insert_with(|| PollSemaphore::new(sem.clone()));
