@@ -57,7 +57,8 @@ use crate::client::Builder;
 use crate::error::Result;
 use crate::{BoxError, Client, Error, Request, Response};
 
-/// The default bound of calls queued for the balancer task (4,096); see [`Balanced::buffer`].
+/// The default bound of calls queued for the balancer task (4,096); see
+/// [`Balanced::dynamic_with_buffer`].
 pub const DEFAULT_BUFFER: usize = 4096;
 
 type Inner = Buffer<Request, <Balance<Discovered, Request> as Service<Request>>::Future>;
@@ -132,8 +133,11 @@ impl Balanced {
         Balanced::dynamic_with_buffer(builder, DEFAULT_BUFFER)
     }
 
-    /// Like [`Balanced::dynamic`], with `bound` calls queued for the balancer at most (see
-    /// [`Balanced::buffer`]).
+    /// Like [`Balanced::dynamic`], with `bound` calls queued for the balancer at most.
+    ///
+    /// Every call passes through the balancer's task (tower's `Buffer`), whose queue holds at
+    /// most `bound` calls; a caller finding it full waits in `poll_ready`. Choose it at least as
+    /// large as the number of callers that call at once, or they queue for the queue.
     pub fn dynamic_with_buffer(builder: Builder, bound: usize) -> (Balanced, Endpoints) {
         let (tx, rx) = mpsc::unbounded_channel();
         let balance = Balance::new(Discovered { rx });

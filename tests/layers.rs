@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use towerpc::retry::Policy;
-use towerpc::{BoxError, Client, Code, Error, Request, Response, Server, Status, Timeout};
+use towerpc::{
+    BoxError, Client, Code, Error, IntoErrorLayer, Request, Response, Server, Status, Timeout,
+};
 
 use support::{eventually, service, within};
 
@@ -150,7 +152,7 @@ async fn layer_errors_are_one_type_after_a_client_stack() {
     .await;
     let client = Client::connect(server.addr).await.unwrap();
     let mut svc = ServiceBuilder::new()
-        .map_err(Error::from)
+        .layer(IntoErrorLayer::new())
         .timeout(Duration::from_millis(200))
         .retry(Policy::new())
         .load_shed()
@@ -169,6 +171,13 @@ async fn layer_errors_are_one_type_after_a_client_stack() {
         .unwrap()
         .call(call(5_000))
         .await
+        .unwrap_err();
+    assert!(e.is_timeout(), "{e:?}");
+
+    // Spawned on the multi-thread runtime's terms (Send), the error is still the one type.
+    let e = tokio::spawn(svc.clone().oneshot(call(5_000)))
+        .await
+        .unwrap()
         .unwrap_err();
     assert!(e.is_timeout(), "{e:?}");
 

@@ -37,7 +37,7 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a client does when `max_pending` calls are already awaiting replies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overflow {
-    /// `poll_ready` waits for a free slot (tower backpressure); `Client::call` awaits one.
+    /// `poll_ready` waits for a free slot (tower backpressure); `Client::invoke` awaits one.
     #[default]
     Backpressure,
     /// The oldest pending call fails with an `is_overloaded()` error so the new one can go

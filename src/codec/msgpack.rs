@@ -1,4 +1,4 @@
-//! Payload encoding: serde values as msgpack, the way [`Client::call`](crate::Client::call)
+//! Payload encoding: serde values as msgpack, the way [`Client::invoke`](crate::Client::invoke)
 //! does it.
 
 use bytes::Bytes;

@@ -4,7 +4,7 @@
 //! take a request of any serde type and return a serde value or a `Result`. It is itself a
 //! tower [`Service`], so it goes straight into [`Server::serve`](crate::Server::serve) and
 //! under any tower layer. The client needs nothing but the method's name and the types:
-//! [`Client::call`](crate::Client::call), [`Client::method`](crate::Client::method) (a typed
+//! [`Client::invoke`](crate::Client::invoke), [`Client::method`](crate::Client::method) (a typed
 //! `Service` for one method), [`Client::send`](crate::Client::send) (one-way) and
 //! [`Client::batch`](crate::Client::batch). Unlike gorpc, the client does not register the
 //! server's functions: a program in another repository only shares the request and response
