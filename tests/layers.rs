@@ -600,3 +600,35 @@ async fn deadline_and_cancel_flow_down_a_chain() {
     })
     .await;
 }
+
+/// Closing a wait-for-ready client fails the calls waiting for a connection at once.
+#[tokio::test(flavor = "current_thread")]
+async fn close_fails_calls_waiting_for_a_connection() {
+    let client = Client::builder()
+        .reconnect_backoff(Duration::from_secs(60), 1.0, Duration::from_secs(60))
+        .wait_for_ready(true)
+        .connect_lazy(support::free_addr());
+    eventually("the first dial fails", BOUND, || {
+        client.stats().dial_errors > 0
+    })
+    .await;
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .request(Request::new("Echo", "x").with_timeout(Duration::from_secs(60)))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    within(BOUND, client.close()).await;
+    let err = within(BOUND, waiting).await.unwrap().unwrap_err();
+    assert!(err.is_closed(), "{err:?}");
+    let mut svc = client.clone();
+    let err = within(BOUND, svc.ready()).await.map(|_| ()).and(
+        within(BOUND, client.invoke::<_, u64>("Echo", &1u64))
+            .await
+            .map(|_| ()),
+    );
+    assert!(err.unwrap_err().is_closed());
+}

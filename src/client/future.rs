@@ -224,7 +224,7 @@ type Started = (Arc<Shared>, u32, u64, oneshot::Receiver<Reply>);
 /// Tries again each time the number of live connections changes.
 fn poll_parked(parked: &mut Parked, cx: &mut Context<'_>) -> Poll<Result<Started>> {
     loop {
-        if parked.handle.is_up() {
+        if parked.handle.is_up() || parked.handle.is_closed() {
             match parked
                 .handle
                 .try_start(&mut parked.req, parked.deadline, Instant::now())

@@ -183,6 +183,13 @@ impl Handle {
     pub(crate) fn is_up(&self) -> bool {
         *self.health.borrow() > 0
     }
+
+    /// Closed, or closing: waiting for a connection is over, calls fail with `is_closed()`.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.conns
+            .iter()
+            .all(|s| s.closed.is_cancelled() || s.lock().closing)
+    }
 }
 
 use self::pending::Reply;
@@ -415,8 +422,9 @@ impl Service<Request> for Client {
         if self.handle.config().wait_for_ready && !self.handle.is_up() {
             let changes = self.up.get_or_insert_with(|| self.handle.changes());
             loop {
-                // Checked after the stream exists, so a change in between is not missed.
-                if self.handle.is_up() {
+                // Checked after the stream exists, so a change in between is not missed. A
+                // closed client is "ready": its calls fail at once with `is_closed()`.
+                if self.handle.is_up() || self.handle.is_closed() {
                     break;
                 }
                 match std::pin::Pin::new(&mut *changes).poll_next(cx) {

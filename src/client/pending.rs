@@ -422,6 +422,8 @@ impl Shared {
         if idle {
             self.closed.cancel();
         }
+        // Wake whoever waits for a connection: they fail now.
+        self.health.send_modify(|_| {});
     }
 
     /// Live calls: the load a balancer weighs.
