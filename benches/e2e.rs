@@ -383,31 +383,11 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
                 .timeout(Duration::from_secs(20))
                 .retry(towerpc::retry::Policy::new())
                 .service(client.clone());
-            drive(label_of(api), args, &counters, move |n| {
-                let svc = svc.clone();
-                async move {
-                    let req = payload.make(n);
-                    match svc.oneshot(Request::new("echo", req.clone())).await {
-                        Ok(resp) => *resp.body() == req,
-                        Err(_) => false,
-                    }
-                }
-            })
-            .await
+            drive_service(label_of(api), args, &counters, svc).await
         }
         Api::Balanced => {
             let balanced = towerpc::balance::Balanced::fixed(Client::builder(), [addr]);
-            drive(label_of(api), args, &counters, move |n| {
-                let svc = balanced.clone();
-                async move {
-                    let req = payload.make(n);
-                    match svc.oneshot(Request::new("echo", req.clone())).await {
-                        Ok(resp) => *resp.body() == req,
-                        Err(_) => false,
-                    }
-                }
-            })
-            .await
+            drive_service(label_of(api), args, &counters, balanced).await
         }
         Api::Raw | Api::K2 => {
             drive(label_of(api), args, &counters, move |n| {
@@ -437,6 +417,32 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
         Err(_) => eprintln!("e2e: towerpc server did not shut down within 10 s"),
     }
     Ok(outcome)
+}
+
+/// Drives raw echo calls through `svc`, cloned for each call as tower stacks usually are.
+async fn drive_service<S>(
+    label: &'static str,
+    args: &Args,
+    counters: &dyn Writes,
+    svc: S,
+) -> Outcome
+where
+    S: tower::Service<Request, Response = Response> + Clone + Send + Sync + 'static,
+    S::Future: Send,
+    S::Error: Send,
+{
+    let payload = args.payload;
+    drive(label, args, counters, move |n| {
+        let svc = svc.clone();
+        async move {
+            let req = payload.make(n);
+            match svc.oneshot(Request::new("echo", req.clone())).await {
+                Ok(resp) => *resp.body() == req,
+                Err(_) => false,
+            }
+        }
+    })
+    .await
 }
 
 // ===== Summary =====
