@@ -36,12 +36,13 @@
 //! A `Balanced` is cheap to clone: clones share the balancer, which runs on a task of its own
 //! behind tower's `Buffer` (the balancer itself needs `&mut` for every call).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -74,11 +75,14 @@ pub struct Balanced {
 
 /// Adds and removes servers of a [`Balanced`] made by [`Balanced::dynamic`].
 ///
-/// Dropping every handle freezes the set as it is.
+/// Dropping every handle freezes the set as it is. The handle keeps a clone of each server's
+/// client, so that a removed server can be closed gracefully; while it lives, so do the
+/// connections of servers still in the set.
 #[derive(Clone)]
 pub struct Endpoints {
     tx: mpsc::UnboundedSender<Change<SocketAddr, Client>>,
     builder: Builder,
+    clients: Arc<Mutex<HashMap<SocketAddr, Client>>>,
 }
 
 /// The stream of endpoint changes the balancer discovers services from.
@@ -145,7 +149,12 @@ impl Balanced {
             inner: Buffer::new(balance, bound.max(1)),
         };
         let builder = builder.wait_for_ready(true);
-        (balanced, Endpoints { tx, builder })
+        let endpoints = Endpoints {
+            tx,
+            builder,
+            clients: Arc::default(),
+        };
+        (balanced, endpoints)
     }
 
     /// A balanced client over the addresses `name` (`host:port`) resolves to, resolved again
@@ -205,16 +214,35 @@ impl Balanced {
 
 impl Endpoints {
     /// Adds a server (dialed in the background); a server already there is replaced by a
-    /// fresh client.
+    /// fresh client, and the old one is closed as [`Endpoints::remove`] does.
     pub fn insert(&self, addr: SocketAddr) {
         let client = self.builder.clone().connect_lazy(addr);
+        let old = self.lock().insert(addr, client.clone());
         let _ = self.tx.send(Change::Insert(addr, client));
+        if let Some(old) = old {
+            retire(old);
+        }
     }
 
-    /// Removes a server: it gets no new calls; its calls in flight complete.
+    /// Removes a server: it gets no new calls; its calls in flight complete, and then its
+    /// connection is closed ([`Client::close`]).
     pub fn remove(&self, addr: SocketAddr) {
+        let old = self.lock().remove(&addr);
         let _ = self.tx.send(Change::Remove(addr));
+        if let Some(old) = old {
+            retire(old);
+        }
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Client>> {
+        // The map holds no invariant a panic could break.
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Closes a server's client once its calls in flight are answered.
+fn retire(client: Client) {
+    tokio::spawn(async move { client.close().await });
 }
 
 impl fmt::Debug for Endpoints {

@@ -56,6 +56,8 @@ pub(crate) enum Kind {
     Overloaded,
     /// The client was closed, or the call was abandoned.
     Closed,
+    /// The client is closing (`Client::close`) and refused the call before sending it.
+    Closing,
     /// The call was cancelled before it completed.
     Cancelled,
     /// The request could not be encoded (serde, or over a wire limit).
@@ -109,7 +111,10 @@ impl Error {
 
     /// The client is closed, or the connection is gone and the call cannot complete.
     pub fn is_closed(&self) -> bool {
-        matches!(self.inner.kind, Kind::Closed | Kind::ConnectionLost)
+        matches!(
+            self.inner.kind,
+            Kind::Closed | Kind::Closing | Kind::ConnectionLost
+        )
     }
 
     /// There is no connection to the server now; the call was not sent.
@@ -155,7 +160,7 @@ impl Error {
     pub fn is_retry_safe(&self) -> bool {
         matches!(
             self.inner.kind,
-            Kind::Unavailable | Kind::Overloaded | Kind::Encode
+            Kind::Unavailable | Kind::Overloaded | Kind::Encode | Kind::Closing
         ) || self.code() == Some(Code::Refused)
     }
 
@@ -235,7 +240,7 @@ impl Error {
             Kind::ConnectionLost => "connection lost while the call was in flight",
             Kind::Stalled => "server stopped answering",
             Kind::Overloaded => "too many pending calls",
-            Kind::Closed => "client closed",
+            Kind::Closed | Kind::Closing => "client closed",
             Kind::Cancelled => "call cancelled",
             Kind::Encode => "failed to encode request",
             Kind::Decode => "failed to decode response",

@@ -150,7 +150,7 @@ impl Shared {
     /// Whether a new call may be queued now; the error says why not.
     fn admit(&self, inner: &Inner) -> Result<()> {
         if inner.closing {
-            return Err(Error::new(Kind::Closed).with("client is closing".to_string()));
+            return Err(Error::new(Kind::Closing).target(self.config.target.as_ref()));
         }
         match &inner.phase {
             Phase::Connecting | Phase::Connected => Ok(()),
