@@ -43,9 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use tower::retry::budget::{Budget, TpsBudget};
-use tower::util::rng::HasherRng;
 
 use crate::error::{Code, Error};
 use crate::{BoxError, Request, Response};
@@ -69,18 +67,24 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// [`Client`](crate::Client) (errors are [`Error`]) or a stack that returns `BoxError`.
 ///
 /// Clones share the budget: build one policy per client (or per set of servers) and clone it.
+/// tower clones the policy for every call, so a clone is one reference count and a counter.
 #[derive(Clone)]
 pub struct Policy {
+    config: Arc<Config>,
+    /// Retries of this call so far (tower clones the policy for each request).
+    attempts: u32,
+}
+
+#[derive(Clone)]
+struct Config {
     budget: Arc<TpsBudget>,
     /// Retries made through this policy and its clones.
     retried: Arc<AtomicU64>,
-    idempotent: Arc<HashSet<String>>,
+    idempotent: HashSet<String>,
     all_idempotent: bool,
     max_retries: u32,
-    backoff: ExponentialBackoffMaker<HasherRng>,
-    /// Per call: tower clones the policy for each request.
-    attempts: u32,
-    sleeps: Option<ExponentialBackoff<HasherRng>>,
+    min_backoff: Duration,
+    max_backoff: Duration,
 }
 
 impl Policy {
@@ -88,63 +92,71 @@ impl Policy {
     /// 10 s window), at most 3 retries a call, backoff from 20 ms doubling to 1 s, jittered.
     pub fn new() -> Policy {
         Policy {
-            budget: Arc::new(TpsBudget::new(
-                Duration::from_secs(10),
-                DEFAULT_MIN_RETRIES_PER_SEC,
-                DEFAULT_RETRY_PERCENT,
-            )),
-            retried: Arc::new(AtomicU64::new(0)),
-            idempotent: Arc::new(HashSet::new()),
-            all_idempotent: false,
-            max_retries: DEFAULT_MAX_RETRIES,
-            backoff: make_backoff(DEFAULT_MIN_BACKOFF, DEFAULT_MAX_BACKOFF),
+            config: Arc::new(Config {
+                budget: Arc::new(TpsBudget::new(
+                    Duration::from_secs(10),
+                    DEFAULT_MIN_RETRIES_PER_SEC,
+                    DEFAULT_RETRY_PERCENT,
+                )),
+                retried: Arc::new(AtomicU64::new(0)),
+                idempotent: HashSet::new(),
+                all_idempotent: false,
+                max_retries: DEFAULT_MAX_RETRIES,
+                min_backoff: DEFAULT_MIN_BACKOFF,
+                max_backoff: DEFAULT_MAX_BACKOFF,
+            }),
             attempts: 0,
-            sleeps: None,
         }
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
     }
 
     /// Marks `method` idempotent: running it twice does no harm, so a call that may have run
     /// is retried too.
     #[must_use]
     pub fn idempotent(mut self, method: impl Into<String>) -> Policy {
-        Arc::make_mut(&mut self.idempotent).insert(method.into());
+        self.config_mut().idempotent.insert(method.into());
         self
     }
 
     /// Treats every method as idempotent.
     #[must_use]
     pub fn all_idempotent(mut self) -> Policy {
-        self.all_idempotent = true;
+        self.config_mut().all_idempotent = true;
         self
     }
 
     /// The most retries of one call. Default 3.
     #[must_use]
     pub fn max_retries(mut self, n: u32) -> Policy {
-        self.max_retries = n;
+        self.config_mut().max_retries = n;
         self
     }
 
-    /// The budget: within any `ttl` window retries may add `percent` (0.0 to 1000.0) of the
-    /// calls made, plus `min_per_sec` a second. Default 10 s, 10, 0.2.
+    /// The budget: within any `ttl` window (1 to 60 s) retries may add `percent` (0.0 to
+    /// 1000.0) of the calls made, plus `min_per_sec` a second. Default 10 s, 10, 0.2.
     #[must_use]
     pub fn budget(mut self, ttl: Duration, min_per_sec: u32, percent: f32) -> Policy {
-        self.budget = Arc::new(TpsBudget::new(ttl, min_per_sec, percent));
+        self.config_mut().budget = Arc::new(TpsBudget::new(ttl, min_per_sec, percent));
         self
     }
 
     /// The backoff before each retry: from `min`, doubling up to `max`, each plus a random
-    /// part of up to the same again. Default 20 ms to 1 s.
+    /// part of up to the same again (never above `max`). Default 20 ms to 1 s.
     #[must_use]
     pub fn backoff(mut self, min: Duration, max: Duration) -> Policy {
-        self.backoff = make_backoff(min, max.max(min));
+        let config = self.config_mut();
+        config.min_backoff = min;
+        config.max_backoff = max.max(min);
         self
     }
 
     /// Retries made so far through this policy and its clones (each retry is one extra
     /// attempt).
     pub fn retries(&self) -> u64 {
-        self.retried.load(Ordering::Relaxed)
+        self.config.retried.load(Ordering::Relaxed)
     }
 
     /// Whether a failed call of `method` with `err` may be sent again.
@@ -152,7 +164,8 @@ impl Policy {
         if err.is_retry_safe() && !err.is_encode() {
             return true;
         }
-        let idempotent = self.all_idempotent || self.idempotent.contains(method);
+        let config = &self.config;
+        let idempotent = config.all_idempotent || config.idempotent.contains(method);
         idempotent
             && (err.is_closed()
                 || err.is_stalled()
@@ -161,30 +174,34 @@ impl Policy {
     }
 
     fn decide(&mut self, req: &Request, err: Option<&Error>) -> Option<tokio::time::Sleep> {
+        let config = &self.config;
         if self.attempts == 0 {
             // The first answer of a call: its deposit, whatever it says.
-            self.budget.deposit();
+            config.budget.deposit();
         }
         let err = err?;
-        if req.one_way || self.attempts >= self.max_retries {
+        if req.one_way || self.attempts >= config.max_retries {
             return None;
         }
-        if !self.should_retry(req.method(), err) || !self.budget.withdraw() {
+        if !self.should_retry(req.method(), err) || !config.budget.withdraw() {
             return None;
         }
+        config.retried.fetch_add(1, Ordering::Relaxed);
+        let wait = backoff(config.min_backoff, config.max_backoff, self.attempts);
         self.attempts += 1;
-        self.retried.fetch_add(1, Ordering::Relaxed);
-        let sleeps = self
-            .sleeps
-            .get_or_insert_with(|| self.backoff.make_backoff());
-        Some(sleeps.next_backoff())
+        Some(tokio::time::sleep(wait))
     }
 }
 
-fn make_backoff(min: Duration, max: Duration) -> ExponentialBackoffMaker<HasherRng> {
-    let max = max.max(Duration::from_millis(1));
-    ExponentialBackoffMaker::new(min.min(max), max, 1.0, HasherRng::default())
-        .expect("backoff bounds are valid: min <= max, max > 0, jitter 1.0")
+/// The wait before retry number `attempt` (from 0): `min` doubled `attempt` times, capped at
+/// `max`, plus a uniformly random part of up to as much again, the sum capped at `max` (full
+/// jitter on top of the exponential base, so that calls failed together spread out).
+fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let base = min
+        .checked_mul(1u32.checked_shl(attempt).unwrap_or(u32::MAX))
+        .unwrap_or(max)
+        .min(max);
+    (base + base.mul_f64(fastrand::f64())).min(max.max(base))
 }
 
 impl Default for Policy {
@@ -195,10 +212,12 @@ impl Default for Policy {
 
 impl fmt::Debug for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
         f.debug_struct("Policy")
-            .field("idempotent", &self.idempotent)
-            .field("all_idempotent", &self.all_idempotent)
-            .field("max_retries", &self.max_retries)
+            .field("idempotent", &c.idempotent)
+            .field("all_idempotent", &c.all_idempotent)
+            .field("max_retries", &c.max_retries)
+            .field("backoff", &(c.min_backoff, c.max_backoff))
             .field("attempts", &self.attempts)
             .finish_non_exhaustive()
     }
@@ -237,5 +256,22 @@ impl tower::retry::Policy<Request, Response, BoxError> for Policy {
 
     fn clone_request(&mut self, req: &Request) -> Option<Request> {
         (!req.one_way).then(|| req.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_stays_under_the_cap() {
+        let (min, max) = (Duration::from_millis(20), Duration::from_secs(1));
+        for attempt in 0..40 {
+            let base = (min * 2u32.saturating_pow(attempt.min(20))).min(max);
+            for _ in 0..50 {
+                let d = backoff(min, max, attempt);
+                assert!(d >= base && d <= max && d <= base * 2, "{attempt}: {d:?}");
+            }
+        }
     }
 }
