@@ -338,6 +338,11 @@ impl Builder {
         self.start(target, connector).0
     }
 
+    #[cfg(test)]
+    pub(crate) fn into_config(self) -> Config {
+        self.config
+    }
+
     fn tcp_connector(&self) -> TcpConnector {
         TcpConnector::new().nodelay(self.config.tcp_nodelay)
     }

@@ -547,3 +547,76 @@ impl Source for ConnSource {
         inner.live > inner.outbox.queued()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::Source;
+
+    fn shared() -> Arc<Shared> {
+        let config = crate::client::Builder::new().into_config();
+        let shared = Shared::new(
+            config,
+            Arc::new(watch::Sender::new(0)),
+            Arc::new(Counters::default()),
+        );
+        shared.set_phase(Phase::Connected);
+        Arc::new(shared)
+    }
+
+    fn lost() -> Error {
+        Error::new(Kind::ConnectionLost)
+    }
+
+    #[tokio::test]
+    async fn a_call_lost_before_its_write_is_retry_safe() {
+        let shared = shared();
+        let mut req = Request::new("M", "x");
+        let (_, gen, mut unsent) = shared.start(&mut req, None, false).unwrap();
+        // The writer never took it: the connection dies with the request still queued.
+        shared.set_phase(Phase::Closing);
+        shared.reset(Phase::Connecting, lost);
+        let err = unsent.try_recv().unwrap().unwrap_err();
+        assert!(err.is_unavailable() && err.is_retry_safe(), "{err:?}");
+        assert_eq!(*shared.health.borrow(), 0);
+
+        // Taken by the writer: it may have been sent, so the connection's error stands.
+        shared.set_phase(Phase::Connected);
+        assert_eq!(*shared.health.borrow(), 1);
+        let mut req = Request::new("M", "y");
+        let (_, gen2, mut sent) = shared.start(&mut req, None, false).unwrap();
+        assert_ne!(gen, gen2);
+        let source = ConnSource {
+            shared: shared.clone(),
+            gen: gen2,
+        };
+        assert!(!source.take(BytesMut::new()).unwrap().is_empty());
+        shared.reset(Phase::Connecting, lost);
+        let err = sent.try_recv().unwrap().unwrap_err();
+        assert!(err.is_closed() && !err.is_retry_safe(), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn wait_for_ready_parks_until_connected() {
+        let shared = shared();
+        shared.set_phase(Phase::Backoff("down".into()));
+        let mut req = Request::new("M", "x");
+        assert!(matches!(
+            shared.start(&mut req, None, true),
+            Err(Refusal::Park)
+        ));
+        // Parked calls keep their request intact for the next try.
+        assert_eq!(&req.body()[..], b"x");
+        assert!(matches!(
+            shared.start(&mut req, None, false),
+            Err(Refusal::Fail(e)) if e.is_unavailable()
+        ));
+        shared.set_phase(Phase::Connected);
+        assert!(shared.start(&mut req, None, true).is_ok());
+        shared.close();
+        assert!(matches!(
+            shared.start(&mut Request::new("M", "z"), None, true),
+            Err(Refusal::Fail(e)) if e.is_closed() && e.is_retry_safe()
+        ));
+    }
+}
