@@ -35,6 +35,11 @@
 //!
 //! A `Balanced` is cheap to clone: clones share the balancer, which runs on a task of its own
 //! behind tower's `Buffer` (the balancer itself needs `&mut` for every call).
+//!
+//! A server that went away rejoins when its client's next dial succeeds, so the builder's
+//! [`reconnect_backoff`](crate::client::Builder::reconnect_backoff) cap (default 120 s) bounds
+//! how long a restarted server waits to be used again; a balanced set usually wants a cap of a
+//! few seconds.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;

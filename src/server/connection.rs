@@ -442,6 +442,25 @@ where
                 metadata,
                 body,
             } => {
+                if &method[..] == super::health::HEALTH_METHOD.as_bytes() {
+                    // Answered here, also while draining: it is how balancers learn of it.
+                    let mut inner = self.conn.lock();
+                    if inner.in_flight.contains_key(&id) {
+                        return Some(Stop::Protocol(CodecError::InvalidFrame(
+                            "request id already in flight",
+                        )));
+                    }
+                    let msg = match self.config.health.answer(&body) {
+                        Ok(body) => Message::Response { id, body },
+                        Err(status) => error_message(id, &status),
+                    };
+                    let wake = self.conn.push(&mut inner, &msg);
+                    drop(inner);
+                    if wake {
+                        self.conn.notify_writer.notify_one();
+                    }
+                    return None;
+                }
                 if self.grace_deadline.is_some() {
                     let status = Status::new(Code::Refused, "server is shutting down");
                     let mut inner = self.conn.lock();

@@ -7,6 +7,7 @@
 //! for that call only.
 
 mod connection;
+pub mod health;
 mod recover;
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Service;
 
+use self::health::HealthReporter;
 use crate::codec::{Compression, DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
 use crate::error::{Error, Kind, Result};
 use crate::stats::{Counters, Stats};
@@ -73,6 +75,25 @@ pub struct Server {
     counters: Arc<Counters>,
 }
 
+/// Reads a running server's stats and sets its health; from [`Server::handle`].
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    counters: Arc<Counters>,
+    health: HealthReporter,
+}
+
+impl ServerHandle {
+    /// A snapshot of the counters of every connection the server has served.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
+    }
+
+    /// The server's [`HealthReporter`].
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+}
+
 /// Reports a connection refused during its handshake.
 pub(crate) type ErrorHook = Arc<dyn Fn(&ConnectInfo, &Error) + Send + Sync>;
 
@@ -92,6 +113,8 @@ pub(crate) struct Config {
     pub(crate) compression: Vec<Compression>,
     pub(crate) on_connect: Option<ConnectHook>,
     pub(crate) on_connection_error: Option<ErrorHook>,
+    /// What the built-in health method answers; shared with every handle.
+    pub(crate) health: HealthReporter,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -133,6 +156,7 @@ impl Server {
                 compression: Vec::new(),
                 on_connect: None,
                 on_connection_error: None,
+                health: HealthReporter::default(),
                 #[cfg(feature = "tls")]
                 tls: None,
             },
@@ -276,6 +300,34 @@ impl Server {
         self.counters.snapshot()
     }
 
+    /// What the built-in health method ([`health::HEALTH_METHOD`]) answers: set per service
+    /// name, SERVING for the whole server while it serves, NOT_SERVING for everything once a
+    /// graceful shutdown starts.
+    pub fn health(&self) -> HealthReporter {
+        self.config.health.clone()
+    }
+
+    /// A handle to this server's stats and health that stays valid once `serve` has taken
+    /// the server.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(svc: towerpc::dispatch::Dispatcher) -> towerpc::Result<()> {
+    /// let server = towerpc::Server::builder();
+    /// let handle = server.handle();
+    /// tokio::spawn(server.serve("127.0.0.1:7000".parse().unwrap(), svc));
+    /// println!("{} calls", handle.stats().calls);
+    /// handle.health().set_serving("Users");
+    /// # Ok(()) }
+    /// ```
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            counters: self.counters.clone(),
+            health: self.config.health.clone(),
+        }
+    }
+
     /// Binds `addr` and serves `svc` on it until an error stops the listener.
     pub async fn serve<S>(self, addr: SocketAddr, svc: S) -> Result<()>
     where
@@ -363,6 +415,7 @@ impl Server {
     {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        self.config.health.draining(false);
         let limit = Arc::new(Semaphore::new(self.config.max_concurrency));
         let config = Arc::new(self.config);
         tokio::pin!(signal);
@@ -400,6 +453,9 @@ impl Server {
                 }
             }
         }
+        // Health checks say NOT_SERVING before any connection hears of the drain, so balancers
+        // that poll them stop sending calls before calls are refused.
+        config.health.draining(true);
         shutdown.cancel();
         tracker.close();
         tracker.wait().await;
