@@ -365,9 +365,17 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
     let serving = match api {
         Api::Dispatch => {
             let dispatcher = Dispatcher::new().route("echo", |n: u64| async move { n });
-            tokio::spawn(server.serve_with_listener(listener, dispatcher, stop))
+            tokio::spawn(server.serve_with_incoming_shutdown(
+                towerpc::server::TcpIncoming::from(listener),
+                dispatcher,
+                stop,
+            ))
         }
-        _ => tokio::spawn(server.serve_with_listener(listener, echo, stop)),
+        _ => tokio::spawn(server.serve_with_incoming_shutdown(
+            towerpc::server::TcpIncoming::from(listener),
+            echo,
+            stop,
+        )),
     };
     let connections = if api == Api::K2 { 2 } else { 1 };
     let client = Client::builder()

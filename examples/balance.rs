@@ -46,8 +46,8 @@ impl Process {
             let _entered = rt.enter();
             tokio::net::TcpListener::from_std(listener)?
         };
-        rt.spawn(Server::builder().serve_with_listener(
-            listener,
+        rt.spawn(Server::builder().serve_with_incoming_shutdown(
+            towerpc::server::TcpIncoming::from(listener),
             echo,
             std::future::pending::<()>(),
         ));

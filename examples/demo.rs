@@ -161,9 +161,13 @@ async fn main() -> Result<(), BoxError> {
     let echo = tower::service_fn(|req: Request| async move {
         Ok::<_, BoxError>(Response::new(req.into_body()))
     });
-    let server_task = tokio::spawn(server.serve_with_listener(listener, echo, async {
-        let _ = stop_rx.await;
-    }));
+    let server_task = tokio::spawn(server.serve_with_incoming_shutdown(
+        towerpc::server::TcpIncoming::from(listener),
+        echo,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
 
     let mut builder = Client::builder();
     if let Some(algo) = algo {

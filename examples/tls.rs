@@ -127,12 +127,13 @@ async fn main() -> Result<(), BoxError> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving =
-        tokio::spawn(
-            server.serve_with_listener(listener, tower::service_fn(handle), async move {
-                let _ = stopped.await;
-            }),
-        );
+    let serving = tokio::spawn(server.serve_with_incoming_shutdown(
+        towerpc::server::TcpIncoming::from(listener),
+        tower::service_fn(handle),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     println!("mutual-TLS server on {addr}");
 
     // Client: trusts our CA, verifies the server as "localhost", presents its certificate.

@@ -37,8 +37,11 @@ async fn main() -> Result<(), BoxError> {
         .service(dispatcher);
     let rpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let rpc_addr = rpc_listener.local_addr()?;
-    let rpc_task =
-        tokio::spawn(rpc.serve_with_listener(rpc_listener, svc, signal(stop_rx.clone())));
+    let rpc_task = tokio::spawn(rpc.serve_with_incoming_shutdown(
+        towerpc::server::TcpIncoming::from(rpc_listener),
+        svc,
+        signal(stop_rx.clone()),
+    ));
 
     // The HTTP side: health and the RPC server's stats.
     let app = Router::new()

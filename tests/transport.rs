@@ -636,7 +636,11 @@ async fn client_reconnects_with_deflate_after_a_server_restart() {
 /// Makes 200 calls over `client` (after one to settle the connection: the prefaces and any
 /// handshake are left out), then waits for both ends' counters to agree: the bytes one side
 /// wrote are the bytes the other read. Panics with both figures when they do not.
-async fn assert_wire_bytes_agree(label: &str, client: &Client, server: &Server) {
+async fn assert_wire_bytes_agree(
+    label: &str,
+    client: &Client,
+    server: &towerpc::server::ServerHandle,
+) {
     let item = Item::sample(3);
     let _: Item = client.invoke("Echo", &item).await.unwrap();
     // The server counts its reply's bytes just after the write returns, which may be after

@@ -55,9 +55,13 @@ async fn start(server: Server) -> TestServer {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let svc = tower::service_fn(handler);
-    let task = tokio::spawn(server.serve_with_listener(listener, svc, async {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(server.serve_with_incoming_shutdown(
+        towerpc::server::TcpIncoming::from(listener),
+        svc,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     TestServer {
         addr,
         stop: Some(stop),

@@ -39,9 +39,9 @@
 //!     .route("Calc.Add", |req: Add| async move { req.a + req.b })
 //!     .route_with("Hits.Bump", Arc::new(Counter::default()), Counter::bump);
 //!
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-//! let addr = listener.local_addr()?;
-//! let server = tokio::spawn(Server::builder().serve_with_listener(listener, dispatcher, std::future::pending()));
+//! let incoming = towerpc::server::TcpIncoming::bind("127.0.0.1:0".parse()?).await?;
+//! let addr = incoming.local_addr()?;
+//! let server = tokio::spawn(Server::builder().serve_with_incoming(incoming, dispatcher));
 //!
 //! let client = Client::connect(addr).await?;
 //! let sum: i64 = client.invoke("Calc.Add", &Add { a: 2, b: 3 }).await?;

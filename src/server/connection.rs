@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -163,15 +163,16 @@ enum Stop {
     Writer,
 }
 
+/// Serves one connection. `svc` is this connection's own stack: the user's layers around the
+/// concurrency limits around the user's service.
 pub(super) async fn run<S, IO>(
     io: IO,
     svc: S,
     config: Arc<Config>,
     counters: Arc<Counters>,
-    limit: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) where
-    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S: Service<Request, Response = Response> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
@@ -195,9 +196,9 @@ pub(super) async fn run<S, IO>(
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
         let info = info.with_peer_certificates(certs);
-        return established(tls, info, deadline, svc, config, counters, limit, shutdown).await;
+        return established(tls, info, deadline, svc, config, counters, shutdown).await;
     }
-    established(io, info, deadline, svc, config, counters, limit, shutdown).await
+    established(io, info, deadline, svc, config, counters, shutdown).await
 }
 
 /// Runs one step of the handshake under the connection's handshake deadline: its failure, or
@@ -234,10 +235,9 @@ async fn established<S, IO>(
     svc: S,
     config: Arc<Config>,
     counters: Arc<Counters>,
-    limit: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) where
-    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S: Service<Request, Response = Response> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -308,13 +308,10 @@ async fn established<S, IO>(
     let mut reader = FrameReader::new(r, codec);
     let tasks = TaskTracker::new();
     let info = Arc::new(info);
-    let per_conn = Arc::new(Semaphore::new(config.max_concurrency_per_connection));
     let mut ctx = Ctx {
         conn: &conn,
         svc,
         config: &config,
-        limit: &limit,
-        per_conn: &per_conn,
         tasks: &tasks,
         info: &info,
         shutdown: &shutdown,
@@ -372,8 +369,6 @@ struct Ctx<'a, S> {
     conn: &'a Arc<Conn>,
     svc: S,
     config: &'a Config,
-    limit: &'a Arc<Semaphore>,
-    per_conn: &'a Arc<Semaphore>,
     tasks: &'a TaskTracker,
     info: &'a Arc<ConnectInfo>,
     shutdown: &'a CancellationToken,
@@ -383,7 +378,7 @@ struct Ctx<'a, S> {
 
 impl<S> Ctx<'_, S>
 where
-    S: Service<Request, Response = Response> + Clone + Send + 'static,
+    S: Service<Request, Response = Response> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
@@ -527,21 +522,6 @@ where
         metadata: Bytes,
         body: Bytes,
     ) -> Option<Stop> {
-        // The limits are awaited here, on the reader: at the limit the socket is not read.
-        let permits = match try_acquire(self.limit, self.per_conn) {
-            Some(p) => p,
-            None => tokio::select! {
-            p = acquire(self.limit, self.per_conn) => p,
-            _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
-                self.start_drain();
-                if let Some(id) = id {
-                    let status = Status::new(Code::Refused, "server is shutting down");
-                    self.conn.push_now(&error_message(id, &status));
-                }
-                return None;
-            }
-            },
-        };
         // Bound what running handlers hold: decompression makes big requests cheap to send.
         let size = method.len() + metadata.len() + body.len();
         let max = self.config.max_in_flight_bytes;
@@ -580,11 +560,29 @@ where
             extensions: LazyExtensions::with_connect_info(self.info.clone()),
         };
 
-        let fut = match self.svc.ready().await {
-            Ok(svc) => std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(req))),
-            Err(e) => {
+        // Readiness is awaited here, on the reader: while the stack is not ready (its concurrency
+        // limits are full, or a layer of the user's pushes back) the socket is not read. A
+        // shutdown does not wait for it.
+        let ready = tokio::select! {
+            r = self.svc.ready() => Some(r.map(|_| ())),
+            _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => None,
+        };
+        let fut = match ready {
+            Some(Ok(())) => {
+                let svc = &mut self.svc;
+                std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(req)))
+            }
+            Some(Err(e)) => {
                 let status = status_from_error(e.into());
                 if let Some(id) = id {
+                    self.conn.push_now(&error_message(id, &status));
+                }
+                return None;
+            }
+            None => {
+                self.start_drain();
+                if let Some(id) = id {
+                    let status = Status::new(Code::Refused, "server is shutting down");
                     self.conn.push_now(&error_message(id, &status));
                 }
                 return None;
@@ -592,7 +590,6 @@ where
         };
         let conn = self.conn.clone();
         let task = async move {
-            let _permits = permits;
             let _held = held;
             let res = match fut {
                 // The deadline scope lets calls the handler makes inherit what is left.
@@ -682,33 +679,6 @@ impl Drop for HeldBytes {
             .fetch_sub(self.size, Ordering::AcqRel);
         self.conn.notify_freed.notify_one();
     }
-}
-
-fn try_acquire(
-    limit: &Arc<Semaphore>,
-    per_conn: &Arc<Semaphore>,
-) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-    let a = per_conn.clone().try_acquire_owned().ok()?;
-    let b = limit.clone().try_acquire_owned().ok()?;
-    Some((a, b))
-}
-
-async fn acquire(
-    limit: &Arc<Semaphore>,
-    per_conn: &Arc<Semaphore>,
-) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
-    // Neither semaphore is ever closed.
-    let a = per_conn
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("semaphore closed");
-    let b = limit
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("semaphore closed");
-    (a, b)
 }
 
 pin_project! {

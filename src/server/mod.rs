@@ -15,13 +15,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::any::Any;
+
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::Service;
+use tower::layer::util::{Identity, Stack};
+use tower::limit::{ConcurrencyLimit, ConcurrencyLimitLayer, GlobalConcurrencyLimitLayer};
+use tower::{Layer, Service};
 
 use self::health::HealthReporter;
 use crate::codec::{Compression, DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
@@ -70,9 +74,10 @@ pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
-pub struct Server {
+pub struct Server<L = Identity> {
     config: Config,
     counters: Arc<Counters>,
+    layer: L,
 }
 
 /// Reads a running server's stats and sets its health; from [`Server::handle`].
@@ -138,6 +143,11 @@ impl Default for Server {
     }
 }
 
+/// The per-connection stack beneath the user's layers: the per-connection and the server-wide
+/// concurrency limits (tower's `ConcurrencyLimit`, the inner one on a semaphore shared by
+/// every connection, as `GlobalConcurrencyLimitLayer` makes it), around the service.
+pub type Limited<S> = ConcurrencyLimit<ConcurrencyLimit<S>>;
+
 impl Server {
     /// A server with the defaults.
     pub fn builder() -> Server {
@@ -161,6 +171,50 @@ impl Server {
                 tls: None,
             },
             counters: Arc::new(Counters::default()),
+            layer: Identity::new(),
+        }
+    }
+}
+
+impl<L> Server<L> {
+    /// Adds a tower layer around the service, for every connection, as tonic's
+    /// `Server::builder().layer(..)` does: each connection gets its own stack, so per-connection
+    /// middleware (rate limits, timeouts, auth) keeps per-connection state. Layers added first
+    /// are outermost. The built-in concurrency limits sit beneath them, next to the service:
+    /// tower's `ConcurrencyLimit` ([`Server::max_concurrency_per_connection`]) and
+    /// `GlobalConcurrencyLimit` ([`Server::max_concurrency`]).
+    ///
+    /// The reader of a connection waits for the stack to be ready before it reads the next
+    /// request, so a layer that is not ready (a full limit) stops reading the socket, which is
+    /// how clients feel backpressure; a `load_shed` layer turns that into refusals
+    /// (`REFUSED`, safe to retry) instead. A layer's errors reach the client typed: tower's
+    /// `Elapsed` as `DEADLINE_EXCEEDED`, `Overloaded` as `REFUSED`, a [`Status`] as it is.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use towerpc::{Request, Response, Server};
+    ///
+    /// # async fn f() -> towerpc::Result<()> {
+    /// let echo = tower::service_fn(|req: Request| async move {
+    ///     Ok::<_, towerpc::BoxError>(Response::new(req.into_body()))
+    /// });
+    /// Server::builder()
+    ///     .layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(1)))
+    ///     .layer(tower::load_shed::LoadShedLayer::new())
+    ///     .max_concurrency_per_connection(64)
+    ///     .serve("127.0.0.1:7000".parse().unwrap(), echo)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// [`Status`]: crate::Status
+    pub fn layer<NewL>(self, layer: NewL) -> Server<Stack<NewL, L>> {
+        Server {
+            config: self.config,
+            counters: self.counters,
+            layer: Stack::new(layer, self.layer),
         }
     }
 
@@ -332,62 +386,42 @@ impl Server {
     pub async fn serve<S>(self, addr: SocketAddr, svc: S) -> Result<()>
     where
         S: Service<Request, Response = Response> + Clone + Send + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        L: Layer<Limited<S>>,
+        L::Service: Service<Request, Response = Response> + Send + 'static,
+        <L::Service as Service<Request>>::Error: Into<BoxError>,
+        <L::Service as Service<Request>>::Future: Send + 'static,
     {
         self.serve_with_shutdown(addr, svc, std::future::pending())
             .await
     }
 
     /// Binds `addr` and serves `svc` until `signal` completes, then shuts down gracefully:
-    /// stops accepting, sends every client a GOAWAY, lets in-flight calls finish within the
-    /// grace period, and returns when every connection is closed.
+    /// stops accepting, turns the health method to NOT_SERVING, sends every client a GOAWAY,
+    /// lets in-flight calls finish within the grace period, and returns when every connection
+    /// is closed.
     pub async fn serve_with_shutdown<S, F>(self, addr: SocketAddr, svc: S, signal: F) -> Result<()>
     where
         S: Service<Request, Response = Response> + Clone + Send + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        L: Layer<Limited<S>>,
+        L::Service: Service<Request, Response = Response> + Send + 'static,
+        <L::Service as Service<Request>>::Error: Into<BoxError>,
+        <L::Service as Service<Request>>::Future: Send + 'static,
         F: Future<Output = ()>,
     {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::new(Kind::Io).with(e))?;
-        self.serve_with_listener(listener, svc, signal).await
-    }
-
-    /// Serves `svc` on an already bound listener until `signal` completes (see
-    /// [`Server::serve_with_shutdown`]). Handy with `127.0.0.1:0` to learn the port first.
-    pub async fn serve_with_listener<S, F>(
-        self,
-        listener: TcpListener,
-        svc: S,
-        signal: F,
-    ) -> Result<()>
-    where
-        S: Service<Request, Response = Response> + Clone + Send + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-        F: Future<Output = ()>,
-    {
-        let nodelay = self.config.tcp_nodelay;
-        let keepalive = self.config.tcp_keepalive;
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(
-            move |conn: std::io::Result<TcpStream>| {
-                let stream = conn?;
-                crate::transport::configure_tcp(&stream, nodelay, keepalive)?;
-                Ok::<_, std::io::Error>(stream)
-            },
-        );
+        let incoming = TcpIncoming::bind(addr).await?;
         self.serve_with_incoming_shutdown(incoming, svc, signal)
             .await
     }
 
-    /// Serves `svc` on every connection `incoming` yields, until it ends.
+    /// Serves `svc` on every connection `incoming` yields, until it ends: a [`TcpIncoming`]
+    /// (bound first to learn its port), a unix listener stream, any stream of connections.
     pub async fn serve_with_incoming<S, I, IO, E>(self, incoming: I, svc: S) -> Result<()>
     where
         S: Service<Request, Response = Response> + Clone + Send + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        L: Layer<Limited<S>>,
+        L::Service: Service<Request, Response = Response> + Send + 'static,
+        <L::Service as Service<Request>>::Error: Into<BoxError>,
+        <L::Service as Service<Request>>::Future: Send + 'static,
         I: Stream<Item = std::result::Result<IO, E>>,
         IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
         E: Into<BoxError>,
@@ -398,6 +432,33 @@ impl Server {
 
     /// Serves `svc` on every connection `incoming` yields, until it ends or `signal`
     /// completes; then shuts down gracefully as [`Server::serve_with_shutdown`] does.
+    ///
+    /// The server's TCP options ([`Server::tcp_nodelay`], [`Server::tcp_keepalive`]) apply to
+    /// every connection that is a [`TcpStream`], whichever entry point accepted it.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use towerpc::server::TcpIncoming;
+    /// use towerpc::{Request, Response, Server};
+    ///
+    /// # async fn f() -> towerpc::Result<()> {
+    /// let echo = tower::service_fn(|req: Request| async move {
+    ///     Ok::<_, towerpc::BoxError>(Response::new(req.into_body()))
+    /// });
+    /// let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).await?;
+    /// let addr = incoming.local_addr()?; // the port the system chose
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let serving = tokio::spawn(Server::builder().serve_with_incoming_shutdown(
+    ///     incoming,
+    ///     echo,
+    ///     async { let _ = stopped.await; },
+    /// ));
+    /// // ... call `addr` ...
+    /// let _ = stop.send(());
+    /// serving.await.unwrap()?;
+    /// # Ok(()) }
+    /// ```
     pub async fn serve_with_incoming_shutdown<S, I, IO, E, F>(
         self,
         incoming: I,
@@ -406,8 +467,10 @@ impl Server {
     ) -> Result<()>
     where
         S: Service<Request, Response = Response> + Clone + Send + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        L: Layer<Limited<S>>,
+        L::Service: Service<Request, Response = Response> + Send + 'static,
+        <L::Service as Service<Request>>::Error: Into<BoxError>,
+        <L::Service as Service<Request>>::Future: Send + 'static,
         I: Stream<Item = std::result::Result<IO, E>>,
         IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
         E: Into<BoxError>,
@@ -415,8 +478,11 @@ impl Server {
     {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let global = GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(Semaphore::new(
+            self.config.max_concurrency,
+        )));
+        let per_connection = ConcurrencyLimitLayer::new(self.config.max_concurrency_per_connection);
         self.config.health.draining(false);
-        let limit = Arc::new(Semaphore::new(self.config.max_concurrency));
         let config = Arc::new(self.config);
         tokio::pin!(signal);
         {
@@ -432,12 +498,23 @@ impl Server {
                 match conn {
                     Some(Ok(io)) => {
                         Counters::inc(&self.counters.accepts);
+                        if let Some(tcp) = (&io as &dyn Any).downcast_ref::<TcpStream>() {
+                            let (nodelay, keepalive) = (config.tcp_nodelay, config.tcp_keepalive);
+                            if let Err(e) = crate::transport::configure_tcp(tcp, nodelay, keepalive)
+                            {
+                                tracing::debug!(error = %e, "setting TCP options failed");
+                            }
+                        }
+                        // This connection's own stack: the user's layers around the limits
+                        // around the service.
+                        let svc = self
+                            .layer
+                            .layer(per_connection.layer(global.layer(svc.clone())));
                         tracker.spawn(connection::run(
                             io,
-                            svc.clone(),
+                            svc,
                             config.clone(),
                             self.counters.clone(),
-                            limit.clone(),
                             shutdown.child_token(),
                         ));
                     }
@@ -460,5 +537,60 @@ impl Server {
         tracker.close();
         tracker.wait().await;
         Ok(())
+    }
+}
+
+/// A bound TCP listener as the stream of connections a [`Server`] serves, as tonic's
+/// `TcpIncoming`: bind it first to learn the address (port 0 picks a free one), then hand it to
+/// [`Server::serve_with_incoming`] or [`Server::serve_with_incoming_shutdown`].
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> towerpc::Result<()> {
+/// let incoming = towerpc::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).await?;
+/// assert_ne!(incoming.local_addr()?.port(), 0);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct TcpIncoming {
+    inner: tokio_stream::wrappers::TcpListenerStream,
+}
+
+impl TcpIncoming {
+    /// Binds `addr`.
+    pub async fn bind(addr: SocketAddr) -> Result<TcpIncoming> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::new(Kind::Io).with(e))?;
+        Ok(TcpIncoming::from(listener))
+    }
+
+    /// The address it is bound to.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.inner
+            .as_ref()
+            .local_addr()
+            .map_err(|e| Error::new(Kind::Io).with(e))
+    }
+}
+
+impl From<TcpListener> for TcpIncoming {
+    fn from(listener: TcpListener) -> Self {
+        TcpIncoming {
+            inner: tokio_stream::wrappers::TcpListenerStream::new(listener),
+        }
+    }
+}
+
+impl Stream for TcpIncoming {
+    type Item = std::io::Result<TcpStream>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx)
     }
 }

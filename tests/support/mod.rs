@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, Encoder};
 use tower::util::BoxCloneService;
 use towerpc::codec::{Frame, FrameCodec, Message, DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
+use towerpc::server::{Limited, ServerHandle};
 use towerpc::{BoxError, Request, Response, Server, Stats};
 
 /// The service type every test server runs.
@@ -81,8 +82,8 @@ pub fn panicky(every: u64) -> Svc {
 #[derive(Debug)]
 pub struct TestServer {
     pub addr: SocketAddr,
-    /// A clone of the running server, for its stats.
-    pub server: Server,
+    /// The running server's stats and health.
+    pub server: ServerHandle,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<towerpc::Result<()>>>,
 }
@@ -131,14 +132,36 @@ pub async fn serve(server: Server, svc: Svc) -> TestServer {
     serve_on(listener, server, svc)
 }
 
+/// Starts `server` (with layers of its own) running `svc` on `127.0.0.1:0`.
+pub async fn serve_layered<L>(server: Server<L>, svc: Svc) -> TestServer
+where
+    L: tower::Layer<Limited<Svc>> + Send + 'static,
+    L::Service: tower::Service<Request, Response = Response> + Send + 'static,
+    <L::Service as tower::Service<Request>>::Error: Into<BoxError>,
+    <L::Service as tower::Service<Request>>::Future: Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    serve_on(listener, server, svc)
+}
+
 /// Starts `server` running `svc` on `listener`.
-pub fn serve_on(listener: TcpListener, server: Server, svc: Svc) -> TestServer {
+pub fn serve_on<L>(listener: TcpListener, server: Server<L>, svc: Svc) -> TestServer
+where
+    L: tower::Layer<Limited<Svc>> + Send + 'static,
+    L::Service: tower::Service<Request, Response = Response> + Send + 'static,
+    <L::Service as tower::Service<Request>>::Error: Into<BoxError>,
+    <L::Service as tower::Service<Request>>::Future: Send + 'static,
+{
     let addr = listener.local_addr().expect("local_addr");
     let (tx, rx) = oneshot::channel::<()>();
-    let stats = server.clone();
-    let handle = tokio::spawn(server.serve_with_listener(listener, svc, async move {
-        let _ = rx.await;
-    }));
+    let stats = server.handle();
+    let handle = tokio::spawn(server.serve_with_incoming_shutdown(
+        towerpc::server::TcpIncoming::from(listener),
+        svc,
+        async move {
+            let _ = rx.await;
+        },
+    ));
     TestServer {
         addr,
         server: stats,
@@ -170,7 +193,11 @@ impl ServerProcess {
         rt.spawn(async move {
             let listener = TcpListener::from_std(listener).expect("listener from_std");
             serving
-                .serve_with_listener(listener, svc, std::future::pending::<()>())
+                .serve_with_incoming_shutdown(
+                    towerpc::server::TcpIncoming::from(listener),
+                    svc,
+                    std::future::pending::<()>(),
+                )
                 .await
         });
         ServerProcess {
