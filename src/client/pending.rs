@@ -173,6 +173,8 @@ impl Shared {
         timeout: Option<Duration>,
         park: bool,
     ) -> std::result::Result<(u32, u64, oneshot::Receiver<Reply>), Refusal> {
+        // Allocated before the lock, which every caller and the reader contend for.
+        let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
         if park && inner.phase != Phase::Connected && !inner.closing {
             return match inner.phase {
@@ -210,7 +212,6 @@ impl Shared {
         if let Err(e) = inner.outbox.push(&msg) {
             return Err(Error::new(Kind::Encode).with(e).into());
         }
-        let (tx, rx) = oneshot::channel();
         let takes = inner.takes;
         inner.pending.insert(id, Slot::Waiting(tx, takes));
         if inner.live == 0 && inner.abandoned == 0 {

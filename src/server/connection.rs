@@ -412,8 +412,11 @@ where
                 Err(e) => return Stop::Protocol(e),
             };
             Counters::inc(&self.conn.counters.frames_read);
+            // One clock read per frame: its requests arrived together, and their deadlines
+            // count from then.
+            let arrived = tokio::time::Instant::now();
             for msg in frame.into_messages() {
-                if let Some(stop) = self.handle(msg).await {
+                if let Some(stop) = self.handle(msg, arrived).await {
                     return stop;
                 }
             }
@@ -428,7 +431,7 @@ where
         });
     }
 
-    async fn handle(&mut self, msg: Message) -> Option<Stop> {
+    async fn handle(&mut self, msg: Message, arrived: tokio::time::Instant) -> Option<Stop> {
         match msg {
             Message::Request {
                 id,
@@ -471,7 +474,7 @@ where
                     }
                     return None;
                 }
-                self.dispatch(Some(id), timeout_ms, method, metadata, body)
+                self.dispatch(Some(id), arrived, timeout_ms, method, metadata, body)
                     .await
             }
             Message::OneWay {
@@ -483,7 +486,7 @@ where
                 if self.grace_deadline.is_some() {
                     return None;
                 }
-                self.dispatch(None, timeout_ms, method, metadata, body)
+                self.dispatch(None, arrived, timeout_ms, method, metadata, body)
                     .await
             }
             Message::Cancel { id } => {
@@ -517,6 +520,7 @@ where
     async fn dispatch(
         &mut self,
         id: Option<u32>,
+        arrived: tokio::time::Instant,
         timeout_ms: u32,
         method: Bytes,
         metadata: Bytes,
@@ -548,7 +552,7 @@ where
             size,
         };
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = timeout.map(|t| arrived + t);
         let req = Request {
             method,
             body,
@@ -564,6 +568,9 @@ where
         // limits are full, or a layer of the user's pushes back) the socket is not read. A
         // shutdown does not wait for it.
         let ready = tokio::select! {
+            // Readiness first: a ready stack (the common case) never builds the shutdown
+            // waiter.
+            biased;
             r = self.svc.ready() => Some(r.map(|_| ())),
             _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => None,
         };
