@@ -266,16 +266,23 @@ impl fmt::Debug for Error {
     }
 }
 
+/// `{}` says what happened and to which server; the cause is [`source`], so error reporters
+/// that walk the chain (anyhow, eyre, tracing) print each cause once. `{:#}` appends the whole
+/// chain on one line, for a quick log line.
+///
+/// [`source`]: std::error::Error::source
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.description())?;
         if let Some(target) = &self.inner.target {
             write!(f, " ({target})")?;
         }
-        // The remote status and the lower-level cause carry the useful detail for most
-        // kinds; say it here too, as most callers only ever print the top level.
-        if let Some(source) = &self.inner.source {
-            write!(f, ": {source}")?;
+        if f.alternate() {
+            let mut cur = std::error::Error::source(self);
+            while let Some(cause) = cur {
+                write!(f, ": {cause}")?;
+                cur = cause.source();
+            }
         }
         Ok(())
     }
@@ -621,7 +628,8 @@ mod tests {
         assert_eq!(e.code(), Some(Code::Refused));
         let e = Error::from(BoxError::from("something else"));
         assert!(!e.is_timeout() && !e.is_remote() && !e.is_closed());
-        assert_eq!(e.to_string(), "service error: something else");
+        assert_eq!(e.to_string(), "service error");
+        assert_eq!(format!("{e:#}"), "service error: something else");
     }
 
     #[test]

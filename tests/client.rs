@@ -263,7 +263,7 @@ async fn call_fails_fast_with_no_server_listening() {
     assert!(err.is_retry_safe(), "{err:?}");
     assert!(took < Duration::from_secs(1), "failing took {took:?}");
     assert_eq!(err.server_addr(), Some(addr));
-    let text = err.to_string();
+    let text = format!("{err:#}");
     assert!(text.contains(&addr.to_string()), "{text}");
 }
 
@@ -306,7 +306,7 @@ async fn dialing_an_unspecified_address_fails_at_once() {
         "failing took {:?}",
         start.elapsed()
     );
-    assert!(err.to_string().contains("unspecified"), "{err}");
+    assert!(format!("{err:#}").contains("unspecified"), "{err:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -896,7 +896,7 @@ fn towerpc_decoder_rejects_deep_nesting_on_a_256_kib_stack() {
         let err = res.expect_err(what);
         assert!(err.is_decode(), "{what}: {err}");
         assert!(
-            err.to_string().contains("depth"),
+            format!("{err:#}").contains("depth"),
             "{what}: not the depth limit: {err}"
         );
         assert!(elapsed < Duration::from_secs(1), "{what}: took {elapsed:?}");

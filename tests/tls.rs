@@ -225,7 +225,7 @@ fn reporting(server: Server) -> (Server, Reports) {
     let server = server.on_connection_error(move |info: &ConnectInfo, err: &Error| {
         let _ = tx.send(Report {
             handshake: err.is_handshake(),
-            text: err.to_string(),
+            text: format!("{err:#}"),
             at: Instant::now(),
             peer: info.remote_addr(),
         });
@@ -349,7 +349,7 @@ async fn who_am_i(client: &Client) -> (usize, Vec<u8>) {
 
 /// Lowercased, for loose matching of error texts.
 fn lower(e: &impl std::fmt::Display) -> String {
-    e.to_string().to_lowercase()
+    format!("{e:#}").to_lowercase()
 }
 
 /// Open file descriptors of this process, when the platform says (Linux).
@@ -995,8 +995,7 @@ async fn client_on_connect_refuses_and_admits() {
             "not is_handshake() after {took:?}: {err}"
         );
         assert!(
-            err.to_string()
-                .contains("client policy refuses this server"),
+            format!("{err:#}").contains("client policy refuses this server"),
             "{err}"
         );
         // The server saw a TLS session end without a preface.
