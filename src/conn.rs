@@ -16,7 +16,7 @@ use crate::stats::Counters;
 
 /// Default size of the read buffer reserved before each socket read (64 KiB): one read pulls
 /// up to this much, so under load one `recv` carries many batches.
-pub const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
+pub(crate) const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
 
 /// Writes our preface and reads the peer's.
 pub(crate) async fn exchange_preface<T>(io: &mut T, ours: Preface) -> io::Result<Preface>

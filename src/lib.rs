@@ -20,7 +20,6 @@ pub mod stats;
 pub mod transport;
 
 pub use crate::client::Client;
-pub use crate::conn::DEFAULT_BUFFER_SIZE;
 pub use crate::error::{Code, Error, Result, Status};
 pub use crate::into_error::{IntoError, IntoErrorLayer};
 pub use crate::request::{Method, Request, Response, Timeout};

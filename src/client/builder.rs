@@ -36,6 +36,7 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a client does when `max_pending` calls are already awaiting replies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Overflow {
     /// `poll_ready` waits for a free slot (tower backpressure); `Client::invoke` awaits one.
     #[default]

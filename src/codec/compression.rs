@@ -43,7 +43,7 @@ impl Compression {
     ];
 
     /// The bit this algorithm has in the preface's compression byte.
-    pub fn bit(self) -> u8 {
+    pub(crate) fn bit(self) -> u8 {
         match self {
             #[cfg(feature = "compression-zstd")]
             Compression::Zstd => 0x01,
@@ -55,7 +55,7 @@ impl Compression {
     }
 
     /// The algorithm with preface bit `bit`, if it is compiled in.
-    pub fn from_bit(bit: u8) -> Option<Compression> {
+    pub(crate) fn from_bit(bit: u8) -> Option<Compression> {
         Compression::ALL.iter().copied().find(|c| c.bit() == bit)
     }
 

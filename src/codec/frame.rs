@@ -38,6 +38,7 @@ pub(crate) mod code {
 /// Byte fields (`method`, `metadata`, `body`, ...) are [`Bytes`], so a decoded message shares the
 /// read buffer instead of copying it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Message {
     /// A call that expects exactly one reply (client to server).
     Request {
