@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench e2e -- [--callers 1000] [--secs 3] [--rounds 2] [--payload small|1k]
-//!     [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced]
+//!     [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced,towerpc-stats]
 //! ```
 //!
 //! The same settings can come from `E2E_CALLERS`, `E2E_SECS`, `E2E_ROUNDS` and `E2E_PAYLOAD`;
@@ -13,7 +13,8 @@
 //! so the difference is the cost of dispatch by name), `towerpc-k2` (raw, over
 //! `Builder::connections(2)`), `towerpc-stack` (raw, through tower's `timeout` and `retry` with
 //! `towerpc::retry::Policy`) and `towerpc-balanced` (raw, through `balance::Balanced` over the
-//! one server), back to back (A B A B), each against
+//! one server) and `towerpc-stats` (raw, with `stats::RpcStatsLayer` on both ends), back to
+//! back (A B A B), each against
 //! a fresh server on `127.0.0.1:0` in this process, on one multi-thread runtime with tokio's
 //! default worker count. Every run warms up for 1 s and then measures for `--secs`. A call
 //! counts only if its reply equals its request. Machines here are noisy, so the summary quotes
@@ -97,7 +98,7 @@ fn usage(msg: &str) -> ! {
     eprintln!("e2e: {msg}");
     eprintln!(
         "usage: cargo bench --bench e2e -- [--callers N] [--secs S] [--rounds R] \
-         [--payload small|1k] [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced]"
+         [--payload small|1k] [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced,towerpc-stats]"
     );
     std::process::exit(2)
 }
@@ -337,6 +338,8 @@ enum Api {
     Stack,
     /// As `Raw`, through the balanced client over this one server.
     Balanced,
+    /// As `Raw`, through `stats::RpcStatsLayer` on the client and on the server.
+    Stats,
 }
 
 fn label_of(api: Api) -> &'static str {
@@ -347,6 +350,7 @@ fn label_of(api: Api) -> &'static str {
         Api::K2 => "towerpc-k2",
         Api::Stack => "towerpc-stack",
         Api::Balanced => "towerpc-balanced",
+        Api::Stats => "towerpc-stats",
     }
 }
 
@@ -371,6 +375,16 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
                 stop,
             ))
         }
+        Api::Stats => tokio::spawn(
+            server
+                .clone()
+                .layer(towerpc::stats::RpcStatsLayer::new())
+                .serve_with_incoming_shutdown(
+                    towerpc::server::TcpIncoming::from(listener),
+                    echo,
+                    stop,
+                ),
+        ),
         _ => tokio::spawn(server.serve_with_incoming_shutdown(
             towerpc::server::TcpIncoming::from(listener),
             echo,
@@ -390,6 +404,12 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
             let svc = tower::ServiceBuilder::new()
                 .timeout(Duration::from_secs(20))
                 .retry(towerpc::retry::Policy::new())
+                .service(client.clone());
+            drive_service(label_of(api), args, &counters, svc).await
+        }
+        Api::Stats => {
+            let svc = tower::ServiceBuilder::new()
+                .layer(towerpc::stats::RpcStatsLayer::new())
                 .service(client.clone());
             drive_service(label_of(api), args, &counters, svc).await
         }
@@ -478,13 +498,18 @@ fn main() -> Result<(), BoxError> {
         labels.push("towerpc-typed");
         labels.push("towerpc-dispatch");
     }
-    labels.extend(["towerpc-k2", "towerpc-stack", "towerpc-balanced"]);
+    labels.extend([
+        "towerpc-k2",
+        "towerpc-stack",
+        "towerpc-balanced",
+        "towerpc-stats",
+    ]);
     if let Some(only) = &args.only {
         labels.retain(|l| only.iter().any(|o| o == l));
         if labels.is_empty() {
             usage(
                 "--only names none of floor, towerpc, towerpc-typed, towerpc-dispatch, \
-                 towerpc-k2, towerpc-stack, towerpc-balanced (typed and dispatch: small payload)",
+                 towerpc-k2, towerpc-stack, towerpc-balanced, towerpc-stats (typed and dispatch: small payload)",
             );
         }
     }
@@ -511,6 +536,7 @@ fn main() -> Result<(), BoxError> {
                     "towerpc-k2" => run_towerpc(&args, Api::K2).await,
                     "towerpc-stack" => run_towerpc(&args, Api::Stack).await,
                     "towerpc-balanced" => run_towerpc(&args, Api::Balanced).await,
+                    "towerpc-stats" => run_towerpc(&args, Api::Stats).await,
                     _ => run_towerpc(&args, Api::Typed).await,
                 }
             })?;
@@ -554,7 +580,12 @@ fn main() -> Result<(), BoxError> {
     }
     // Layers, balancing and more connections against the bare client, within each round.
     if let Some(bare) = pos("towerpc") {
-        for label in ["towerpc-k2", "towerpc-stack", "towerpc-balanced"] {
+        for label in [
+            "towerpc-k2",
+            "towerpc-stack",
+            "towerpc-balanced",
+            "towerpc-stats",
+        ] {
             let Some(i) = pos(label) else { continue };
             let ratios: Vec<f64> = rounds.iter().map(|r| r[i].cps() / r[bare].cps()).collect();
             println!(

@@ -1,12 +1,19 @@
-//! Connection and call statistics, kept by every client and server out of the box.
+//! Statistics: connection counters kept by every client and server out of the box, and
+//! per-method call stats as a layer for any tower service.
 //!
 //! Counters are relaxed atomics bumped on the I/O path; [`Stats`] is a plain snapshot of them,
-//! taken with `Client::stats` or `Server::stats`. The names follow gorpc's `ConnStats`.
+//! taken with `Client::stats`, `Server::stats` or `ServerHandle::stats`. The names follow
+//! gorpc's `ConnStats`. [`RpcStatsLayer`] counts calls per method (calls, errors by code, in
+//! flight, a latency histogram) on a client, a server, a dispatcher or an axum route alike.
 
+mod classify;
 mod io;
+mod layer;
 
+pub use self::classify::{ErrorCode, MethodName};
 pub use self::io::CountingIo;
 pub(crate) use self::io::{with_dial_counters, MaybeCounted};
+pub use self::layer::{MethodSnapshot, ResponseFuture, RpcStats, RpcStatsLayer, Snapshot};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
