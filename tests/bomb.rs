@@ -767,3 +767,66 @@ fn zstd_bomb_of_valid_requests_is_bounded() {
 fn deflate_bomb_of_valid_requests_is_bounded() {
     request_bomb_case(Compression::Deflate);
 }
+
+/// Issue 10 item 1: memory follows bytes received, not bytes announced. Fifty connections each
+/// send a preface and one frame header announcing 16 MiB, and nothing more: before, each made
+/// the server reserve the whole body (800 MiB in all, an abort under a memory cap); now each
+/// costs its read buffer.
+#[test]
+fn announced_bodies_reserve_nothing() {
+    let _serial = serial();
+    const CONNS: usize = 50;
+    let rt = runtime();
+    let server = Server::builder();
+    let handle = server.handle();
+    let (addr, _serving) = rt.block_on(async {
+        let incoming = towerpc::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let echo = tower::service_fn(|req: Request| async move {
+            Ok::<_, towerpc::BoxError>(Response::new(req.into_body()))
+        });
+        (
+            addr,
+            tokio::spawn(server.serve_with_incoming(incoming, echo)),
+        )
+    });
+    let meter = Meter::start();
+    let mut socks = Vec::new();
+    for _ in 0..CONNS {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.write_all(&support::client_preface(16 << 20)).unwrap();
+        s.write_all(&frame_header(16 << 20)).unwrap();
+        let mut theirs = [0u8; PREFACE_LEN];
+        s.read_exact(&mut theirs).expect("server preface");
+        socks.push(s);
+    }
+    // Every connection has been accepted and its header read.
+    let deadline = Instant::now() + WAIT;
+    while handle.stats().bytes_read < (CONNS * (PREFACE_LEN + 8)) as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not read the headers"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let extra = meter.extra_heap();
+    println!(
+        "{CONNS} connections announcing 16 MiB each: extra peak heap {:.2} MiB",
+        extra as f64 / MIB as f64
+    );
+    // A read buffer (64 KiB) and connection state each; far from 16 MiB each.
+    assert!(
+        extra <= CONNS * 256 * 1024,
+        "extra peak heap {extra} bytes for {CONNS} connections"
+    );
+    // The server still serves.
+    let client = rt.block_on(Client::connect(addr)).unwrap();
+    let n: u64 = rt.block_on(client.invoke("Echo", &7u64)).unwrap();
+    assert_eq!(n, 7);
+    drop(socks);
+    drop(client);
+    rt.shutdown_background();
+}

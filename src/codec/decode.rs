@@ -38,9 +38,9 @@ impl FrameDecoder {
             State::Body { len, count } => (len, count),
         };
         if src.len() < len {
-            // Reserve for the whole body now that the length is known to be within the limit,
-            // so the socket read that completes it does not reallocate on the way.
-            src.reserve(len - src.len());
+            // Nothing is reserved on the header's word: a peer that announces 16 MiB and sends
+            // nothing more must cost no more than what it sent. The reader grows its buffer as
+            // the body arrives (doubling, so a large body still takes few reallocations).
             self.state = State::Body { len, count };
             return Ok(None);
         }
@@ -256,6 +256,18 @@ mod tests {
                 count: 1
             }
         ));
+    }
+
+    #[test]
+    fn an_announced_body_reserves_nothing() {
+        let mut d = FrameDecoder::new(16 << 20);
+        let mut src = head(16 << 20, 0, 0, 1);
+        let before = src.capacity();
+        assert!(d.decode(&mut src).unwrap().is_none());
+        assert!(
+            src.capacity() <= before,
+            "memory reserved on the header's word"
+        );
     }
 
     #[test]
