@@ -103,19 +103,7 @@ where
             }
             continue;
         }
-        let write = io.write_all(&buf);
-        match opts.write_timeout {
-            Some(t) => match tokio::time::timeout(t, write).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "peer stopped reading (write stalled)",
-                    ))
-                }
-            },
-            None => write.await?,
-        }
+        write_batch(&mut io, &buf, opts.write_timeout).await?;
         io.flush().await?;
         Counters::inc(&counters.frames_written);
         spare = buf;
@@ -124,6 +112,33 @@ where
             spare = BytesMut::new();
         }
     }
+}
+
+/// Writes `buf` whole. The timeout bounds each write's *progress*, not the batch: a peer that
+/// reads slowly but steadily behind a large backlog keeps its connection, one that stops
+/// reading for `timeout` loses it.
+async fn write_batch<W>(io: &mut W, buf: &[u8], timeout: Option<Duration>) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut written = 0;
+    while written < buf.len() {
+        let write = io.write(&buf[written..]);
+        let n = match timeout {
+            Some(t) => tokio::time::timeout(t, write).await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "peer stopped reading (no write progress within the write timeout)",
+                )
+            })??,
+            None => write.await?,
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        written += n;
+    }
+    Ok(())
 }
 
 /// Options of [`write_loop`].

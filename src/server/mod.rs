@@ -44,7 +44,7 @@ pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
 /// Default bound on the connection preface exchange (10 s).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Default bound on one write to a peer that stopped reading (30 s).
+/// Default bound on a write that makes no progress, to a peer that stopped reading (30 s).
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default cap on reply bytes queued for one connection (8 MiB) before its reader pauses.
@@ -251,8 +251,10 @@ impl<L> Server<L> {
         self
     }
 
-    /// Bound on one write to a client; a client that stops reading for longer is disconnected.
-    /// Default 30 s. `None` disables it.
+    /// Bound on a write making no progress: a client that reads nothing for this long while
+    /// replies wait is disconnected. Default 30 s. It bounds progress, not the size of a batch,
+    /// so a client reading slowly but steadily behind a large backlog keeps its connection.
+    /// `None` disables it.
     #[must_use]
     pub fn write_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
         self.config.write_timeout = d.into();
