@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,6 +32,14 @@ use crate::stats::{Counters, CountingIo};
 use crate::transport::{ConnectInfo, Connected};
 use crate::{BoxError, Request, Response};
 
+/// A request whose handler runs.
+#[derive(Debug)]
+struct InFlight {
+    handle: AbortHandle,
+    /// When its frame was read: a cancel soon after costs the server a spawn for nothing.
+    arrived: tokio::time::Instant,
+}
+
 /// State shared by the reader, the writer and the handler tasks of one connection.
 #[derive(Debug)]
 struct Conn {
@@ -43,6 +51,8 @@ struct Conn {
     in_flight_bytes: AtomicUsize,
     /// A handler finished and released its request bytes.
     notify_freed: Notify,
+    /// Calls answered by their handlers: what earns a client its cancels (see `Flood`).
+    answered: AtomicU64,
     counters: Arc<Counters>,
 }
 
@@ -51,7 +61,7 @@ struct Inner {
     outbox: Outbox,
     /// Requests awaiting a reply. Whoever removes an id (the handler finishing, a cancel, the
     /// grace deadline) is the one that sends its single reply.
-    in_flight: HashMap<u32, AbortHandle>,
+    in_flight: HashMap<u32, InFlight>,
     /// No more requests will be read; the writer stops once the outbox is empty.
     closing: bool,
 }
@@ -88,6 +98,7 @@ impl Conn {
         if inner.in_flight.remove(&id).is_none() {
             return;
         }
+        self.answered.fetch_add(1, Ordering::Relaxed);
         let msg = match reply {
             Ok(body) => Message::Response { id, body },
             Err(status) => error_message(id, &status),
@@ -161,6 +172,71 @@ enum Stop {
     Drained,
     /// The writer failed or finished.
     Writer,
+    /// The peer sent control messages past their budget (see [`Flood`]).
+    Flood(&'static str),
+}
+
+/// Control messages cost the server work but carry none, so they are budgeted, the way h2
+/// counts resets since CVE-2023-44487 ("rapid reset"): per one-second window a peer may send
+/// [`MAX_PINGS_PER_SEC`] pings, and useless cancels (for an id not in flight, or within
+/// [`RAPID_CANCEL`] of their request) up to [`CANCEL_ALLOWANCE_PER_SEC`] plus the number of
+/// calls answered in that window. An honest client pings only when a reply is overdue and
+/// cancels calls that ran a while; a flood of pings, of cancels for ids not in flight, or of
+/// (request, cancel) pairs blows the budget and the connection is closed with GOAWAY
+/// `RESOURCE_EXHAUSTED`.
+#[derive(Debug)]
+struct Flood {
+    window: tokio::time::Instant,
+    pings: u32,
+    cancels: u64,
+    /// `Conn::answered` when the window began.
+    answered_at_start: u64,
+}
+
+/// Pings a client may send per second before the connection is closed.
+const MAX_PINGS_PER_SEC: u32 = 100;
+
+/// Cancels a client may send per second beyond the calls answered in that second; only
+/// cancels for ids not in flight, or sent within [`RAPID_CANCEL`] of their request, count.
+const CANCEL_ALLOWANCE_PER_SEC: u64 = 1000;
+
+/// A cancel this soon after its request counts against the cancel budget.
+const RAPID_CANCEL: Duration = Duration::from_millis(100);
+
+impl Flood {
+    fn new(now: tokio::time::Instant) -> Self {
+        Flood {
+            window: now,
+            pings: 0,
+            cancels: 0,
+            answered_at_start: 0,
+        }
+    }
+
+    fn roll(&mut self, now: tokio::time::Instant, answered: u64) {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            *self = Flood {
+                window: now,
+                pings: 0,
+                cancels: 0,
+                answered_at_start: answered,
+            };
+        }
+    }
+
+    fn ping(&mut self, now: tokio::time::Instant, answered: u64) -> Option<Stop> {
+        self.roll(now, answered);
+        self.pings += 1;
+        (self.pings > MAX_PINGS_PER_SEC).then_some(Stop::Flood("too many pings"))
+    }
+
+    fn cancel(&mut self, now: tokio::time::Instant, answered: u64) -> Option<Stop> {
+        self.roll(now, answered);
+        self.cancels += 1;
+        let earned = answered.saturating_sub(self.answered_at_start);
+        (self.cancels > CANCEL_ALLOWANCE_PER_SEC + earned)
+            .then_some(Stop::Flood("too many cancels"))
+    }
 }
 
 /// Serves one connection. `svc` is this connection's own stack: the user's layers around the
@@ -282,6 +358,7 @@ async fn established<S, IO>(
         notify_taken: Notify::new(),
         in_flight_bytes: AtomicUsize::new(0),
         notify_freed: Notify::new(),
+        answered: AtomicU64::new(0),
         counters: counters.clone(),
     });
     let (r, w) = tokio::io::split(io);
@@ -316,6 +393,7 @@ async fn established<S, IO>(
         info: &info,
         shutdown: &shutdown,
         grace_deadline: None,
+        flood: Flood::new(tokio::time::Instant::now()),
     };
 
     let stop = tokio::select! {
@@ -329,6 +407,13 @@ async fn established<S, IO>(
             Some(Message::GoAway {
                 code: e.wire_code(),
                 reason: Bytes::from(e.to_string()),
+            })
+        }
+        Stop::Flood(why) => {
+            Counters::inc(&counters.protocol_errors);
+            Some(Message::GoAway {
+                code: code::RESOURCE_EXHAUSTED,
+                reason: Bytes::from_static(why.as_bytes()),
             })
         }
         _ => None,
@@ -354,9 +439,9 @@ async fn established<S, IO>(
 fn cancel_all(conn: &Conn, last: Option<&Message>) {
     let mut inner = conn.lock();
     let status = Status::new(Code::Cancelled, "server closed the connection");
-    let ids: Vec<(u32, AbortHandle)> = inner.in_flight.drain().collect();
-    for (id, handle) in ids {
-        handle.abort();
+    let ids: Vec<(u32, InFlight)> = inner.in_flight.drain().collect();
+    for (id, call) in ids {
+        call.handle.abort();
         conn.push(&mut inner, &error_message(id, &status));
     }
     if let Some(msg) = last {
@@ -374,6 +459,7 @@ struct Ctx<'a, S> {
     shutdown: &'a CancellationToken,
     /// Set when a graceful shutdown reaches this connection: in-flight calls have until then.
     grace_deadline: Option<tokio::time::Instant>,
+    flood: Flood,
 }
 
 impl<S> Ctx<'_, S>
@@ -491,8 +577,21 @@ where
             }
             Message::Cancel { id } => {
                 let mut inner = self.conn.lock();
-                if let Some(handle) = inner.in_flight.remove(&id) {
-                    handle.abort();
+                // Only cancels that did no good count against the budget: one for an id not in
+                // flight, or one right behind its request (the "rapid reset" pattern). A caller
+                // giving up on a call that ran a while is what cancels are for.
+                let rapid = inner
+                    .in_flight
+                    .get(&id)
+                    .is_none_or(|call| arrived.duration_since(call.arrived) < RAPID_CANCEL);
+                if rapid {
+                    let answered = self.conn.answered.load(Ordering::Relaxed);
+                    if let Some(stop) = self.flood.cancel(arrived, answered) {
+                        return Some(stop);
+                    }
+                }
+                if let Some(call) = inner.in_flight.remove(&id) {
+                    call.handle.abort();
                     let status = Status::new(Code::Cancelled, "cancelled by the client");
                     let wake = self.conn.push(&mut inner, &error_message(id, &status));
                     drop(inner);
@@ -503,6 +602,10 @@ where
                 None
             }
             Message::Ping { data } => {
+                let answered = self.conn.answered.load(Ordering::Relaxed);
+                if let Some(stop) = self.flood.ping(arrived, answered) {
+                    return Some(stop);
+                }
                 self.conn.push_now(&Message::Pong { data });
                 None
             }
@@ -639,7 +742,10 @@ where
                         )));
                     }
                     Entry::Vacant(slot) => {
-                        slot.insert(self.tasks.spawn(task).abort_handle());
+                        slot.insert(InFlight {
+                            handle: self.tasks.spawn(task).abort_handle(),
+                            arrived,
+                        });
                     }
                 }
             }

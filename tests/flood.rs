@@ -1,0 +1,115 @@
+//! Control-message floods (issue 10, item 5): pings, cancels for ids not in flight, and
+//! (request, cancel) pairs cost a peer its connection once past their budget, while an honest
+//! client on another connection is served as before.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use towerpc::codec::Message;
+use towerpc::{Client, Code, Server};
+
+const BOUND: Duration = Duration::from_secs(10);
+
+fn request(id: u32) -> Message {
+    Message::Request {
+        id,
+        timeout_ms: 0,
+        method: Bytes::from_static(b"Sleep"),
+        metadata: Bytes::new(),
+        body: Bytes::from_static(b"x"),
+    }
+}
+
+/// Sends `frames`, then reads until the server hangs up; returns the GOAWAY it sent.
+async fn flood_until_closed(
+    addr: std::net::SocketAddr,
+    frames: Vec<Vec<Message>>,
+) -> (u16, String) {
+    let mut raw = support::raw_client(addr).await;
+    for frame in frames {
+        raw.write_frame(frame).await;
+    }
+    let msgs = raw.read_to_end_within(BOUND).await;
+    msgs.iter()
+        .find_map(|m| match m {
+            Message::GoAway { code, reason } => {
+                Some((*code, String::from_utf8_lossy(reason).into_owned()))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("closed without a GOAWAY after {} messages", msgs.len()))
+}
+
+async fn honest_call(client: &Client) {
+    let started = std::time::Instant::now();
+    let n: u64 = support::within(BOUND, client.invoke("Echo", &3u64))
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_flood_is_closed() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let honest = Client::connect(server.addr).await.unwrap();
+    let pings = (0..500).map(|i| Message::Ping { data: i }).collect();
+    let (code, reason) = flood_until_closed(server.addr, vec![pings]).await;
+    assert_eq!(Code::from_u16(code), Code::ResourceExhausted, "{reason}");
+    assert!(reason.contains("ping"), "{reason}");
+    honest_call(&honest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_for_ids_not_in_flight_are_closed() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let honest = Client::connect(server.addr).await.unwrap();
+    let cancels = (1..=5000).map(|id| Message::Cancel { id }).collect();
+    let (code, reason) = flood_until_closed(server.addr, vec![cancels]).await;
+    assert_eq!(Code::from_u16(code), Code::ResourceExhausted, "{reason}");
+    assert!(reason.contains("cancel"), "{reason}");
+    honest_call(&honest).await;
+}
+
+/// The "rapid reset" pattern: each request cancelled right behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_request_cancel_pairs_are_closed() {
+    let server = support::serve(Server::builder(), support::sleepy(Duration::from_secs(10))).await;
+    let frames = (0..10)
+        .map(|f| {
+            (1..=500)
+                .flat_map(|i| {
+                    let id = f * 500 + i;
+                    [request(id), Message::Cancel { id }]
+                })
+                .collect()
+        })
+        .collect();
+    let (code, reason) = flood_until_closed(server.addr, frames).await;
+    assert_eq!(Code::from_u16(code), Code::ResourceExhausted, "{reason}");
+    assert!(reason.contains("cancel"), "{reason}");
+}
+
+/// Cancelling calls that have run a while is what cancels are for: never counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_calls_that_ran_is_not_a_flood() {
+    let server = support::serve(Server::builder(), support::sleepy(Duration::from_secs(10))).await;
+    let mut raw = support::raw_client(server.addr).await;
+    raw.write_frame((1..=1500).map(request).collect()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.write_frame((1..=1500).map(|id| Message::Cancel { id }).collect())
+        .await;
+    let mut cancelled = 0;
+    while cancelled < 1500 {
+        for m in raw.read_frame_within(BOUND).await.expect("connection open") {
+            match m {
+                Message::Error { code, .. } if Code::from_u16(code) == Code::Cancelled => {
+                    cancelled += 1
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
