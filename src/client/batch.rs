@@ -196,7 +196,7 @@ impl Batch {
             .map(|(s, t)| match s {
                 Ok(Some((id, rx))) => {
                     let permit = permits.as_mut().and_then(|p| p.split(1));
-                    ResponseFuture::waiting(shared.clone(), id, gen, rx, permit, t, None)
+                    ResponseFuture::waiting((shared.clone(), id, gen, rx), permit, t, None, None)
                 }
                 Ok(None) => ResponseFuture::ready(Ok(Response::default())),
                 Err(e) => ResponseFuture::ready(Err(e)),

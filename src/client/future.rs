@@ -33,6 +33,8 @@ pin_project! {
         sleep: Option<Sleep>,
         // Boxed: only calls that carry a token pay for its waiter.
         cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        // Boxed: only calls traced by an interested subscriber pay for it.
+        trace: Option<Box<Trace>>,
     }
 
     impl PinnedDrop for ResponseFuture {
@@ -42,6 +44,55 @@ pin_project! {
                 call.shared.abandon(call.id, call.gen, true);
             }
         }
+    }
+}
+
+/// A call's span (`towerpc.client`: method, id, server, code, latency) and start.
+#[derive(Debug)]
+pub(crate) struct Trace {
+    span: tracing::Span,
+    started: std::time::Instant,
+}
+
+impl Trace {
+    /// A span for a call of `req` to `shared`'s server, or `None` when no subscriber wants it.
+    pub(crate) fn start(req: &Request, shared: &Shared) -> Option<Box<Trace>> {
+        let span = tracing::debug_span!(
+            "towerpc.client",
+            method = tracing::field::Empty,
+            id = tracing::field::Empty,
+            server = tracing::field::Empty,
+            code = tracing::field::Empty,
+            latency_us = tracing::field::Empty,
+        );
+        if span.is_disabled() {
+            return None;
+        }
+        span.record("method", req.method());
+        if let Some(server) = &shared.config.target {
+            span.record("server", server.as_ref());
+        }
+        Some(Box::new(Trace {
+            span,
+            started: std::time::Instant::now(),
+        }))
+    }
+
+    pub(crate) fn id(&self, id: u32) {
+        self.span.record("id", id);
+    }
+
+    fn end(&self, reply: &Reply) {
+        let code = match reply {
+            Ok(_) => "ok".to_string(),
+            Err(e) => match e.code() {
+                Some(code) => code.to_string(),
+                None => e.to_string(),
+            },
+        };
+        self.span.record("code", code.as_str());
+        self.span
+            .record("latency_us", self.started.elapsed().as_micros() as u64);
     }
 }
 
@@ -76,14 +127,15 @@ enum State {
 
 impl ResponseFuture {
     pub(crate) fn waiting(
-        shared: Arc<Shared>,
-        id: u32,
-        gen: u64,
-        rx: oneshot::Receiver<Reply>,
+        (shared, id, gen, rx): Started,
         permit: Option<OwnedSemaphorePermit>,
         deadline: Option<Instant>,
         cancel: Option<CancellationToken>,
+        trace: Option<Box<Trace>>,
     ) -> Self {
+        if let Some(trace) = &trace {
+            trace.id(id);
+        }
         ResponseFuture {
             state: State::Waiting {
                 call: Call { shared, id, gen },
@@ -92,6 +144,7 @@ impl ResponseFuture {
             },
             sleep: deadline.map(tokio::time::sleep_until),
             cancel: cancel.map(|c| Box::pin(c.cancelled_owned())),
+            trace,
         }
     }
 
@@ -103,6 +156,7 @@ impl ResponseFuture {
         cancel: Option<CancellationToken>,
     ) -> Self {
         let changes = handle.changes();
+        let trace = Trace::start(&req, &handle.conns[0]);
         ResponseFuture {
             state: State::Parked(Box::new(Parked {
                 handle,
@@ -113,6 +167,7 @@ impl ResponseFuture {
             })),
             sleep: deadline.map(tokio::time::sleep_until),
             cancel: cancel.map(|c| Box::pin(c.cancelled_owned())),
+            trace,
         }
     }
 
@@ -121,6 +176,7 @@ impl ResponseFuture {
             state: State::Ready { reply: Some(reply) },
             sleep: None,
             cancel: None,
+            trace: None,
         }
     }
 }
@@ -148,6 +204,9 @@ impl Future for ResponseFuture {
                     }
                     State::Parked(parked) => match poll_parked(parked, cx) {
                         Poll::Ready(Ok((shared, id, gen, rx))) => {
+                            if let Some(trace) = this.trace {
+                                trace.id(id);
+                            }
                             let State::Parked(parked) =
                                 std::mem::replace(this.state, State::Ready { reply: None })
                             else {
@@ -212,6 +271,9 @@ impl Future for ResponseFuture {
                     Counters::inc(&c.errors);
                 }
             }
+            if let Some(trace) = this.trace.take() {
+                trace.end(&reply);
+            }
             // Completed: release the slot now and make drop a no-op.
             *this.state = State::Ready { reply: None };
             return Poll::Ready(reply);
@@ -219,7 +281,8 @@ impl Future for ResponseFuture {
     }
 }
 
-type Started = (Arc<Shared>, u32, u64, oneshot::Receiver<Reply>);
+/// A call queued on a connection: the connection, the id, its generation, the reply.
+pub(crate) type Started = (Arc<Shared>, u32, u64, oneshot::Receiver<Reply>);
 
 /// Tries again each time the number of live connections changes.
 fn poll_parked(parked: &mut Parked, cx: &mut Context<'_>) -> Poll<Result<Started>> {

@@ -337,10 +337,10 @@ impl Client {
         if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             return ResponseFuture::ready(Err(Error::new(Kind::Cancelled)));
         }
+        // Before the start, which takes the method out of the request.
+        let trace = future::Trace::start(&req, &self.handle.conns[0]);
         match self.handle.try_start(&mut req, deadline, now) {
-            Ok((shared, id, gen, rx)) => {
-                ResponseFuture::waiting(shared, id, gen, rx, permit, deadline, cancel)
-            }
+            Ok(started) => ResponseFuture::waiting(started, permit, deadline, cancel, trace),
             Err(Refusal::Fail(e)) => ResponseFuture::ready(Err(e)),
             Err(Refusal::Park) => {
                 ResponseFuture::parked(self.handle.clone(), req, permit, deadline, cancel)

@@ -21,6 +21,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
+use tracing::Instrument;
 
 use super::recover::status_from_error;
 use super::Config;
@@ -656,6 +657,26 @@ where
         };
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
         let deadline = timeout.map(|t| arrived + t);
+        // One span per call; with no subscriber interested it is a no-op and nothing below is
+        // recorded or timed.
+        let span = tracing::debug_span!(
+            "towerpc.server",
+            method = tracing::field::Empty,
+            id = tracing::field::Empty,
+            peer = tracing::field::Empty,
+            code = tracing::field::Empty,
+            latency_us = tracing::field::Empty,
+        );
+        let traced = !span.is_disabled();
+        if traced {
+            span.record("method", String::from_utf8_lossy(&method).as_ref());
+            if let Some(id) = id {
+                span.record("id", id);
+            }
+            if let Some(peer) = self.info.remote_addr() {
+                span.record("peer", tracing::field::display(peer));
+            }
+        }
         let req = Request {
             method,
             body,
@@ -699,7 +720,9 @@ where
             }
         };
         let conn = self.conn.clone();
+        let task_span = span.clone();
         let task = async move {
+            let started = traced.then(std::time::Instant::now);
             let _held = held;
             let res = match fut {
                 // The deadline scope lets calls the handler makes inherit what is left.
@@ -724,6 +747,14 @@ where
             if reply.is_err() {
                 Counters::inc(&conn.counters.errors);
             }
+            if let Some(started) = started {
+                let code = match &reply {
+                    Ok(_) => "ok".to_string(),
+                    Err(status) => status.code().to_string(),
+                };
+                task_span.record("code", code.as_str());
+                task_span.record("latency_us", started.elapsed().as_micros() as u64);
+            }
             match id {
                 Some(id) => conn.reply(id, reply),
                 None => Counters::inc(&conn.counters.one_way),
@@ -743,14 +774,14 @@ where
                     }
                     Entry::Vacant(slot) => {
                         slot.insert(InFlight {
-                            handle: self.tasks.spawn(task).abort_handle(),
+                            handle: self.tasks.spawn(task.instrument(span)).abort_handle(),
                             arrived,
                         });
                     }
                 }
             }
             None => {
-                self.tasks.spawn(task);
+                self.tasks.spawn(task.instrument(span));
             }
         }
         None
