@@ -130,3 +130,62 @@ async fn stats_layer_on_an_axum_route() {
     assert_eq!(snap.methods["/ok"].errors(), 0);
     assert_eq!(snap.methods["/boom"].errors_by_code.get("503"), Some(&1));
 }
+
+/// With the `metrics` feature the same figures reach whatever recorder is installed.
+#[cfg(feature = "metrics")]
+#[test]
+fn stats_layer_records_through_the_metrics_facade() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let server = support::serve(Server::builder(), support::dispatcher(dispatcher())).await;
+            let client = Client::connect(server.addr).await.unwrap();
+            let mut svc = ServiceBuilder::new()
+                .layer(RpcStatsLayer::named("calc-client"))
+                .service(client);
+            for n in 0..4u64 {
+                let req = Request::new("Calc.Double", support::msgpack(&n));
+                svc.ready().await.unwrap().call(req).await.unwrap();
+            }
+            let req = Request::new("Calc.Fail", support::msgpack(&1u64));
+            assert!(svc.ready().await.unwrap().call(req).await.is_err());
+        })
+    });
+    let mut found = std::collections::HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let key = key.key();
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        found.insert(format!("{}{{{}}}", key.name(), labels.join(",")), value);
+    }
+    let get = |k: &str| {
+        found
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k} in {:?}", found.keys()))
+    };
+    assert!(matches!(
+        get("towerpc_calls_total{service=calc-client,method=Calc.Double}"),
+        DebugValue::Counter(4)
+    ));
+    assert!(matches!(
+        get("towerpc_errors_total{service=calc-client,method=Calc.Fail,code=application error}"),
+        DebugValue::Counter(1)
+    ));
+    assert!(matches!(
+        get("towerpc_call_duration_seconds{service=calc-client,method=Calc.Double}"),
+        DebugValue::Histogram(h) if h.len() == 4
+    ));
+    assert!(matches!(
+        get("towerpc_in_flight{service=calc-client,method=Calc.Double}"),
+        DebugValue::Gauge(g) if g.into_inner() == 0.0
+    ));
+}

@@ -66,6 +66,23 @@ impl RpcStatsLayer {
         RpcStatsLayer::default()
     }
 
+    /// A layer whose figures carry `service` as their `service` label when recorded through
+    /// the `metrics` facade (feature `metrics`): name the client, server or route it counts.
+    ///
+    /// With the `metrics` feature every call is also recorded as
+    /// `towerpc_calls_total{service, method}`, `towerpc_errors_total{service, method, code}`,
+    /// `towerpc_in_flight{service, method}` (a gauge) and
+    /// `towerpc_call_duration_seconds{service, method}` (a histogram), for whatever exporter
+    /// the program installed (Prometheus, StatsD...).
+    pub fn named(service: impl Into<String>) -> Self {
+        RpcStatsLayer {
+            registry: Arc::new(Registry {
+                methods: RwLock::default(),
+                service: service.into(),
+            }),
+        }
+    }
+
     /// What has been counted so far, per method.
     pub fn snapshot(&self) -> Snapshot {
         self.registry.snapshot()
@@ -121,6 +138,8 @@ where
     fn call(&mut self, req: R) -> Self::Future {
         let method = self.registry.method(&req.method_name());
         method.in_flight.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        method.metrics.in_flight.increment(1.0);
         ResponseFuture {
             inner: self.inner.call(req),
             call: Some(InFlight {
@@ -178,11 +197,10 @@ impl InFlight {
             return;
         }
         let m = &self.method;
-        let micros = self
-            .started
-            .elapsed()
-            .as_micros()
-            .min(MAX_LATENCY_US as u128) as u64;
+        let elapsed = self.started.elapsed();
+        let micros = elapsed.as_micros().min(MAX_LATENCY_US as u128) as u64;
+        #[cfg(feature = "metrics")]
+        m.metrics.end(elapsed, code.as_deref());
         m.shards[shard()]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -220,6 +238,9 @@ fn shard() -> usize {
 #[derive(Default)]
 struct Registry {
     methods: RwLock<HashMap<String, Arc<MethodCounters>>>,
+    /// The `service` label of the metrics.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    service: String,
 }
 
 impl Registry {
@@ -236,7 +257,7 @@ impl Registry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(MethodCounters::new()))
+            .or_insert_with(|| Arc::new(MethodCounters::new(&self.service, name)))
             .clone()
     }
 
@@ -256,15 +277,20 @@ struct MethodCounters {
     in_flight: AtomicU64,
     errors: Mutex<HashMap<String, u64>>,
     shards: [Mutex<Histogram<u64>>; SHARDS],
+    #[cfg(feature = "metrics")]
+    metrics: Metrics,
 }
 
 impl MethodCounters {
-    fn new() -> Self {
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn new(service: &str, method: &str) -> Self {
         MethodCounters {
             calls: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             errors: Mutex::new(HashMap::new()),
             shards: std::array::from_fn(|_| Mutex::new(new_histogram())),
+            #[cfg(feature = "metrics")]
+            metrics: Metrics::new(service, method),
         }
     }
 
@@ -285,6 +311,46 @@ impl MethodCounters {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             latency,
+        }
+    }
+}
+
+/// One method's handles in the `metrics` facade, registered once with the recorder installed
+/// then, so a call costs no label allocation.
+#[cfg(feature = "metrics")]
+struct Metrics {
+    labels: [(&'static str, String); 2],
+    calls: metrics::Counter,
+    in_flight: metrics::Gauge,
+    duration: metrics::Histogram,
+}
+
+#[cfg(feature = "metrics")]
+impl Metrics {
+    fn new(service: &str, method: &str) -> Self {
+        let labels = [
+            ("service", service.to_owned()),
+            ("method", method.to_owned()),
+        ];
+        Metrics {
+            calls: metrics::counter!("towerpc_calls_total", &labels),
+            in_flight: metrics::gauge!("towerpc_in_flight", &labels),
+            duration: metrics::histogram!("towerpc_call_duration_seconds", &labels),
+            labels,
+        }
+    }
+
+    fn end(&self, elapsed: Duration, code: Option<&str>) {
+        self.calls.increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+        self.in_flight.decrement(1.0);
+        if let Some(code) = code {
+            let [service, method] = self.labels.clone();
+            metrics::counter!(
+                "towerpc_errors_total",
+                &[service, method, ("code", code.to_owned())]
+            )
+            .increment(1);
         }
     }
 }
