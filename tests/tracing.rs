@@ -14,11 +14,14 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
+/// A span's name and its fields as recorded.
+type SpanRecord = (String, HashMap<String, String>);
+
 /// Every span's name and fields, as recorded, once it closes.
 #[derive(Clone, Default)]
 struct Capture {
-    open: Arc<Mutex<HashMap<u64, (String, HashMap<String, String>)>>>,
-    closed: Arc<Mutex<Vec<(String, HashMap<String, String>)>>>,
+    open: Arc<Mutex<HashMap<u64, SpanRecord>>>,
+    closed: Arc<Mutex<Vec<SpanRecord>>>,
 }
 
 struct Fields<'a>(&'a mut HashMap<String, String>);
