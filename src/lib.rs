@@ -17,6 +17,7 @@ mod request;
 pub mod retry;
 pub mod server;
 pub mod stats;
+pub mod trace;
 pub mod transport;
 
 pub use crate::client::Client;

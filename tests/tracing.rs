@@ -116,3 +116,55 @@ async fn calls_are_spans_on_both_sides() {
     assert_eq!(find("towerpc.client", "Calc.Fail")["code"], "not found");
     assert_eq!(find("towerpc.server", "Calc.Fail")["code"], "not found");
 }
+
+/// A trace continues across two hops: the trace id is kept, each hop gets a new parent id.
+#[tokio::test(flavor = "current_thread")]
+async fn trace_context_continues_across_hops() {
+    use towerpc::trace::TraceContext;
+    use towerpc::{BoxError, Request, Response};
+
+    fn seen(req: &Request) -> String {
+        req.extensions()
+            .get::<TraceContext>()
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    }
+    let b = support::serve(
+        Server::builder(),
+        support::service(|req: Request| async move {
+            Ok::<_, BoxError>(Response::new(seen(&req).into()))
+        }),
+    )
+    .await;
+    let to_b = Client::connect(b.addr).await.unwrap();
+    let a = support::serve(
+        Server::builder(),
+        support::service(move |req: Request| {
+            let to_b = to_b.clone();
+            async move {
+                let at_b = to_b.request(Request::new("B", "")).await?;
+                let both = format!("{} {}", seen(&req), String::from_utf8_lossy(at_b.body()));
+                Ok::<_, BoxError>(Response::new(both.into()))
+            }
+        }),
+    )
+    .await;
+    let client = Client::connect(a.addr).await.unwrap();
+
+    let root = TraceContext::new_root();
+    let resp = towerpc::trace::scope(Some(root), client.request(Request::new("A", "")))
+        .await
+        .unwrap();
+    let text = String::from_utf8(resp.body().to_vec()).unwrap();
+    let (at_a, at_b) = text.split_once(' ').unwrap();
+    let at_a: TraceContext = at_a.parse().unwrap();
+    let at_b: TraceContext = at_b.parse().unwrap();
+    assert_eq!(at_a.trace_id(), root.trace_id());
+    assert_eq!(at_b.trace_id(), root.trace_id());
+    assert_ne!(at_a.parent_id(), root.parent_id());
+    assert_ne!(at_b.parent_id(), at_a.parent_id());
+
+    // Without a scope nothing is sent.
+    let resp = client.request(Request::new("A", "")).await.unwrap();
+    assert_eq!(&resp.body()[..], b" ");
+}

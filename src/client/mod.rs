@@ -314,7 +314,8 @@ impl Client {
         self.send_raw(Request::new(method, body))
     }
 
-    fn send_raw(&self, req: Request) -> Result<()> {
+    fn send_raw(&self, mut req: Request) -> Result<()> {
+        continue_trace(&mut req);
         let shared = self.handle.pick();
         let now = Instant::now();
         let timeout = resolve_deadline(&req, shared.config.timeout, now)
@@ -334,6 +335,7 @@ impl Client {
         let now = Instant::now();
         let deadline = resolve_deadline(&req, self.handle.config().timeout, now);
         let cancel = req.cancel.take();
+        continue_trace(&mut req);
         if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             return ResponseFuture::ready(Err(Error::new(Kind::Cancelled)));
         }
@@ -385,6 +387,17 @@ impl Client {
     /// Whether a connection is up right now.
     pub fn is_connected(&self) -> bool {
         self.handle.is_up()
+    }
+}
+
+/// Carries the trace context of the scope the call is made in (a handler's caller's), as a
+/// child, in the request's metadata, unless the request already has one.
+fn continue_trace(req: &mut Request) {
+    let Some(ctx) = crate::trace::current() else {
+        return;
+    };
+    if crate::trace::TraceContext::from_metadata(&req.metadata).is_none() {
+        req.metadata = ctx.child().inject(&req.metadata);
     }
 }
 

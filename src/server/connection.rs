@@ -14,6 +14,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -666,8 +667,23 @@ where
             peer = tracing::field::Empty,
             code = tracing::field::Empty,
             latency_us = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
         let traced = !span.is_disabled();
+        // The caller's trace context, when its metadata carries one.
+        let trace = if metadata.is_empty() {
+            None
+        } else {
+            crate::trace::TraceContext::from_metadata(&metadata)
+        };
+        if traced {
+            if let Some(t) = &trace {
+                span.record(
+                    "trace_id",
+                    tracing::field::display(format!("{:032x}", t.trace_id())),
+                );
+            }
+        }
         if traced {
             span.record("method", String::from_utf8_lossy(&method).as_ref());
             if let Some(id) = id {
@@ -677,7 +693,7 @@ where
                 span.record("peer", tracing::field::display(peer));
             }
         }
-        let req = Request {
+        let mut req = Request {
             method,
             body,
             metadata,
@@ -687,6 +703,9 @@ where
             one_way: id.is_none(),
             extensions: LazyExtensions::with_connect_info(self.info.clone()),
         };
+        if let Some(t) = trace {
+            req.extensions_mut().insert(t);
+        }
 
         // Readiness is awaited here, on the reader: while the stack is not ready (its concurrency
         // limits are full, or a layer of the user's pushes back) the socket is not read. A
@@ -727,6 +746,12 @@ where
             let res = match fut {
                 // The deadline scope lets calls the handler makes inherit what is left.
                 Ok(fut) => {
+                    // And the trace scope, so they continue the caller's trace; only requests
+                    // that carry one pay for it.
+                    let fut = match trace {
+                        Some(t) => Either::Left(crate::trace::scope(Some(t), fut)),
+                        None => Either::Right(fut),
+                    };
                     let fut =
                         crate::deadline::scope(deadline, AssertUnwindSafe(fut).catch_unwind());
                     LazyDeadline::new(fut, deadline).await
