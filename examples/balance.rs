@@ -103,7 +103,7 @@ async fn main() -> Result<(), BoxError> {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let req = towerpc::Request::new("Echo", towerpc::codec::to_msgpack(&n)?);
+                let req = towerpc::Request::new("Echo", towerpc::payload::to_msgpack(&n)?);
                 match svc.clone().oneshot(req).await {
                     Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                     Err(_) => failed.fetch_add(1, Ordering::Relaxed),

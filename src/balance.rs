@@ -211,9 +211,9 @@ impl Balanced {
         Resp: serde::de::DeserializeOwned,
     {
         use tower::ServiceExt;
-        let body = crate::codec::to_msgpack(req)?;
+        let body = crate::payload::to_msgpack(req)?;
         let resp = self.clone().oneshot(Request::new(method, body)).await?;
-        crate::codec::from_msgpack(resp.body())
+        crate::payload::from_msgpack(resp.body())
     }
 }
 

@@ -573,7 +573,7 @@ impl Status {
     /// assert_eq!(s.details_as(), Some(CacheError::Missing { key: "k".into() }));
     /// ```
     pub fn typed<E: serde::Serialize + fmt::Display + ?Sized>(code: Code, error: &E) -> Status {
-        let details = crate::codec::to_msgpack(error).unwrap_or_default();
+        let details = crate::payload::to_msgpack(error).unwrap_or_default();
         Status::new(code, error.to_string()).with_details(details)
     }
 
@@ -582,7 +582,7 @@ impl Status {
         if self.details.is_empty() {
             return None;
         }
-        crate::codec::from_msgpack(&self.details).ok()
+        crate::payload::from_msgpack(&self.details).ok()
     }
 }
 

@@ -13,6 +13,7 @@ pub mod deadline;
 pub mod dispatch;
 mod error;
 pub mod into_error;
+pub mod payload;
 mod request;
 pub mod retry;
 pub mod server;

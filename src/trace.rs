@@ -97,7 +97,7 @@ impl TraceContext {
         if metadata.is_empty() {
             return None;
         }
-        let map: BTreeMap<String, String> = crate::codec::from_msgpack(metadata).ok()?;
+        let map: BTreeMap<String, String> = crate::payload::from_msgpack(metadata).ok()?;
         map.get(TRACEPARENT)?.parse().ok()
     }
 
@@ -107,13 +107,13 @@ impl TraceContext {
         let mut map: BTreeMap<String, String> = if metadata.is_empty() {
             BTreeMap::new()
         } else {
-            match crate::codec::from_msgpack(metadata) {
+            match crate::payload::from_msgpack(metadata) {
                 Ok(map) => map,
                 Err(_) => return metadata.clone(),
             }
         };
         map.insert(TRACEPARENT.to_owned(), self.to_string());
-        crate::codec::to_msgpack(&map).unwrap_or_else(|_| metadata.clone())
+        crate::payload::to_msgpack(&map).unwrap_or_else(|_| metadata.clone())
     }
 }
 
@@ -237,10 +237,10 @@ mod tests {
         let ctx = TraceContext::new_root();
         let mut other = BTreeMap::new();
         other.insert("tenant".to_string(), "7".to_string());
-        let md = crate::codec::to_msgpack(&other).unwrap();
+        let md = crate::payload::to_msgpack(&other).unwrap();
         let md = ctx.inject(&md);
         assert_eq!(TraceContext::from_metadata(&md), Some(ctx));
-        let map: BTreeMap<String, String> = crate::codec::from_msgpack(&md).unwrap();
+        let map: BTreeMap<String, String> = crate::payload::from_msgpack(&md).unwrap();
         assert_eq!(map["tenant"], "7");
         assert_eq!(TraceContext::from_metadata(b"\xc1"), None);
     }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
-use towerpc::codec::{from_msgpack, to_msgpack};
+use towerpc::payload::{from_msgpack, to_msgpack};
 use towerpc::{Client, Error, Request, Response, Server, Stats};
 
 /// Callers, spread over the clients.

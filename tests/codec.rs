@@ -890,7 +890,7 @@ fn towerpc_decoder_rejects_deep_nesting_on_a_256_kib_stack() {
         let (res, elapsed) = on_stack(SMALL_STACK, move || {
             let bytes = vec![0x91u8; 200_000];
             let started = Instant::now();
-            let res = towerpc::codec::from_msgpack::<T>(&bytes).map(|_| ());
+            let res = towerpc::payload::from_msgpack::<T>(&bytes).map(|_| ());
             (res, started.elapsed())
         });
         let err = res.expect_err(what);
@@ -908,11 +908,11 @@ fn towerpc_decoder_rejects_deep_nesting_on_a_256_kib_stack() {
 #[test]
 fn towerpc_decoder_accepts_ordinary_nesting() {
     // Half the limit: a newtype around a Vec may count as two levels.
-    let depth = towerpc::codec::MAX_DECODE_DEPTH / 2;
+    let depth = towerpc::payload::MAX_DECODE_DEPTH / 2;
     let mut ok = vec![0x91u8; depth - 1];
     ok.push(0x90);
     on_stack(SMALL_STACK, move || {
-        towerpc::codec::from_msgpack::<Nested>(&ok).expect("nesting within the limit decodes");
+        towerpc::payload::from_msgpack::<Nested>(&ok).expect("nesting within the limit decodes");
     });
 }
 

@@ -181,21 +181,22 @@ async fn context_carries_metadata_deadline_and_address() {
     );
     let (_server, client) = start(d).await;
     within(BOUND, async {
-        let body = towerpc::codec::to_msgpack(&()).unwrap();
+        let body = towerpc::payload::to_msgpack(&()).unwrap();
         let req = Request::new("Ctx", body)
             .with_metadata(Bytes::from_static(b"\x81\xa2id\x07"))
             .with_timeout(Duration::from_millis(1500));
         let resp = client.request(req).await.unwrap();
-        let info: CtxInfo = towerpc::codec::from_msgpack(resp.body()).unwrap();
+        let info: CtxInfo = towerpc::payload::from_msgpack(resp.body()).unwrap();
         assert_eq!(&info.metadata[..], b"\x81\xa2id\x07");
         let ms = info.remaining_ms.expect("a deadline");
         assert!(ms > 0 && ms <= 1500, "remaining {ms} ms");
         assert!(info.remote_port.is_some_and(|p| p != 0));
 
         // Without a timeout there is no deadline.
-        let req = Request::new("Ctx", towerpc::codec::to_msgpack(&()).unwrap()).with_timeout(None);
+        let req =
+            Request::new("Ctx", towerpc::payload::to_msgpack(&()).unwrap()).with_timeout(None);
         let resp = client.request(req).await.unwrap();
-        let info: CtxInfo = towerpc::codec::from_msgpack(resp.body()).unwrap();
+        let info: CtxInfo = towerpc::payload::from_msgpack(resp.body()).unwrap();
         assert_eq!(info.remaining_ms, None);
     })
     .await;
@@ -400,7 +401,7 @@ async fn byte_strings_round_trip() {
     };
     round_trip(blob).await;
     // serde_bytes makes them msgpack bin, not arrays of integers.
-    let bytes = towerpc::codec::to_msgpack(&serde_bytes::ByteBuf::from(vec![1u8, 2])).unwrap();
+    let bytes = towerpc::payload::to_msgpack(&serde_bytes::ByteBuf::from(vec![1u8, 2])).unwrap();
     assert_eq!(&bytes[..], &[0xc4, 2, 1, 2]);
 }
 
@@ -815,7 +816,7 @@ async fn batch_results_are_independent_and_in_order() {
         let d = batch.call::<_, i64>("Calc.Add", "wrong type").unwrap();
         let raw = batch.request(Request::new(
             "Calc.Div",
-            towerpc::codec::to_msgpack(&(8, 2)).unwrap(),
+            towerpc::payload::to_msgpack(&(8, 2)).unwrap(),
         ));
         assert_eq!((a.index(), raw.index()), (0, 4));
         let mut replies = batch.run().await.unwrap();
@@ -830,7 +831,10 @@ async fn batch_results_are_independent_and_in_order() {
             Some(Code::InvalidArgument)
         );
         let raw = replies.take(raw).unwrap();
-        assert_eq!(towerpc::codec::from_msgpack::<i64>(raw.body()).unwrap(), 4);
+        assert_eq!(
+            towerpc::payload::from_msgpack::<i64>(raw.body()).unwrap(),
+            4
+        );
 
         // The same batch read as raw responses, in order.
         let mut batch = client.batch();
@@ -844,7 +848,7 @@ async fn batch_results_are_independent_and_in_order() {
             .await
             .unwrap()
             .into_iter()
-            .map(|r| towerpc::codec::from_msgpack(r.unwrap().body()).unwrap())
+            .map(|r| towerpc::payload::from_msgpack(r.unwrap().body()).unwrap())
             .collect();
         assert_eq!(all, [0, 1, 2, 3, 4]);
     })

@@ -70,7 +70,7 @@ impl Batch {
     where
         Req: Serialize + ?Sized,
     {
-        let body = crate::codec::to_msgpack(req)?;
+        let body = crate::payload::to_msgpack(req)?;
         Ok(self.push(Request::new(method, body)))
     }
 
@@ -80,7 +80,7 @@ impl Batch {
     where
         Req: Serialize + ?Sized,
     {
-        let body = crate::codec::to_msgpack(req)?;
+        let body = crate::payload::to_msgpack(req)?;
         self.entries.push(Request::new(method, body).one_way());
         Ok(())
     }
@@ -319,7 +319,7 @@ impl<T: DeserializeOwned> sealed::Sealed for T {}
 
 impl<T: DeserializeOwned> FromReply for T {
     fn from_reply(resp: Response) -> Result<T> {
-        crate::codec::from_msgpack(resp.body())
+        crate::payload::from_msgpack(resp.body())
     }
 }
 

@@ -281,9 +281,9 @@ impl Client {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let body = crate::codec::to_msgpack(req)?;
+        let body = crate::payload::to_msgpack(req)?;
         let resp = self.request(Request::new(method, body)).await?;
-        crate::codec::from_msgpack(resp.body())
+        crate::payload::from_msgpack(resp.body())
     }
 
     /// Sends a raw [`Request`] and waits for its reply, without `poll_ready`.
@@ -310,7 +310,7 @@ impl Client {
     where
         Req: Serialize + ?Sized,
     {
-        let body = crate::codec::to_msgpack(req)?;
+        let body = crate::payload::to_msgpack(req)?;
         self.send_raw(Request::new(method, body))
     }
 

@@ -115,7 +115,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> TypedFuture<Resp> {
-        let body = match crate::codec::to_msgpack(&req) {
+        let body = match crate::payload::to_msgpack(&req) {
             Ok(body) => body,
             Err(e) => {
                 // Nothing goes out: give back the slot `poll_ready` reserved.
@@ -156,7 +156,7 @@ impl<T: DeserializeOwned> Future for TypedFuture<T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
         let resp = ready!(self.project().inner.poll(cx))?;
-        Poll::Ready(crate::codec::from_msgpack(resp.body()))
+        Poll::Ready(crate::payload::from_msgpack(resp.body()))
     }
 }
 

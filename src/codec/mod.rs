@@ -20,13 +20,11 @@ mod decode;
 mod encode;
 mod error;
 mod frame;
-mod msgpack;
 mod preface;
 
 pub use self::compression::{Compression, ZSTD_WINDOW_LOG_MAX};
 pub use self::error::CodecError;
 pub use self::frame::{Frame, Message};
-pub use self::msgpack::{from_msgpack, to_msgpack, MAX_DECODE_DEPTH};
 pub use self::preface::{Preface, Role, PREFACE_LEN};
 
 pub(crate) use self::encode::Outbox;

@@ -10,8 +10,8 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use super::context::CallContext;
 use super::future::ResponseFuture;
-use crate::codec::MAX_DECODE_DEPTH;
 use crate::error::{Code, Status};
+use crate::payload::MAX_DECODE_DEPTH;
 use crate::{BoxError, Request};
 
 /// An async function or closure that can serve a method of a
@@ -177,7 +177,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Bytes, BoxError> {
 }
 
 /// Decodes the request body as `T` (msgpack, depth-capped like
-/// [`from_msgpack`](crate::codec::from_msgpack)); the error names the method and the type.
+/// [`from_msgpack`](crate::payload::from_msgpack)); the error names the method and the type.
 fn decode<T: DeserializeOwned>(req: &Request) -> Result<T, BoxError> {
     let mut de = rmp_serde::Deserializer::from_read_ref(&req.body()[..]);
     de.set_max_depth(MAX_DECODE_DEPTH);

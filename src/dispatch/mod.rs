@@ -360,7 +360,7 @@ impl Dispatcher {
     fn list_reply(&self) -> Result<Bytes, BoxError> {
         let list = self.routes.list.get_or_init(|| {
             // Strings in a Vec: encoding cannot fail.
-            crate::codec::to_msgpack(&self.methods()).unwrap_or_default()
+            crate::payload::to_msgpack(&self.methods()).unwrap_or_default()
         });
         Ok(list.clone())
     }

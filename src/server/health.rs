@@ -122,7 +122,7 @@ impl HealthReporter {
         let service: String = if body.is_empty() {
             String::new()
         } else {
-            crate::codec::from_msgpack(body).map_err(|_| {
+            crate::payload::from_msgpack(body).map_err(|_| {
                 Status::new(
                     Code::InvalidArgument,
                     "health check takes a service name (msgpack string)",
@@ -132,6 +132,6 @@ impl HealthReporter {
         let status = self
             .status(&service)
             .ok_or_else(|| Status::new(Code::NotFound, format!("unknown service {service:?}")))?;
-        crate::codec::to_msgpack(&status).map_err(|e| Status::new(Code::Internal, e.to_string()))
+        crate::payload::to_msgpack(&status).map_err(|e| Status::new(Code::Internal, e.to_string()))
     }
 }

@@ -1,5 +1,5 @@
-//! Payload encoding: serde values as msgpack, the way [`Client::invoke`](crate::Client::invoke)
-//! does it.
+//! Payload encoding, apart from the frame codec: serde values as msgpack, the way
+//! [`Client::invoke`](crate::Client::invoke) and the [`dispatch`](crate::dispatch) module do it.
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
@@ -19,7 +19,7 @@ pub const MAX_DECODE_DEPTH: usize = 32;
 /// # Examples
 ///
 /// ```
-/// let bytes = towerpc::codec::to_msgpack(&7u8).unwrap();
+/// let bytes = towerpc::payload::to_msgpack(&7u8).unwrap();
 /// assert_eq!(&bytes[..], &[0x07]);
 /// ```
 pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
@@ -34,9 +34,9 @@ pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
 /// # Examples
 ///
 /// ```
-/// let n: u8 = towerpc::codec::from_msgpack(&[0x07]).unwrap();
+/// let n: u8 = towerpc::payload::from_msgpack(&[0x07]).unwrap();
 /// assert_eq!(n, 7);
-/// assert!(towerpc::codec::from_msgpack::<String>(&[0xdb, 0xd5, 0xfb, 0xd5, 0xc3]).is_err());
+/// assert!(towerpc::payload::from_msgpack::<String>(&[0xdb, 0xd5, 0xfb, 0xd5, 0xc3]).is_err());
 /// ```
 pub fn from_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
