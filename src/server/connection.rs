@@ -1,22 +1,17 @@
-//! One server connection: preface, then a reader that dispatches each request to its own task,
-//! and a writer that batches the replies.
+//! One server connection after its handshake: a reader that dispatches each request to its
+//! own task, and a writer that batches the replies.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-use pin_project_lite::pin_project;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use futures_util::FutureExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,14 +19,16 @@ use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+use super::deadline::LazyDeadline;
+use super::flood::{Flood, RAPID_CANCEL};
 use super::recover::status_from_error;
 use super::Config;
-use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface, Role};
-use crate::conn::{read_preface, wire, write_loop, FrameReader, Source, WriteOptions};
-use crate::error::{Code, Error, Kind, Status};
+use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
+use crate::conn::{wire, write_loop, FrameReader, Source, WriteOptions};
+use crate::error::{Code, Status};
 use crate::request::LazyExtensions;
-use crate::stats::{Counters, CountingIo};
-use crate::transport::{ConnectInfo, Connected};
+use crate::stats::Counters;
+use crate::transport::ConnectInfo;
 use crate::{BoxError, Request, Response};
 
 /// A request whose handler runs.
@@ -174,142 +171,18 @@ enum Stop {
     Drained,
     /// The writer failed or finished.
     Writer,
-    /// The peer sent control messages past their budget (see [`Flood`]).
+    /// The peer sent control messages past their budget (see `Flood`).
     Flood(&'static str),
 }
 
-/// Control messages cost the server work but carry none, so they are budgeted, the way h2
-/// counts resets since CVE-2023-44487 ("rapid reset"): per one-second window a peer may send
-/// [`MAX_PINGS_PER_SEC`] pings, and useless cancels (for an id not in flight, or within
-/// [`RAPID_CANCEL`] of their request) up to [`CANCEL_ALLOWANCE_PER_SEC`] plus the number of
-/// calls answered in that window. An honest client pings only when a reply is overdue and
-/// cancels calls that ran a while; a flood of pings, of cancels for ids not in flight, or of
-/// (request, cancel) pairs blows the budget and the connection is closed with GOAWAY
-/// `RESOURCE_EXHAUSTED`.
-#[derive(Debug)]
-struct Flood {
-    window: tokio::time::Instant,
-    pings: u32,
-    cancels: u64,
-    /// `Conn::answered` when the window began.
-    answered_at_start: u64,
-}
-
-/// Pings a client may send per second before the connection is closed.
-const MAX_PINGS_PER_SEC: u32 = 100;
-
-/// Cancels a client may send per second beyond the calls answered in that second; only
-/// cancels for ids not in flight, or sent within [`RAPID_CANCEL`] of their request, count.
-const CANCEL_ALLOWANCE_PER_SEC: u64 = 1000;
-
-/// A cancel this soon after its request counts against the cancel budget.
-const RAPID_CANCEL: Duration = Duration::from_millis(100);
-
-impl Flood {
-    fn new(now: tokio::time::Instant) -> Self {
-        Flood {
-            window: now,
-            pings: 0,
-            cancels: 0,
-            answered_at_start: 0,
-        }
-    }
-
-    fn roll(&mut self, now: tokio::time::Instant, answered: u64) {
-        if now.duration_since(self.window) >= Duration::from_secs(1) {
-            *self = Flood {
-                window: now,
-                pings: 0,
-                cancels: 0,
-                answered_at_start: answered,
-            };
-        }
-    }
-
-    fn ping(&mut self, now: tokio::time::Instant, answered: u64) -> Option<Stop> {
-        self.roll(now, answered);
-        self.pings += 1;
-        (self.pings > MAX_PINGS_PER_SEC).then_some(Stop::Flood("too many pings"))
-    }
-
-    fn cancel(&mut self, now: tokio::time::Instant, answered: u64) -> Option<Stop> {
-        self.roll(now, answered);
-        self.cancels += 1;
-        let earned = answered.saturating_sub(self.answered_at_start);
-        (self.cancels > CANCEL_ALLOWANCE_PER_SEC + earned)
-            .then_some(Stop::Flood("too many cancels"))
-    }
-}
-
-/// Serves one connection. `svc` is this connection's own stack: the user's layers around the
-/// concurrency limits around the user's service.
-pub(super) async fn run<S, IO>(
-    io: IO,
-    svc: S,
-    config: Arc<Config>,
-    counters: Arc<Counters>,
-    shutdown: CancellationToken,
-) where
-    S: Service<Request, Response = Response> + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
-{
-    let info = io.connect_info();
-    // Counted beneath TLS and compression: the stats are what crossed the wire.
-    let io = CountingIo::new(io, counters.clone());
-    // The whole handshake (TLS, hook, preface) runs on this connection's task under one bound:
-    // a peer that sends nothing, or a ClientHello a byte a second, costs a timer here and
-    // never holds up the accept loop.
-    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
-    #[cfg(feature = "tls")]
-    if let Some(acceptor) = config.tls.clone() {
-        let tls = match handshake_step(deadline, "TLS handshake", acceptor.accept(io)).await {
-            Ok(tls) => tls,
-            Err(err) => return refused(&config, &counters, &info, err),
-        };
-        let certs = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-        let info = info.with_peer_certificates(certs);
-        return established(tls, info, deadline, svc, config, counters, shutdown).await;
-    }
-    established(io, info, deadline, svc, config, counters, shutdown).await
-}
-
-/// Runs one step of the handshake under the connection's handshake deadline: its failure, or
-/// the deadline passing first, is a handshake error.
-async fn handshake_step<T, E>(
-    deadline: tokio::time::Instant,
-    what: &'static str,
-    step: impl Future<Output = std::result::Result<T, E>>,
-) -> std::result::Result<T, Error>
-where
-    E: Into<BoxError>,
-{
-    match tokio::time::timeout_at(deadline, step).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(Error::new(Kind::Handshake).with(e)),
-        Err(_) => Err(Error::new(Kind::Handshake).with(format!("{what} timed out"))),
-    }
-}
-
-/// Counts and reports a connection refused during its handshake.
-fn refused(config: &Config, counters: &Counters, info: &ConnectInfo, err: Error) {
-    Counters::inc(&counters.accept_errors);
-    tracing::debug!(peer = ?info.remote_addr(), error = %err, "connection refused");
-    if let Some(report) = &config.on_connection_error {
-        report(info, &err);
-    }
-}
-
+/// Serves one connection once its handshake is done. `svc` is this connection's own stack:
+/// the user's layers around the concurrency limits around the user's service.
 #[allow(clippy::too_many_arguments)]
-async fn established<S, IO>(
-    mut io: IO,
+pub(super) async fn serve<S, IO>(
+    io: IO,
     info: ConnectInfo,
-    deadline: tokio::time::Instant,
+    peer: Preface,
+    compression: Option<Compression>,
     svc: S,
     config: Arc<Config>,
     counters: Arc<Counters>,
@@ -320,36 +193,6 @@ async fn established<S, IO>(
     S::Future: Send + 'static,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let handshake = async {
-        if let Some(hook) = &config.on_connect {
-            hook(info.clone()).await?;
-        }
-        read_preface(&mut io).await.map_err(BoxError::from)
-    };
-    let peer = match handshake_step(deadline, "handshake", handshake).await {
-        Ok(p) => p,
-        Err(err) => return refused(&config, &counters, &info, err),
-    };
-    let mut ours = Preface::new(Role::Server, config.max_frame_len);
-    if peer.role != Role::Client {
-        let err = Error::new(Kind::Handshake).with("peer preface is not a client's".to_string());
-        return refused(&config, &counters, &info, err);
-    }
-    if peer.version != ours.version {
-        // Tell the client what we speak, then hang up.
-        let _ = io.write_all(&ours.to_bytes()).await;
-        let _ = io.shutdown().await;
-        let err = Error::new(Kind::Handshake)
-            .with(format!("client speaks protocol version {}", peer.version));
-        return refused(&config, &counters, &info, err);
-    }
-    let compression = Compression::choose(&config.compression, peer.compression);
-    ours.compression = compression.map_or(0, Compression::bit);
-    if io.write_all(&ours.to_bytes()).await.is_err() {
-        Counters::inc(&counters.accept_errors);
-        return;
-    }
-
     let conn = Arc::new(Conn {
         inner: Mutex::new(Inner {
             outbox: Outbox::new(peer.max_frame_len as usize, 0),
@@ -588,8 +431,8 @@ where
                     .is_none_or(|call| arrived.duration_since(call.arrived) < RAPID_CANCEL);
                 if rapid {
                     let answered = self.conn.answered.load(Ordering::Relaxed);
-                    if let Some(stop) = self.flood.cancel(arrived, answered) {
-                        return Some(stop);
+                    if let Some(why) = self.flood.cancel(arrived, answered) {
+                        return Some(Stop::Flood(why));
                     }
                 }
                 if let Some(call) = inner.in_flight.remove(&id) {
@@ -605,8 +448,8 @@ where
             }
             Message::Ping { data } => {
                 let answered = self.conn.answered.load(Ordering::Relaxed);
-                if let Some(stop) = self.flood.ping(arrived, answered) {
-                    return Some(stop);
+                if let Some(why) = self.flood.ping(arrived, answered) {
+                    return Some(Stop::Flood(why));
                 }
                 self.conn.push_now(&Message::Pong { data });
                 None
@@ -847,48 +690,5 @@ impl Drop for HeldBytes {
             .in_flight_bytes
             .fetch_sub(self.size, Ordering::AcqRel);
         self.conn.notify_freed.notify_one();
-    }
-}
-
-pin_project! {
-    /// Runs a handler under its deadline, but arms the timer only if the handler does not finish
-    /// on its first poll: most handlers answer at once, and a timer per request is a measurable
-    /// share of a fast call's cost. The deadline still counts from when the request was read,
-    /// give or take the first poll. The timer is boxed so that the (common) fast path does not
-    /// carry its hundred-odd bytes through every spawned task.
-    struct LazyDeadline<F> {
-        #[pin]
-        fut: F,
-        deadline: Option<tokio::time::Instant>,
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
-}
-
-impl<F> LazyDeadline<F> {
-    fn new(fut: F, deadline: Option<tokio::time::Instant>) -> Self {
-        LazyDeadline {
-            fut,
-            deadline,
-            sleep: None,
-        }
-    }
-}
-
-impl<F: Future> Future for LazyDeadline<F> {
-    /// `None` when the deadline passed first.
-    type Output = Option<F::Output>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(out) = this.fut.poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        if let Some(d) = this.deadline.take() {
-            *this.sleep = Some(Box::pin(tokio::time::sleep_until(d)));
-        }
-        match this.sleep {
-            Some(sleep) => sleep.as_mut().poll(cx).map(|()| None),
-            None => Poll::Pending,
-        }
     }
 }

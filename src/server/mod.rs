@@ -7,6 +7,9 @@
 //! for that call only.
 
 mod connection;
+mod deadline;
+mod flood;
+mod handshake;
 pub mod health;
 mod recover;
 
@@ -512,7 +515,7 @@ impl<L> Server<L> {
                         let svc = self
                             .layer
                             .layer(per_connection.layer(global.layer(svc.clone())));
-                        tracker.spawn(connection::run(
+                        tracker.spawn(handshake::run(
                             io,
                             svc,
                             config.clone(),

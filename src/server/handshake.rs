@@ -1,0 +1,156 @@
+//! A server connection's handshake, on the connection's own task and under one deadline: TLS,
+//! the `on_connect` hook and the preface exchange (PROTOCOL.md §3), then the connection proper.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+use super::Config;
+use crate::codec::{Compression, Preface, Role};
+use crate::conn::read_preface;
+use crate::error::{Error, Kind};
+use crate::stats::{Counters, CountingIo};
+use crate::transport::{ConnectInfo, Connected};
+use crate::{BoxError, Request, Response};
+
+/// Serves one connection. `svc` is this connection's own stack: the user's layers around the
+/// concurrency limits around the user's service.
+pub(super) async fn run<S, IO>(
+    io: IO,
+    svc: S,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+) where
+    S: Service<Request, Response = Response> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    IO: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+{
+    let info = io.connect_info();
+    // Counted beneath TLS and compression: the stats are what crossed the wire.
+    let io = CountingIo::new(io, counters.clone());
+    // The whole handshake (TLS, hook, preface) runs on this connection's task under one bound:
+    // a peer that sends nothing, or a ClientHello a byte a second, costs a timer here and
+    // never holds up the accept loop.
+    let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    #[cfg(feature = "tls")]
+    if let Some(acceptor) = config.tls.clone() {
+        let tls = match handshake_step(deadline, "TLS handshake", acceptor.accept(io)).await {
+            Ok(tls) => tls,
+            Err(err) => return refused(&config, &counters, &info, err),
+        };
+        let certs = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+        let info = info.with_peer_certificates(certs);
+        return established(tls, info, deadline, svc, config, counters, shutdown).await;
+    }
+    established(io, info, deadline, svc, config, counters, shutdown).await
+}
+
+/// The rest of the handshake (the hook, the prefaces), then the connection proper.
+async fn established<S, IO>(
+    mut io: IO,
+    info: ConnectInfo,
+    deadline: tokio::time::Instant,
+    svc: S,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+) where
+    S: Service<Request, Response = Response> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Some((peer, compression)) = negotiate(&mut io, &info, deadline, &config, &counters).await
+    else {
+        return;
+    };
+    super::connection::serve(io, info, peer, compression, svc, config, counters, shutdown).await
+}
+
+/// Runs one step of the handshake under the connection's handshake deadline: its failure, or
+/// the deadline passing first, is a handshake error.
+async fn handshake_step<T, E>(
+    deadline: tokio::time::Instant,
+    what: &'static str,
+    step: impl Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, Error>
+where
+    E: Into<BoxError>,
+{
+    match tokio::time::timeout_at(deadline, step).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::new(Kind::Handshake).with(e)),
+        Err(_) => Err(Error::new(Kind::Handshake).with(format!("{what} timed out"))),
+    }
+}
+
+/// Counts and reports a connection refused during its handshake.
+fn refused(config: &Config, counters: &Counters, info: &ConnectInfo, err: Error) {
+    Counters::inc(&counters.accept_errors);
+    tracing::debug!(peer = ?info.remote_addr(), error = %err, "connection refused");
+    if let Some(report) = &config.on_connection_error {
+        report(info, &err);
+    }
+}
+
+/// The hook and the preface exchange. Returns the client's preface and the compression chosen,
+/// or `None` when the connection was refused (and reported).
+async fn negotiate<IO>(
+    io: &mut IO,
+    info: &ConnectInfo,
+    deadline: tokio::time::Instant,
+    config: &Config,
+    counters: &Counters,
+) -> Option<(Preface, Option<Compression>)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let handshake = async {
+        if let Some(hook) = &config.on_connect {
+            hook(info.clone()).await?;
+        }
+        read_preface(io).await.map_err(BoxError::from)
+    };
+    let peer = match handshake_step(deadline, "handshake", handshake).await {
+        Ok(p) => p,
+        Err(err) => {
+            refused(config, counters, info, err);
+            return None;
+        }
+    };
+    let mut ours = Preface::new(Role::Server, config.max_frame_len);
+    if peer.role != Role::Client {
+        let err = Error::new(Kind::Handshake).with("peer preface is not a client's".to_string());
+        {
+            refused(config, counters, info, err);
+            return None;
+        }
+    }
+    if peer.version != ours.version {
+        // Tell the client what we speak, then hang up.
+        let _ = io.write_all(&ours.to_bytes()).await;
+        let _ = io.shutdown().await;
+        let err = Error::new(Kind::Handshake)
+            .with(format!("client speaks protocol version {}", peer.version));
+        {
+            refused(config, counters, info, err);
+            return None;
+        }
+    }
+    let compression = Compression::choose(&config.compression, peer.compression);
+    ours.compression = compression.map_or(0, Compression::bit);
+    if io.write_all(&ours.to_bytes()).await.is_err() {
+        Counters::inc(&counters.accept_errors);
+        return None;
+    }
+    Some((peer, compression))
+}
