@@ -1037,3 +1037,41 @@ async fn batch_is_one_frame_on_the_wire() {
     assert_eq!((&b_a[..], &b_b[..]), (&[0x01][..], &[0x02][..]));
     assert_eq!(&b_c[..], b"\xa5three");
 }
+
+#[derive(Default)]
+struct Nothing;
+
+impl Nothing {
+    async fn get(self: Arc<Self>) -> u8 {
+        1
+    }
+}
+
+/// Issue 10, item 7: registration mistakes are loud.
+#[test]
+#[should_panic(expected = "receiver prefix is empty")]
+fn receiver_with_an_empty_prefix_is_refused() {
+    let _ = Dispatcher::new().receiver("", Arc::new(Nothing), |r| r.method("Get", Nothing::get));
+}
+
+#[test]
+#[should_panic(expected = "registered no methods")]
+fn receiver_without_methods_is_refused() {
+    let _ = Dispatcher::new().receiver("Nothing", Arc::new(Nothing), |r| r);
+}
+
+#[test]
+#[should_panic(expected = "whose error type is not an error")]
+fn result_with_a_serializable_non_error_is_refused() {
+    #[derive(serde::Serialize)]
+    struct NotAnError {
+        why: String,
+    }
+    let _ = Dispatcher::new().route("Bad", |n: u64| async move {
+        if n == 0 {
+            Err(NotAnError { why: "zero".into() })
+        } else {
+            Ok(n)
+        }
+    });
+}

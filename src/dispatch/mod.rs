@@ -207,8 +207,9 @@ impl Dispatcher {
     /// # Panics
     ///
     /// If `name` is already registered, is empty or longer than 255 bytes (it could never
-    /// arrive), or starts with the reserved `towerpc.` prefix. These are mistakes in the
-    /// program, found when the dispatcher is built.
+    /// arrive), or starts with the reserved `towerpc.` prefix, or if the handler returns a
+    /// `Result` whose error type is not an error (`E: Into<BoxError>`). These are mistakes in
+    /// the program, found when the dispatcher is built.
     #[must_use]
     pub fn route<M, H>(mut self, name: impl Into<String>, handler: H) -> Self
     where
@@ -228,6 +229,14 @@ impl Dispatcher {
             "method {name:?} registered twice"
         );
         let (request, response) = <H as Erase<M>>::types();
+        // A `Result` whose error is not an error type (it serializes, so the handler still
+        // compiles as one returning a plain value) would reach the client as a successful
+        // reply holding `{"Err": ...}`.
+        assert!(
+            !response.starts_with("core::result::Result<"),
+            "handler of {name:?} returns {response}, whose error type is not an error: return \
+             `Result<T, Status>` (or any `E: Into<BoxError>`), or map the error into a `Status`"
+        );
         let route = Route {
             endpoint: handler.erase(),
             request,
@@ -321,6 +330,11 @@ impl Dispatcher {
     /// let names: Vec<String> = d.methods().into_iter().map(|m| m.name).collect();
     /// assert_eq!(names[..4], ["PostsCache.Get", "PostsCache.Len", "UsersCache.Get", "UsersCache.Len"]);
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `prefix` is empty (the names would start with a dot), or `methods` registers no
+    /// method: both are mistakes in the program, found when the dispatcher is built.
     #[must_use]
     pub fn receiver<S>(
         self,
@@ -328,12 +342,22 @@ impl Dispatcher {
         state: Arc<S>,
         methods: impl FnOnce(Receiver<S>) -> Receiver<S>,
     ) -> Self {
+        assert!(
+            !prefix.is_empty(),
+            "receiver prefix is empty: its methods would be named \".Name\""
+        );
+        let before = self.routes.map.len();
         let receiver = Receiver {
             dispatcher: self,
             prefix: prefix.to_owned(),
             state,
         };
-        methods(receiver).dispatcher
+        let dispatcher = methods(receiver).dispatcher;
+        assert!(
+            dispatcher.routes.map.len() > before,
+            "receiver {prefix:?} registered no methods"
+        );
+        dispatcher
     }
 
     /// The registered methods (the built-in [`METHODS`] included), sorted by name.
