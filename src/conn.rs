@@ -155,6 +155,10 @@ pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     codec: FrameCodec,
+    /// Bound on reading one frame once its first byte has arrived.
+    frame_timeout: Option<Duration>,
+    /// When the frame being read began, while one is partly read.
+    frame_started: Option<tokio::time::Instant>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -163,7 +167,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             io,
             buf: BytesMut::with_capacity(DEFAULT_BUFFER_SIZE),
             codec,
+            frame_timeout: None,
+            frame_started: None,
         }
+    }
+
+    /// Bounds how long one frame may take to arrive once its first byte has: a peer that
+    /// announces a frame and then sends its body a byte a second is cut off.
+    pub(crate) fn frame_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.frame_timeout = timeout;
+        self
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream (between frames).
@@ -172,12 +185,35 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) async fn next(&mut self) -> Result<Option<Frame>, CodecError> {
         loop {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                // The next frame's clock starts with its first byte (maybe already here).
+                self.frame_started = None;
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < DEFAULT_BUFFER_SIZE / 4 {
                 self.buf.reserve(DEFAULT_BUFFER_SIZE);
             }
-            let n = match self.io.read_buf(&mut self.buf).await {
+            let partial = !self.buf.is_empty() || self.codec.in_frame();
+            let read = self.io.read_buf(&mut self.buf);
+            let res = match self.frame_timeout.filter(|_| partial) {
+                // A timer only while a frame is partly read: the common case, a read between
+                // frames, arms none.
+                Some(t) => {
+                    let started = *self
+                        .frame_started
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    match tokio::time::timeout_at(started + t, read).await {
+                        Ok(res) => res,
+                        Err(_) => {
+                            return Err(CodecError::Io(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "a frame took longer than the frame read timeout to arrive",
+                            )))
+                        }
+                    }
+                }
+                None => read.await,
+            };
+            let n = match res {
                 Ok(n) => n,
                 // Beneath us a decompressor (or TLS) found the stream corrupt or over its
                 // limits (a zstd window above the cap): the peer broke the protocol.

@@ -29,6 +29,11 @@ impl FrameDecoder {
         }
     }
 
+    /// Whether a header has been read and its body not yet.
+    pub(super) fn in_frame(&self) -> bool {
+        matches!(self.state, State::Body { .. })
+    }
+
     pub(super) fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         let (len, count) = match self.state {
             State::Head => match self.decode_head(src)? {

@@ -106,6 +106,11 @@ impl FrameCodec {
     pub fn max_frame_len(&self) -> usize {
         self.decoder.max_frame_len
     }
+
+    /// Whether a frame's header has been decoded and its body not yet.
+    pub(crate) fn in_frame(&self) -> bool {
+        self.decoder.in_frame()
+    }
 }
 
 impl Default for FrameCodec {

@@ -227,7 +227,7 @@ pub(super) async fn serve<S, IO>(
     let codec = FrameCodec::builder()
         .max_frame_len(config.max_frame_len)
         .new_codec();
-    let mut reader = FrameReader::new(r, codec);
+    let mut reader = FrameReader::new(r, codec).frame_timeout(config.frame_read_timeout);
     let tasks = TaskTracker::new();
     let info = Arc::new(info);
     let mut ctx = Ctx {

@@ -50,6 +50,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound on a write that makes no progress, to a peer that stopped reading (30 s).
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default bound on reading one frame once its first byte has arrived (30 s).
+pub const DEFAULT_FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Default cap on reply bytes queued for one connection (8 MiB) before its reader pauses.
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1024 * 1024;
 
@@ -112,6 +115,7 @@ pub(crate) struct Config {
     pub(crate) grace_period: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) write_timeout: Option<Duration>,
+    pub(crate) frame_read_timeout: Option<Duration>,
     pub(crate) max_frame_len: usize,
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_in_flight_bytes: usize,
@@ -161,6 +165,7 @@ impl Server {
                 grace_period: DEFAULT_GRACE_PERIOD,
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
+                frame_read_timeout: Some(DEFAULT_FRAME_READ_TIMEOUT),
                 max_frame_len: DEFAULT_MAX_FRAME_LEN,
                 max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
                 max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
@@ -261,6 +266,15 @@ impl<L> Server<L> {
     #[must_use]
     pub fn write_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
         self.config.write_timeout = d.into();
+        self
+    }
+
+    /// Bound on reading one frame once its first byte has arrived. Default 30 s. A client that
+    /// announces a frame and then sends it a byte at a time (slowloris) is disconnected; one
+    /// that sends nothing between frames is not affected. `None` disables it.
+    #[must_use]
+    pub fn frame_read_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.frame_read_timeout = d.into();
         self
     }
 

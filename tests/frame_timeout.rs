@@ -1,0 +1,89 @@
+//! A started frame must finish within the frame read timeout (issue 10, item 4, in part): a
+//! peer that announces a frame and then sends its body a byte at a time is cut off, while one
+//! that is idle between frames is not.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::time::Instant;
+use towerpc::codec::{DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
+use towerpc::Server;
+
+/// A server over an in-memory stream; returns the client's end, past the preface exchange.
+async fn serve(timeout: Duration) -> DuplexStream {
+    let (mut client, server_end) = tokio::io::duplex(64 * 1024);
+    let server = Server::builder().frame_read_timeout(timeout);
+    let incoming = futures_util::stream::iter([Ok::<_, std::io::Error>(server_end)])
+        .chain(futures_util::stream::pending());
+    tokio::spawn(server.serve_with_incoming(incoming, support::echo()));
+    client
+        .write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
+        .await
+        .unwrap();
+    let mut preface = [0u8; PREFACE_LEN];
+    client.read_exact(&mut preface).await.unwrap();
+    client
+}
+
+/// Reads until the server hangs up; returns when it did.
+async fn until_closed(client: &mut (impl tokio::io::AsyncRead + Unpin)) -> Instant {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(120), client.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Instant::now(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the server never closed the connection"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frame_dripped_a_byte_a_second_is_cut_off() {
+    let mut client = serve(Duration::from_secs(5)).await;
+    // A header announcing 100 bytes, then one byte a second.
+    let mut header = [0u8; 8];
+    header[..4].copy_from_slice(&100u32.to_be_bytes());
+    header[6..8].copy_from_slice(&1u16.to_be_bytes());
+    client.write_all(&header).await.unwrap();
+    let started = Instant::now();
+    let (mut reader, mut writer) = tokio::io::split(client);
+    let drip = async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if writer.write_all(&[0]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let (_, closed) = tokio::join!(drip, until_closed(&mut reader));
+    let took = closed - started;
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(7),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_between_frames_is_not_cut_off() {
+    let mut client = serve(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    // Still open: a PING is answered.
+    let frame = {
+        use tokio_util::codec::Encoder;
+        let mut out = bytes::BytesMut::new();
+        towerpc::codec::FrameCodec::new()
+            .encode(towerpc::codec::Message::Ping { data: 9 }, &mut out)
+            .unwrap();
+        out
+    };
+    client.write_all(&frame).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(1), client.read(&mut buf))
+        .await
+        .expect("no pong")
+        .unwrap();
+    assert!(n > 0);
+}
