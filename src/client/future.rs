@@ -226,10 +226,7 @@ impl Future for ResponseFuture {
                             } else if let Some(Poll::Ready(())) =
                                 this.sleep.as_mut().as_pin_mut().map(|s| s.poll(cx))
                             {
-                                let shared = &parked.handle.conns[0];
-                                Counters::inc(&shared.counters.timeouts);
-                                Err(Error::new(Kind::Timeout)
-                                    .target(shared.config.target.as_ref())
+                                Err(super::timed_out(&parked.handle.conns[0])
                                     .with("no connection came up before the deadline".to_string()))
                             } else {
                                 return Poll::Pending;
@@ -255,9 +252,7 @@ impl Future for ResponseFuture {
                                 // server nothing: it knows the same deadline and stops the handler
                                 // itself.
                                 call.shared.abandon(call.id, call.gen, false);
-                                Counters::inc(&call.shared.counters.timeouts);
-                                Err(Error::new(Kind::Timeout)
-                                    .target(call.shared.config.target.as_ref()))
+                                Err(super::timed_out(&call.shared))
                             } else {
                                 return Poll::Pending;
                             }

@@ -159,7 +159,7 @@ impl Handle {
         req: &mut Request,
         deadline: Option<Instant>,
         now: Instant,
-    ) -> std::result::Result<(Arc<Shared>, u32, u64, oneshot::Receiver<Reply>), Refusal> {
+    ) -> std::result::Result<future::Started, Refusal> {
         let shared = self.pick();
         let timeout = match deadline {
             Some(d) => {
@@ -192,8 +192,7 @@ impl Handle {
     }
 }
 
-use self::pending::Reply;
-
+/// A call's deadline passed: counted, and said with the server's name.
 fn timed_out(shared: &Shared) -> Error {
     Counters::inc(&shared.counters.timeouts);
     Error::new(Kind::Timeout).target(shared.config.target.as_ref())

@@ -91,6 +91,22 @@ impl Conn {
         }
     }
 
+    /// Answers request `id` without running it; an id already in flight is a protocol error.
+    fn answer_at_once(&self, id: u32, msg: &Message) -> Option<Stop> {
+        let mut inner = self.lock();
+        if inner.in_flight.contains_key(&id) {
+            return Some(Stop::Protocol(CodecError::InvalidFrame(
+                "request id already in flight",
+            )));
+        }
+        let wake = self.push(&mut inner, msg);
+        drop(inner);
+        if wake {
+            self.notify_writer.notify_one();
+        }
+        None
+    }
+
     /// Sends the one reply for `id`, unless someone else (a cancel) already did.
     fn reply(&self, id: u32, reply: std::result::Result<Bytes, Status>) {
         let mut inner = self.lock();
@@ -373,37 +389,15 @@ where
             } => {
                 if &method[..] == super::health::HEALTH_METHOD.as_bytes() {
                     // Answered here, also while draining: it is how balancers learn of it.
-                    let mut inner = self.conn.lock();
-                    if inner.in_flight.contains_key(&id) {
-                        return Some(Stop::Protocol(CodecError::InvalidFrame(
-                            "request id already in flight",
-                        )));
-                    }
                     let msg = match self.config.health.answer(&body) {
                         Ok(body) => Message::Response { id, body },
                         Err(status) => error_message(id, &status),
                     };
-                    let wake = self.conn.push(&mut inner, &msg);
-                    drop(inner);
-                    if wake {
-                        self.conn.notify_writer.notify_one();
-                    }
-                    return None;
+                    return self.conn.answer_at_once(id, &msg);
                 }
                 if self.grace_deadline.is_some() {
                     let status = Status::new(Code::Refused, "server is shutting down");
-                    let mut inner = self.conn.lock();
-                    if inner.in_flight.contains_key(&id) {
-                        return Some(Stop::Protocol(CodecError::InvalidFrame(
-                            "request id already in flight",
-                        )));
-                    }
-                    let wake = self.conn.push(&mut inner, &error_message(id, &status));
-                    drop(inner);
-                    if wake {
-                        self.conn.notify_writer.notify_one();
-                    }
-                    return None;
+                    return self.conn.answer_at_once(id, &error_message(id, &status));
                 }
                 self.dispatch(Some(id), arrived, timeout_ms, method, metadata, body)
                     .await
