@@ -60,9 +60,14 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
 
 #[tokio::test(flavor = "current_thread")]
 async fn calls_are_spans_on_both_sides() {
+    // Global, not a thread's default: with scoped dispatchers, tracing caches each callsite's
+    // interest process-wide, so a span first hit on another test's thread (cargo test runs
+    // the tests of a binary side by side) would stay disabled here. Spans of other tests land
+    // in the capture too; the checks below look only at this test's methods.
     let capture = Capture::default();
     let subscriber = tracing_subscriber::registry().with(capture.clone());
-    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::subscriber::set_global_default(subscriber)
+        .expect("only this test installs a subscriber");
 
     let d = towerpc::dispatch::Dispatcher::new()
         .route("Calc.Double", |n: u64| async move { n * 2 })
@@ -88,7 +93,10 @@ async fn calls_are_spans_on_both_sides() {
                 .lock()
                 .unwrap()
                 .iter()
-                .filter(|(name, _)| name == "towerpc.server")
+                .filter(|(name, fields)| {
+                    name == "towerpc.server"
+                        && fields.get("method").is_some_and(|m| m.starts_with("Calc."))
+                })
                 .count()
                 == 2
         },
