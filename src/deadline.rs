@@ -64,6 +64,11 @@ pub fn scope<F: Future>(deadline: Option<Instant>, fut: F) -> Scoped<F> {
     }
 }
 
+/// Runs `f` with `deadline` as the [`current`] deadline: a scope for one poll of a future.
+pub(crate) fn sync_scope<R>(deadline: Option<Instant>, f: impl FnOnce() -> R) -> R {
+    DEADLINE.sync_scope(deadline, f)
+}
+
 pin_project! {
     /// A future run inside a deadline [`scope`].
     #[must_use = "futures do nothing unless polled"]

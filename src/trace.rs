@@ -187,6 +187,11 @@ pub fn scope<F: Future>(ctx: Option<TraceContext>, fut: F) -> Scoped<F> {
     }
 }
 
+/// Runs `f` with `ctx` as the [`current`] trace context: a scope for one poll of a future.
+pub(crate) fn sync_scope<R>(ctx: Option<TraceContext>, f: impl FnOnce() -> R) -> R {
+    CURRENT.sync_scope(ctx, f)
+}
+
 pin_project! {
     /// A future run inside a trace [`scope`].
     #[must_use = "futures do nothing unless polled"]

@@ -3,24 +3,22 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::Either;
-use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
-use tracing::Instrument;
 
-use super::deadline::LazyDeadline;
 use super::flood::{Flood, RAPID_CANCEL};
+use super::handler::{HandlerTask, HeldBytes};
 use super::recover::status_from_error;
 use super::Config;
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
@@ -41,18 +39,18 @@ struct InFlight {
 
 /// State shared by the reader, the writer and the handler tasks of one connection.
 #[derive(Debug)]
-struct Conn {
+pub(super) struct Conn {
     inner: Mutex<Inner>,
     notify_writer: Notify,
     /// The writer took the outbox: a reader paused on `max_queued_bytes` may go on.
     notify_taken: Notify,
     /// Request bytes held by running handlers (see `Server::max_in_flight_bytes`).
-    in_flight_bytes: AtomicUsize,
+    pub(super) in_flight_bytes: AtomicUsize,
     /// A handler finished and released its request bytes.
-    notify_freed: Notify,
+    pub(super) notify_freed: Notify,
     /// Calls answered by their handlers: what earns a client its cancels (see `Flood`).
     answered: AtomicU64,
-    counters: Arc<Counters>,
+    pub(super) counters: Arc<Counters>,
 }
 
 #[derive(Debug)]
@@ -108,7 +106,7 @@ impl Conn {
     }
 
     /// Sends the one reply for `id`, unless someone else (a cancel) already did.
-    fn reply(&self, id: u32, reply: std::result::Result<Bytes, Status>) {
+    pub(super) fn reply(&self, id: u32, reply: std::result::Result<Bytes, Status>) {
         let mut inner = self.lock();
         if inner.in_flight.remove(&id).is_none() {
             return;
@@ -506,22 +504,19 @@ where
             latency_us = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
-        let traced = !span.is_disabled();
         // The caller's trace context, when its metadata carries one.
         let trace = if metadata.is_empty() {
             None
         } else {
             crate::trace::TraceContext::from_metadata(&metadata)
         };
-        if traced {
+        let span = (!span.is_disabled()).then(|| {
             if let Some(t) = &trace {
                 span.record(
                     "trace_id",
                     tracing::field::display(format!("{:032x}", t.trace_id())),
                 );
             }
-        }
-        if traced {
             span.record("method", String::from_utf8_lossy(&method).as_ref());
             if let Some(id) = id {
                 span.record("id", id);
@@ -529,7 +524,8 @@ where
             if let Some(peer) = self.info.remote_addr() {
                 span.record("peer", tracing::field::display(peer));
             }
-        }
+            span
+        });
         let mut req = Request {
             method,
             body,
@@ -554,99 +550,64 @@ where
             r = self.svc.ready() => Some(r.map(|_| ())),
             _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => None,
         };
-        let fut = match ready {
+        let status = match ready {
             Some(Ok(())) => {
                 let svc = &mut self.svc;
-                std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(req)))
-            }
-            Some(Err(e)) => {
-                let status = status_from_error(e.into());
-                if let Some(id) = id {
-                    self.conn.push_now(&error_message(id, &status));
+                match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(req))) {
+                    Ok(fut) => {
+                        let task = HandlerTask::new(fut, id, deadline, trace, span, held);
+                        return self.spawn(id, arrived, task);
+                    }
+                    Err(_panic) => {
+                        Counters::inc(&self.conn.counters.panics);
+                        Counters::inc(&self.conn.counters.calls);
+                        Counters::inc(&self.conn.counters.errors);
+                        Status::new(Code::Internal, "handler panicked")
+                    }
                 }
-                return None;
             }
+            Some(Err(e)) => status_from_error(e.into()),
             None => {
                 self.start_drain();
-                if let Some(id) = id {
-                    let status = Status::new(Code::Refused, "server is shutting down");
-                    self.conn.push_now(&error_message(id, &status));
-                }
-                return None;
-            }
-        };
-        let conn = self.conn.clone();
-        let task_span = span.clone();
-        let task = async move {
-            let started = traced.then(std::time::Instant::now);
-            let _held = held;
-            let res = match fut {
-                // The deadline scope lets calls the handler makes inherit what is left.
-                Ok(fut) => {
-                    // And the trace scope, so they continue the caller's trace; only requests
-                    // that carry one pay for it.
-                    let fut = match trace {
-                        Some(t) => Either::Left(crate::trace::scope(Some(t), fut)),
-                        None => Either::Right(fut),
-                    };
-                    let fut =
-                        crate::deadline::scope(deadline, AssertUnwindSafe(fut).catch_unwind());
-                    LazyDeadline::new(fut, deadline).await
-                }
-                Err(panic) => Some(Err(panic)),
-            };
-            let reply = match res {
-                None => Err(Status::new(Code::DeadlineExceeded, "deadline exceeded")),
-                Some(Ok(Ok(resp))) => Ok(resp.into_body()),
-                Some(Ok(Err(e))) => Err(status_from_error(e.into())),
-                Some(Err(_panic)) => {
-                    // The panic payload may hold paths or secrets: it stays in this process.
-                    Counters::inc(&conn.counters.panics);
-                    Err(Status::new(Code::Internal, "handler panicked"))
-                }
-            };
-            Counters::inc(&conn.counters.calls);
-            if reply.is_err() {
-                Counters::inc(&conn.counters.errors);
-            }
-            if let Some(started) = started {
-                let code = match &reply {
-                    Ok(_) => "ok".to_string(),
-                    Err(status) => status.code().to_string(),
-                };
-                task_span.record("code", code.as_str());
-                task_span.record("latency_us", started.elapsed().as_micros() as u64);
-            }
-            match id {
-                Some(id) => conn.reply(id, reply),
-                None => Counters::inc(&conn.counters.one_way),
+                Status::new(Code::Refused, "server is shutting down")
             }
         };
         match id {
-            Some(id) => {
-                // Spawned under the lock so that the task's own `reply` (which needs the lock)
-                // always finds its entry in place.
-                let mut inner = self.conn.lock();
-                match inner.in_flight.entry(id) {
-                    Entry::Occupied(_) => {
-                        // The handler's future is dropped unpolled: it never ran.
-                        return Some(Stop::Protocol(CodecError::InvalidFrame(
-                            "request id already in flight",
-                        )));
-                    }
-                    Entry::Vacant(slot) => {
-                        slot.insert(InFlight {
-                            handle: self.tasks.spawn(task.instrument(span)).abort_handle(),
-                            arrived,
-                        });
-                    }
-                }
-            }
-            None => {
-                self.tasks.spawn(task.instrument(span));
+            Some(id) => self.conn.answer_at_once(id, &error_message(id, &status)),
+            None => None,
+        }
+    }
+
+    /// Spawns a handler's task; a request is entered in flight before its task can reply.
+    fn spawn<F>(
+        &mut self,
+        id: Option<u32>,
+        arrived: tokio::time::Instant,
+        task: HandlerTask<F>,
+    ) -> Option<Stop>
+    where
+        HandlerTask<F>: Future<Output = ()> + Send + 'static,
+    {
+        let Some(id) = id else {
+            self.tasks.spawn(task);
+            return None;
+        };
+        // Spawned under the lock so that the task's own `reply` (which needs the lock) always
+        // finds its entry in place.
+        let mut inner = self.conn.lock();
+        match inner.in_flight.entry(id) {
+            // The handler's future is dropped unpolled: it never ran.
+            Entry::Occupied(_) => Some(Stop::Protocol(CodecError::InvalidFrame(
+                "request id already in flight",
+            ))),
+            Entry::Vacant(slot) => {
+                slot.insert(InFlight {
+                    handle: self.tasks.spawn(task).abort_handle(),
+                    arrived,
+                });
+                None
             }
         }
-        None
     }
 }
 
@@ -669,20 +630,5 @@ async fn drained(tasks: &TaskTracker, deadline: Option<tokio::time::Instant>) {
             _ = &mut grace => return,
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
         }
-    }
-}
-
-/// Request bytes a handler task holds; released when the task ends, however it ends.
-struct HeldBytes {
-    conn: Arc<Conn>,
-    size: usize,
-}
-
-impl Drop for HeldBytes {
-    fn drop(&mut self) {
-        self.conn
-            .in_flight_bytes
-            .fetch_sub(self.size, Ordering::AcqRel);
-        self.conn.notify_freed.notify_one();
     }
 }

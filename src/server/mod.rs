@@ -7,8 +7,8 @@
 //! for that call only.
 
 mod connection;
-mod deadline;
 mod flood;
+mod handler;
 mod handshake;
 pub mod health;
 mod recover;
