@@ -12,6 +12,12 @@ mod handler;
 mod handshake;
 pub mod health;
 mod recover;
+#[cfg(feature = "http-upgrade")]
+mod upgrade;
+
+#[cfg(feature = "http-upgrade")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-upgrade")))]
+pub use self::upgrade::Upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;

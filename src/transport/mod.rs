@@ -12,8 +12,15 @@ pub mod tls;
 #[cfg_attr(docsrs, doc(cfg(feature = "unix")))]
 mod unix;
 
+#[cfg(feature = "http-upgrade")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-upgrade")))]
+pub mod upgrade;
+
 #[cfg(all(unix, feature = "unix"))]
 pub use self::unix::UnixConnector;
+#[cfg(feature = "http-upgrade")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-upgrade")))]
+pub use self::upgrade::UpgradeConnector;
 
 pub(crate) use self::tcp::configure as configure_tcp;
 pub use self::tcp::TcpConnector;

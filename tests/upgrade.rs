@@ -1,0 +1,255 @@
+//! The towerpc protocol on an axum port through an HTTP/1.1 upgrade: calls, the peer's address,
+//! refusals of requests that are not upgrades, and a drain.
+#![cfg(feature = "http-upgrade")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use towerpc::server::health::ServingStatus;
+use towerpc::server::Upgrade;
+use towerpc::transport::upgrade::{UpgradeError, DEFAULT_PATH};
+use towerpc::transport::{ConnectInfo, UpgradeConnector};
+use towerpc::{BoxError, Client, Request, Response, Server};
+
+/// Echoes the body; `peer` answers the caller's address as the server saw it; `slow` takes
+/// 200 ms.
+fn service() -> tower::util::BoxCloneService<Request, Response, BoxError> {
+    tower::util::BoxCloneService::new(tower::service_fn(|req: Request| async move {
+        match req.method() {
+            "peer" => {
+                let peer = req
+                    .extensions()
+                    .get::<ConnectInfo>()
+                    .and_then(|c| c.remote_addr())
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                Ok(Response::new(towerpc::payload::to_msgpack(&peer)?))
+            }
+            "slow" => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(Response::new(req.into_body()))
+            }
+            _ => Ok(Response::new(req.into_body())),
+        }
+    }))
+}
+
+struct App {
+    addr: SocketAddr,
+    rpc: Upgrade,
+    stop: Option<oneshot::Sender<()>>,
+    http: tokio::task::JoinHandle<()>,
+}
+
+async fn app() -> App {
+    let rpc = Server::builder()
+        .grace_period(Duration::from_secs(5))
+        .into_upgrade(service());
+    // axum knows the peer's address; the route hands it on as towerpc's ConnectInfo.
+    let route = tower::ServiceBuilder::new()
+        .map_request(|mut req: http::Request<axum::body::Body>| {
+            let peer = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|c| c.0);
+            req.extensions_mut().insert(ConnectInfo::new(peer, None));
+            req
+        })
+        .service(rpc.clone());
+    let router = Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        .route_service(DEFAULT_PATH, route);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let http = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    App {
+        addr,
+        rpc,
+        stop: Some(stop),
+        http,
+    }
+}
+
+fn url(addr: SocketAddr, path: &str) -> http::Uri {
+    format!("http://{addr}{path}").parse().unwrap()
+}
+
+async fn client(addr: SocketAddr) -> Client {
+    Client::builder()
+        .connect_with(url(addr, DEFAULT_PATH), UpgradeConnector::new())
+        .await
+        .unwrap()
+}
+
+/// Sends raw HTTP and returns the response head.
+async fn raw_http(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed before a response head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).to_string()
+}
+
+#[tokio::test]
+async fn calls_run_over_the_upgraded_connection_beside_http_routes() {
+    let mut app = app().await;
+    let client = client(app.addr).await;
+    for i in 0..100u32 {
+        let got: u32 = client.invoke("echo", &i).await.unwrap();
+        assert_eq!(got, i);
+    }
+    // Pipelined: many calls at once on the one upgraded connection.
+    let calls = (0..500u32).map(|i| {
+        let c = client.clone();
+        async move { c.invoke::<u32, u32>("echo", &i).await.unwrap() == i }
+    });
+    assert!(futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .all(|ok| ok));
+    // The handler sees the caller's own address.
+    let peer: String = client.invoke("peer", &()).await.unwrap();
+    let local = {
+        let stats = client.stats();
+        assert!(stats.bytes_written > 0);
+        peer.parse::<SocketAddr>().unwrap()
+    };
+    assert_eq!(local.ip(), app.addr.ip());
+    assert_ne!(local.port(), app.addr.port());
+    // The HTTP route still answers on the same port.
+    let head = raw_http(app.addr, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let stats = app.rpc.handle().stats();
+    assert_eq!(stats.accepts, 1);
+    assert!(stats.calls >= 601, "{stats:?}");
+    app.stop.take().unwrap().send(()).unwrap();
+    app.rpc.shutdown().await;
+    app.http.await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_that_are_not_towerpc_upgrades_are_refused() {
+    let mut app = app().await;
+    // A plain GET of the route: 426, naming the protocol to upgrade to.
+    let head = raw_http(app.addr, "GET /towerpc HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: towerpc"),
+        "{head}"
+    );
+    // Another protocol's upgrade: 426 too.
+    let head = raw_http(
+        app.addr,
+        "GET /towerpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+    // The right upgrade by the wrong method: 405.
+    let head = raw_http(
+        app.addr,
+        "POST /towerpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: towerpc\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    // A client dialing the wrong path learns the status, typed.
+    let err = Client::builder()
+        .connect_with(url(app.addr, "/nope"), UpgradeConnector::new())
+        .await
+        .unwrap_err();
+    let status = std::error::Error::source(&err)
+        .and_then(|e| e.downcast_ref::<UpgradeError>())
+        .and_then(|e| e.status());
+    assert_eq!(status, Some(http::StatusCode::NOT_FOUND), "{err:#}");
+    assert_eq!(app.rpc.handle().stats().accepts, 0);
+    app.stop.take().unwrap().send(()).unwrap();
+    app.rpc.shutdown().await;
+    app.http.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_drains_upgraded_connections() {
+    let mut app = app().await;
+    let client = client(app.addr).await;
+    let health = app.rpc.handle().health();
+    assert_eq!(health.status(""), Some(ServingStatus::Serving));
+    // A call in flight when the drain starts finishes.
+    let slow = {
+        let c = client.clone();
+        tokio::spawn(async move { c.invoke::<u32, u32>("slow", &7).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let rpc = app.rpc.clone();
+    let drained = tokio::spawn(async move { rpc.shutdown().await });
+    // New calls are refused, safe to retry, once the drain reaches the connection; health
+    // said NOT_SERVING before that.
+    let waiting = tokio::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        match client.invoke::<u32, u32>("echo", &1).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(tokio::time::Instant::now() < waiting, "no refusal");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    assert!(refused.is_retry_safe(), "{refused:#}");
+    assert_eq!(health.status(""), Some(ServingStatus::NotServing));
+    assert_eq!(slow.await.unwrap().unwrap(), 7);
+    drained.await.unwrap();
+    // New upgrades are answered 503 once the drain has begun.
+    let head = raw_http(
+        app.addr,
+        "GET /towerpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: towerpc\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    app.stop.take().unwrap().send(()).unwrap();
+    app.http.await.unwrap();
+}
+
+#[tokio::test]
+async fn over_plain_hyper_the_socket_is_taken_back() {
+    // A hyper HTTP/1.1 server straight on TCP: towerpc gets the socket itself back.
+    let rpc = Server::builder().into_upgrade(service());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let route = rpc.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let svc = hyper_util::service::TowerToHyperService::new(route);
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+            .with_upgrades()
+            .await
+            .unwrap();
+    });
+    let client = client(addr).await;
+    let got: String = client.invoke("echo", "over hyper").await.unwrap();
+    assert_eq!(got, "over hyper");
+    // No layer said who the peer is: the address comes from the socket.
+    let peer: String = client.invoke("peer", &()).await.unwrap();
+    let peer: SocketAddr = peer.parse().unwrap();
+    assert_eq!(peer.ip(), addr.ip());
+    rpc.shutdown().await;
+}
