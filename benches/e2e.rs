@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench e2e -- [--callers 1000] [--secs 3] [--rounds 2] [--payload small|1k]
-//!     [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced,towerpc-stats]
+//!     [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced,towerpc-stats,towerpc-upgrade]
 //! ```
 //!
 //! The same settings can come from `E2E_CALLERS`, `E2E_SECS`, `E2E_ROUNDS` and `E2E_PAYLOAD`;
@@ -13,8 +13,10 @@
 //! so the difference is the cost of dispatch by name), `towerpc-k2` (raw, over
 //! `Builder::connections(2)`), `towerpc-stack` (raw, through tower's `timeout` and `retry` with
 //! `towerpc::retry::Policy`) and `towerpc-balanced` (raw, through `balance::Balanced` over the
-//! one server) and `towerpc-stats` (raw, with `stats::RpcStatsLayer` on both ends), back to
-//! back (A B A B), each against
+//! one server), `towerpc-stats` (raw, with `stats::RpcStatsLayer` on both ends) and, built with
+//! `--features http-upgrade`, `towerpc-upgrade` (raw, over an HTTP/1.1 upgrade on an axum
+//! port: `server::Upgrade` and `transport::UpgradeConnector`), back to back (A B A B), each
+//! against
 //! a fresh server on `127.0.0.1:0` in this process, on one multi-thread runtime with tokio's
 //! default worker count. Every run warms up for 1 s and then measures for `--secs`. A call
 //! counts only if its reply equals its request. Machines here are noisy, so the summary quotes
@@ -98,7 +100,7 @@ fn usage(msg: &str) -> ! {
     eprintln!("e2e: {msg}");
     eprintln!(
         "usage: cargo bench --bench e2e -- [--callers N] [--secs S] [--rounds R] \
-         [--payload small|1k] [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced,towerpc-stats]"
+         [--payload small|1k] [--only floor,towerpc,towerpc-typed,towerpc-dispatch,towerpc-k2,towerpc-stack,towerpc-balanced,towerpc-stats,towerpc-upgrade]"
     );
     std::process::exit(2)
 }
@@ -340,6 +342,8 @@ enum Api {
     Balanced,
     /// As `Raw`, through `stats::RpcStatsLayer` on the client and on the server.
     Stats,
+    /// As `Raw`, over an HTTP/1.1 upgrade on an axum port (feature `http-upgrade`).
+    Upgrade,
 }
 
 fn label_of(api: Api) -> &'static str {
@@ -351,6 +355,7 @@ fn label_of(api: Api) -> &'static str {
         Api::Stack => "towerpc-stack",
         Api::Balanced => "towerpc-balanced",
         Api::Stats => "towerpc-stats",
+        Api::Upgrade => "towerpc-upgrade",
     }
 }
 
@@ -366,36 +371,63 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
     let stop = async move {
         let _ = stop_rx.await;
     };
-    let serving = match api {
+    let incoming = towerpc::server::TcpIncoming::from;
+    let serving: tokio::task::JoinHandle<Result<(), BoxError>> = match api {
         Api::Dispatch => {
             let dispatcher = Dispatcher::new().route("echo", |n: u64| async move { n });
-            tokio::spawn(server.serve_with_incoming_shutdown(
-                towerpc::server::TcpIncoming::from(listener),
-                dispatcher,
-                stop,
-            ))
+            let serve = server.serve_with_incoming_shutdown(incoming(listener), dispatcher, stop);
+            tokio::spawn(async move { Ok(serve.await?) })
         }
-        Api::Stats => tokio::spawn(
-            server
+        Api::Stats => {
+            let serve = server
                 .clone()
                 .layer(towerpc::stats::RpcStatsLayer::new())
-                .serve_with_incoming_shutdown(
-                    towerpc::server::TcpIncoming::from(listener),
-                    echo,
-                    stop,
-                ),
-        ),
-        _ => tokio::spawn(server.serve_with_incoming_shutdown(
-            towerpc::server::TcpIncoming::from(listener),
-            echo,
-            stop,
-        )),
+                .serve_with_incoming_shutdown(incoming(listener), echo, stop);
+            tokio::spawn(async move { Ok(serve.await?) })
+        }
+        #[cfg(feature = "http-upgrade")]
+        Api::Upgrade => {
+            let rpc = server.clone().into_upgrade(echo);
+            let app = axum::Router::new()
+                .route_service(towerpc::transport::upgrade::DEFAULT_PATH, rpc.clone());
+            tokio::spawn(async move {
+                // As towerpc's own listener does: batching makes writes large already, and
+                // Nagle's algorithm would only delay the last batch of a burst.
+                use axum::serve::ListenerExt;
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await?;
+                rpc.shutdown().await;
+                Ok(())
+            })
+        }
+        _ => {
+            let serve = server.serve_with_incoming_shutdown(incoming(listener), echo, stop);
+            tokio::spawn(async move { Ok(serve.await?) })
+        }
     };
     let connections = if api == Api::K2 { 2 } else { 1 };
-    let client = Client::builder()
-        .connections(connections)
-        .connect(addr)
-        .await?;
+    let client = match api {
+        #[cfg(feature = "http-upgrade")]
+        Api::Upgrade => {
+            let url = format!("http://{addr}{}", towerpc::transport::upgrade::DEFAULT_PATH);
+            Client::builder()
+                .connect_with(
+                    url.parse::<http::Uri>()?,
+                    towerpc::transport::UpgradeConnector::new(),
+                )
+                .await?
+        }
+        _ => {
+            Client::builder()
+                .connections(connections)
+                .connect(addr)
+                .await?
+        }
+    };
     let counters = TowerpcWrites(&client, &server_stats);
     let payload = args.payload;
     let c = client.clone();
@@ -417,7 +449,7 @@ async fn run_towerpc(args: &Args, api: Api) -> Result<Outcome, BoxError> {
             let balanced = towerpc::balance::Balanced::fixed(Client::builder(), [addr]);
             drive_service(label_of(api), args, &counters, balanced).await
         }
-        Api::Raw | Api::K2 => {
+        Api::Raw | Api::K2 | Api::Upgrade => {
             drive(label_of(api), args, &counters, move |n| {
                 let client = c.clone();
                 async move {
@@ -504,12 +536,15 @@ fn main() -> Result<(), BoxError> {
         "towerpc-balanced",
         "towerpc-stats",
     ]);
+    if cfg!(feature = "http-upgrade") {
+        labels.push("towerpc-upgrade");
+    }
     if let Some(only) = &args.only {
         labels.retain(|l| only.iter().any(|o| o == l));
         if labels.is_empty() {
             usage(
                 "--only names none of floor, towerpc, towerpc-typed, towerpc-dispatch, \
-                 towerpc-k2, towerpc-stack, towerpc-balanced, towerpc-stats (typed and dispatch: small payload)",
+                 towerpc-k2, towerpc-stack, towerpc-balanced, towerpc-stats, towerpc-upgrade (typed and dispatch: small payload; upgrade: feature http-upgrade)",
             );
         }
     }
@@ -537,6 +572,7 @@ fn main() -> Result<(), BoxError> {
                     "towerpc-stack" => run_towerpc(&args, Api::Stack).await,
                     "towerpc-balanced" => run_towerpc(&args, Api::Balanced).await,
                     "towerpc-stats" => run_towerpc(&args, Api::Stats).await,
+                    "towerpc-upgrade" => run_towerpc(&args, Api::Upgrade).await,
                     _ => run_towerpc(&args, Api::Typed).await,
                 }
             })?;
@@ -585,6 +621,7 @@ fn main() -> Result<(), BoxError> {
             "towerpc-stack",
             "towerpc-balanced",
             "towerpc-stats",
+            "towerpc-upgrade",
         ] {
             let Some(i) = pos(label) else { continue };
             let ratios: Vec<f64> = rounds.iter().map(|r| r[i].cps() / r[bare].cps()).collect();

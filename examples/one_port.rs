@@ -19,6 +19,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -112,6 +113,11 @@ pub async fn run(addr: SocketAddr) -> Result<Summary, BoxError> {
 
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
+    // As towerpc's own listener does (PROTOCOL.md §15): batches are large already, and Nagle's
+    // algorithm would only delay the last one of a burst.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     println!("listening on {addr}: HTTP, gRPC and towerpc (upgrade at {DEFAULT_PATH})");
     let stop = CancellationToken::new();
     let http = tokio::spawn(

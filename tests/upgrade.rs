@@ -253,3 +253,53 @@ async fn over_plain_hyper_the_socket_is_taken_back() {
     assert_eq!(peer.ip(), addr.ip());
     rpc.shutdown().await;
 }
+
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn the_upgrade_runs_over_tls_through_the_tls_connector() {
+    use towerpc::transport::tls::{config, TlsConnector};
+    use towerpc::transport::TcpConnector;
+
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    let server_tls = config::server(cert_pem.as_bytes(), key_pem.as_bytes()).unwrap();
+    let client_tls = config::client(cert_pem.as_bytes()).unwrap();
+
+    // An HTTPS server: TLS, then hyper's HTTP/1.1 with upgrades, the towerpc route inside.
+    let rpc = Server::builder().into_upgrade(service());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let route = rpc.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(server_tls)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let svc = hyper_util::service::TowerToHyperService::new(route);
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+            .with_upgrades()
+            .await
+            .unwrap();
+    });
+
+    let tls = TlsConnector::new(TcpConnector::new(), client_tls, "localhost").unwrap();
+    let client = Client::builder()
+        .connect_with(
+            url(addr, DEFAULT_PATH)
+                .to_string()
+                .replace("http:", "https:")
+                .parse::<http::Uri>()
+                .unwrap(),
+            UpgradeConnector::with_connector(tls),
+        )
+        .await
+        .unwrap();
+    for i in 0..50u32 {
+        let got: u32 = client.invoke("echo", &i).await.unwrap();
+        assert_eq!(got, i);
+    }
+    assert_eq!(rpc.handle().stats().accepts, 1);
+    rpc.shutdown().await;
+}

@@ -1,5 +1,5 @@
 //! The towerpc protocol on an HTTP app's port: a route that answers `101 Switching Protocols`
-//! and serves a towerpc connection over the upgraded stream (PROTOCOL.md §13).
+//! and serves a towerpc connection over the upgraded stream (PROTOCOL.md §15).
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -48,7 +48,7 @@ use crate::{BoxError, Request, Response};
 /// # Examples
 ///
 /// ```no_run
-/// use axum::{routing::get, Router};
+/// use axum::{routing::get, serve::ListenerExt, Router};
 /// use towerpc::{Request, Response, Server};
 ///
 /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -59,7 +59,10 @@ use crate::{BoxError, Request, Response};
 /// let app = Router::new()
 ///     .route("/hello", get(|| async { "hello" }))
 ///     .route_service(towerpc::transport::upgrade::DEFAULT_PATH, rpc.clone());
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// // TCP_NODELAY, as towerpc's own listener sets it: batches are large already.
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080")
+///     .await?
+///     .tap_io(|tcp| { let _ = tcp.set_nodelay(true); });
 /// axum::serve(listener, app).await?;
 /// rpc.shutdown().await;
 /// # Ok(()) }

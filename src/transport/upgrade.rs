@@ -1,4 +1,4 @@
-//! The towerpc protocol over an HTTP/1.1 `Upgrade` (PROTOCOL.md §13): the client's connector,
+//! The towerpc protocol over an HTTP/1.1 `Upgrade` (PROTOCOL.md §15): the client's connector,
 //! and the stream both ends speak once the upgrade is done.
 //!
 //! The client sends `GET <path>` with `Connection: Upgrade` and `Upgrade: towerpc`; the server
