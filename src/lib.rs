@@ -14,6 +14,7 @@ pub mod dispatch;
 mod error;
 pub mod into_error;
 pub mod payload;
+mod protocol;
 mod request;
 pub mod retry;
 pub mod server;

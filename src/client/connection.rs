@@ -6,7 +6,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
@@ -16,7 +15,8 @@ use tower::{Service, ServiceExt};
 
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Preface, Role};
 use crate::conn::{exchange_preface, wire, write_loop, FrameReader, WriteOptions};
-use crate::error::{Code, Error, Kind, Result, Status};
+use crate::error::{Error, Kind, Result, Status};
+use crate::protocol;
 use crate::stats::{with_dial_counters, Counters, MaybeCounted};
 use crate::transport::Connected;
 use crate::BoxError;
@@ -207,8 +207,8 @@ where
         let fut = ready?.call(target);
         fut.await.map_err(Into::into)
     };
-    let dial = with_dial_counters(shared.counters.clone(), dial);
-    let io = dial.await.map_err(|e: BoxError| {
+    let (io, counted) = with_dial_counters(shared.counters.clone(), dial).await;
+    let io = io.map_err(|e: BoxError| {
         // A TLS handshake that fails is a refusal, not an absence: say so.
         let kind = if crate::transport::is_handshake_error(&*e) {
             Kind::Handshake
@@ -219,7 +219,7 @@ where
     })?;
     // Counted from here on (beneath TLS when the connector says it counts itself), so the
     // stats include the preface, as the server's do.
-    let mut io = MaybeCounted::new(io, shared.counters.clone());
+    let mut io = MaybeCounted::new(io, shared.counters.clone(), counted);
     if let Some(hook) = &shared.config.on_connect {
         hook(io.connect_info())
             .await
@@ -230,31 +230,11 @@ where
     let peer = exchange_preface(&mut io, ours)
         .await
         .map_err(|e| Error::new(Kind::Handshake).target(server).with(e))?;
-    if peer.version != ours.version {
-        return Err(Error::new(Kind::Handshake)
+    let compression = protocol::check_server(&ours, &peer).map_err(|why| {
+        Error::new(Kind::Handshake)
             .target(server)
-            .with(format!("server speaks protocol version {}", peer.version)));
-    }
-    if peer.role != Role::Server {
-        return Err(Error::new(Kind::Handshake)
-            .target(server)
-            .with("bad server preface".to_string()));
-    }
-    let compression = match peer.compression {
-        0 => None,
-        bit if bit & ours.compression == bit && bit.count_ones() == 1 => {
-            Some(Compression::from_bit(bit).ok_or_else(|| {
-                Error::new(Kind::Handshake)
-                    .target(server)
-                    .with("server chose a compression this build lacks".to_string())
-            })?)
-        }
-        _ => {
-            return Err(Error::new(Kind::Handshake)
-                .target(server)
-                .with("server chose a compression that was not offered".to_string()))
-        }
-    };
+            .with(why.to_string())
+    })?;
     Ok((io, peer, compression))
 }
 
@@ -302,14 +282,11 @@ where
     };
     // Tell the server why, when it is our decision and it can help.
     let goaway = match &end {
-        End::Protocol(e) => Some(Message::GoAway {
-            code: e.wire_code(),
-            reason: Bytes::from(e.to_string()),
-        }),
-        End::Stalled => Some(Message::GoAway {
-            code: code::STALLED,
-            reason: Bytes::from_static(b"no reply or pong within the stall timeout"),
-        }),
+        End::Protocol(e) => Some(protocol::goaway_protocol(e)),
+        End::Stalled => Some(protocol::goaway(
+            code::STALLED,
+            "no reply or pong within the stall timeout",
+        )),
         _ => None,
     };
     if !writer.is_finished() {
@@ -387,11 +364,7 @@ where
                         message,
                         details,
                     } => {
-                        let status = Status::new(
-                            Code::from_u16(code),
-                            String::from_utf8_lossy(&message).into_owned(),
-                        )
-                        .with_details(details);
+                        let status = protocol::error_status(code, &message, details);
                         inner.complete(id, Err(Error::remote(status)), &mut out)
                     }
                     Message::Ping { data } => {
@@ -404,10 +377,7 @@ where
                         Ok(())
                     }
                     Message::GoAway { code, reason } => {
-                        end = Some(End::GoAway(Status::new(
-                            Code::from_u16(code),
-                            String::from_utf8_lossy(&reason).into_owned(),
-                        )));
+                        end = Some(End::GoAway(protocol::goaway_status(code, &reason)));
                         break;
                     }
                     Message::Request { .. } | Message::OneWay { .. } | Message::Cancel { .. } => {

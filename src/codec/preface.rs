@@ -30,15 +30,10 @@ pub enum Role {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preface {
-    /// Protocol version; this crate speaks [`PROTOCOL_VERSION`].
-    pub version: u8,
-    /// Who sent it.
-    pub role: Role,
-    /// From a client: the compression algorithms offered (bitmask). From a server: the one
-    /// chosen, or 0 for none.
-    pub compression: u8,
-    /// The largest frame body the sender accepts.
-    pub max_frame_len: u32,
+    pub(crate) version: u8,
+    pub(crate) role: Role,
+    pub(crate) compression: u8,
+    pub(crate) max_frame_len: u32,
 }
 
 impl Preface {
@@ -50,6 +45,27 @@ impl Preface {
             compression: 0,
             max_frame_len: max_frame_len.min(u32::MAX as usize) as u32,
         }
+    }
+
+    /// The protocol version; this crate speaks [`PROTOCOL_VERSION`].
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Who sent it.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The compression byte: from a client, the bitmask of algorithms offered; from a server,
+    /// the one chosen, or 0 for none (PROTOCOL.md §3.3).
+    pub fn compression_bits(&self) -> u8 {
+        self.compression
+    }
+
+    /// The largest frame body the sender accepts.
+    pub fn max_frame_len(&self) -> u32 {
+        self.max_frame_len
     }
 
     /// The wire bytes.

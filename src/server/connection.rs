@@ -24,6 +24,7 @@ use super::Config;
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
 use crate::conn::{wire, write_loop, FrameReader, Source, WriteOptions};
 use crate::error::{Code, Status};
+use crate::protocol::{self, error_message};
 use crate::request::LazyExtensions;
 use crate::stats::Counters;
 use crate::transport::ConnectInfo;
@@ -129,24 +130,6 @@ impl Conn {
         if wake {
             self.notify_writer.notify_one();
         }
-    }
-}
-
-fn error_message(id: u32, status: &Status) -> Message {
-    let mut text = status.message().as_bytes();
-    if text.len() > u16::MAX as usize {
-        // Cut on a character boundary so the message stays UTF-8.
-        let mut end = u16::MAX as usize;
-        while !status.message().is_char_boundary(end) {
-            end -= 1;
-        }
-        text = &text[..end];
-    }
-    Message::Error {
-        id,
-        code: status.code().as_u16(),
-        message: Bytes::copy_from_slice(text),
-        details: status.details().clone(),
     }
 }
 
@@ -263,17 +246,11 @@ pub(super) async fn serve<S, IO>(
     let goaway = match &stop {
         Stop::Protocol(e) => {
             Counters::inc(&counters.protocol_errors);
-            Some(Message::GoAway {
-                code: e.wire_code(),
-                reason: Bytes::from(e.to_string()),
-            })
+            Some(protocol::goaway_protocol(e))
         }
         Stop::Flood(why) => {
             Counters::inc(&counters.protocol_errors);
-            Some(Message::GoAway {
-                code: code::RESOURCE_EXHAUSTED,
-                reason: Bytes::from_static(why.as_bytes()),
-            })
+            Some(protocol::goaway(code::RESOURCE_EXHAUSTED, why))
         }
         _ => None,
     };
@@ -370,10 +347,7 @@ where
 
     fn start_drain(&mut self) {
         self.grace_deadline = Some(tokio::time::Instant::now() + self.config.grace_period);
-        self.conn.push_now(&Message::GoAway {
-            code: code::OK,
-            reason: Bytes::from_static(b"server shutting down"),
-        });
+        self.conn.push_now(&protocol::goaway_drain());
     }
 
     async fn handle(&mut self, msg: Message, arrived: tokio::time::Instant) -> Option<Stop> {

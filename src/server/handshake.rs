@@ -9,9 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use super::Config;
-use crate::codec::{Compression, Preface, Role};
+use crate::codec::{Compression, Preface};
 use crate::conn::read_preface;
 use crate::error::{Error, Kind};
+use crate::protocol::PrefaceRefusal;
 use crate::stats::{Counters, CountingIo};
 use crate::transport::{ConnectInfo, Connected};
 use crate::{BoxError, Request, Response};
@@ -127,27 +128,20 @@ where
             return None;
         }
     };
-    let mut ours = Preface::new(Role::Server, config.max_frame_len);
-    if peer.role != Role::Client {
-        let err = Error::new(Kind::Handshake).with("peer preface is not a client's".to_string());
-        {
-            refused(config, counters, info, err);
-            return None;
-        }
-    }
-    if peer.version != ours.version {
-        // Tell the client what we speak, then hang up.
-        let _ = io.write_all(&ours.to_bytes()).await;
-        let _ = io.shutdown().await;
-        let err = Error::new(Kind::Handshake)
-            .with(format!("client speaks protocol version {}", peer.version));
-        {
-            refused(config, counters, info, err);
-            return None;
-        }
-    }
-    let compression = Compression::choose(&config.compression, peer.compression);
-    ours.compression = compression.map_or(0, Compression::bit);
+    let (ours, compression) =
+        match crate::protocol::answer_client(&peer, config.max_frame_len, &config.compression) {
+            Ok(answer) => answer,
+            Err((ours, why)) => {
+                if let PrefaceRefusal::Version(_) = why {
+                    // Tell the client what we speak, then hang up.
+                    let _ = io.write_all(&ours.to_bytes()).await;
+                    let _ = io.shutdown().await;
+                }
+                let err = Error::new(Kind::Handshake).with(why.to_string());
+                refused(config, counters, info, err);
+                return None;
+            }
+        };
     if io.write_all(&ours.to_bytes()).await.is_err() {
         Counters::inc(&counters.accept_errors);
         return None;

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -12,22 +13,44 @@ use super::Counters;
 
 tokio::task_local! {
     /// The counters of the client dialing on this task. A connector that layers something over
-    /// the socket (TLS) puts a [`CountingIo`] beneath it, so stats count what crosses the wire.
-    static DIAL_COUNTERS: Arc<Counters>;
+    /// the socket (TLS) puts a [`CountingIo`] beneath it, so stats count what crosses the wire,
+    /// and says so here, so that the client does not count the layer above once more.
+    static DIAL_COUNTERS: Dial;
 }
 
-/// Runs `dial` with `counters` as the dialing client's counters.
+struct Dial {
+    counters: Arc<Counters>,
+    claimed: AtomicBool,
+}
+
+/// Runs `dial` with `counters` as the dialing client's counters. Also returns whether a
+/// connector counted the dialed stream itself (beneath its own layer).
 pub(crate) async fn with_dial_counters<F: std::future::Future>(
     counters: Arc<Counters>,
     dial: F,
-) -> F::Output {
-    DIAL_COUNTERS.scope(counters, dial).await
+) -> (F::Output, bool) {
+    let scope = Dial {
+        counters,
+        claimed: AtomicBool::new(false),
+    };
+    let (out, scope) = {
+        let mut fut = std::pin::pin!(DIAL_COUNTERS.scope(scope, dial));
+        let out = (&mut fut).await;
+        (out, fut.as_mut().take_value())
+    };
+    let claimed = scope.is_some_and(|d| d.claimed.load(Ordering::Acquire));
+    (out, claimed)
 }
 
-/// The counters of the client dialing on this task, if any.
+/// The counters of the client dialing on this task, if any, which the caller now counts into.
 #[cfg_attr(not(feature = "tls"), allow(dead_code))]
-pub(crate) fn dial_counters() -> Option<Arc<Counters>> {
-    DIAL_COUNTERS.try_with(Arc::clone).ok()
+fn claim_dial_counters() -> Option<Arc<Counters>> {
+    DIAL_COUNTERS
+        .try_with(|d| {
+            d.claimed.store(true, Ordering::Release);
+            d.counters.clone()
+        })
+        .ok()
 }
 
 pin_project! {
@@ -35,11 +58,10 @@ pin_project! {
     /// [`Stats`](super::Stats). A poll that returns `Pending` is not counted: tokio only issues
     /// the syscall once the socket is ready, so the counts are syscalls.
     ///
-    /// Connectors that layer TLS over a socket (such as
-    /// `transport::tls::TlsConnector`) put it beneath the TLS stream, so the stats count
-    /// bytes on the wire.
+    /// Connectors that layer TLS over a socket (`transport::tls::TlsConnector`) put it beneath
+    /// the TLS stream, so the stats count bytes on the wire.
     #[derive(Debug)]
-    pub struct CountingIo<T> {
+    pub(crate) struct CountingIo<T> {
         #[pin]
         io: T,
         counters: Arc<Counters>,
@@ -54,22 +76,12 @@ impl<T> CountingIo<T> {
     /// Counts into the dialing client's stats (or into nothing, outside a client's dial).
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     pub(crate) fn for_dial(io: T) -> Self {
-        CountingIo::new(io, dial_counters().unwrap_or_default())
+        CountingIo::new(io, claim_dial_counters().unwrap_or_default())
     }
 
     /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
+    pub(crate) fn get_ref(&self) -> &T {
         &self.io
-    }
-}
-
-impl<T: crate::transport::Connected> crate::transport::Connected for CountingIo<T> {
-    fn connect_info(&self) -> crate::transport::ConnectInfo {
-        self.io.connect_info()
-    }
-
-    fn counted(&self) -> bool {
-        true
     }
 }
 
@@ -85,8 +97,9 @@ pin_project! {
 }
 
 impl<T: crate::transport::Connected> MaybeCounted<T> {
-    pub(crate) fn new(io: T, counters: Arc<Counters>) -> Self {
-        if io.counted() {
+    /// `counted`: the connector counted the stream itself (see [`with_dial_counters`]).
+    pub(crate) fn new(io: T, counters: Arc<Counters>, counted: bool) -> Self {
+        if counted {
             MaybeCounted::Counted { io }
         } else {
             MaybeCounted::Wrapped {

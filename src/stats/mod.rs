@@ -11,8 +11,7 @@ mod io;
 mod layer;
 
 pub use self::classify::{ErrorCode, MethodName};
-pub use self::io::CountingIo;
-pub(crate) use self::io::{with_dial_counters, MaybeCounted};
+pub(crate) use self::io::{with_dial_counters, CountingIo, MaybeCounted};
 pub use self::layer::{MethodSnapshot, ResponseFuture, RpcStats, RpcStatsLayer, Snapshot};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

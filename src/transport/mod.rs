@@ -130,13 +130,6 @@ impl ConnectInfo {
 pub trait Connected {
     /// The connection's [`ConnectInfo`].
     fn connect_info(&self) -> ConnectInfo;
-
-    /// Whether the stream already counts its socket I/O into the stats (a
-    /// [`CountingIo`](crate::stats::CountingIo) beneath it). Custom layered transports that put
-    /// one under their own layer return `true`, so the client does not count twice.
-    fn counted(&self) -> bool {
-        false
-    }
 }
 
 impl Connected for TcpStream {

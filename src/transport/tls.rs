@@ -78,7 +78,7 @@ where
     C::Error: Into<BoxError>,
     C::Future: Send + 'static,
 {
-    type Response = tokio_rustls::client::TlsStream<CountingIo<C::Response>>;
+    type Response = TlsStream<C::Response>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -93,10 +93,84 @@ where
         Box::pin(async move {
             // Count the socket beneath TLS, into the dialing client's stats.
             let io = CountingIo::for_dial(dial.await.map_err(Into::into)?);
-            tls.connect(name, io)
+            let inner = tls
+                .connect(name, io)
                 .await
-                .map_err(|e| Box::new(TlsHandshakeError(e)) as BoxError)
+                .map_err(|e| Box::new(TlsHandshakeError(e)) as BoxError)?;
+            Ok(TlsStream { inner })
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client's TLS stream, from [`TlsConnector`]: the dialed stream beneath, counted into
+    /// the client's stats as it crosses the wire.
+    #[derive(Debug)]
+    pub struct TlsStream<IO> {
+        #[pin]
+        inner: tokio_rustls::client::TlsStream<CountingIo<IO>>,
+    }
+}
+
+impl<IO> TlsStream<IO> {
+    /// The dialed stream beneath TLS.
+    pub fn get_ref(&self) -> &IO {
+        self.inner.get_ref().0.get_ref()
+    }
+
+    /// The TLS session: the negotiated protocol, the server's certificates.
+    pub fn session(&self) -> &rustls::ClientConnection {
+        self.inner.get_ref().1
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+impl<IO: Connected> Connected for TlsStream<IO> {
+    fn connect_info(&self) -> ConnectInfo {
+        let certs = self
+            .session()
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+        self.get_ref().connect_info().with_peer_certificates(certs)
     }
 }
 
@@ -126,10 +200,6 @@ impl<IO: Connected> Connected for tokio_rustls::client::TlsStream<IO> {
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
         io.connect_info().with_peer_certificates(certs)
-    }
-
-    fn counted(&self) -> bool {
-        self.get_ref().0.counted()
     }
 }
 

@@ -307,10 +307,6 @@ impl<IO: Connected> Connected for Upgraded<IO> {
     fn connect_info(&self) -> ConnectInfo {
         self.io.connect_info()
     }
-
-    fn counted(&self) -> bool {
-        self.io.counted()
-    }
 }
 
 #[cfg(test)]

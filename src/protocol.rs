@@ -1,0 +1,203 @@
+//! Protocol rules both ends share, next to the codec: the preface negotiation (PROTOCOL.md §3)
+//! and the mapping between [`Status`] and the ERROR and GOAWAY messages (§5.3, §5.6, §10). The
+//! client and the server engines call these rather than each keeping its own copy.
+
+use bytes::Bytes;
+
+use crate::codec::{code, CodecError, Compression, Message, Preface, Role};
+use crate::error::{Code, Status};
+
+/// Why a peer's preface is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PrefaceRefusal {
+    /// It came from the wrong side.
+    Role,
+    /// It speaks another protocol version. A server still answers with its own preface, so
+    /// that the client learns what it speaks (§13).
+    Version(u8),
+    /// A server chose a compression the client did not offer, or more than one.
+    NotOffered,
+    /// A server chose a compression this build lacks.
+    Unknown,
+}
+
+impl std::fmt::Display for PrefaceRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrefaceRefusal::Role => f.write_str("peer preface is from the wrong side"),
+            PrefaceRefusal::Version(v) => write!(f, "peer speaks protocol version {v}"),
+            PrefaceRefusal::NotOffered => {
+                f.write_str("server chose a compression that was not offered")
+            }
+            PrefaceRefusal::Unknown => f.write_str("server chose a compression this build lacks"),
+        }
+    }
+}
+
+/// A server's answer to a client's preface: its own preface, with the compression it chose
+/// from the client's offer (the first of `accepted` offered, or none).
+pub(crate) fn answer_client(
+    client: &Preface,
+    max_frame_len: usize,
+    accepted: &[Compression],
+) -> Result<(Preface, Option<Compression>), (Preface, PrefaceRefusal)> {
+    let mut ours = Preface::new(Role::Server, max_frame_len);
+    if client.role != Role::Client {
+        return Err((ours, PrefaceRefusal::Role));
+    }
+    if client.version != ours.version {
+        return Err((ours, PrefaceRefusal::Version(client.version)));
+    }
+    let compression = Compression::choose(accepted, client.compression);
+    ours.compression = compression.map_or(0, Compression::bit);
+    Ok((ours, compression))
+}
+
+/// A client's check of the server's answer to its preface `ours`: the compression the server
+/// chose, which must be one offered.
+pub(crate) fn check_server(
+    ours: &Preface,
+    server: &Preface,
+) -> Result<Option<Compression>, PrefaceRefusal> {
+    if server.version != ours.version {
+        return Err(PrefaceRefusal::Version(server.version));
+    }
+    if server.role != Role::Server {
+        return Err(PrefaceRefusal::Role);
+    }
+    match server.compression {
+        0 => Ok(None),
+        bit if bit & ours.compression == bit && bit.count_ones() == 1 => Compression::from_bit(bit)
+            .map(Some)
+            .ok_or(PrefaceRefusal::Unknown),
+        _ => Err(PrefaceRefusal::NotOffered),
+    }
+}
+
+/// The ERROR message that answers request `id` with `status`. A message longer than the
+/// field allows is cut, on a character boundary so that it stays UTF-8.
+pub(crate) fn error_message(id: u32, status: &Status) -> Message {
+    let mut text = status.message().as_bytes();
+    if text.len() > u16::MAX as usize {
+        let mut end = u16::MAX as usize;
+        while !status.message().is_char_boundary(end) {
+            end -= 1;
+        }
+        text = &text[..end];
+    }
+    Message::Error {
+        id,
+        code: status.code().as_u16(),
+        message: Bytes::copy_from_slice(text),
+        details: status.details().clone(),
+    }
+}
+
+/// The status an ERROR message carries.
+pub(crate) fn error_status(code: u16, message: &[u8], details: Bytes) -> Status {
+    Status::new(
+        Code::from_u16(code),
+        String::from_utf8_lossy(message).into_owned(),
+    )
+    .with_details(details)
+}
+
+/// The GOAWAY that starts a graceful shutdown (code OK, §10.1).
+pub(crate) fn goaway_drain() -> Message {
+    Message::GoAway {
+        code: code::OK,
+        reason: Bytes::from_static(b"server shutting down"),
+    }
+}
+
+/// The GOAWAY that closes a connection over a broken protocol rule.
+pub(crate) fn goaway_protocol(e: &CodecError) -> Message {
+    Message::GoAway {
+        code: e.wire_code(),
+        reason: Bytes::from(e.to_string()),
+    }
+}
+
+/// The GOAWAY that closes a connection for `code` (not OK), with `reason`.
+pub(crate) fn goaway(code: u16, reason: &'static str) -> Message {
+    Message::GoAway {
+        code,
+        reason: Bytes::from_static(reason.as_bytes()),
+    }
+}
+
+/// The status a closing GOAWAY (code not OK) carries.
+pub(crate) fn goaway_status(code: u16, reason: &[u8]) -> Status {
+    Status::new(
+        Code::from_u16(code),
+        String::from_utf8_lossy(reason).into_owned(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_answers_with_the_first_accepted_compression_offered() {
+        let client = Preface::new(Role::Client, 1 << 20);
+        let (ours, chosen) = answer_client(&client, 1 << 20, &[]).unwrap();
+        assert_eq!(
+            (ours.role, ours.compression, chosen),
+            (Role::Server, 0, None)
+        );
+        let mut old = client;
+        old.version = 9;
+        let (ours, why) = answer_client(&old, 1 << 20, &[]).unwrap_err();
+        assert_eq!(why, PrefaceRefusal::Version(9));
+        assert_eq!(ours.version, crate::codec::PROTOCOL_VERSION);
+        let server = Preface::new(Role::Server, 1 << 20);
+        assert_eq!(
+            answer_client(&server, 1 << 20, &[]).unwrap_err().1,
+            PrefaceRefusal::Role
+        );
+    }
+
+    #[test]
+    fn client_refuses_a_compression_it_did_not_offer() {
+        let ours = Preface::new(Role::Client, 1 << 20);
+        let mut server = Preface::new(Role::Server, 1 << 20);
+        assert_eq!(check_server(&ours, &server), Ok(None));
+        server.compression = 0x01;
+        assert_eq!(
+            check_server(&ours, &server),
+            Err(PrefaceRefusal::NotOffered)
+        );
+        let mut offering = ours;
+        offering.compression = 0x03;
+        server.compression = 0x03;
+        assert_eq!(
+            check_server(&offering, &server),
+            Err(PrefaceRefusal::NotOffered)
+        );
+        let client_side = Preface::new(Role::Client, 1 << 20);
+        assert_eq!(check_server(&ours, &client_side), Err(PrefaceRefusal::Role));
+    }
+
+    #[test]
+    fn errors_round_trip_and_long_messages_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(40_000); // 80,000 bytes
+        let status = Status::new(Code::NotFound, long).with_details(Bytes::from_static(b"d"));
+        let Message::Error {
+            id,
+            code,
+            message,
+            details,
+        } = error_message(7, &status)
+        else {
+            panic!("not an ERROR");
+        };
+        assert_eq!(id, 7);
+        assert!(message.len() <= u16::MAX as usize);
+        assert!(std::str::from_utf8(&message).is_ok());
+        let back = error_status(code, &message, details);
+        assert_eq!(back.code(), Code::NotFound);
+        assert_eq!(&back.details()[..], b"d");
+        assert_eq!(goaway_status(code::REFUSED, b"bye").code(), Code::Refused);
+    }
+}
