@@ -10,6 +10,9 @@
 //!   [`scope`], such as an HTTP handler that read a `traceparent` header) sends a child of it:
 //!   the same trace id, a fresh parent id.
 //!
+//! With the `opentelemetry` feature, [`otel`] carries an OpenTelemetry context instead (through
+//! the app's own propagator), with a layer for each end.
+//!
 //! # Examples
 //!
 //! ```
@@ -22,6 +25,10 @@
 //! assert_ne!(child.parent_id(), ctx.parent_id());
 //! assert_eq!(ctx.to_string(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
 //! ```
+
+#[cfg(feature = "opentelemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
+pub mod otel;
 
 use std::collections::BTreeMap;
 use std::fmt;
