@@ -13,7 +13,9 @@
 //! so the difference is the cost of dispatch by name), `towerpc-k2` (raw, over
 //! `Builder::connections(2)`), `towerpc-stack` (raw, through tower's `timeout` and `retry` with
 //! `towerpc::retry::Policy`) and `towerpc-balanced` (raw, through `balance::Balanced` over the
-//! one server), `towerpc-stats` (raw, with `stats::RpcStatsLayer` on both ends) and, built with
+//! one server), `towerpc-stats` (raw, with `stats::RpcStatsLayer` on both ends; built with
+//! `--features metrics` it also records through the `metrics` facade into an installed
+//! Prometheus exporter) and, built with
 //! `--features http-upgrade`, `towerpc-upgrade` (raw, over an HTTP/1.1 upgrade on an axum
 //! port: `server::Upgrade` and `transport::UpgradeConnector`), back to back (A B A B), each
 //! against
@@ -522,6 +524,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<(), BoxError> {
     let args = parse_args();
+    // Built with the `metrics` feature, `RpcStatsLayer` records through the facade: install a
+    // real exporter, so that `towerpc-stats` pays what an app with Prometheus pays.
+    #[cfg(feature = "metrics")]
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -549,12 +555,17 @@ fn main() -> Result<(), BoxError> {
         }
     }
     println!(
-        "e2e: callers={} secs={} rounds={} payload={} workers={} contenders={}",
+        "e2e: callers={} secs={} rounds={} payload={} workers={} metrics={} contenders={}",
         args.callers,
         args.secs,
         args.rounds,
         args.payload.name(),
         rt.metrics().num_workers(),
+        if cfg!(feature = "metrics") {
+            "prometheus"
+        } else {
+            "off"
+        },
         labels.join(","),
     );
 
@@ -600,6 +611,11 @@ fn main() -> Result<(), BoxError> {
                 .join(", "),
         );
     }
+    #[cfg(feature = "metrics")]
+    println!(
+        "  prometheus exporter: {} bytes of text",
+        prometheus.render().len()
+    );
     // Dispatch by name against the raw service path, compared within each round.
     let pos = |l: &str| labels.iter().position(|x| *x == l);
     if let (Some(t), Some(d)) = (pos("towerpc-typed"), pos("towerpc-dispatch")) {
