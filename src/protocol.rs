@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use crate::codec::{code, CodecError, Compression, Message, Preface, Role};
+use crate::codec::{CodecError, Compression, Message, Preface, Role};
 use crate::error::{Code, Status};
 
 /// Why a peer's preface is refused.
@@ -102,14 +102,6 @@ pub(crate) fn error_status(code: u16, message: &[u8], details: Bytes) -> Status 
     .with_details(details)
 }
 
-/// The GOAWAY that starts a graceful shutdown (code OK, §10.1).
-pub(crate) fn goaway_drain() -> Message {
-    Message::GoAway {
-        code: code::OK,
-        reason: Bytes::from_static(b"server shutting down"),
-    }
-}
-
 /// The GOAWAY that closes a connection over a broken protocol rule.
 pub(crate) fn goaway_protocol(e: &CodecError) -> Message {
     Message::GoAway {
@@ -118,7 +110,8 @@ pub(crate) fn goaway_protocol(e: &CodecError) -> Message {
     }
 }
 
-/// The GOAWAY that closes a connection for `code` (not OK), with `reason`.
+/// The GOAWAY with `code` and `reason`: OK starts a graceful close (§10.1), any other code
+/// closes the connection.
 pub(crate) fn goaway(code: u16, reason: &'static str) -> Message {
     Message::GoAway {
         code,
@@ -137,6 +130,7 @@ pub(crate) fn goaway_status(code: u16, reason: &[u8]) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::code;
 
     #[test]
     fn server_answers_with_the_first_accepted_compression_offered() {

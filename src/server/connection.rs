@@ -5,6 +5,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tower::{Service, ServiceExt};
 
 use super::flood::{Flood, RAPID_CANCEL};
 use super::handler::{HandlerTask, HeldBytes};
+use super::keepalive::{Due, Keepalive};
 use super::recover::status_from_error;
 use super::Config;
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
@@ -170,6 +172,8 @@ enum Stop {
     Writer,
     /// The peer sent control messages past their budget (see `Flood`).
     Flood(&'static str),
+    /// Our keepalive PING went unanswered: the peer is gone.
+    Dead,
 }
 
 /// Serves one connection once its handshake is done. `svc` is this connection's own stack:
@@ -236,6 +240,13 @@ pub(super) async fn serve<S, IO>(
         shutdown: &shutdown,
         grace_deadline: None,
         flood: Flood::new(tokio::time::Instant::now()),
+        keepalive: Keepalive::new(
+            config.idle_timeout,
+            config.keepalive_interval,
+            config.keepalive_timeout,
+            tokio::time::Instant::now(),
+        ),
+        timer: None,
     };
 
     let stop = tokio::select! {
@@ -296,6 +307,10 @@ struct Ctx<'a, S> {
     /// Set when a graceful shutdown reaches this connection: in-flight calls have until then.
     grace_deadline: Option<tokio::time::Instant>,
     flood: Flood,
+    keepalive: Keepalive,
+    /// The idle and keepalive timer, armed on the first read (boxed: most connections never
+    /// see it fire).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> Ctx<'_, S>
@@ -311,17 +326,41 @@ where
             while self.conn.lock().outbox.len() > self.config.max_queued_bytes {
                 tokio::select! {
                     _ = self.conn.notify_taken.notified() => {}
-                    _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => self.start_drain(),
+                    _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => self.start_drain("server shutting down"),
                 }
             }
+            let timer = match &mut self.timer {
+                Some(timer) => timer,
+                None => {
+                    let next = self.keepalive.next();
+                    self.timer.insert(Box::pin(tokio::time::sleep_until(next)))
+                }
+            };
             let frame = tokio::select! {
                 f = reader.next() => f,
                 _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
-                    self.start_drain();
+                    self.start_drain("server shutting down");
                     continue;
                 }
                 _ = drained(self.tasks, self.grace_deadline), if self.grace_deadline.is_some() => {
                     return Stop::Drained
+                }
+                _ = timer.as_mut(), if self.keepalive.enabled() => {
+                    let now = tokio::time::Instant::now();
+                    match self.keepalive.fire(now, !self.tasks.is_empty()) {
+                        Due::Nothing => {}
+                        Due::Ping => self.conn.push_now(&Message::Ping { data: 0 }),
+                        Due::Dead => return Stop::Dead,
+                        Due::Idle if self.grace_deadline.is_none() => {
+                            self.start_drain("idle connection")
+                        }
+                        Due::Idle => {}
+                    }
+                    let next = self.keepalive.next();
+                    if let Some(timer) = &mut self.timer {
+                        timer.as_mut().reset(next);
+                    }
+                    continue;
                 }
             };
             let frame = match frame {
@@ -337,17 +376,22 @@ where
             // One clock read per frame: its requests arrived together, and their deadlines
             // count from then.
             let arrived = tokio::time::Instant::now();
+            let mut request = false;
             for msg in frame.into_messages() {
+                request |= matches!(msg, Message::Request { .. } | Message::OneWay { .. });
                 if let Some(stop) = self.handle(msg, arrived).await {
                     return stop;
                 }
             }
+            self.keepalive.read(arrived, request);
         }
     }
 
-    fn start_drain(&mut self) {
+    /// Starts a graceful close: GOAWAY OK with `reason`, no new requests, in-flight calls get
+    /// the grace period.
+    fn start_drain(&mut self, reason: &'static str) {
         self.grace_deadline = Some(tokio::time::Instant::now() + self.config.grace_period);
-        self.conn.push_now(&protocol::goaway_drain());
+        self.conn.push_now(&protocol::goaway(code::OK, reason));
     }
 
     async fn handle(&mut self, msg: Message, arrived: tokio::time::Instant) -> Option<Stop> {
@@ -451,7 +495,7 @@ where
             tokio::select! {
                 _ = self.conn.notify_freed.notified() => {}
                 _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
-                    self.start_drain();
+                    self.start_drain("server shutting down");
                     if let Some(id) = id {
                         let status = Status::new(Code::Refused, "server is shutting down");
                         self.conn.push_now(&error_message(id, &status));
@@ -542,7 +586,7 @@ where
             }
             Some(Err(e)) => status_from_error(e.into()),
             None => {
-                self.start_drain();
+                self.start_drain("server shutting down");
                 Status::new(Code::Refused, "server is shutting down")
             }
         };

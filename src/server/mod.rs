@@ -11,6 +11,7 @@ mod flood;
 mod handler;
 mod handshake;
 pub mod health;
+mod keepalive;
 mod recover;
 #[cfg(feature = "http-upgrade")]
 mod upgrade;
@@ -58,6 +59,18 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default bound on reading one frame once its first byte has arrived (30 s).
 pub const DEFAULT_FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default time a connection may sit with no call in flight and no request before the server
+/// closes it gracefully (15 min): abandoned connections do not pile up, and a client's pool
+/// reconnects on its next call.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// Default quiet time after which the server PINGs a client (2 h, gRPC's keepalive time).
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// Default time a keepalive PING may go unanswered before the connection is closed (20 s,
+/// gRPC's keepalive timeout).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Default cap on reply bytes queued for one connection (8 MiB) before its reader pauses.
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1024 * 1024;
@@ -122,6 +135,9 @@ pub(crate) struct Config {
     pub(crate) handshake_timeout: Duration,
     pub(crate) write_timeout: Option<Duration>,
     pub(crate) frame_read_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) keepalive_interval: Option<Duration>,
+    pub(crate) keepalive_timeout: Duration,
     pub(crate) max_frame_len: usize,
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_in_flight_bytes: usize,
@@ -172,6 +188,9 @@ impl Server {
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
                 frame_read_timeout: Some(DEFAULT_FRAME_READ_TIMEOUT),
+                idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+                keepalive_interval: Some(DEFAULT_KEEPALIVE_INTERVAL),
+                keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
                 max_frame_len: DEFAULT_MAX_FRAME_LEN,
                 max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
                 max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
@@ -281,6 +300,35 @@ impl<L> Server<L> {
     #[must_use]
     pub fn frame_read_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
         self.config.frame_read_timeout = d.into();
+        self
+    }
+
+    /// Closes a connection gracefully (GOAWAY OK, as a drain does) once it has had no call in
+    /// flight and received no request for `d`; PINGs do not count. It is checked lazily: a
+    /// connection whose last call ran long closes within `2 × d` of its last request. Default
+    /// 15 minutes. towerpc's client dials again at once, so an idle client costs one reconnect
+    /// per `d`; what the timeout ends is connections nobody uses any more. `None` keeps idle
+    /// connections for ever.
+    #[must_use]
+    pub fn idle_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.config.idle_timeout = d.into();
+        self
+    }
+
+    /// Sends a PING on a connection from which nothing has arrived for `interval`, and closes
+    /// it if nothing arrives within [`Server::keepalive_timeout`] after: it finds clients that
+    /// vanished without a FIN (a crash, a cable, a NAT that forgot the flow). Default 2 hours,
+    /// as gRPC's; `None` sends none.
+    #[must_use]
+    pub fn keepalive_interval(mut self, interval: impl Into<Option<Duration>>) -> Self {
+        self.config.keepalive_interval = interval.into();
+        self
+    }
+
+    /// How long a keepalive PING may go unanswered. Default 20 seconds, as gRPC's.
+    #[must_use]
+    pub fn keepalive_timeout(mut self, timeout: Duration) -> Self {
+        self.config.keepalive_timeout = timeout;
         self
     }
 
