@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 
+use super::budget::{Account, Budget, RECHECK};
 use super::flood::{Flood, RAPID_CANCEL};
 use super::handler::{HandlerTask, HeldBytes};
 use super::keepalive::{Due, Keepalive};
@@ -49,6 +50,16 @@ pub(super) struct Conn {
     notify_taken: Notify,
     /// Request bytes held by running handlers (see `Server::max_in_flight_bytes`).
     pub(super) in_flight_bytes: AtomicUsize,
+    /// Reply bytes the writer took and is writing.
+    writing: AtomicUsize,
+    /// The server-wide budget, and what this connection holds of it.
+    budget: Arc<Budget>,
+    account: Account,
+    /// `Server::max_queued_bytes`, and the client's frame limit.
+    max_queued_bytes: usize,
+    max_frame_len: usize,
+    /// Closed by the budget (see `condemn`); the reader stops.
+    condemned: AtomicBool,
     /// A handler finished and released its request bytes.
     pub(super) notify_freed: Notify,
     /// Calls answered by their handlers: what earns a client its cancels (see `Flood`).
@@ -69,6 +80,16 @@ struct Inner {
 impl Conn {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accounts what the connection holds now (`queued` reply bytes in the outbox) into the
+    /// server-wide budget; returns it.
+    fn account(&self, queued: usize) -> usize {
+        let held = queued
+            + self.writing.load(Ordering::Relaxed)
+            + self.in_flight_bytes.load(Ordering::Relaxed);
+        self.account.set(&self.budget, held);
+        held
     }
 
     /// Queues `msg`; wakes the writer if it may be asleep.
@@ -120,7 +141,7 @@ impl Conn {
             Err(status) => error_message(id, &status),
         };
         let was_empty = inner.outbox.is_empty();
-        let wake = match inner.outbox.push(&msg) {
+        let mut wake = match inner.outbox.push(&msg) {
             Ok(()) => was_empty,
             Err(e) => {
                 // Too big for the client's frame limit: say so instead of leaving it hanging.
@@ -128,12 +149,40 @@ impl Conn {
                 self.push(&mut inner, &error_message(id, &status))
             }
         };
+        // The reader checks the budget before each frame, but the replies of calls already
+        // running keep coming while it waits: a backlog past the cap is checked here too.
+        let queued = inner.outbox.len();
+        if queued > self.max_queued_bytes && self.budget.must_close(self.account(queued)) {
+            self.condemn(&mut inner);
+            wake = true;
+        }
         drop(inner);
         if wake {
             self.notify_writer.notify_one();
         }
     }
+
+    /// Closes a connection whose client does not read its replies while the server is out of
+    /// budget: its running calls are stopped, its queued replies dropped (nobody reads them)
+    /// for a GOAWAY RESOURCE_EXHAUSTED, and its reader stops at its next look.
+    fn condemn(&self, inner: &mut Inner) {
+        if self.condemned.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        Counters::inc(&self.counters.protocol_errors);
+        for (_, call) in inner.in_flight.drain() {
+            call.handle.abort();
+        }
+        inner.outbox = Outbox::new(self.max_frame_len, 0);
+        let goaway = protocol::goaway(code::RESOURCE_EXHAUSTED, CONDEMNED);
+        let _ = inner.outbox.push(&goaway);
+        inner.closing = true;
+        self.account(0);
+    }
 }
+
+/// Why a connection was closed by the server-wide budget.
+const CONDEMNED: &str = "server memory budget exceeded: replies are not read";
 
 struct ConnSource(Arc<Conn>);
 
@@ -144,7 +193,11 @@ impl Source for ConnSource {
             return None;
         }
         let buf = inner.outbox.take(spare);
+        let queued = inner.outbox.len();
         drop(inner);
+        // The batch taken before this one has been written.
+        self.0.writing.store(buf.len(), Ordering::Relaxed);
+        self.0.account(queued);
         self.0.notify_taken.notify_one();
         Some(buf)
     }
@@ -174,6 +227,8 @@ enum Stop {
     Flood(&'static str),
     /// Our keepalive PING went unanswered: the peer is gone.
     Dead,
+    /// The server-wide budget closed the connection (see `Conn::condemn`).
+    Condemned,
 }
 
 /// Serves one connection once its handshake is done. `svc` is this connection's own stack:
@@ -203,6 +258,12 @@ pub(super) async fn serve<S, IO>(
         notify_writer: Notify::new(),
         notify_taken: Notify::new(),
         in_flight_bytes: AtomicUsize::new(0),
+        writing: AtomicUsize::new(0),
+        budget: config.budget.clone(),
+        account: Account::open(&config.budget),
+        max_queued_bytes: config.max_queued_bytes,
+        max_frame_len: peer.max_frame_len as usize,
+        condemned: AtomicBool::new(false),
         notify_freed: Notify::new(),
         answered: AtomicU64::new(0),
         counters: counters.clone(),
@@ -279,6 +340,7 @@ pub(super) async fn serve<S, IO>(
     {
         writer.abort();
     }
+    conn.account.close(&conn.budget);
 }
 
 /// Stops every handler still running, answers each CANCELLED, queues `last` and marks the
@@ -322,11 +384,32 @@ where
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> Stop {
         loop {
             // A client that does not read its replies must not make us queue them without
-            // bound: pause reading (and so dispatching) until the writer catches up.
-            while self.conn.lock().outbox.len() > self.config.max_queued_bytes {
+            // bound, nor may all clients together exceed the server's budget: pause reading
+            // (and so dispatching) until the writers catch up.
+            loop {
+                let queued = self.conn.lock().outbox.len();
+                let held = self.conn.account(queued);
+                if self.conn.condemned.load(Ordering::Acquire) {
+                    return Stop::Condemned;
+                }
+                if self.conn.budget.must_close(held) {
+                    self.conn.condemn(&mut self.conn.lock());
+                    self.conn.notify_writer.notify_one();
+                    return Stop::Condemned;
+                }
+                let over_budget = self.conn.budget.over(held);
+                if queued <= self.config.max_queued_bytes && !over_budget {
+                    break;
+                }
+                // While paused, look again now and then: the replies of running calls keep
+                // arriving, and the budget is shared with every other connection.
                 tokio::select! {
                     _ = self.conn.notify_taken.notified() => {}
-                    _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => self.start_drain("server shutting down"),
+                    _ = self.conn.budget.freed.notified(), if over_budget => {}
+                    _ = tokio::time::sleep(RECHECK) => {}
+                    _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
+                        self.start_drain("server shutting down")
+                    }
                 }
             }
             let timer = match &mut self.timer {

@@ -6,6 +6,7 @@
 //! socket) when reached, which keeps memory bounded. Handler panics become `INTERNAL` errors
 //! for that call only.
 
+mod budget;
 mod connection;
 mod flood;
 mod handler;
@@ -71,6 +72,10 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2 * 60 * 60
 /// Default time a keepalive PING may go unanswered before the connection is closed (20 s,
 /// gRPC's keepalive timeout).
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Default server-wide cap on reply bytes queued and request bytes held, all connections
+/// together (256 MiB).
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
 
 /// Default cap on reply bytes queued for one connection (8 MiB) before its reader pauses.
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1024 * 1024;
@@ -141,6 +146,9 @@ pub(crate) struct Config {
     pub(crate) max_frame_len: usize,
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_in_flight_bytes: usize,
+    /// The server-wide byte budget, shared by every connection (and every clone of the
+    /// builder, as the counters are).
+    pub(crate) budget: Arc<budget::Budget>,
     pub(crate) tcp_nodelay: bool,
     pub(crate) tcp_keepalive: Option<Duration>,
     /// Accepted compression algorithms, in order of preference.
@@ -194,6 +202,7 @@ impl Server {
                 max_frame_len: DEFAULT_MAX_FRAME_LEN,
                 max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
                 max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
+                budget: Arc::new(budget::Budget::new(DEFAULT_MAX_BUFFERED_BYTES)),
                 tcp_nodelay: true,
                 tcp_keepalive: None,
                 compression: Vec::new(),
@@ -357,6 +366,17 @@ impl<L> Server<L> {
     #[must_use]
     pub fn max_in_flight_bytes(mut self, n: usize) -> Self {
         self.config.max_in_flight_bytes = n.max(1);
+        self
+    }
+
+    /// Server-wide cap on the bytes all connections together hold: replies queued or being
+    /// written, and requests whose handlers run. Default 256 MiB. While the total is over it,
+    /// the connections holding more than an even share of it stop reading (their clients feel
+    /// backpressure), and lighter connections carry on. It is checked before each frame is
+    /// read, so it can be passed by up to one frame per connection ([`Server::max_frame_len`]).
+    #[must_use]
+    pub fn max_buffered_bytes(mut self, n: usize) -> Self {
+        self.config.budget = Arc::new(budget::Budget::new(n.max(1)));
         self
     }
 

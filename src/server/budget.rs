@@ -1,0 +1,132 @@
+//! The server-wide byte budget (`Server::max_buffered_bytes`): reply bytes queued or being
+//! written and request bytes held by running handlers, all connections together.
+//!
+//! Each connection accounts what it holds into the shared total at the points where its reader
+//! or its writer already look at their queues (once per frame read, once per batch taken), so
+//! calls pay nothing for it. While the total is over the budget, the readers of connections
+//! holding more than an even share stop reading: the connections that hold the most wait, a
+//! light (honest) one goes on. Replies of calls already running still arrive while a reader
+//! waits; if the total keeps growing to half as much again as the budget, the connections
+//! holding more than their share are closed (GOAWAY RESOURCE_EXHAUSTED).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// How often a reader paused on the budget looks again, besides being woken: bytes are freed in
+/// many places (other connections' handlers and writers), not all of which wake it.
+pub(super) const RECHECK: Duration = Duration::from_millis(10);
+
+/// The budget shared by every connection of a server.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    max: usize,
+    used: AtomicUsize,
+    conns: AtomicUsize,
+    /// A connection released bytes while the total was over the budget.
+    pub(super) freed: Notify,
+}
+
+impl Budget {
+    pub(crate) fn new(max: usize) -> Self {
+        Budget {
+            max,
+            used: AtomicUsize::new(0),
+            conns: AtomicUsize::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Bytes accounted by all connections now.
+    #[cfg(test)]
+    pub(super) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether a connection holding `mine` must stop reading: the total is over the budget and
+    /// it holds more than an even share.
+    pub(super) fn over(&self, mine: usize) -> bool {
+        self.used.load(Ordering::Relaxed) > self.max && mine > self.share()
+    }
+
+    /// Whether a connection holding `mine` must be closed: pausing its reader was not enough
+    /// (the replies of calls it already started keep coming, and its client does not read
+    /// them), the total is half as much again as the budget, and it holds more than an even
+    /// share.
+    pub(super) fn must_close(&self, mine: usize) -> bool {
+        self.used.load(Ordering::Relaxed) > self.max.saturating_add(self.max / 2)
+            && mine > self.share()
+    }
+
+    fn share(&self) -> usize {
+        self.max / self.conns.load(Ordering::Relaxed).max(1)
+    }
+}
+
+/// One connection's account in the [`Budget`].
+#[derive(Debug)]
+pub(super) struct Account {
+    held: AtomicUsize,
+}
+
+impl Account {
+    pub(super) fn open(budget: &Budget) -> Self {
+        budget.conns.fetch_add(1, Ordering::Relaxed);
+        Account {
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// The connection holds `now` bytes: the total moves by the difference.
+    pub(super) fn set(&self, budget: &Budget, now: usize) {
+        let before = self.held.swap(now, Ordering::AcqRel);
+        if before == now {
+            return;
+        }
+        // Wrapping: a decrease adds the two's complement.
+        let total = budget
+            .used
+            .fetch_add(now.wrapping_sub(before), Ordering::AcqRel)
+            .wrapping_add(now.wrapping_sub(before));
+        if now < before && total.wrapping_add(before - now) > budget.max {
+            budget.freed.notify_waiters();
+        }
+    }
+
+    /// The connection is gone: everything it held is released.
+    pub(super) fn close(&self, budget: &Budget) {
+        self.set(budget, 0);
+        budget.conns.fetch_sub(1, Ordering::Relaxed);
+        budget.freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heaviest_connection_pauses_and_a_light_one_goes_on() {
+        let budget = Budget::new(100);
+        let heavy = Account::open(&budget);
+        let light = Account::open(&budget);
+        heavy.set(&budget, 90);
+        light.set(&budget, 5);
+        assert!(!budget.over(90));
+        heavy.set(&budget, 120);
+        assert_eq!(budget.used(), 125);
+        assert!(budget.over(120), "over its share of 50");
+        assert!(!budget.over(5), "under its share");
+        assert!(!budget.must_close(120), "not yet half as much again");
+        heavy.set(&budget, 150);
+        assert!(budget.must_close(150));
+        assert!(!budget.must_close(5));
+        heavy.set(&budget, 30);
+        assert_eq!(budget.used(), 35);
+        assert!(!budget.over(30));
+        heavy.close(&budget);
+        light.close(&budget);
+        assert_eq!(budget.used(), 0);
+    }
+}

@@ -1,0 +1,130 @@
+//! The server-wide byte budget (issue 10, item 2): clients that send requests and never read
+//! the replies make the server queue them; per connection that is bounded by
+//! `max_queued_bytes`, and all connections together by `max_buffered_bytes`, while an honest
+//! client on another connection is still served.
+//!
+//! Heap measured with a counting allocator: without the server-wide budget eight such clients
+//! make the server hold eight times the per-connection cap.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use towerpc::codec::{Frame, FrameCodec, Message, DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
+use towerpc::{Client, Request, Response, Server};
+
+#[global_allocator]
+static ALLOC: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
+
+const MIB: usize = 1024 * 1024;
+const REPLY: usize = 64 * 1024;
+const GREEDY: usize = 8;
+
+/// Replies 64 KiB to `big`, echoes anything else.
+fn service() -> support::Svc {
+    support::service(|req: Request| async move {
+        if req.method() == "big" {
+            Ok(Response::new(Bytes::from(vec![7u8; REPLY])))
+        } else {
+            Ok(Response::new(req.into_body()))
+        }
+    })
+}
+
+/// A client that sends frames of 16 `big` requests as fast as the server reads them, and
+/// never reads a reply. Returns how many requests the server took before it stopped reading.
+async fn greedy(addr: std::net::SocketAddr, frames: u32) -> u32 {
+    use tokio::io::AsyncReadExt;
+    use tokio_util::codec::Encoder;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
+        .await
+        .unwrap();
+    let mut preface = [0u8; PREFACE_LEN];
+    s.read_exact(&mut preface).await.unwrap();
+    let mut codec = FrameCodec::new();
+    let mut sent = 0;
+    for f in 0..frames {
+        let msgs = (0..16)
+            .map(|i| Message::Request {
+                id: f * 16 + i + 1,
+                timeout_ms: 0,
+                method: "big".into(),
+                metadata: Bytes::new(),
+                body: Bytes::new(),
+            })
+            .collect();
+        let mut out = bytes::BytesMut::new();
+        codec.encode(Frame::new(msgs), &mut out).unwrap();
+        // A server that stopped reading fills the socket buffers, and the write hangs.
+        match tokio::time::timeout(Duration::from_millis(300), s.write_all(&out)).await {
+            Ok(Ok(())) => sent += 16,
+            _ => break,
+        }
+    }
+    // Hold the connection open without reading while the caller measures.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(s);
+    sent
+}
+
+/// Peak heap while eight greedy clients run, and an honest client's mean call time meanwhile.
+async fn held_by_greedy_clients(server: Server) -> (usize, Duration) {
+    let srv = support::serve(server, service()).await;
+    let addr = srv.addr;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ALLOC.reset_peak_usage();
+    let heap0 = ALLOC.current_usage();
+    let greedy: Vec<_> = (0..GREEDY)
+        .map(|_| tokio::spawn(greedy(addr, 60)))
+        .collect();
+    // Meanwhile an honest client keeps its calls answered.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    let start = std::time::Instant::now();
+    for i in 0..20u32 {
+        let got: u32 = client.invoke("echo", &i).await.unwrap();
+        assert_eq!(got, i);
+    }
+    let honest = start.elapsed() / 20;
+    for g in greedy {
+        g.await.unwrap();
+    }
+    let peak = ALLOC.peak_usage().saturating_sub(heap0);
+    (peak, honest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_are_held_to_the_server_wide_budget() {
+    // Per connection 4 MiB may queue; all together, 8 MiB.
+    let (bounded, honest) = held_by_greedy_clients(
+        Server::builder()
+            .max_queued_bytes(4 * MIB)
+            .max_buffered_bytes(8 * MIB),
+    )
+    .await;
+    // Without a server-wide budget (as large as all the per-connection caps together).
+    let (unbounded, _) = held_by_greedy_clients(
+        Server::builder()
+            .max_queued_bytes(4 * MIB)
+            .max_buffered_bytes(usize::MAX / 2),
+    )
+    .await;
+    eprintln!(
+        "peak heap: {} MiB with an 8 MiB budget, {} MiB without; honest call {honest:?}",
+        bounded / MIB,
+        unbounded / MIB
+    );
+    // Greedy connections are closed once the total reaches half as much again as the budget
+    // (12 MiB); what is left is the batch each of their writers held, the test's own clients
+    // and the allocator's slack.
+    let bound = 48 * MIB;
+    assert!(bounded < bound, "peak {bounded} bytes, bound {bound}");
+    assert!(
+        unbounded > bounded * 4,
+        "the budget made little difference: {unbounded} vs {bounded}"
+    );
+}
