@@ -22,7 +22,7 @@
 //! a fresh server on `127.0.0.1:0` in this process, on one multi-thread runtime with tokio's
 //! default worker count. Every run warms up for 1 s and then measures for `--secs`. A call
 //! counts only if its reply equals its request. Machines here are noisy, so the summary quotes
-//! medians and same-round ratios rather than any single figure (see `BENCHMARKS.md`).
+//! medians and same-round ratios rather than any single figure (see `docs/benchmarks.md`).
 //!
 //! Output, one line per run, then a summary:
 //!
@@ -56,7 +56,7 @@ const PHASE_STOP: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Payload {
-    /// An 8-byte value (the i64 of `BENCHMARKS.md`).
+    /// An 8-byte value (the i64 of `docs/benchmarks.md`).
     Small,
     /// 1 KiB.
     OneK,

@@ -1,4 +1,4 @@
-//! Decompression bombs against a server that accepts stream compression (RELIABILITY.md L1–L3).
+//! Decompression bombs against a server that accepts stream compression (docs/reliability.md L1–L3).
 //!
 //! A hostile raw client negotiates compression in its preface, then streams a compressed
 //! stream that decompresses to far more than any limit (1 GiB of zeros, produced on the fly), a

@@ -1,4 +1,4 @@
-//! X1, the headline churn test (CI variant; see RELIABILITY.md, "Request-id confusion").
+//! X1, the headline churn test (CI variant; see docs/reliability.md, X1 and P17).
 //!
 //! 1,000 callers share one client (two with `compression-zstd`: half the callers use a second
 //! client that offers zstd to a server that accepts it) and hammer an echo server on a fixed
@@ -38,7 +38,7 @@ const KILLS: usize = 5;
 /// How late a call with a deadline may end beyond the lateness of the runtime itself: a call
 /// ended by its deadline timer cannot return before the runtime polls its caller again.
 const DEADLINE_SLACK: Duration = Duration::from_millis(50);
-/// How late a call with a deadline may end, at most. RELIABILITY.md asks for deadline + 50 ms,
+/// How late a call with a deadline may end, at most. docs/reliability.md (X1) asks for deadline + 50 ms,
 /// but this test saturates both cores of a CI machine (1,000 closed-loop callers, the server,
 /// debug builds), and under that load the runtime itself wakes plain `sleep`s up to ~85 ms
 /// late (p50 ~6 ms, p99 ~40 ms; up to ~200 ms when the server runtime had two threads); the

@@ -305,7 +305,7 @@ fn oversize_verdict(codec: FrameCodec, head: &[u8]) -> (CodecError, usize) {
         }
     };
     let elapsed = started.elapsed();
-    // RELIABILITY.md asks < 10 ms; the first poll being ready is the real proof, and the margin
+    // docs/reliability.md (L4) asks for a prompt refusal, < 10 ms; the first poll being ready is the real proof, and the margin
     // keeps a loaded machine from failing it.
     assert!(elapsed < Duration::from_millis(50), "took {elapsed:?}");
     let cap = framed.read_buffer().capacity();
@@ -768,8 +768,8 @@ fn random_garbage_never_panics() {
     assert!(frames > 0);
 }
 
-// ===== msgpack (rmp-serde) regressions: RELIABILITY.md "Deep nesting or huge declared
-// collections in msgpack" =====
+// ===== msgpack (rmp-serde) regressions: docs/reliability.md, "msgpack regressions" =====
+
 
 /// Peak virtual memory of this process in KiB (Linux).
 fn vm_peak_kib() -> Option<u64> {
@@ -878,7 +878,7 @@ fn msgpack_deep_nesting_hits_the_depth_limit() {
     assert_depth_limited::<Nested>("Nested", 16 << 20);
 }
 
-/// RELIABILITY.md: the depth case must run on a 256 KiB stack. rmp-serde's default limit (1,024
+/// docs/reliability.md: the depth case must run on a 256 KiB stack. rmp-serde's default limit (1,024
 /// levels) does not fit there in debug builds, so towerpc's decoder (what `Client::call` uses)
 /// sets its own, lower limit.
 #[test]

@@ -202,7 +202,7 @@ async fn graceful_shutdown_cancels_handlers_that_outlive_the_grace_period() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_returns_within_one_grace_period() {
-    // RELIABILITY "S": with handlers outliving the grace period, shutdown returns by
+    // docs/reliability.md P10: with handlers outliving the grace period, shutdown returns by
     // grace + 100 ms. Asserted loosely (grace + 1 s); the regression waited 2 × grace (the
     // reader's drain, then a second full grace period after it).
     let grace = Duration::from_millis(1500);

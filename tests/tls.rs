@@ -1,8 +1,8 @@
 //! TLS and mutual TLS end to end, over TCP on 127.0.0.1, with certificates made at run time by
 //! rcgen (no key files in the repository): a CA, a server certificate for `localhost` and
 //! 127.0.0.1, a client certificate, and the bad ones (expired, wrong name, unknown CA,
-//! self-signed). Every failure must be typed and prompt on both sides; see RELIABILITY.md
-//! ("TLS failures", "Slowloris on TLS handshake or OnConnect").
+//! self-signed). Every failure must be typed and prompt on both sides; see docs/reliability.md
+//! ("TLS failures", P15).
 #![cfg(feature = "tls")]
 
 mod support;

@@ -1,4 +1,4 @@
-//! Wire conformance (RELIABILITY.md W1, PROTOCOL.md §3–§12): a real server on 127.0.0.1:0,
+//! Wire conformance (docs/reliability.md W1, PROTOCOL.md §3–§12): a real server on 127.0.0.1:0,
 //! driven by a raw `TcpStream` that writes hand-built bytes and checks the server's bytes.
 //!
 //! Every verdict is bounded ([`VERDICT`]); nothing here trusts the library's own encoder.
