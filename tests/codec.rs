@@ -770,7 +770,6 @@ fn random_garbage_never_panics() {
 
 // ===== msgpack (rmp-serde) regressions: docs/reliability.md, "msgpack regressions" =====
 
-
 /// Peak virtual memory of this process in KiB (Linux).
 fn vm_peak_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
