@@ -44,9 +44,15 @@ async fn one_call_outliving(
     )
     .await;
     let client = client.connect(server.addr).await.unwrap();
+    // With a deadline of its own, so that the stall rule honours the slow call.
     let call = tokio::spawn({
         let c = client.clone();
-        async move { c.invoke::<_, u64>("Sleep", &1u64).await }
+        async move {
+            let req = towerpc::Request::new("Sleep", towerpc::payload::to_msgpack(&1u64)?)
+                .with_timeout(Duration::from_secs(20));
+            let resp = c.request(req).await?;
+            towerpc::payload::from_msgpack::<u64>(resp.body())
+        }
     });
     eventually("the handler to start", Duration::from_secs(5), || {
         runs.load(SeqCst) == 1

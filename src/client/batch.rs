@@ -156,9 +156,12 @@ impl Batch {
 
         let mut deadlines = Vec::with_capacity(entries.len());
         let now = tokio::time::Instant::now();
-        let msgs: Vec<Message> = entries
+        let msgs: Vec<(Message, bool)> = entries
             .into_iter()
             .map(|req| {
+                let own_deadline = !matches!(req.timeout, Timeout::Default)
+                    || !matches!(timeout, Timeout::Default)
+                    || crate::deadline::current().is_some();
                 let own = match req.timeout {
                     Timeout::Default => timeout.or(shared.config.timeout),
                     t => t.or(None),
@@ -166,7 +169,7 @@ impl Batch {
                 let deadline = deadline_for(own, now);
                 deadlines.push(deadline);
                 let t = deadline.map(|d| d.saturating_duration_since(now));
-                if req.one_way {
+                let msg = if req.one_way {
                     Message::OneWay {
                         timeout_ms: timeout_ms(t),
                         method: req.method,
@@ -182,7 +185,8 @@ impl Batch {
                         metadata: req.metadata,
                         body: req.body,
                     }
-                }
+                };
+                (msg, own_deadline)
             })
             .collect();
         let (started, gen) = shared.start_batch(msgs)?;

@@ -178,10 +178,19 @@ impl Builder {
         self
     }
 
-    /// Stall bound: with calls pending and no byte received for half of it the client pings
-    /// the server; with none for all of it the connection is closed and its calls fail with an
-    /// `is_stalled()` error at once, instead of each waiting out its own timeout. Default 10 s.
-    /// Choose it well below the call timeout; `None` turns detection off.
+    /// Stall bound, which tells a busy server from a stuck one (PROTOCOL.md §9). With calls
+    /// pending:
+    /// - nothing received for half of it: the client pings the server;
+    /// - nothing at all for all of it (no reply, no pong, none of the pings a busy server
+    ///   sends while it waits for its handlers): the server is gone or hung; the connection is
+    ///   closed and its calls fail with `is_stalled()` at once;
+    /// - pongs but no reply for all of it: the server's handlers are stuck; calls without a
+    ///   deadline of their own (made with the client's default timeout) fail with
+    ///   `is_stalled()` at once and the server is told to stop them, while calls with their own
+    ///   timeout (or a deadline inherited from a handler) wait for it, on the same connection.
+    ///
+    /// A server whose replies keep coming is never stalled. Give a call that may legitimately
+    /// run longer than the bound its own timeout. Default 10 s; `None` turns detection off.
     #[must_use]
     pub fn stall_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.config.stall_timeout = timeout.into();

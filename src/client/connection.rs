@@ -4,7 +4,9 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -322,6 +324,8 @@ where
     let stall = shared.config.stall_timeout;
     let tick = stall.map(|s| s / 4).unwrap_or(Duration::from_secs(3600));
     let mut last_recv = Instant::now();
+    // When a reply last arrived: a server that answers pings but no calls is stuck.
+    let mut last_reply = last_recv;
     let mut pinged = false;
     let mut out: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
     let mut interval = tokio::time::interval(tick);
@@ -332,9 +336,12 @@ where
             f = reader.next() => f,
             _ = interval.tick() => {
                 if let Some(stall) = stall {
-                    match check_stall(shared, last_recv, stall, &mut pinged) {
-                        Some(end) => return end,
-                        None => continue,
+                    let times = Silence { last_recv, last_reply };
+                    if let Some(end) = check_stall(shared, times, stall, &mut pinged, &mut out) {
+                        return end;
+                    }
+                    for (tx, reply) in out.drain(..) {
+                        let _ = tx.send(reply);
                     }
                 }
                 continue;
@@ -348,6 +355,13 @@ where
         };
         last_recv = Instant::now();
         pinged = false;
+        if frame
+            .messages()
+            .iter()
+            .any(|m| matches!(m, Message::Response { .. } | Message::Error { .. }))
+        {
+            last_reply = last_recv;
+        }
         Counters::inc(&shared.counters.frames_read);
         let mut wake = false;
         let mut end = None;
@@ -413,28 +427,51 @@ where
     }
 }
 
+/// When the server was last heard from, and when it last answered a call.
+#[derive(Debug, Clone, Copy)]
+struct Silence {
+    last_recv: Instant,
+    last_reply: Instant,
+}
+
+/// The stall rule (PROTOCOL.md §9), checked on a tick while calls are pending:
+///
+/// - nothing at all received for half the bound: PING the server;
+/// - nothing at all for the whole bound (no reply, no PONG, none of the PINGs a busy server
+///   sends while it cannot read): the server is gone or hung; close the connection, its calls
+///   fail `is_stalled()`;
+/// - replies still arriving: never stalled, however long single calls take;
+/// - PONGs but no reply for the whole bound: the server's handlers are stuck; calls without a
+///   deadline of their own fail `is_stalled()` at once (the server is told to stop them), calls
+///   with one wait for it, and the connection stays.
 fn check_stall(
     shared: &Shared,
-    last_recv: Instant,
+    times: Silence,
     stall: Duration,
     pinged: &mut bool,
+    out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
 ) -> Option<End> {
     let mut inner = shared.lock();
-    let since = match inner.busy_since {
-        Some(b) if inner.live + inner.abandoned > 0 => b.max(last_recv),
+    let busy_since = match inner.busy_since {
+        Some(b) if inner.live + inner.abandoned > 0 => b,
         _ => return None,
     };
-    let waited = since.elapsed();
-    if waited >= stall {
+    let silent = busy_since.max(times.last_recv).elapsed();
+    if silent >= stall {
         return Some(End::Stalled);
     }
-    if waited >= stall / 2 && !*pinged {
+    let mut wake = false;
+    if silent >= stall / 2 && !*pinged {
         *pinged = true;
-        let wake = inner.push_control(&Message::Ping { data: 0 });
-        drop(inner);
-        if wake {
-            shared.notify_writer.notify_one();
-        }
+        wake |= inner.push_control(&Message::Ping { data: 0 });
+    }
+    let unanswered = busy_since.max(times.last_reply).elapsed();
+    if unanswered >= stall && inner.live > 0 {
+        wake |= inner.fail_stuck(shared, out);
+    }
+    drop(inner);
+    if wake {
+        shared.notify_writer.notify_one();
     }
     None
 }

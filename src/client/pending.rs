@@ -4,19 +4,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
 use bytes::BytesMut;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Message, Outbox};
 use crate::conn::Source;
 use crate::error::{Error, Kind, Result};
 use crate::stats::Counters;
-use crate::{Request, Response};
+use crate::{Request, Response, Timeout};
 
 use super::builder::Config;
 
@@ -30,7 +30,9 @@ pub(crate) type Started = Result<Option<(u32, oneshot::Receiver<Reply>)>>;
 pub(crate) enum Slot {
     /// A caller is waiting for this id. The number is the writer's take count when the request
     /// was queued: while no take has happened since, the request has not left the process.
-    Waiting(oneshot::Sender<Reply>, u64),
+    /// The flag says the call has a deadline of its own (its own timeout, or one inherited from
+    /// the handler it is made in), which the stall rule honours (see `Inner::fail_stuck`).
+    Waiting(oneshot::Sender<Reply>, u64, bool),
     /// The caller gave up (timeout, drop); the id stays reserved until the reply arrives, so it
     /// is never reused while a reply for it may still be on its way.
     Abandoned,
@@ -213,7 +215,11 @@ impl Shared {
             return Err(Error::new(Kind::Encode).with(e).into());
         }
         let takes = inner.takes;
-        inner.pending.insert(id, Slot::Waiting(tx, takes));
+        let own_deadline =
+            !matches!(req.timeout, Timeout::Default) || crate::deadline::current().is_some();
+        inner
+            .pending
+            .insert(id, Slot::Waiting(tx, takes, own_deadline));
         if inner.live == 0 && inner.abandoned == 0 {
             inner.busy_since = Some(Instant::now());
         }
@@ -240,12 +246,12 @@ impl Shared {
     /// message) or why that message was refused, and the connection generation.
     ///
     /// [`start`]: Shared::start
-    pub(crate) fn start_batch(&self, msgs: Vec<Message>) -> Result<(Vec<Started>, u64)> {
+    pub(crate) fn start_batch(&self, msgs: Vec<(Message, bool)>) -> Result<(Vec<Started>, u64)> {
         let mut inner = self.lock();
         self.admit(&inner)?;
         let calls = msgs
             .iter()
-            .filter(|m| matches!(m, Message::Request { .. }))
+            .filter(|(m, _)| matches!(m, Message::Request { .. }))
             .count();
         if calls > 0 && inner.abandoned >= self.config.max_pending {
             return Err(Error::new(Kind::Overloaded).target(self.config.target.as_ref()));
@@ -253,7 +259,7 @@ impl Shared {
         let was_empty = inner.outbox.is_empty();
         let mut started = Vec::with_capacity(msgs.len());
         let mut one_way = 0;
-        for mut msg in msgs {
+        for (mut msg, own_deadline) in msgs {
             let Message::Request { id, .. } = &mut msg else {
                 match inner.outbox.push(&msg) {
                     Ok(()) => {
@@ -277,7 +283,9 @@ impl Shared {
             }
             let (tx, rx) = oneshot::channel();
             let takes = inner.takes;
-            inner.pending.insert(new_id, Slot::Waiting(tx, takes));
+            inner
+                .pending
+                .insert(new_id, Slot::Waiting(tx, takes, own_deadline));
             if inner.live == 0 && inner.abandoned == 0 {
                 inner.busy_since = Some(Instant::now());
             }
@@ -374,7 +382,7 @@ impl Shared {
         }
         drop(inner);
         for slot in pending.into_values() {
-            if let Slot::Waiting(tx, queued_at) = slot {
+            if let Slot::Waiting(tx, queued_at, _) = slot {
                 let e = err();
                 let e = if was_up && queued_at == takes && !e.is_retry_safe() {
                     Error::new(Kind::Unavailable)
@@ -466,7 +474,7 @@ impl Inner {
         while let Some(id) = self.order.pop_front() {
             if let Some(slot) = self.pending.get_mut(&id) {
                 if let Slot::Waiting(..) = slot {
-                    let Slot::Waiting(tx, _) = std::mem::replace(slot, Slot::Abandoned) else {
+                    let Slot::Waiting(tx, ..) = std::mem::replace(slot, Slot::Abandoned) else {
                         unreachable!()
                     };
                     self.live -= 1;
@@ -484,6 +492,40 @@ impl Inner {
         false
     }
 
+    /// The server has answered no call for the stall bound although it is alive (it answers
+    /// PINGs): its handlers are stuck. Every waiting call that has no deadline of its own fails
+    /// at once with `is_stalled()`, rather than waiting out the client's default timeout, and
+    /// the server is told to stop it (CANCEL). Calls with their own deadline keep waiting for
+    /// it. Returns how many failed, and whether the writer needs a wake-up.
+    pub(crate) fn fail_stuck(
+        &mut self,
+        shared: &Shared,
+        out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
+    ) -> bool {
+        let was_empty = self.outbox.is_empty();
+        let mut cancelled = false;
+        let ids: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Waiting(_, _, false)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(Slot::Waiting(tx, ..)) = self.pending.insert(id, Slot::Abandoned) else {
+                continue;
+            };
+            self.live -= 1;
+            self.abandoned += 1;
+            Counters::inc(&shared.counters.timeouts);
+            let e = Error::new(Kind::Stalled)
+                .target(shared.config.target.as_ref())
+                .with("the server answers pings but no calls".to_string());
+            out.push((tx, Err(e)));
+            cancelled |= self.outbox.push(&Message::Cancel { id }).is_ok();
+        }
+        cancelled && was_empty
+    }
+
     /// Delivers replies; `Err` names a protocol violation (a reply to an id not awaiting one).
     pub(crate) fn complete(
         &mut self,
@@ -492,7 +534,7 @@ impl Inner {
         out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
     ) -> std::result::Result<(), &'static str> {
         match self.pending.remove(&id) {
-            Some(Slot::Waiting(tx, _)) => {
+            Some(Slot::Waiting(tx, ..)) => {
                 self.live -= 1;
                 out.push((tx, reply));
             }

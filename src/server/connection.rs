@@ -300,6 +300,7 @@ pub(super) async fn serve<S, IO>(
         info: &info,
         shutdown: &shutdown,
         grace_deadline: None,
+        drain_reason: "server shutting down",
         flood: Flood::new(tokio::time::Instant::now()),
         keepalive: Keepalive::new(
             config.idle_timeout,
@@ -368,6 +369,8 @@ struct Ctx<'a, S> {
     shutdown: &'a CancellationToken,
     /// Set when a graceful shutdown reaches this connection: in-flight calls have until then.
     grace_deadline: Option<tokio::time::Instant>,
+    /// Why the drain started: what refused requests are told.
+    drain_reason: &'static str,
     flood: Flood,
     keepalive: Keepalive,
     /// The idle and keepalive timer, armed on the first read (boxed: most connections never
@@ -473,6 +476,7 @@ where
     /// Starts a graceful close: GOAWAY OK with `reason`, no new requests, in-flight calls get
     /// the grace period.
     fn start_drain(&mut self, reason: &'static str) {
+        self.drain_reason = reason;
         self.grace_deadline = Some(tokio::time::Instant::now() + self.config.grace_period);
         self.conn.push_now(&protocol::goaway(code::OK, reason));
     }
@@ -495,7 +499,7 @@ where
                     return self.conn.answer_at_once(id, &msg);
                 }
                 if self.grace_deadline.is_some() {
-                    let status = Status::new(Code::Refused, "server is shutting down");
+                    let status = Status::new(Code::Refused, self.drain_reason);
                     return self.conn.answer_at_once(id, &error_message(id, &status));
                 }
                 self.dispatch(Some(id), arrived, timeout_ms, method, metadata, body)
@@ -577,6 +581,7 @@ where
             }
             tokio::select! {
                 _ = self.conn.notify_freed.notified() => {}
+                _ = ping_while_busy(self.conn) => {}
                 _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
                     self.start_drain("server shutting down");
                     if let Some(id) = id {
@@ -645,11 +650,11 @@ where
         // limits are full, or a layer of the user's pushes back) the socket is not read. A
         // shutdown does not wait for it.
         let ready = tokio::select! {
-            // Readiness first: a ready stack (the common case) never builds the shutdown
-            // waiter.
+            // Readiness first: a ready stack (the common case) never polls the others.
             biased;
             r = self.svc.ready() => Some(r.map(|_| ())),
             _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => None,
+            _ = ping_while_busy(self.conn) => unreachable!("pings for ever"),
         };
         let status = match ready {
             Some(Ok(())) => {
@@ -709,6 +714,19 @@ where
                 None
             }
         }
+    }
+}
+
+/// How often a server whose reader waits for its handlers (a full concurrency limit, a layer
+/// that is not ready, request bytes over the cap) PINGs the client. The reader reads no PINGs
+/// then, and a client's stall rule (PROTOCOL.md §9) must see that the server is busy, not gone.
+const BUSY_PING: Duration = Duration::from_millis(250);
+
+/// PINGs the client every [`BUSY_PING`] while the reader waits; never resolves.
+async fn ping_while_busy(conn: &Conn) {
+    loop {
+        tokio::time::sleep(BUSY_PING).await;
+        conn.push_now(&Message::Ping { data: 0 });
     }
 }
 
