@@ -196,6 +196,22 @@ async fn suite_over_plain_tcp() {
     server.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suite_through_a_proxy_that_splits_every_write() {
+    // 13-byte pieces: frame headers and prefaces arrive split at every possible boundary.
+    use support::proxy::{Faults, Proxy};
+    let (server, notes) = suite_server(Server::builder()).await;
+    let split = Faults {
+        chunk: Some(13),
+        ..Faults::default()
+    };
+    let proxy = Proxy::start(server.addr, split.clone(), split, 0).await;
+    let client = Client::builder().connect(proxy.addr).await.unwrap();
+    call_suite("split", &client, &notes, false).await;
+    drop(client);
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
 #[cfg(all(unix, feature = "unix"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suite_over_a_unix_socket() {
