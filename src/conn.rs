@@ -148,9 +148,15 @@ pub(crate) struct WriteOptions {
     pub(crate) write_timeout: Option<Duration>,
 }
 
+/// Asked before each read in the middle of a frame, with the memory the reader holds (its
+/// buffer's capacity): `false` holds the read back, and it asks again a little later.
+pub(crate) type ReadGate = Box<dyn Fn(usize) -> bool + Send + Sync>;
+
+/// How long a read held back by its [`ReadGate`] waits before asking again.
+const GATE_RECHECK: Duration = Duration::from_millis(10);
+
 /// Buffered frame reader: each read pulls as much as the socket has (up to the buffer's free
 /// space), then every whole frame in the buffer is decoded.
-#[derive(Debug)]
 pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
@@ -159,6 +165,16 @@ pub(crate) struct FrameReader<R> {
     frame_timeout: Option<Duration>,
     /// When the frame being read began, while one is partly read.
     frame_started: Option<tokio::time::Instant>,
+    gate: Option<ReadGate>,
+}
+
+impl<R> std::fmt::Debug for FrameReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameReader")
+            .field("buffered", &self.buf.len())
+            .field("frame_timeout", &self.frame_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -169,7 +185,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             codec,
             frame_timeout: None,
             frame_started: None,
+            gate: None,
         }
+    }
+
+    /// Asks `gate` before each read in the middle of a frame (the server's memory budget).
+    pub(crate) fn gate(mut self, gate: ReadGate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Bounds how long one frame may take to arrive once its first byte has: a peer that
@@ -193,6 +216,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(DEFAULT_BUFFER_SIZE);
             }
             let partial = !self.buf.is_empty() || self.codec.in_frame();
+            if partial {
+                if let Some(gate) = &self.gate {
+                    while !gate(self.buf.capacity()) {
+                        tokio::time::sleep(GATE_RECHECK).await;
+                    }
+                }
+            }
             let read = self.io.read_buf(&mut self.buf);
             let res = match self.frame_timeout.filter(|_| partial) {
                 // A timer only while a frame is partly read: the common case, a read between

@@ -19,17 +19,23 @@ use towerpc::{Client, Request, Response, Server};
 #[global_allocator]
 static ALLOC: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
 
+/// The heap is the process's: the tests here measure it one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const MIB: usize = 1024 * 1024;
 const REPLY: usize = 64 * 1024;
 const GREEDY: usize = 8;
 
-/// Replies 64 KiB to `big`, echoes anything else.
+/// Replies 64 KiB to `big`, holds the request 2 s for `hold`, echoes anything else.
 fn service() -> support::Svc {
     support::service(|req: Request| async move {
-        if req.method() == "big" {
-            Ok(Response::new(Bytes::from(vec![7u8; REPLY])))
-        } else {
-            Ok(Response::new(req.into_body()))
+        match req.method() {
+            "big" => Ok(Response::new(Bytes::from(vec![7u8; REPLY]))),
+            "hold" => {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok(Response::new(Bytes::from_static(b"held")))
+            }
+            _ => Ok(Response::new(req.into_body())),
         }
     })
 }
@@ -99,6 +105,7 @@ async fn held_by_greedy_clients(server: Server) -> (usize, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_never_read_are_held_to_the_server_wide_budget() {
+    let _serial = SERIAL.lock().await;
     // Per connection 4 MiB may queue; all together, 8 MiB.
     let (bounded, honest) = held_by_greedy_clients(
         Server::builder()
@@ -125,6 +132,95 @@ async fn clients_that_never_read_are_held_to_the_server_wide_budget() {
     assert!(bounded < bound, "peak {bounded} bytes, bound {bound}");
     assert!(
         unbounded > bounded * 4,
+        "the budget made little difference: {unbounded} vs {bounded}"
+    );
+}
+
+/// Zeros to send bodies from, shared so the senders allocate nothing.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Sends one `hold` request with a `len`-byte body, written from [`ZEROS`]; returns once it is
+/// written (or the server stopped reading for 2 s) and keeps the connection for 3 s.
+async fn big_request(addr: std::net::SocketAddr, len: usize) {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
+        .await
+        .unwrap();
+    let mut preface = [0u8; PREFACE_LEN];
+    s.read_exact(&mut preface).await.unwrap();
+    // Frame header, then a REQUEST (PROTOCOL.md §5.1) for `hold` with the body.
+    let method = b"hold";
+    let msg_len = 16 + method.len() + len;
+    let mut head = Vec::new();
+    head.extend_from_slice(&(msg_len as u32).to_be_bytes());
+    head.extend_from_slice(&[0, 0, 0, 1]);
+    head.push(0x01);
+    head.extend_from_slice(&1u32.to_be_bytes());
+    head.extend_from_slice(&0u32.to_be_bytes());
+    head.push(method.len() as u8);
+    head.extend_from_slice(&0u16.to_be_bytes());
+    head.extend_from_slice(&(len as u32).to_be_bytes());
+    head.extend_from_slice(method);
+    s.write_all(&head).await.unwrap();
+    let send = async {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(ZEROS.len());
+            s.write_all(&ZEROS[..n]).await?;
+            left -= n;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
+async fn held_by_big_requests(server: Server) -> usize {
+    let srv = support::serve(server, service()).await;
+    let addr = srv.addr;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ALLOC.reset_peak_usage();
+    let heap0 = ALLOC.current_usage();
+    let senders: Vec<_> = (0..32)
+        .map(|_| tokio::spawn(big_request(addr, 2 * MIB)))
+        .collect();
+    // An honest client is served meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    let got: u32 = client.invoke("echo", &7u32).await.unwrap();
+    assert_eq!(got, 7);
+    for s in senders {
+        s.await.unwrap();
+    }
+    ALLOC.peak_usage().saturating_sub(heap0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_requests_are_held_to_the_budget_even_in_the_middle_of_a_frame() {
+    let _serial = SERIAL.lock().await;
+    // 32 connections each send a 2 MiB request that its handler holds for 2 s: 64 MiB.
+    let bounded = held_by_big_requests(
+        Server::builder()
+            .max_frame_len(4 * MIB)
+            .max_buffered_bytes(8 * MIB),
+    )
+    .await;
+    let unbounded = held_by_big_requests(
+        Server::builder()
+            .max_frame_len(4 * MIB)
+            .max_buffered_bytes(usize::MAX / 2),
+    )
+    .await;
+    eprintln!(
+        "peak heap: {} MiB with an 8 MiB budget, {} MiB without",
+        bounded / MIB,
+        unbounded / MIB
+    );
+    // Each connection may pass its share by one read buffer's growth.
+    assert!(bounded < 32 * MIB, "peak {bounded} bytes");
+    assert!(
+        unbounded > bounded * 3,
         "the budget made little difference: {unbounded} vs {bounded}"
     );
 }

@@ -2,8 +2,8 @@
 //! written and request bytes held by running handlers, all connections together.
 //!
 //! Each connection accounts what it holds into the shared total at the points where its reader
-//! or its writer already look at their queues (once per frame read, once per batch taken), so
-//! calls pay nothing for it. While the total is over the budget, the readers of connections
+//! or its writer already look at their queues (once per read in the middle of a frame, once
+//! per frame read, once per batch taken), so calls pay nothing for it. While the total is over the budget, the readers of connections
 //! holding more than an even share stop reading: the connections that hold the most wait, a
 //! light (honest) one goes on. Replies of calls already running still arrive while a reader
 //! waits; if the total keeps growing to half as much again as the budget, the connections

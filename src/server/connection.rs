@@ -52,6 +52,8 @@ pub(super) struct Conn {
     pub(super) in_flight_bytes: AtomicUsize,
     /// Reply bytes the writer took and is writing.
     writing: AtomicUsize,
+    /// Request bytes the reader holds of a frame it is still reading.
+    reading: AtomicUsize,
     /// The server-wide budget, and what this connection holds of it.
     budget: Arc<Budget>,
     account: Account,
@@ -87,6 +89,7 @@ impl Conn {
     fn account(&self, queued: usize) -> usize {
         let held = queued
             + self.writing.load(Ordering::Relaxed)
+            + self.reading.load(Ordering::Relaxed)
             + self.in_flight_bytes.load(Ordering::Relaxed);
         self.account.set(&self.budget, held);
         held
@@ -259,6 +262,7 @@ pub(super) async fn serve<S, IO>(
         notify_taken: Notify::new(),
         in_flight_bytes: AtomicUsize::new(0),
         writing: AtomicUsize::new(0),
+        reading: AtomicUsize::new(0),
         budget: config.budget.clone(),
         account: Account::open(&config.budget),
         max_queued_bytes: config.max_queued_bytes,
@@ -289,7 +293,18 @@ pub(super) async fn serve<S, IO>(
     let codec = FrameCodec::builder()
         .max_frame_len(config.max_frame_len)
         .new_codec();
-    let mut reader = FrameReader::new(r, codec).frame_timeout(config.frame_read_timeout);
+    // While the server is over its byte budget, a connection holding more than its share stops
+    // reading even in the middle of a frame: what a peer sends waits in its socket, not here.
+    let gate_conn = conn.clone();
+    let gate = Box::new(move |buffered: usize| {
+        gate_conn.reading.store(buffered, Ordering::Relaxed);
+        let queued = gate_conn.lock().outbox.len();
+        let held = gate_conn.account(queued);
+        !gate_conn.budget.over(held)
+    });
+    let mut reader = FrameReader::new(r, codec)
+        .frame_timeout(config.frame_read_timeout)
+        .gate(gate);
     let tasks = TaskTracker::new();
     let info = Arc::new(info);
     let mut ctx = Ctx {
@@ -389,6 +404,8 @@ where
             // A client that does not read its replies must not make us queue them without
             // bound, nor may all clients together exceed the server's budget: pause reading
             // (and so dispatching) until the writers catch up.
+            // A whole frame was dispatched: its bytes are the handlers' now.
+            self.conn.reading.store(0, Ordering::Relaxed);
             loop {
                 let queued = self.conn.lock().outbox.len();
                 let held = self.conn.account(queued);

@@ -372,8 +372,10 @@ impl<L> Server<L> {
     /// Server-wide cap on the bytes all connections together hold: replies queued or being
     /// written, and requests whose handlers run. Default 256 MiB. While the total is over it,
     /// the connections holding more than an even share of it stop reading (their clients feel
-    /// backpressure), and lighter connections carry on. It is checked before each frame is
-    /// read, so it can be passed by up to one frame per connection ([`Server::max_frame_len`]).
+    /// backpressure), even in the middle of a frame, and lighter connections carry on. If the
+    /// replies of calls already running push the total to half as much again, those heavy
+    /// connections are closed (GOAWAY RESOURCE_EXHAUSTED). A connection can pass its share by
+    /// about one read buffer's growth.
     #[must_use]
     pub fn max_buffered_bytes(mut self, n: usize) -> Self {
         self.config.budget = Arc::new(budget::Budget::new(n.max(1)));
