@@ -132,6 +132,8 @@ struct Tally {
     lateness: Mutex<Vec<u64>>,
     /// How late plain sleeps woke, in microseconds.
     sleep_lag: Mutex<Vec<u64>>,
+    /// The longest call made with the client's default timeout, in microseconds.
+    longest_default_us: AtomicU64,
 }
 
 fn payload_len() -> usize {
@@ -170,7 +172,12 @@ async fn one_call(client: &Client, caller: u32, tally: &Tally) {
             let req = Request::new("echo", body).with_timeout(d);
             (client.request(req).await, Some(d))
         }
-        _ => (client.request(Request::new("echo", body)).await, None),
+        _ => {
+            let res = client.request(Request::new("echo", body)).await;
+            let took = started.elapsed().as_micros() as u64;
+            tally.longest_default_us.fetch_max(took, Relaxed);
+            (res, None)
+        }
     };
     match result {
         Ok(resp) => match from_msgpack::<Echo>(resp.body()) {
@@ -316,10 +323,14 @@ async fn orchestrate(args: Args) -> Result<bool, BoxError> {
         late.len()
     );
     let ok_late = late_max <= lag_max + 50_000;
+    // Calls with the default timeout (20 s) end by it too.
+    let longest = t.longest_default_us.load(Relaxed);
+    let ok_longest = longest <= 20_050_000;
+    println!("churn: longest call with the default timeout {longest} us");
     let wrong = t.wrong_caller.load(Relaxed);
     let altered = t.altered.load(Relaxed);
     let other = t.other.load(Relaxed);
-    let passed = wrong == 0 && altered == 0 && other == 0 && ok_late && left == 0;
+    let passed = wrong == 0 && altered == 0 && other == 0 && ok_late && ok_longest && left == 0;
     println!(
         "churn: SUMMARY calls {calls} ok {} cancelled {} timeout {} unavailable {} lost {} stalled {} other {other} wrong_caller {wrong} altered {altered} kills {} pending_after {left} secs {:.1} calls_per_s {:.0} {}",
         t.ok.load(Relaxed),

@@ -671,3 +671,14 @@ async fn raw_request_round_trips_bytes_unchanged() {
         .unwrap();
     assert_eq!(resp.body(), &body);
 }
+
+#[tokio::test(start_paused = true)]
+async fn reconnect_backoff_spaces_dials_on_paused_time() {
+    // Nothing listens: every dial is refused at once, and the real backoff (1 s, x1.6, capped
+    // at 120 s, +-20 %) spaces the next one. 14 dials on the nominal schedule in 10 minutes.
+    let addr = support::free_addr();
+    let client = Client::builder().connect_lazy(addr);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let dials = client.stats().dials;
+    assert!((12..=15).contains(&dials), "{dials} dials in 10 minutes");
+}
