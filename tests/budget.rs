@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use towerpc::codec::{Frame, FrameCodec, Message, DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
+use towerpc::codec::{Frame, FrameCodec, Message};
 use towerpc::{Client, Request, Response, Server};
 
 #[global_allocator]
@@ -43,14 +42,8 @@ fn service() -> support::Svc {
 /// A client that sends frames of 16 `big` requests as fast as the server reads them, and
 /// never reads a reply. Returns how many requests the server took before it stopped reading.
 async fn greedy(addr: std::net::SocketAddr, frames: u32) -> u32 {
-    use tokio::io::AsyncReadExt;
     use tokio_util::codec::Encoder;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
-        .await
-        .unwrap();
-    let mut preface = [0u8; PREFACE_LEN];
-    s.read_exact(&mut preface).await.unwrap();
+    let mut s = support::raw_connect(addr).await;
     let mut codec = FrameCodec::new();
     let mut sent = 0;
     for f in 0..frames {
@@ -142,13 +135,7 @@ static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 /// Sends one `hold` request with a `len`-byte body, written from [`ZEROS`]; returns once it is
 /// written (or the server stopped reading for 2 s) and keeps the connection for 3 s.
 async fn big_request(addr: std::net::SocketAddr, len: usize) {
-    use tokio::io::AsyncReadExt;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
-        .await
-        .unwrap();
-    let mut preface = [0u8; PREFACE_LEN];
-    s.read_exact(&mut preface).await.unwrap();
+    let mut s = support::raw_connect(addr).await;
     // Frame header, then a REQUEST (PROTOCOL.md §5.1) for `hold` with the body.
     let method = b"hold";
     let msg_len = 16 + method.len() + len;

@@ -13,9 +13,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use towerpc::codec::{DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
+use towerpc::codec::DEFAULT_MAX_FRAME_LEN;
 use towerpc::{Client, Server};
 
 const CHILD: &str = "TOWERPC_RLIMIT_CHILD";
@@ -99,12 +99,7 @@ async fn announced_frames_do_not_abort_a_server_under_an_address_space_cap() {
     until_listening(addr).await;
     let mut attackers = Vec::new();
     for _ in 0..60 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
-            .await
-            .unwrap();
-        let mut preface = [0u8; PREFACE_LEN];
-        s.read_exact(&mut preface).await.unwrap();
+        let mut s = support::raw_connect(addr).await;
         // A header announcing a 16 MiB body with one message, and no body.
         let mut header = [0u8; 8];
         header[..4].copy_from_slice(&(DEFAULT_MAX_FRAME_LEN as u32).to_be_bytes());

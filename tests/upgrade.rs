@@ -86,6 +86,15 @@ async fn app() -> App {
     }
 }
 
+impl App {
+    /// Stops the HTTP server and drains towerpc's connections.
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.rpc.shutdown().await;
+        self.http.await.unwrap();
+    }
+}
+
 fn url(addr: SocketAddr, path: &str) -> http::Uri {
     format!("http://{addr}{path}").parse().unwrap()
 }
@@ -113,7 +122,7 @@ async fn raw_http(addr: SocketAddr, request: &str) -> String {
 
 #[tokio::test]
 async fn calls_run_over_the_upgraded_connection_beside_http_routes() {
-    let mut app = app().await;
+    let app = app().await;
     let client = client(app.addr).await;
     for i in 0..100u32 {
         let got: u32 = client.invoke("echo", &i).await.unwrap();
@@ -143,14 +152,12 @@ async fn calls_run_over_the_upgraded_connection_beside_http_routes() {
     let stats = app.rpc.handle().stats();
     assert_eq!(stats.accepts, 1);
     assert!(stats.calls >= 601, "{stats:?}");
-    app.stop.take().unwrap().send(()).unwrap();
-    app.rpc.shutdown().await;
-    app.http.await.unwrap();
+    app.stop().await;
 }
 
 #[tokio::test]
 async fn requests_that_are_not_towerpc_upgrades_are_refused() {
-    let mut app = app().await;
+    let app = app().await;
     // A plain GET of the route: 426, naming the protocol to upgrade to.
     let head = raw_http(app.addr, "GET /towerpc HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 426"), "{head}");
@@ -182,14 +189,12 @@ async fn requests_that_are_not_towerpc_upgrades_are_refused() {
         .and_then(|e| e.status());
     assert_eq!(status, Some(http::StatusCode::NOT_FOUND), "{err:#}");
     assert_eq!(app.rpc.handle().stats().accepts, 0);
-    app.stop.take().unwrap().send(()).unwrap();
-    app.rpc.shutdown().await;
-    app.http.await.unwrap();
+    app.stop().await;
 }
 
 #[tokio::test]
 async fn shutdown_drains_upgraded_connections() {
-    let mut app = app().await;
+    let app = app().await;
     let client = client(app.addr).await;
     let health = app.rpc.handle().health();
     assert_eq!(health.status(""), Some(ServingStatus::Serving));
@@ -224,8 +229,8 @@ async fn shutdown_drains_upgraded_connections() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
-    app.stop.take().unwrap().send(()).unwrap();
-    app.http.await.unwrap();
+    // (Shutting towerpc down again returns at once.)
+    app.stop().await;
 }
 
 #[tokio::test]

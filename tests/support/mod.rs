@@ -298,6 +298,20 @@ pub fn client_preface(max_frame_len: u32) -> [u8; PREFACE_LEN] {
     b
 }
 
+/// A raw TCP connection to a towerpc server at `addr`, past the preface exchange (a client
+/// preface with the default frame limit, the server's read and dropped).
+pub async fn raw_connect(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(&client_preface(DEFAULT_MAX_FRAME_LEN as u32))
+        .await
+        .expect("write the preface");
+    let mut preface = [0u8; PREFACE_LEN];
+    s.read_exact(&mut preface)
+        .await
+        .expect("read the server's preface");
+    s
+}
+
 /// One side of a connection after the prefaces, speaking whole frames.
 #[derive(Debug)]
 pub struct RawConn {
