@@ -233,6 +233,19 @@ async fn shutdown_drains_upgraded_connections() {
     app.stop().await;
 }
 
+/// Serves one HTTP/1.1 connection, `io`, with hyper (upgrades on) and `route` as its service.
+async fn serve_with_hyper<IO>(io: IO, route: Upgrade)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let svc = hyper_util::service::TowerToHyperService::new(route);
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .with_upgrades()
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn over_plain_hyper_the_socket_is_taken_back() {
     // A hyper HTTP/1.1 server straight on TCP: towerpc gets the socket itself back.
@@ -242,12 +255,7 @@ async fn over_plain_hyper_the_socket_is_taken_back() {
     let route = rpc.clone();
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
-        let svc = hyper_util::service::TowerToHyperService::new(route);
-        hyper::server::conn::http1::Builder::new()
-            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-            .with_upgrades()
-            .await
-            .unwrap();
+        serve_with_hyper(tcp, route).await;
     });
     let client = client(addr).await;
     let got: String = client.invoke("echo", "over hyper").await.unwrap();
@@ -281,12 +289,7 @@ async fn the_upgrade_runs_over_tls_through_the_tls_connector() {
             .accept(tcp)
             .await
             .unwrap();
-        let svc = hyper_util::service::TowerToHyperService::new(route);
-        hyper::server::conn::http1::Builder::new()
-            .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-            .with_upgrades()
-            .await
-            .unwrap();
+        serve_with_hyper(tls, route).await;
     });
 
     let tls = TlsConnector::new(TcpConnector::new(), client_tls, "localhost").unwrap();
