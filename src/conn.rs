@@ -202,6 +202,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
+    /// Reads and drops what the peer still sends, until it closes its side or `limit` passes.
+    /// A socket closed with unread input sends a reset, and a reset can destroy what the peer
+    /// has not read yet: the GOAWAY that says why the connection is closing.
+    pub(crate) async fn linger(&mut self, limit: Duration) {
+        let drain = async {
+            loop {
+                self.buf.clear();
+                if self.buf.capacity() < DEFAULT_BUFFER_SIZE {
+                    self.buf.reserve(DEFAULT_BUFFER_SIZE);
+                }
+                match self.io.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, drain).await;
+    }
+
     /// The next frame; `Ok(None)` at a clean end of stream (between frames).
     ///
     /// Cancel safe: a read that is dropped loses no bytes (they stay in the buffer).

@@ -355,9 +355,16 @@ pub(super) async fn serve<S, IO>(
             .is_err()
     {
         writer.abort();
+    } else if goaway.is_some() {
+        // The GOAWAY is written and our side shut: read what the client still sends until it
+        // closes too, so that the close is not a reset that destroys the GOAWAY unread.
+        reader.linger(LINGER).await;
     }
     conn.account.close(&conn.budget);
 }
+
+/// How long a connection closed for an error reads on, for the client to read the GOAWAY.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Stops every handler still running, answers each CANCELLED, queues `last` and marks the
 /// connection closing so the writer ends after flushing.
