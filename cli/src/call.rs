@@ -142,12 +142,12 @@ pub async fn explain(
     method: &str,
     e: towerpc::Error,
 ) -> anyhow::Error {
-    if e.code() != Some(Code::NotFound)
-        || !e
-            .status()
-            .is_some_and(|s| s.message().starts_with("unknown method"))
-    {
+    let Some(status) = e.status() else {
         return anyhow!(e);
+    };
+    if status.code() != Code::NotFound || !status.message().starts_with("unknown method") {
+        let code = status.code().to_string().to_uppercase().replace(' ', "_");
+        return anyhow!("{addr} answered {code}: {}", status.message());
     }
     let mut msg = format!("unknown method {method:?} on {addr}");
     if let Ok(methods) = client.invoke::<_, Vec<MethodInfo>>(METHODS, &()).await {

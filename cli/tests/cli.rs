@@ -189,7 +189,10 @@ fn call_errors_are_one_clear_line() {
         "fail",
         r#"{"code": "not_found", "message": "no such user"}"#,
     ]);
-    assert!(err.contains("not found: no such user"), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!("error: {} answered NOT_FOUND: no such user", echo.addr)
+    );
 
     let err = fails(&["call", &echo.addr, "sleep", "5000", "--timeout", "100ms"]);
     assert!(err.contains("timed out after 100.00 ms"), "{err}");
