@@ -1,0 +1,63 @@
+//! towerpc echo server, written the way a user would: `Server::builder().serve(addr, svc)` with
+//! every default, plus zstd and lz4 accepted when a client offers them.
+//!
+//! `towerpc_server ADDR [small|1k|raw]`
+//!   small (default): a `Dispatcher` with the route "echo": i64 -> i64.
+//!   1k:              a `Dispatcher` with the route "echo": byte string (serde_bytes) -> the same.
+//!   raw:             a plain `tower::service_fn` that returns the request body unchanged
+//!                    (no msgpack decode/encode on the server; label "towerpc-raw").
+//! Every mode also answers "stats" with the server's socket write count (a u64), which the
+//! client reads at both ends of its window to count writes per call without strace.
+use serde_bytes::ByteBuf;
+use towerpc::codec::Compression;
+use towerpc::dispatch::Dispatcher;
+use towerpc::{BoxError, Request, Response, Server};
+
+#[tokio::main]
+async fn main() {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or("127.0.0.1:7004".into())
+        .parse()
+        .unwrap();
+    let mode = std::env::args().nth(2).unwrap_or("small".into());
+    let server = Server::builder()
+        .accept_compression(Compression::Zstd)
+        .accept_compression(Compression::Lz4);
+    let handle = server.clone();
+    let writes = move || handle.stats().write_calls;
+    let r = match mode.as_str() {
+        "small" => {
+            let d = Dispatcher::new()
+                .route("echo", |v: i64| async move { v })
+                .route("stats", move || {
+                    let n = writes();
+                    async move { n }
+                });
+            server.serve(addr, d).await
+        }
+        "1k" => {
+            let d = Dispatcher::new()
+                .route("echo", |v: ByteBuf| async move { v })
+                .route("stats", move || {
+                    let n = writes();
+                    async move { n }
+                });
+            server.serve(addr, d).await
+        }
+        "raw" => {
+            let echo = tower::service_fn(move |req: Request| {
+                let stats = (req.method() == "stats").then(|| writes());
+                async move {
+                    Ok::<_, BoxError>(match stats {
+                        Some(n) => Response::new(towerpc::payload::to_msgpack(&n)?),
+                        None => Response::new(req.into_body()),
+                    })
+                }
+            });
+            server.serve(addr, echo).await
+        }
+        m => panic!("unknown mode {m} (small | 1k | raw)"),
+    };
+    r.unwrap();
+}
