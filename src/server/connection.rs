@@ -1,5 +1,6 @@
-//! One server connection after its handshake: a reader that dispatches each request to its
-//! own task, and a writer that batches the replies.
+//! One server connection after its handshake: a reader that runs each request's handler (on
+//! the reader itself while handlers answer at once, else on a task of its own), and a writer
+//! that batches the replies.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -36,9 +37,18 @@ use crate::{BoxError, Request, Response};
 /// A request whose handler runs.
 #[derive(Debug)]
 struct InFlight {
-    handle: AbortHandle,
+    /// The handler's task; `None` while the reader runs the handler's first poll itself.
+    handle: Option<AbortHandle>,
     /// When its frame was read: a cancel soon after costs the server a spawn for nothing.
     arrived: tokio::time::Instant,
+}
+
+impl InFlight {
+    fn abort(&self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
+    }
 }
 
 /// State shared by the reader, the writer and the handler tasks of one connection.
@@ -174,7 +184,7 @@ impl Conn {
         }
         Counters::inc(&self.counters.protocol_errors);
         for (_, call) in inner.in_flight.drain() {
-            call.handle.abort();
+            call.abort();
         }
         inner.outbox = Outbox::new(self.max_frame_len, 0);
         let goaway = protocol::goaway(code::RESOURCE_EXHAUSTED, CONDEMNED);
@@ -324,6 +334,7 @@ pub(super) async fn serve<S, IO>(
             tokio::time::Instant::now(),
         ),
         timer: None,
+        inline_off: 0,
     };
 
     let stop = tokio::select! {
@@ -373,7 +384,7 @@ fn cancel_all(conn: &Conn, last: Option<&Message>) {
     let status = Status::new(Code::Cancelled, "server closed the connection");
     let ids: Vec<(u32, InFlight)> = inner.in_flight.drain().collect();
     for (id, call) in ids {
-        call.handle.abort();
+        call.abort();
         conn.push(&mut inner, &error_message(id, &status));
     }
     if let Some(msg) = last {
@@ -398,6 +409,9 @@ struct Ctx<'a, S> {
     /// The idle and keepalive timer, armed on the first read (boxed: most connections never
     /// see it fire).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Requests still to spawn before the reader tries running handlers itself again (after
+    /// one took [`INLINE_SLOW`] on its first poll).
+    inline_off: u32,
 }
 
 impl<S> Ctx<'_, S>
@@ -557,7 +571,7 @@ where
                     }
                 }
                 if let Some(call) = inner.in_flight.remove(&id) {
-                    call.handle.abort();
+                    call.abort();
                     let status = Status::new(Code::Cancelled, "cancelled by the client");
                     let wake = self.conn.push(&mut inner, &error_message(id, &status));
                     drop(inner);
@@ -708,7 +722,16 @@ where
         }
     }
 
-    /// Spawns a handler's task; a request is entered in flight before its task can reply.
+    /// Runs a handler: first on the reader, and on a task of its own if it does not answer at
+    /// once. A request is entered in flight before its handler can reply.
+    ///
+    /// Most handlers answer on their first poll; run there, such a call costs no task, no
+    /// spawn, no wake-up of another thread and no hop from that thread back to the writer, and
+    /// its reply joins the batch the reader's other requests make. Handlers that do wait (for
+    /// I/O, a lock, a timer) move to a task of their own, still boxed where they were polled.
+    /// A handler that computes for long on its first poll would hold up the reader, and the
+    /// other requests' handlers would no longer run side by side: after one first poll that
+    /// took [`INLINE_SLOW`], the next [`INLINE_BACKOFF`] requests are spawned unpolled.
     fn spawn<F>(
         &mut self,
         id: Option<u32>,
@@ -718,28 +741,57 @@ where
     where
         HandlerTask<F>: Future<Output = ()> + Send + 'static,
     {
-        let Some(id) = id else {
-            self.tasks.spawn(task);
-            return None;
-        };
-        // Spawned under the lock so that the task's own `reply` (which needs the lock) always
-        // finds its entry in place.
-        let mut inner = self.conn.lock();
-        match inner.in_flight.entry(id) {
-            // The handler's future is dropped unpolled: it never ran.
-            Entry::Occupied(_) => Some(Stop::Protocol(CodecError::InvalidFrame(
-                "request id already in flight",
-            ))),
-            Entry::Vacant(slot) => {
-                slot.insert(InFlight {
-                    handle: self.tasks.spawn(task).abort_handle(),
-                    arrived,
-                });
-                None
+        if let Some(id) = id {
+            match self.conn.lock().in_flight.entry(id) {
+                // The handler's future is dropped unpolled: it never ran.
+                Entry::Occupied(_) => {
+                    return Some(Stop::Protocol(CodecError::InvalidFrame(
+                        "request id already in flight",
+                    )))
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(InFlight {
+                        handle: None,
+                        arrived,
+                    });
+                }
             }
         }
+        let mut task = Box::pin(task);
+        if self.inline_off == 0 {
+            // The handler's wakers are the task's from its next poll on: a future polled again
+            // with a new waker must use that one.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let started = std::time::Instant::now();
+            let polled = task.as_mut().poll(&mut cx);
+            if started.elapsed() >= INLINE_SLOW {
+                self.inline_off = INLINE_BACKOFF;
+            }
+            if polled.is_ready() {
+                return None;
+            }
+        } else {
+            self.inline_off -= 1;
+        }
+        let handle = self.tasks.spawn(task).abort_handle();
+        if let Some(id) = id {
+            match self.conn.lock().in_flight.get_mut(&id) {
+                Some(call) => call.handle = Some(handle),
+                // Answered meanwhile, or stopped with the connection's other calls: nothing of
+                // it runs on (aborting a task that has finished does nothing).
+                None => handle.abort(),
+            }
+        }
+        None
     }
 }
+
+/// A handler's first poll on the reader that takes this long sends the next requests to tasks
+/// of their own (see `Ctx::spawn`).
+const INLINE_SLOW: Duration = Duration::from_micros(100);
+
+/// How many requests are spawned unpolled after a slow first poll on the reader.
+const INLINE_BACKOFF: u32 = 1024;
 
 /// How often a server whose reader waits for its handlers (a full concurrency limit, a layer
 /// that is not ready, request bytes over the cap) PINGs the client. The reader reads no PINGs
