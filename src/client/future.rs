@@ -103,6 +103,13 @@ struct Call {
     gen: u64,
 }
 
+/// A call waiting for a free slot (`max_pending` calls are pending) before it starts.
+struct Acquiring {
+    client: super::Client,
+    req: Option<Request>,
+    slots: tokio_util::sync::PollSemaphore,
+}
+
 /// A wait-for-ready call waiting for a connection.
 struct Parked {
     handle: Arc<Handle>,
@@ -120,6 +127,8 @@ enum State {
         _permit: Option<OwnedSemaphorePermit>,
     },
     Parked(Box<Parked>),
+    // Boxed: only calls made while every slot is taken wait here.
+    Acquiring(Box<Acquiring>),
     Ready {
         reply: Option<Reply>,
     },
@@ -171,6 +180,38 @@ impl ResponseFuture {
         }
     }
 
+    pub(crate) fn acquiring(
+        client: super::Client,
+        req: Request,
+        slots: Arc<tokio::sync::Semaphore>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Acquiring(Box::new(Acquiring {
+                client,
+                req: Some(req),
+                slots: tokio_util::sync::PollSemaphore::new(slots),
+            })),
+            sleep: None,
+            cancel: None,
+            trace: None,
+        }
+    }
+
+    /// While waiting for a slot: once one is free, the call itself (which starts then).
+    fn poll_slot(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ResponseFuture> {
+        let State::Acquiring(acquiring) = self.project().state else {
+            unreachable!("only called in the Acquiring state")
+        };
+        match acquiring.slots.poll_acquire(cx) {
+            Poll::Ready(Some(permit)) => match acquiring.req.take() {
+                Some(req) => Poll::Ready(acquiring.client.start(req, Some(permit))),
+                None => Poll::Ready(ResponseFuture::ready(Err(Error::new(Kind::Closed)))),
+            },
+            Poll::Ready(None) => Poll::Ready(ResponseFuture::ready(Err(Error::new(Kind::Closed)))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     pub(crate) fn ready(reply: Reply) -> Self {
         ResponseFuture {
             state: State::Ready { reply: Some(reply) },
@@ -190,7 +231,13 @@ impl std::fmt::Debug for ResponseFuture {
 impl Future for ResponseFuture {
     type Output = Result<Response>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if matches!(self.state, State::Acquiring(_)) {
+            match self.as_mut().poll_slot(cx) {
+                Poll::Ready(call) => self.set(call),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         let mut this = self.project();
         loop {
             let reply =
@@ -202,6 +249,7 @@ impl Future for ResponseFuture {
                                 .expect("ResponseFuture polled after completion"),
                         )
                     }
+                    State::Acquiring(_) => unreachable!("left above, before the loop"),
                     State::Parked(parked) => match poll_parked(parked, cx) {
                         Poll::Ready(Ok((shared, id, gen, rx))) => {
                             if let Some(trace) = this.trace {

@@ -76,10 +76,19 @@ use crate::{Method, Request, Response};
 /// ```
 pub struct Client {
     handle: Arc<Handle>,
-    /// Per-clone readiness for `poll_ready` (backpressure mode).
-    poll_permits: Option<PollSemaphore>,
+    /// The slot `poll_ready` reserved for the next `call` (backpressure mode).
     permit: Option<OwnedSemaphorePermit>,
-    /// Wakes `poll_ready` when a connection comes up (wait-for-ready).
+    /// What a `poll_ready` that had to wait polls; boxed, as most clones never wait (and
+    /// callers often hold a clone each).
+    waiting: Option<Box<Waiting>>,
+}
+
+/// A clone's state while its `poll_ready` waits.
+#[derive(Default)]
+struct Waiting {
+    /// For a free slot (backpressure mode).
+    permits: Option<PollSemaphore>,
+    /// For a connection to come up (wait-for-ready).
     up: Option<WatchStream<usize>>,
 }
 
@@ -108,9 +117,8 @@ impl Clone for Client {
         // for it (tower's `Service` contract).
         Client {
             handle: self.handle.clone(),
-            poll_permits: None,
             permit: None,
-            up: None,
+            waiting: None,
         }
     }
 }
@@ -254,9 +262,8 @@ impl Client {
                 permits,
                 health,
             }),
-            poll_permits: None,
             permit: None,
-            up: None,
+            waiting: None,
         };
         (client, firsts)
     }
@@ -281,25 +288,48 @@ impl Client {
         Resp: DeserializeOwned,
     {
         let body = crate::payload::to_msgpack(req)?;
-        let resp = self.request(Request::new(method, body)).await?;
+        let resp = self.start_call(Request::new(method, body)).await?;
         crate::payload::from_msgpack(resp.body())
     }
 
     /// Sends a raw [`Request`] and waits for its reply, without `poll_ready`.
+    ///
+    /// Nothing happens until the future is first polled: the call starts then, in the deadline
+    /// and trace scopes the poll runs in. When `max_pending` calls are pending it waits for a
+    /// free slot first (see [`Overflow`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn f(client: towerpc::Client) -> towerpc::Result<()> {
+    /// use towerpc::Request;
+    ///
+    /// let reply = client.request(Request::new("Echo", "raw bytes")).await?;
+    /// assert_eq!(reply.body().as_ref(), b"raw bytes");
+    /// # Ok(()) }
+    /// ```
     pub async fn request(&self, req: Request) -> Result<Response> {
+        self.start_call(req).await
+    }
+
+    /// Starts a call now (waiting for a slot in the returned future if none is free). The
+    /// future carries no request and no acquire future beside the call, so the futures of
+    /// `request` and `invoke` stay small.
+    fn start_call(&self, req: Request) -> ResponseFuture {
         let permit = match &self.handle.permits {
             // A free slot is the common case: take it without building an acquire future.
-            Some(sem) => Some(match sem.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => sem
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Error::new(Kind::Closed))?,
-            }),
+            Some(sem) => match sem.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    return ResponseFuture::acquiring(self.clone(), req, sem.clone())
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => {
+                    return ResponseFuture::ready(Err(Error::new(Kind::Closed)))
+                }
+            },
             None => None,
         };
-        self.start(req, permit).await
+        self.start(req, permit)
     }
 
     /// Sends a one-way message: returns once it is queued for the wire. The server runs the
@@ -327,7 +357,11 @@ impl Client {
         })
     }
 
-    fn start(&self, mut req: Request, permit: Option<OwnedSemaphorePermit>) -> ResponseFuture {
+    pub(crate) fn start(
+        &self,
+        mut req: Request,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> ResponseFuture {
         if req.one_way {
             return ResponseFuture::ready(self.send_raw(req).map(|()| Response::default()));
         }
@@ -432,7 +466,8 @@ impl Service<Request> for Client {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         if self.handle.config().wait_for_ready && !self.handle.is_up() {
-            let changes = self.up.get_or_insert_with(|| self.handle.changes());
+            let waiting = self.waiting.get_or_insert_with(Box::default);
+            let changes = waiting.up.get_or_insert_with(|| self.handle.changes());
             loop {
                 // Checked after the stream exists, so a change in between is not missed. A
                 // closed client is "ready": its calls fail at once with `is_closed()`.
@@ -452,7 +487,7 @@ impl Service<Request> for Client {
         if self.permit.is_some() {
             return Poll::Ready(Ok(()));
         }
-        if self.poll_permits.is_none() {
+        if self.waiting.as_ref().is_none_or(|w| w.permits.is_none()) {
             // A free slot is the common case, and tower stacks often clone the service for
             // every call (`svc.clone().oneshot(req)`): take it without building the (boxed)
             // acquire future a waiting poll needs.
@@ -462,7 +497,9 @@ impl Service<Request> for Client {
             }
         }
         let poll = self
-            .poll_permits
+            .waiting
+            .get_or_insert_with(Box::default)
+            .permits
             .get_or_insert_with(|| PollSemaphore::new(sem.clone()));
         match poll.poll_acquire(cx) {
             Poll::Ready(Some(permit)) => {
