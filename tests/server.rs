@@ -475,3 +475,44 @@ async fn handlers_of_a_vanished_client_are_stopped() {
     )
     .await;
 }
+
+/// Handlers that compute on their first poll still run side by side: the reader runs a
+/// handler's first poll itself, but after one that took long, the next requests go to tasks of
+/// their own (`server/connection.rs`, `Ctx::spawn`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_that_compute_still_run_side_by_side() {
+    let started = Arc::new(AtomicUsize::new(0));
+    let svc = support::service({
+        let started = started.clone();
+        move |req: Request| {
+            let started = started.clone();
+            async move {
+                if req.method() == "Warm" {
+                    // Computes for 5 ms on its first poll, far over what the reader allows.
+                    std::thread::sleep(Duration::from_millis(5));
+                    return Ok(Response::new(support::msgpack(&0usize)));
+                }
+                // Computes, never yielding, until the other call has started too (or 5 s
+                // pass: run one after the other, the first gives up alone).
+                started.fetch_add(1, SeqCst);
+                let give_up = Instant::now() + Duration::from_secs(5);
+                while started.load(SeqCst) < 2 && Instant::now() < give_up {
+                    std::hint::spin_loop();
+                }
+                Ok(Response::new(support::msgpack(&started.load(SeqCst))))
+            }
+        }
+    });
+    let server = support::serve(Server::builder(), svc).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+    let _: usize = client.invoke("Warm", &()).await.unwrap();
+    let (a, b) = tokio::join!(
+        client.invoke::<_, usize>("Meet", &()),
+        client.invoke::<_, usize>("Meet", &())
+    );
+    assert_eq!(
+        (a.unwrap(), b.unwrap()),
+        (2, 2),
+        "the two calls did not run at the same time"
+    );
+}

@@ -51,7 +51,7 @@ impl InFlight {
     }
 }
 
-/// State shared by the reader, the writer and the handler tasks of one connection.
+/// State shared by the reader, the writer and the handlers of one connection.
 #[derive(Debug)]
 pub(super) struct Conn {
     inner: Mutex<Inner>,

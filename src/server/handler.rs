@@ -1,9 +1,9 @@
-//! One request's handler task: the service's future run in the call's deadline and trace
+//! One request's handler: the service's future run in the call's deadline and trace
 //! scopes, under a lazily armed deadline, with panics isolated, ending in the one reply.
 //!
-//! It is written out by hand rather than as nested wrappers in an `async` block because it is
-//! spawned for every request: each wrapper and each `await` state grows the task, and tokio
-//! copies the whole task when it spawns it, so a fast call pays for every byte.
+//! The reader polls it once itself and spawns it (boxed) only if it waits. It is written out by
+//! hand rather than as nested wrappers in an `async` block because it is made for every
+//! request: each wrapper and each `await` state grows it, and every byte is moved into its box.
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,8 +1,10 @@
 //! The server: accepts connections and runs any tower [`Service`] of [`Request`]s on them.
 //!
-//! Per connection, one reader decodes whole batches and dispatches each request to its own task
-//! (so a slow handler never blocks the others, and CPU-bound handlers use every core), and one
-//! writer sends the replies back in batches. A handler limit stops the reader (and so the
+//! Per connection, one reader decodes whole batches and runs each request's handler: its first
+//! poll on the reader (most handlers answer there, at no task's cost), then on a task of its own
+//! if it waits, so a slow handler never blocks the others; a handler whose first poll computes
+//! for long (100 µs) sends the next requests straight to tasks, so CPU-bound handlers use every
+//! core. One writer sends the replies back in batches. A handler limit stops the reader (and so the
 //! socket) when reached, which keeps memory bounded. Handler panics become `INTERNAL` errors
 //! for that call only.
 
