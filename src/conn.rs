@@ -309,6 +309,36 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Buffer between a compressor and the socket, and between the socket and a decompressor.
+///
+/// The compressors write their output in pieces as they produce it; buffered, a batch's
+/// compressed bytes leave in one `write` at the flush that ends the batch (as plain batches
+/// do), instead of several small ones. A compressor's own state is far larger.
+#[cfg(any(
+    feature = "compression-zstd",
+    feature = "compression-deflate",
+    feature = "compression-lz4"
+))]
+const COMPRESSED_BUFFER: usize = 64 * 1024;
+
+#[cfg(any(
+    feature = "compression-zstd",
+    feature = "compression-deflate",
+    feature = "compression-lz4"
+))]
+fn compressed_writer<W: AsyncWrite>(w: W) -> tokio::io::BufWriter<W> {
+    tokio::io::BufWriter::with_capacity(COMPRESSED_BUFFER, w)
+}
+
+#[cfg(any(
+    feature = "compression-zstd",
+    feature = "compression-deflate",
+    feature = "compression-lz4"
+))]
+fn compressed_reader<R: AsyncRead>(r: R) -> tokio::io::BufReader<R> {
+    tokio::io::BufReader::with_capacity(COMPRESSED_BUFFER, r)
+}
+
 /// Wraps both halves of a connection in the negotiated compression.
 pub(crate) fn wire<R, W>(
     r: R,
@@ -327,14 +357,14 @@ where
             let params = [async_compression::zstd::DParameter::window_log_max(
                 crate::codec::ZSTD_WINDOW_LOG_MAX,
             )];
-            let mut dec = ZstdDecoder::with_params(tokio::io::BufReader::new(r), &params);
+            let mut dec = ZstdDecoder::with_params(compressed_reader(r), &params);
             // The peer flushes once per batch; keep decoding past the end of any zstd frame.
             dec.multiple_members(true);
             (
                 WireReader::Compressed { io: Box::pin(dec) },
                 WireWriter::Compressed {
                     io: Box::pin(ZstdEncoder::with_quality(
-                        w,
+                        compressed_writer(w),
                         async_compression::Level::Fastest,
                     )),
                 },
@@ -343,13 +373,13 @@ where
         #[cfg(feature = "compression-lz4")]
         Some(crate::codec::Compression::Lz4) => {
             use async_compression::{tokio::bufread::Lz4Decoder, tokio::write::Lz4Encoder};
-            let mut dec = Lz4Decoder::new(tokio::io::BufReader::new(r));
+            let mut dec = Lz4Decoder::new(compressed_reader(r));
             dec.multiple_members(true);
             (
                 WireReader::Compressed { io: Box::pin(dec) },
                 WireWriter::Compressed {
                     io: Box::pin(Lz4Encoder::with_quality(
-                        w,
+                        compressed_writer(w),
                         async_compression::Level::Fastest,
                     )),
                 },
@@ -360,11 +390,11 @@ where
             use async_compression::{tokio::bufread::DeflateDecoder, tokio::write::DeflateEncoder};
             (
                 WireReader::Compressed {
-                    io: Box::pin(DeflateDecoder::new(tokio::io::BufReader::new(r))),
+                    io: Box::pin(DeflateDecoder::new(compressed_reader(r))),
                 },
                 WireWriter::Compressed {
                     io: Box::pin(DeflateEncoder::with_quality(
-                        w,
+                        compressed_writer(w),
                         async_compression::Level::Fastest,
                     )),
                 },
