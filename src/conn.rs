@@ -309,7 +309,14 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Buffer between a compressor and the socket, and between the socket and a decompressor.
+#[cfg(any(
+    feature = "compression-zstd",
+    feature = "compression-deflate",
+    feature = "compression-lz4"
+))]
+use self::buffered::{compressed_reader, compressed_writer};
+
+/// Buffers between a compressor and the socket, and between the socket and a decompressor.
 ///
 /// The compressors write their output in pieces as they produce it; buffered, a batch's
 /// compressed bytes leave in one `write` at the flush that ends the batch (as plain batches
@@ -319,24 +326,18 @@ pin_project_lite::pin_project! {
     feature = "compression-deflate",
     feature = "compression-lz4"
 ))]
-const COMPRESSED_BUFFER: usize = 64 * 1024;
+mod buffered {
+    use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 
-#[cfg(any(
-    feature = "compression-zstd",
-    feature = "compression-deflate",
-    feature = "compression-lz4"
-))]
-fn compressed_writer<W: AsyncWrite>(w: W) -> tokio::io::BufWriter<W> {
-    tokio::io::BufWriter::with_capacity(COMPRESSED_BUFFER, w)
-}
+    const COMPRESSED_BUFFER: usize = 64 * 1024;
 
-#[cfg(any(
-    feature = "compression-zstd",
-    feature = "compression-deflate",
-    feature = "compression-lz4"
-))]
-fn compressed_reader<R: AsyncRead>(r: R) -> tokio::io::BufReader<R> {
-    tokio::io::BufReader::with_capacity(COMPRESSED_BUFFER, r)
+    pub(super) fn compressed_writer<W: AsyncWrite>(w: W) -> BufWriter<W> {
+        BufWriter::with_capacity(COMPRESSED_BUFFER, w)
+    }
+
+    pub(super) fn compressed_reader<R: AsyncRead>(r: R) -> BufReader<R> {
+        BufReader::with_capacity(COMPRESSED_BUFFER, r)
+    }
 }
 
 /// Wraps both halves of a connection in the negotiated compression.

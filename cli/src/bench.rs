@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value as Json};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use towerpc::stats::ErrorCode;
 use towerpc::{Client, Request};
 
 use crate::json;
@@ -98,8 +99,10 @@ impl Recorder {
                 shard.latency.saturating_record(latency.as_nanos() as u64);
                 self.ok.fetch_add(1, Relaxed);
             }
-            Err(e) => {
-                *shard.errors.entry(error_kind(e)).or_default() += 1;
+            Err(_) => {
+                // The server's code, or what went wrong here: as `RpcStatsLayer` counts it.
+                let code = result.error_code().unwrap_or_default();
+                *shard.errors.entry(code.replace(' ', "_")).or_default() += 1;
                 self.failed.fetch_add(1, Relaxed);
             }
         }
@@ -121,33 +124,6 @@ impl Recorder {
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(LOWEST_NS, HIGHEST_NS, 3).expect("valid histogram bounds")
-}
-
-/// A short name for what went wrong: the server's code, or what the client saw.
-pub fn error_kind(e: &towerpc::Error) -> String {
-    if let Some(code) = e.code() {
-        return code.to_string().replace(' ', "_");
-    }
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_unavailable() {
-        "unavailable"
-    } else if e.is_stalled() {
-        "stalled"
-    } else if e.is_overloaded() {
-        "overloaded"
-    } else if e.is_closed() {
-        "connection_lost"
-    } else if e.is_cancelled() {
-        "cancelled"
-    } else if e.is_protocol() {
-        "protocol"
-    } else if e.is_decode() {
-        "decode"
-    } else {
-        "other"
-    };
-    kind.to_string()
 }
 
 pub async fn bench(args: BenchArgs) -> Result<()> {
