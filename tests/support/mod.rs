@@ -208,13 +208,17 @@ impl ServerProcess {
         }
     }
 
-    /// SIGKILL, in-process: no drain, no GOAWAY; every task and socket is dropped.
+    /// SIGKILL, in-process: no drain, no GOAWAY; every task and socket is dropped. Returns once
+    /// the server's threads have stopped, so that nothing of it runs afterwards (a handler's
+    /// poll in progress at the kill finishes before, not after), as after a real SIGKILL.
     pub fn kill(mut self) -> Stats {
-        let stats = self.server.stats();
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+            // From a plain thread: async code may not wait for a runtime to stop.
+            std::thread::spawn(move || rt.shutdown_timeout(Duration::from_secs(5)))
+                .join()
+                .expect("server runtime shut down");
         }
-        stats
+        self.server.stats()
     }
 }
 
