@@ -227,17 +227,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) async fn next(&mut self) -> Result<Option<Frame>, CodecError> {
         loop {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
-                // The next frame's clock starts with its first byte (maybe already here).
-                self.frame_started = None;
+                // The next frame's clock starts with its first byte (maybe already here). A
+                // message in fragments keeps the clock of its first piece: all of them must
+                // arrive within the bound, as a whole frame's bytes must.
+                if !self.codec.in_message() {
+                    self.frame_started = None;
+                }
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < DEFAULT_BUFFER_SIZE / 4 {
                 self.buf.reserve(DEFAULT_BUFFER_SIZE);
             }
-            let partial = !self.buf.is_empty() || self.codec.in_frame();
+            let partial = !self.buf.is_empty() || self.codec.in_frame() || self.codec.in_message();
             if partial {
                 if let Some(gate) = &self.gate {
-                    while !gate(self.buf.capacity()) {
+                    while !gate(self.buf.capacity() + self.codec.partial_capacity()) {
                         tokio::time::sleep(GATE_RECHECK).await;
                     }
                 }
@@ -275,12 +279,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Err(e) => return Err(e.into()),
             };
             if n == 0 {
-                return if self.buf.is_empty() {
+                // A message partly reassembled is dropped with the connection.
+                return if self.buf.is_empty() && !self.codec.in_message() {
                     Ok(None)
                 } else {
                     Err(CodecError::Io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        "connection closed in the middle of a frame",
+                        "connection closed in the middle of a frame or a fragmented message",
                     )))
                 };
             }

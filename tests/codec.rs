@@ -927,3 +927,189 @@ fn msgpack_reasonable_nesting_still_decodes() {
     buf.put_u8(0x02);
     assert_eq!(rmp_serde::from_slice::<Vec<u64>>(&buf).unwrap(), vec![1, 2]);
 }
+
+// ===== fragments (PROTOCOL.md §4.1, §5.7) =====
+
+/// A FRAGMENT message, by hand: kind 09, more, len u32, data.
+fn fragment(more: u8, data: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x09, more];
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+/// A frame around `msgs`, by hand.
+fn frame_of(msgs: &[Vec<u8>]) -> Vec<u8> {
+    let len: usize = msgs.iter().map(Vec::len).sum();
+    let mut f = header(len as u32, 0, 0, msgs.len() as u16);
+    for m in msgs {
+        f.extend_from_slice(m);
+    }
+    f
+}
+
+/// The bytes of a RESPONSE for `id` with `body`, by hand.
+fn response_bytes(id: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x03];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+#[test]
+fn fragment_example_matches_the_spec() {
+    // §5.7: a RESPONSE for id 9 with a 100,000-byte body, as pieces of 65,536 and 34,473.
+    let body: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    let whole = response_bytes(9, &body);
+    assert_eq!(whole.len(), 100_009);
+    let (a, b) = whole.split_at(65_536);
+    let first = fragment(1, a);
+    assert_eq!(
+        &first[..15],
+        &[
+            0x09, 0x01, 0x00, 0x01, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x09, 0x00, 0x01, 0x86,
+            0xA0
+        ]
+    );
+    let second = fragment(0, b);
+    assert_eq!(&second[..6], &[0x09, 0x00, 0x00, 0x00, 0x86, 0xA9]);
+    let bytes = [frame_of(&[first]), frame_of(&[second])].concat();
+    let frames = decode_all(&bytes);
+    assert_eq!(
+        frames.len(),
+        1,
+        "a frame of only a non-final piece yields nothing"
+    );
+    assert_eq!(frames[0].messages(), &[response(9, body)]);
+}
+
+#[test]
+fn messages_between_fragments_come_first_and_the_message_takes_the_last_piece_s_place() {
+    let body = vec![0xAB; 5000];
+    let whole = response_bytes(1, &body);
+    let (a, rest) = whole.split_at(3000);
+    let (b, c) = rest.split_at(1000);
+    let ping7 = vec![0x06, 0, 0, 0, 0, 0, 0, 0, 7];
+    let ping8 = vec![0x06, 0, 0, 0, 0, 0, 0, 0, 8];
+    let bytes = [
+        frame_of(&[fragment(1, a), ping7]),
+        frame_of(&[fragment(1, b)]),
+        frame_of(&[ping8, fragment(0, c), vec![0x05, 0, 0, 0, 2]]),
+    ]
+    .concat();
+    let got: Vec<Message> = decode_all(&bytes)
+        .into_iter()
+        .flat_map(Frame::into_messages)
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ping(7),
+            ping(8),
+            response(1, body),
+            Message::Cancel { id: 2 }
+        ]
+    );
+}
+
+#[test]
+fn a_message_in_a_single_fragment_is_decoded() {
+    let whole = response_bytes(3, b"hi");
+    let frames = decode_all(&frame_of(&[fragment(0, &whole)]));
+    assert_eq!(frames[0].messages(), &[response(3, b"hi".to_vec())]);
+}
+
+#[test]
+fn fragments_arriving_a_byte_at_a_time_are_reassembled() {
+    let body = vec![1u8; 300];
+    let whole = response_bytes(4, &body);
+    let bytes = [
+        frame_of(&[fragment(1, &whole[..100])]),
+        frame_of(&[fragment(1, &whole[100..200])]),
+        frame_of(&[fragment(0, &whole[200..])]),
+    ]
+    .concat();
+    let mut codec = FrameCodec::new();
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    for b in bytes {
+        buf.put_u8(b);
+        while let Some(f) = codec.decode(&mut buf).unwrap() {
+            got.extend(f.into_messages());
+        }
+    }
+    assert_eq!(got, vec![response(4, body)]);
+}
+
+#[test]
+fn malformed_fragments_are_refused() {
+    let whole = response_bytes(1, &[7u8; 100]);
+    let cancel = vec![0x05, 0, 0, 0, 1];
+    let ping = vec![0x06, 0, 0, 0, 0, 0, 0, 0, 1];
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("more is 2", frame_of(&[fragment(2, &whole)])),
+        ("empty fragment", frame_of(&[fragment(1, &[])])),
+        ("empty last fragment", [frame_of(&[fragment(1, &whole[..50])]), frame_of(&[fragment(0, &[])])].concat()),
+        ("first piece short of the fixed part", frame_of(&[fragment(1, &whole[..8])])),
+        ("a cancel in fragments", frame_of(&[fragment(0, &cancel)])),
+        ("a ping in fragments", frame_of(&[fragment(1, &ping[..5]), fragment(0, &ping[5..])])),
+        ("a fragment in fragments", frame_of(&[fragment(0, &fragment(0, &whole))])),
+        ("first piece past the end", frame_of(&[fragment(1, &[&whole[..], &[0]].concat())])),
+        ("later piece past the end", frame_of(&[fragment(1, &whole[..50]), fragment(0, &whole[50..].repeat(2))])),
+        ("more on the completing piece", frame_of(&[fragment(1, &whole[..50]), fragment(1, &whole[50..])])),
+        ("more on a whole single piece", frame_of(&[fragment(1, &whole)])),
+        ("last piece leaves it short", frame_of(&[fragment(1, &whole[..50]), fragment(0, &whole[50..60])])),
+        ("single piece short", frame_of(&[fragment(0, &whole[..50])])),
+        ("fragment header past the frame", [header(5, 0, 0, 1), vec![0x09, 1, 0, 0, 0]].concat()),
+        ("fragment data past the frame", [header(8, 0, 0, 1), vec![0x09, 1, 0, 0, 0, 9, 3, 0]].concat()),
+        ("reassembled message is bad", frame_of(&[fragment(1, &[4, 0, 0, 0, 1, 0, 2, 0, 1, 0, 0, 0, 0]), fragment(0, &[0xC3])])),
+    ];
+    for (why, bytes) in cases {
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::from(&bytes[..]);
+        let res = loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(res, Err(CodecError::InvalidFrame(_))),
+            "{why}: {res:?}"
+        );
+    }
+}
+
+#[test]
+fn a_fragmented_message_over_the_limit_is_refused_from_its_first_piece() {
+    // The first piece announces a body that makes the message one byte over 4096.
+    let mut codec = FrameCodec::builder().max_frame_len(4096).new_codec();
+    let mut first = vec![0x03, 0, 0, 0, 1];
+    first.extend_from_slice(&(4096u32 - 9 + 1).to_be_bytes());
+    first.extend_from_slice(&[0u8; 100]);
+    let mut buf = BytesMut::from(&frame_of(&[fragment(1, &first)])[..]);
+    let res = codec.decode(&mut buf);
+    assert!(
+        matches!(
+            res,
+            Err(CodecError::FrameTooLarge {
+                len: 4097,
+                max: 4096
+            })
+        ),
+        "{res:?}"
+    );
+    // One byte less is fine, whole or in pieces.
+    let whole = response_bytes(1, &vec![5u8; 4096 - 9]);
+    let bytes = [
+        frame_of(&[fragment(1, &whole[..2000])]),
+        frame_of(&[fragment(0, &whole[2000..])]),
+    ]
+    .concat();
+    let mut codec = FrameCodec::builder().max_frame_len(4096).new_codec();
+    let mut buf = BytesMut::from(&bytes[..]);
+    let f = codec.decode(&mut buf).unwrap().unwrap();
+    assert_eq!(f.messages(), &[response(1, vec![5u8; 4096 - 9])]);
+}

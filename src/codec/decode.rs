@@ -4,8 +4,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::frame::{
-    kind, Frame, Message, CANCEL_FIXED, ERROR_FIXED, GOAWAY_FIXED, PING_FIXED, REQUEST_FIXED,
-    RESPONSE_FIXED,
+    kind, Frame, Message, CANCEL_FIXED, ERROR_FIXED, FRAGMENT_FIXED, GOAWAY_FIXED, PING_FIXED,
+    REQUEST_FIXED, RESPONSE_FIXED,
 };
 use super::{CodecError, FRAME_HEADER_LEN, MAX_METADATA_LEN};
 
@@ -13,6 +13,17 @@ use super::{CodecError, FRAME_HEADER_LEN, MAX_METADATA_LEN};
 pub(super) struct FrameDecoder {
     pub(super) max_frame_len: usize,
     state: State,
+    /// The message arriving in fragments, if one is (PROTOCOL.md §4.1): at most one at a time.
+    partial: Option<Partial>,
+}
+
+/// A message being reassembled from its fragments.
+#[derive(Debug, Clone)]
+struct Partial {
+    /// The pieces so far. It grows as they arrive, never on the word of the message's header.
+    buf: BytesMut,
+    /// The message's size, from its fixed part (checked against the limit on arrival).
+    total: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -26,7 +37,18 @@ impl FrameDecoder {
         FrameDecoder {
             max_frame_len,
             state: State::Head,
+            partial: None,
         }
+    }
+
+    /// Whether a message is partly reassembled from its fragments.
+    pub(super) fn in_message(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Memory held by the message being reassembled.
+    pub(super) fn partial_capacity(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.buf.capacity())
     }
 
     /// Whether a header has been read and its body not yet.
@@ -34,24 +56,114 @@ impl FrameDecoder {
         matches!(self.state, State::Body { .. })
     }
 
+    /// The next frame with at least one message in it: a frame that holds only a piece of a
+    /// fragmented message yields nothing, and decoding goes on with the next one.
     pub(super) fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        let (len, count) = match self.state {
-            State::Head => match self.decode_head(src)? {
-                Some(head) => head,
-                None => return Ok(None),
-            },
-            State::Body { len, count } => (len, count),
+        loop {
+            let (len, count) = match self.state {
+                State::Head => match self.decode_head(src)? {
+                    Some(head) => head,
+                    None => return Ok(None),
+                },
+                State::Body { len, count } => (len, count),
+            };
+            if src.len() < len {
+                // Nothing is reserved on the header's word: a peer that announces 16 MiB and
+                // sends nothing more must cost no more than what it sent. The reader grows its
+                // buffer as the body arrives (doubling, so a large body still takes few
+                // reallocations).
+                self.state = State::Body { len, count };
+                return Ok(None);
+            }
+            self.state = State::Head;
+            let body = src.split_to(len).freeze();
+            let messages = self.parse_batch(body, count)?;
+            if !messages.is_empty() {
+                return Ok(Some(Frame::new(messages)));
+            }
+        }
+    }
+
+    /// Parses `count` messages that must fill `body` exactly. Fragments are not messages: the
+    /// one that completes a message yields it in its place, the others yield nothing.
+    fn parse_batch(&mut self, mut body: Bytes, count: u16) -> Result<Vec<Message>, CodecError> {
+        let mut messages = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            need(&body, 1)?;
+            if body[0] == kind::FRAGMENT {
+                if let Some(msg) = self.fragment(&mut body)? {
+                    messages.push(msg);
+                }
+            } else {
+                messages.push(parse_message(&mut body)?);
+            }
+        }
+        if body.has_remaining() {
+            return Err(CodecError::InvalidFrame(
+                "bytes left over after the last message",
+            ));
+        }
+        Ok(messages)
+    }
+
+    /// Takes one FRAGMENT off `body` and adds it to the message being reassembled; returns the
+    /// message once its last piece is in.
+    fn fragment(&mut self, body: &mut Bytes) -> Result<Option<Message>, CodecError> {
+        need(body, FRAGMENT_FIXED)?;
+        body.advance(1);
+        let more = match body.get_u8() {
+            0 => false,
+            1 => true,
+            _ => return Err(CodecError::InvalidFrame("fragment flag is not 0 or 1")),
         };
-        if src.len() < len {
-            // Nothing is reserved on the header's word: a peer that announces 16 MiB and sends
-            // nothing more must cost no more than what it sent. The reader grows its buffer as
-            // the body arrives (doubling, so a large body still takes few reallocations).
-            self.state = State::Body { len, count };
+        let len = body.get_u32() as usize;
+        if len == 0 {
+            return Err(CodecError::InvalidFrame("empty fragment"));
+        }
+        let mut data = take(body, len)?;
+        let Some(partial) = &mut self.partial else {
+            // The first piece: its fixed part says how big the message is, checked now.
+            let total = fragmented_len(&data)?;
+            if total > self.max_frame_len {
+                return Err(CodecError::FrameTooLarge {
+                    len: total,
+                    max: self.max_frame_len,
+                });
+            }
+            return match (data.len().cmp(&total), more) {
+                // A message in a single piece: nothing to hold.
+                (std::cmp::Ordering::Equal, false) => parse_message(&mut data).map(Some),
+                (std::cmp::Ordering::Less, true) => {
+                    self.partial = Some(Partial {
+                        buf: BytesMut::from(&data[..]),
+                        total,
+                    });
+                    Ok(None)
+                }
+                (std::cmp::Ordering::Greater, _) => Err(PAST_END),
+                (std::cmp::Ordering::Equal, true) => Err(MORE_AFTER_END),
+                (std::cmp::Ordering::Less, false) => Err(ENDS_EARLY),
+            };
+        };
+        let have = partial.buf.len() + data.len();
+        match (have.cmp(&partial.total), more) {
+            (std::cmp::Ordering::Greater, _) => return Err(PAST_END),
+            (std::cmp::Ordering::Equal, true) => return Err(MORE_AFTER_END),
+            (std::cmp::Ordering::Less, false) => return Err(ENDS_EARLY),
+            _ => {}
+        }
+        partial.buf.extend_from_slice(&data);
+        if more {
             return Ok(None);
         }
-        self.state = State::Head;
-        let body = src.split_to(len).freeze();
-        parse_batch(body, count).map(|messages| Some(Frame::new(messages)))
+        let mut whole = self
+            .partial
+            .take()
+            .map(|p| p.buf.freeze())
+            .unwrap_or_default();
+        let msg = parse_message(&mut whole)?;
+        debug_assert!(whole.is_empty(), "the fixed part gave the exact size");
+        Ok(Some(msg))
     }
 
     fn decode_head(&mut self, src: &mut BytesMut) -> Result<Option<(usize, u16)>, CodecError> {
@@ -90,18 +202,46 @@ impl FrameDecoder {
     }
 }
 
-/// Parses `count` messages that must fill `body` exactly.
-fn parse_batch(mut body: Bytes, count: u16) -> Result<Vec<Message>, CodecError> {
-    let mut messages = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        messages.push(parse_message(&mut body)?);
-    }
-    if body.has_remaining() {
+const PAST_END: CodecError = CodecError::InvalidFrame("fragment runs past the end of its message");
+const MORE_AFTER_END: CodecError =
+    CodecError::InvalidFrame("fragment completes its message but says more follow");
+const ENDS_EARLY: CodecError =
+    CodecError::InvalidFrame("last fragment leaves its message incomplete");
+
+/// The size of the message whose first piece is `first`, from its fixed part, which the first
+/// piece must hold whole; only the four kinds with a body may be sent in fragments.
+fn fragmented_len(first: &[u8]) -> Result<usize, CodecError> {
+    let fixed = match first[0] {
+        kind::REQUEST | kind::ONEWAY => REQUEST_FIXED,
+        kind::RESPONSE => RESPONSE_FIXED,
+        kind::ERROR => ERROR_FIXED,
+        _ => {
+            return Err(CodecError::InvalidFrame(
+                "only a request, one-way, response or error may be sent in fragments",
+            ))
+        }
+    };
+    if first.len() < fixed {
         return Err(CodecError::InvalidFrame(
-            "bytes left over after the last message",
+            "first fragment does not hold its message's fixed part",
         ));
     }
-    Ok(messages)
+    let u16_at = |i: usize| u16::from_be_bytes([first[i], first[i + 1]]) as usize;
+    let u32_at = |i: usize| {
+        u32::from_be_bytes([first[i], first[i + 1], first[i + 2], first[i + 3]]) as usize
+    };
+    // Sums of at most three u32-sized fields: no overflow on 64-bit targets, and saturating
+    // elsewhere (the limit check refuses the result either way).
+    Ok(match first[0] {
+        kind::REQUEST | kind::ONEWAY => REQUEST_FIXED
+            .saturating_add(first[9] as usize)
+            .saturating_add(u16_at(10))
+            .saturating_add(u32_at(12)),
+        kind::RESPONSE => RESPONSE_FIXED.saturating_add(u32_at(5)),
+        _ => ERROR_FIXED
+            .saturating_add(u16_at(7))
+            .saturating_add(u32_at(9)),
+    })
 }
 
 fn need(body: &Bytes, n: usize) -> Result<(), CodecError> {

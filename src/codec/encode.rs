@@ -1,9 +1,11 @@
 //! Encoding: single messages, whole frames, and the [`Outbox`] that batches messages from many
 //! callers into as few frames (and writes) as possible.
 
-use bytes::{BufMut, BytesMut};
+use std::collections::VecDeque;
 
-use super::frame::{kind, Message};
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::frame::{kind, Message, ERROR_FIXED, FRAGMENT_FIXED, REQUEST_FIXED};
 use super::{
     CodecError, FRAME_HEADER_LEN, MAX_MESSAGES_PER_FRAME, MAX_METADATA_LEN, MAX_METHOD_LEN,
 };
@@ -161,11 +163,22 @@ pub(super) fn encode_frame(
     Ok(())
 }
 
+/// Messages larger than this go out in fragments (PROTOCOL.md §4.1), this size each at most.
+pub(crate) const FRAGMENT_SIZE: usize = 64 * 1024;
+
+/// Most fragment bytes one take carries, after the small messages queued at that moment: what
+/// a small call may wait behind, besides the small calls ahead of it.
+pub(crate) const FRAGMENTS_PER_TAKE: usize = 256 * 1024;
+
 /// The write side of a connection: messages from any number of tasks are appended here, packed
 /// into frames as they come, and the writer task takes everything at once for one `write`.
 ///
 /// A new frame starts when the current one would pass the peer's `max_frame_len` or 65,535
 /// messages, so one take may hold several frames; they still go out in one write.
+///
+/// Messages above [`FRAGMENT_SIZE`] wait in a lane of their own and leave in fragments, up to
+/// [`FRAGMENTS_PER_TAKE`] bytes of them at the end of each take: a 4 MiB reply does not hold
+/// up the small replies queued after it, which go out in the next take.
 #[derive(Debug)]
 pub(crate) struct Outbox {
     buf: BytesMut,
@@ -175,6 +188,130 @@ pub(crate) struct Outbox {
     max_frame_len: usize,
     /// Messages pushed since the last take.
     queued: usize,
+    /// Large messages, the first one maybe partly sent.
+    big: VecDeque<Big>,
+    /// Bytes of `big` not sent yet.
+    big_len: usize,
+}
+
+/// A message waiting to go out in fragments: its encoding is `head` then `tail`, and the
+/// payload is not copied until its fragments are.
+#[derive(Debug)]
+struct Big {
+    /// The fixed part and the small fields (method and metadata, or an error's text).
+    head: Bytes,
+    /// The body, or an error's details.
+    tail: Bytes,
+    /// Bytes already sent in fragments.
+    sent: usize,
+}
+
+impl Big {
+    fn new(msg: &Message) -> Big {
+        let (head, tail) = match msg {
+            Message::Request {
+                id,
+                timeout_ms,
+                method,
+                metadata,
+                body,
+            } => {
+                let mut head =
+                    BytesMut::with_capacity(REQUEST_FIXED + method.len() + metadata.len());
+                put_request(
+                    kind::REQUEST,
+                    *id,
+                    *timeout_ms,
+                    method,
+                    metadata,
+                    &[],
+                    &mut head,
+                );
+                patch_u32(&mut head, 12, body.len());
+                (head, body.clone())
+            }
+            Message::OneWay {
+                timeout_ms,
+                method,
+                metadata,
+                body,
+            } => {
+                let mut head =
+                    BytesMut::with_capacity(REQUEST_FIXED + method.len() + metadata.len());
+                put_request(
+                    kind::ONEWAY,
+                    0,
+                    *timeout_ms,
+                    method,
+                    metadata,
+                    &[],
+                    &mut head,
+                );
+                patch_u32(&mut head, 12, body.len());
+                (head, body.clone())
+            }
+            Message::Error {
+                id,
+                code,
+                message,
+                details,
+            } => {
+                let mut head = BytesMut::with_capacity(ERROR_FIXED + message.len());
+                let none = Message::Error {
+                    id: *id,
+                    code: *code,
+                    message: message.clone(),
+                    details: Bytes::new(),
+                };
+                put_message(&none, &mut head);
+                patch_u32(&mut head, 9, details.len());
+                (head, details.clone())
+            }
+            Message::Response { id, body } => {
+                let mut head = BytesMut::with_capacity(9);
+                head.put_u8(kind::RESPONSE);
+                head.put_u32(*id);
+                head.put_u32(body.len() as u32);
+                (head, body.clone())
+            }
+            // Control messages are a few bytes: never here (see `Outbox::push`).
+            other => {
+                let mut head = BytesMut::new();
+                put_message(other, &mut head);
+                (head, Bytes::new())
+            }
+        };
+        Big {
+            head: head.freeze(),
+            tail,
+            sent: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Appends the next `n` bytes of the encoding to `dst`.
+    fn put_next(&mut self, n: usize, dst: &mut BytesMut) {
+        let mut from = self.sent;
+        let end = from + n;
+        if from < self.head.len() {
+            let to = end.min(self.head.len());
+            dst.put_slice(&self.head[from..to]);
+            from = to;
+        }
+        if from < end {
+            let h = self.head.len();
+            dst.put_slice(&self.tail[from - h..end - h]);
+        }
+        self.sent = end;
+    }
+}
+
+/// Overwrites the big-endian `u32` at `at` (a length written as 0 while its bytes stay apart).
+fn patch_u32(buf: &mut BytesMut, at: usize, v: usize) {
+    buf[at..at + 4].copy_from_slice(&(v as u32).to_be_bytes());
 }
 
 impl Outbox {
@@ -185,6 +322,8 @@ impl Outbox {
             count: 0,
             max_frame_len,
             queued: 0,
+            big: VecDeque::new(),
+            big_len: 0,
         }
     }
 
@@ -206,7 +345,21 @@ impl Outbox {
                 max: self.max_frame_len,
             });
         }
-        let start = match self.open {
+        self.queued += 1;
+        if n > FRAGMENT_SIZE {
+            self.big.push_back(Big::new(msg));
+            self.big_len += n;
+            return Ok(());
+        }
+        let start = self.frame_for(n);
+        put_message(msg, &mut self.buf);
+        self.close_message(start);
+        Ok(())
+    }
+
+    /// The offset of a frame with room for `n` more bytes: the open one, or a new one.
+    fn frame_for(&mut self, n: usize) -> usize {
+        match self.open {
             Some(start)
                 if (self.count as usize) < MAX_MESSAGES_PER_FRAME
                     && self.buf.len() - start - FRAME_HEADER_LEN + n <= self.max_frame_len =>
@@ -220,22 +373,23 @@ impl Outbox {
                 self.count = 0;
                 start
             }
-        };
-        put_message(msg, &mut self.buf);
+        }
+    }
+
+    /// Counts the message just written into the frame at `start`.
+    fn close_message(&mut self, start: usize) {
         self.count += 1;
-        self.queued += 1;
         let len = self.buf.len() - start - FRAME_HEADER_LEN;
         put_header(&mut self.buf[start..], len, self.count);
-        Ok(())
     }
 
     /// Bytes waiting to be written.
     pub(crate) fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.big_len
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.buf.is_empty() && self.big.is_empty()
     }
 
     /// Messages pushed since the last take.
@@ -243,7 +397,8 @@ impl Outbox {
         self.queued
     }
 
-    /// Takes every finished frame, leaving the outbox empty. The next push opens a new frame.
+    /// Takes every finished frame and the next fragments of the large messages, leaving the
+    /// outbox empty unless large messages have more to send. The next push opens a new frame.
     ///
     /// `spare` is the writer's previous (already written) buffer: handing it back lets the two
     /// buffers alternate, so steady-state batching allocates nothing.
@@ -253,7 +408,38 @@ impl Outbox {
         self.queued = 0;
         let mut spare = spare;
         spare.clear();
-        std::mem::replace(&mut self.buf, spare)
+        let mut out = std::mem::replace(&mut self.buf, spare);
+        if !self.big.is_empty() {
+            self.put_fragments(&mut out);
+        }
+        out
+    }
+
+    /// Appends up to [`FRAGMENTS_PER_TAKE`] bytes of fragments, each in a frame of its own.
+    fn put_fragments(&mut self, out: &mut BytesMut) {
+        let piece_max = FRAGMENT_SIZE.min(self.max_frame_len.saturating_sub(FRAGMENT_FIXED).max(1));
+        let mut budget = FRAGMENTS_PER_TAKE;
+        while budget > 0 {
+            let Some(big) = self.big.front_mut() else {
+                break;
+            };
+            let left = big.len() - big.sent;
+            let n = left.min(piece_max);
+            let more = n < left;
+            out.reserve(FRAME_HEADER_LEN + FRAGMENT_FIXED + n);
+            let start = out.len();
+            out.put_bytes(0, FRAME_HEADER_LEN);
+            put_header(&mut out[start..], FRAGMENT_FIXED + n, 1);
+            out.put_u8(kind::FRAGMENT);
+            out.put_u8(u8::from(more));
+            out.put_u32(n as u32);
+            big.put_next(n, out);
+            self.big_len -= n;
+            budget = budget.saturating_sub(n);
+            if !more {
+                self.big.pop_front();
+            }
+        }
     }
 }
 
@@ -309,6 +495,105 @@ mod tests {
             Err(CodecError::FrameTooLarge { .. })
         ));
         assert!(o.is_empty());
+    }
+
+    /// Decodes everything in `buf` with a fresh decoder limited to `max`.
+    fn decode_all(buf: &mut BytesMut, max: usize) -> Vec<Message> {
+        let mut d = super::super::FrameCodec::builder()
+            .max_frame_len(max)
+            .new_codec();
+        let mut out = Vec::new();
+        while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, buf).unwrap() {
+            out.extend(f.into_messages());
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    fn big_response(id: u32, len: usize) -> Message {
+        Message::Response {
+            id,
+            body: Bytes::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+        }
+    }
+
+    #[test]
+    fn a_large_message_leaves_in_fragments_behind_the_small_ones() {
+        let mut o = Outbox::new(16 << 20, 64);
+        let big = big_response(1, 600 * 1024);
+        o.push(&big).unwrap();
+        o.push(&req(2, b"a")).unwrap();
+        assert_eq!(o.len(), big.encoded_len() + FRAME_HEADER_LEN + 18);
+        let mut first = o.take(BytesMut::new());
+        // The small message, then 256 KiB of fragments in frames of their own.
+        assert_eq!(
+            first.len(),
+            FRAME_HEADER_LEN + 18 + 4 * (FRAME_HEADER_LEN + FRAGMENT_FIXED + FRAGMENT_SIZE)
+        );
+        assert!(!o.is_empty(), "more fragments to send");
+        o.push(&req(3, b"b")).unwrap();
+        let mut second = o.take(BytesMut::new());
+        let mut third = o.take(BytesMut::new());
+        assert!(o.is_empty() && o.len() == 0);
+        let mut wire = BytesMut::new();
+        for b in [&mut first, &mut second, &mut third] {
+            wire.extend_from_slice(b);
+        }
+        let got = decode_all(&mut wire, 16 << 20);
+        assert_eq!(got, vec![req(2, b"a"), req(3, b"b"), big]);
+    }
+
+    #[test]
+    fn fragments_fit_a_small_peer_limit_and_every_kind_survives() {
+        let mut o = Outbox::new(4096 * 64, 0);
+        let msgs = vec![
+            Message::Request {
+                id: 5,
+                timeout_ms: 9,
+                method: Bytes::from_static(b"put"),
+                metadata: Bytes::from_static(b"meta"),
+                body: Bytes::from(vec![7u8; 100_000]),
+            },
+            Message::OneWay {
+                timeout_ms: 0,
+                method: Bytes::from_static(b"log"),
+                metadata: Bytes::new(),
+                body: Bytes::from(vec![8u8; 70_000]),
+            },
+            Message::Error {
+                id: 6,
+                code: 10,
+                message: Bytes::from_static(b"too much"),
+                details: Bytes::from(vec![9u8; 80_000]),
+            },
+            big_response(7, FRAGMENT_SIZE + 1),
+        ];
+        o.set_max_frame_len(4096 * 64);
+        for m in &msgs {
+            o.push(m).unwrap();
+        }
+        let mut o_small = Outbox::new(4096, 0);
+        assert!(o_small.push(&msgs[0]).is_err(), "above the peer's limit");
+        let mut wire = BytesMut::new();
+        while !o.is_empty() {
+            let t = o.take(BytesMut::new());
+            wire.extend_from_slice(&t);
+        }
+        assert_eq!(decode_all(&mut wire, 4096 * 64), msgs);
+    }
+
+    #[test]
+    fn pieces_shrink_to_the_peer_frame_limit() {
+        // A peer limit just above the fragment size: a piece and its 6-byte header must still
+        // fit one frame.
+        let limit = FRAGMENT_SIZE + 4;
+        let mut o = Outbox::new(limit, 0);
+        let big = big_response(1, limit - 9);
+        o.push(&big).unwrap();
+        let mut t = o.take(BytesMut::new());
+        let first = u32::from_be_bytes([t[0], t[1], t[2], t[3]]) as usize;
+        assert_eq!(first, limit, "frame body at the peer's limit");
+        assert_eq!(decode_all(&mut t, limit), vec![big]);
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub(crate) mod kind {
     pub(crate) const PING: u8 = 0x06;
     pub(crate) const PONG: u8 = 0x07;
     pub(crate) const GOAWAY: u8 = 0x08;
+    /// A piece of a larger message (PROTOCOL.md §4.1). Never a [`Message`](super::Message): the
+    /// codec cuts and reassembles them.
+    pub(crate) const FRAGMENT: u8 = 0x09;
 }
 
 /// Wire error codes (see [`Code`](crate::Code) for the public view).
@@ -139,6 +142,7 @@ pub(crate) const ERROR_FIXED: usize = 13;
 pub(crate) const CANCEL_FIXED: usize = 5;
 pub(crate) const PING_FIXED: usize = 9;
 pub(crate) const GOAWAY_FIXED: usize = 5;
+pub(crate) const FRAGMENT_FIXED: usize = 6;
 
 /// One frame: a batch of one or more messages.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! [`FrameCodec`] is a [`tokio_util::codec::Decoder`] that yields one [`Frame`] (a whole batch)
-//! at a time and an [`Encoder`] for single messages and whole batches.
+//! at a time and an [`Encoder`] for single messages and whole batches. The decoder also
+//! reassembles messages sent in fragments (PROTOCOL.md §4.1): a fragment is never a [`Message`];
+//! the message it completes appears in the frame of its last piece.
 //! The decoder checks the announced length against `max_frame_len` from the header alone, before
 //! it reserves memory or waits for the body, so a lying length prefix costs nothing. Bodies are
 //! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload.
@@ -38,7 +40,7 @@ pub const PROTOCOL_VERSION: u8 = 1;
 
 /// Default largest frame body accepted, in bytes (16 MiB), announced in the preface.
 ///
-/// A frame holds a whole batch, so this also bounds the largest single message.
+/// It also bounds the largest single message, whether it arrives whole or in fragments.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
 
 /// Smallest `max_frame_len` a peer may announce (4 KiB).
@@ -110,6 +112,16 @@ impl FrameCodec {
     /// Whether a frame's header has been decoded and its body not yet.
     pub(crate) fn in_frame(&self) -> bool {
         self.decoder.in_frame()
+    }
+
+    /// Whether a message is partly reassembled from its fragments (PROTOCOL.md §4.1).
+    pub(crate) fn in_message(&self) -> bool {
+        self.decoder.in_message()
+    }
+
+    /// Memory held by the message being reassembled, if any.
+    pub(crate) fn partial_capacity(&self) -> usize {
+        self.decoder.partial_capacity()
     }
 }
 
