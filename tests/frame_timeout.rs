@@ -87,3 +87,44 @@ async fn idle_between_frames_is_not_cut_off() {
         .unwrap();
     assert!(n > 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_message_dripped_a_fragment_a_second_is_cut_off() {
+    // Each piece comes in a whole frame, so only the rule for a message in fragments
+    // (PROTOCOL.md §4.1: all pieces within the frame read timeout of the first) can stop this
+    // drip.
+    let mut client = serve(Duration::from_secs(5)).await;
+    let mut whole = vec![0x01, 0, 0, 0, 1, 0, 0, 0, 0, 4, 0, 0];
+    whole.extend_from_slice(&100u32.to_be_bytes());
+    whole.extend_from_slice(b"echo");
+    whole.extend_from_slice(&[7u8; 100]);
+    // The first piece holds the fixed part (16 bytes, as §4.1 asks), then a byte a second.
+    let n = whole.len();
+    // Each frame also carries a PING, so frames (not only pieces) keep arriving.
+    let piece = move |from: usize, to: usize| {
+        let more = u8::from(to < n);
+        let mut f = Vec::new();
+        f.extend_from_slice(&((9 + 6 + to - from) as u32).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 2, 0x06, 0, 0, 0, 0, 0, 0, 0, 1, 0x09, more]);
+        f.extend_from_slice(&((to - from) as u32).to_be_bytes());
+        f.extend_from_slice(&whole[from..to]);
+        f
+    };
+    client.write_all(&piece(0, 16)).await.unwrap();
+    let started = Instant::now();
+    let (mut reader, mut writer) = tokio::io::split(client);
+    let drip = async move {
+        for i in 16..n {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if writer.write_all(&piece(i, i + 1)).await.is_err() {
+                return;
+            }
+        }
+    };
+    let (_, closed) = tokio::join!(drip, until_closed(&mut reader));
+    let took = closed - started;
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(7),
+        "closed after {took:?}"
+    );
+}

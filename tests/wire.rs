@@ -144,6 +144,8 @@ enum Msg {
     Ping(u64),
     Pong(u64),
     GoAway { code: u16, reason: String },
+    /// A piece of a larger message (§5.7); [`Peer::next_msg`] reassembles them.
+    Fragment { more: bool, data: Vec<u8> },
 }
 
 fn be_u16(b: &[u8]) -> u16 {
@@ -207,6 +209,18 @@ fn parse_messages(mut body: &[u8], count: u16) -> Vec<Msg> {
                     String::from_utf8(body[5..5 + n].to_vec()).expect("reason is not UTF-8");
                 (Msg::GoAway { code, reason }, 5 + n)
             }
+            0x09 => {
+                assert!(body.len() >= 6, "short FRAGMENT");
+                assert!(body[1] <= 1, "FRAGMENT more flag {}", body[1]);
+                let n = be_u32(&body[2..]) as usize;
+                assert!(n >= 1, "empty FRAGMENT");
+                assert!(body.len() >= 6 + n, "FRAGMENT overruns the frame");
+                let msg = Msg::Fragment {
+                    more: body[1] == 1,
+                    data: body[6..6 + n].to_vec(),
+                };
+                (msg, 6 + n)
+            }
             k => panic!("server sent message kind {k:#04x}, not valid server to client"),
         };
         out.push(msg);
@@ -220,6 +234,10 @@ fn parse_messages(mut body: &[u8], count: u16) -> Vec<Msg> {
 struct Peer {
     stream: TcpStream,
     queued: VecDeque<Msg>,
+    /// The message arriving in fragments, and how many pieces it came in so far.
+    partial: Option<(Vec<u8>, usize)>,
+    /// Pieces of the last message that arrived in fragments.
+    last_pieces: usize,
 }
 
 impl Peer {
@@ -233,6 +251,8 @@ impl Peer {
         Peer {
             stream,
             queued: VecDeque::new(),
+            partial: None,
+            last_pieces: 0,
         }
     }
 
@@ -292,15 +312,34 @@ impl Peer {
         Some((head, body))
     }
 
-    /// The next message from the server, or `None` once it closed.
+    /// The next message from the server, or `None` once it closed. A message sent in
+    /// fragments is returned whole when its last piece arrives, checked against §4.1.
     async fn next_msg(&mut self) -> Option<Msg> {
-        if let Some(m) = self.queued.pop_front() {
-            return Some(m);
+        loop {
+            while let Some(m) = self.queued.pop_front() {
+                let Msg::Fragment { more, data } = m else {
+                    return Some(m);
+                };
+                let (buf, pieces) = self.partial.get_or_insert_with(|| (Vec::new(), 0));
+                buf.extend_from_slice(&data);
+                *pieces += 1;
+                if more {
+                    continue;
+                }
+                let (whole, pieces) = self.partial.take().unwrap();
+                self.last_pieces = pieces;
+                let mut msgs = parse_messages(&whole, 1);
+                assert!(
+                    matches!(msgs[0], Msg::Response { .. } | Msg::Error { .. }),
+                    "server sent {:?} in fragments",
+                    msgs[0]
+                );
+                return msgs.pop();
+            }
+            let (head, body) = self.read_frame().await?;
+            self.queued
+                .extend(parse_messages(&body, be_u16(&head[6..])));
         }
-        let (head, body) = self.read_frame().await?;
-        self.queued
-            .extend(parse_messages(&body, be_u16(&head[6..])));
-        self.queued.pop_front()
     }
 
     async fn expect_msg(&mut self) -> Msg {
@@ -807,4 +846,123 @@ async fn shutdown_sends_goaway_draining_and_refuses_new_requests() {
         .expect("server did not stop")
         .expect("server task panicked");
     assert!(res.is_ok(), "{res:?}");
+}
+
+// ===== §4.1 fragments =====
+
+/// A FRAGMENT message, by hand: kind 09, more, len u32, data.
+fn fragment(more: u8, data: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x09, more];
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+#[tokio::test]
+async fn a_request_in_fragments_is_answered_after_the_messages_sent_between_its_pieces() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let big = request(1, 0, "echo", &body);
+    let (a, rest) = big.split_at(70_000);
+    let (b, c) = rest.split_at(70_000);
+    p.send(&frame(&[fragment(1, a)])).await;
+    p.send(&frame(&[ping(5), fragment(1, b), request(2, 0, "echo", b"small")]))
+        .await;
+    assert_eq!(p.expect_msg().await, Msg::Pong(5));
+    assert_eq!(
+        p.expect_msg().await,
+        Msg::Response {
+            id: 2,
+            body: b"small".to_vec()
+        },
+        "the small request between the pieces is answered first"
+    );
+    p.send(&frame(&[fragment(0, c)])).await;
+    // The 200 KB reply comes back in fragments too (the server cuts above 64 KiB).
+    assert_eq!(p.expect_msg().await, Msg::Response { id: 1, body });
+    assert!(p.last_pieces >= 4, "reply in {} pieces", p.last_pieces);
+    p.assert_alive(6).await;
+}
+
+#[tokio::test]
+async fn a_small_message_in_one_fragment_is_answered() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[fragment(0, &request(3, 0, "echo", b"x"))]))
+        .await;
+    assert_eq!(
+        p.expect_msg().await,
+        Msg::Response {
+            id: 3,
+            body: b"x".to_vec()
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_fragmented_request_over_the_limit_gets_frame_too_large_from_its_first_piece() {
+    let srv = start(Server::builder().max_frame_len(4096)).await;
+    let mut expected = SERVER_PREFACE;
+    expected[8..].copy_from_slice(&4096u32.to_be_bytes());
+    let mut p = Peer::handshake(srv.addr, expected).await;
+    // Announces a body that makes the REQUEST 4097 bytes; only 100 of them are sent.
+    let mut first = request(1, 0, "echo", &[]);
+    first[12..16].copy_from_slice(&(4097u32 - 20).to_be_bytes());
+    first.extend_from_slice(&[0u8; 80]);
+    p.send(&frame(&[fragment(1, &first)])).await;
+    let before = p.expect_goaway_then_close(FRAME_TOO_LARGE).await;
+    assert!(before.is_empty(), "{before:?}");
+}
+
+#[tokio::test]
+async fn a_message_left_unfinished_by_a_closing_client_never_runs() {
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counted = ran.clone();
+    let svc = tower::service_fn(move |req: Request| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(Response::new(req.into_body())) }
+    });
+    tokio::spawn(
+        Server::builder().serve_with_incoming(towerpc::server::TcpIncoming::from(listener), svc),
+    );
+    let mut p = Peer::connect(addr).await;
+    let whole = oneway("echo", &[1u8; 1000]);
+    p.send(&frame(&[fragment(1, &whole[..500])])).await;
+    p.assert_alive(1).await;
+    p.stream.shutdown().await.unwrap();
+    p.expect_closed().await;
+    // A whole one on a fresh connection does run: the count can move.
+    let mut q = Peer::connect(addr).await;
+    q.send(&frame(&[whole])).await;
+    q.assert_alive(2).await;
+    assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+protocol_error! {
+    fragment_more_flag_2_is_a_protocol_error: frame(&[fragment(2, &request(1, 0, "echo", b""))]);
+    empty_fragment_is_a_protocol_error: frame(&[fragment(1, &[])]);
+    first_fragment_short_of_the_fixed_part_is_a_protocol_error:
+        frame(&[fragment(1, &request(1, 0, "echo", b"")[..10])]);
+    cancel_in_a_fragment_is_a_protocol_error: frame(&[fragment(0, &cancel(1))]);
+    fragment_past_its_message_is_a_protocol_error: {
+        let whole = request(1, 0, "echo", &[9u8; 100]);
+        frame(&[fragment(1, &whole[..60]), fragment(0, &[&whole[60..], &[0u8][..]].concat())])
+    };
+    fragment_ending_its_message_early_is_a_protocol_error: {
+        let whole = request(1, 0, "echo", &[9u8; 100]);
+        frame(&[fragment(1, &whole[..60]), fragment(0, &whole[60..100])])
+    };
+    fragment_saying_more_after_its_message_is_a_protocol_error: {
+        let whole = request(1, 0, "echo", &[9u8; 100]);
+        frame(&[fragment(1, &whole[..60]), fragment(1, &whole[60..])])
+    };
+    response_in_fragments_from_a_client_is_a_protocol_error: {
+        let mut m = vec![0x03, 0, 0, 0, 1];
+        m.extend_from_slice(&100u32.to_be_bytes());
+        m.extend_from_slice(&[0u8; 100]);
+        frame(&[fragment(1, &m[..50]), fragment(0, &m[50..])])
+    };
 }
