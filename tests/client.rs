@@ -682,3 +682,82 @@ async fn reconnect_backoff_spaces_dials_on_paused_time() {
     let dials = client.stats().dials;
     assert!((12..=15).contains(&dials), "{dials} dials in 10 minutes");
 }
+
+/// A reply that arrives in fragments (PROTOCOL.md §4.1) with a PING and another call's reply
+/// between its pieces: the client answers the PING and completes the other call at once, and
+/// the large reply arrives whole.
+#[tokio::test]
+async fn a_reply_in_fragments_lets_other_replies_and_pings_pass() {
+    use bytes::{BufMut, BytesMut};
+    use tokio::io::AsyncWriteExt;
+
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    let expected = body.clone();
+    let (addr, script) = support::raw_server(move |mut conn| async move {
+        let mut ids = std::collections::HashMap::new();
+        while ids.len() < 2 {
+            for m in conn.read_frame().await.expect("two requests") {
+                if let Message::Request { id, method, .. } = m {
+                    ids.insert(method, id);
+                }
+            }
+        }
+        let big = ids[&bytes::Bytes::from_static(b"big")];
+        let small = ids[&bytes::Bytes::from_static(b"small")];
+        // The big RESPONSE's bytes, cut in three pieces, by hand.
+        let mut whole = BytesMut::new();
+        whole.put_u8(0x03);
+        whole.put_u32(big);
+        whole.put_u32(body.len() as u32);
+        whole.put_slice(&body);
+        let piece = |more: u8, data: &[u8], before: &[u8]| {
+            let mut f = BytesMut::new();
+            let len = before.len() + 6 + data.len();
+            f.put_u32(len as u32);
+            f.put_u16(0);
+            f.put_u16(if before.is_empty() { 1 } else { 2 });
+            f.put_slice(before);
+            f.put_u8(0x09);
+            f.put_u8(more);
+            f.put_u32(data.len() as u32);
+            f.put_slice(data);
+            f
+        };
+        let (a, rest) = whole.split_at(100_000);
+        let (b, c) = rest.split_at(100_000);
+        let mut ping = vec![0x06];
+        ping.extend_from_slice(&42u64.to_be_bytes());
+        conn.stream.write_all(&piece(1, a, &[])).await.unwrap();
+        conn.stream.write_all(&piece(1, b, &ping)).await.unwrap();
+        conn.write_frame(vec![Message::Response {
+            id: small,
+            body: bytes::Bytes::from_static(b"\xa2ok"),
+        }])
+        .await;
+        // The PONG arrives before the big reply is finished.
+        let pong = conn.read_frame().await.expect("a pong");
+        assert_eq!(pong, vec![Message::Pong { data: 42 }]);
+        conn.stream.write_all(&piece(0, c, &[])).await.unwrap();
+        conn.read_to_end_within(Duration::from_secs(10)).await
+    })
+    .await;
+    let client = Client::connect(addr).await.unwrap();
+    let big = client.request(Request::new("big", vec![0u8]));
+    let small = client.request(Request::new("small", vec![0u8]));
+    tokio::pin!(big);
+    let small = tokio::select! {
+        r = small => r.unwrap(),
+        _ = &mut big => panic!("the big reply finished before the small one"),
+    };
+    assert_eq!(&small.body()[..], b"\xa2ok");
+    let big = tokio::time::timeout(Duration::from_secs(10), big)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&big.body()[..], &expected[..]);
+    client.close().await;
+    tokio::time::timeout(Duration::from_secs(10), script)
+        .await
+        .unwrap()
+        .unwrap();
+}

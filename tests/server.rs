@@ -516,3 +516,45 @@ async fn handlers_that_compute_still_run_side_by_side() {
         "the two calls did not run at the same time"
     );
 }
+
+/// Big and small calls on one connection (PROTOCOL.md §4.1): a 4 MiB echo in each direction
+/// goes out in fragments, so small calls made after it finish before it, and three large
+/// calls at once all arrive intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_calls_pass_a_large_one_and_large_ones_arrive_whole() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let client = Client::connect(server.addr).await.unwrap();
+    let body = |seed: u32, len: usize| -> bytes::Bytes {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(seed) >> 3) as u8)
+            .collect()
+    };
+    let big = body(7, 4 << 20);
+    let big_call = client.request(Request::new("echo", big.clone()));
+    tokio::pin!(big_call);
+    for i in 0..3u8 {
+        let small = tokio::select! {
+            r = client.request(Request::new("echo", vec![i; 10])) => r.unwrap(),
+            _ = &mut big_call => panic!("the 4 MiB call finished before small call {i}"),
+        };
+        assert_eq!(&small.body()[..], &[i; 10]);
+    }
+    let got = support::within(Duration::from_secs(20), big_call)
+        .await
+        .unwrap();
+    assert!(got.body() == &big, "the 4 MiB echo came back changed");
+
+    let mut calls = JoinSet::new();
+    for seed in 1..=3u32 {
+        let client = client.clone();
+        let sent = body(seed, 1 << 20 | seed as usize);
+        calls.spawn(async move {
+            let got = client.request(Request::new("echo", sent.clone())).await;
+            (sent, got)
+        });
+    }
+    while let Some(res) = calls.join_next().await {
+        let (sent, got) = res.unwrap();
+        assert!(got.unwrap().body() == &sent, "a 1 MiB echo came back changed");
+    }
+}
