@@ -1,5 +1,6 @@
 //! The frame codec on arbitrary bytes, arriving in chunks of a size the input picks: it never
-//! panics, and every frame it decodes encodes back to bytes that decode to the same messages.
+//! panics, and every frame it decodes encodes back to bytes that decode to the same messages
+//! (a message that arrived in fragments, whole).
 #![no_main]
 
 use bytes::BytesMut;
@@ -30,7 +31,12 @@ fuzz_target!(|data: &[u8]| {
     }
     for frame in frames {
         let messages = frame.messages().to_vec();
-        let mut codec = FrameCodec::builder().max_frame_len(MAX).new_codec();
+        // A frame may hold, besides up to MAX bytes of whole messages, one message reassembled
+        // from fragments (up to MAX too): re-encoded whole, they need twice the room.
+        let mut codec = FrameCodec::builder()
+            .max_frame_len(2 * MAX)
+            .max_send_len(2 * MAX)
+            .new_codec();
         let mut out = BytesMut::new();
         codec
             .encode(Frame::new(messages.clone()), &mut out)
