@@ -221,6 +221,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let _ = tokio::time::timeout(limit, drain).await;
     }
 
+    /// Memory held between frames: that of a message partly reassembled from its fragments.
+    pub(crate) fn held_between_frames(&self) -> usize {
+        self.codec.partial_capacity()
+    }
+
     /// The next frame; `Ok(None)` at a clean end of stream (between frames).
     ///
     /// Cancel safe: a read that is dropped loses no bytes (they stay in the buffer).

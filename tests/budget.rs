@@ -132,16 +132,19 @@ async fn clients_that_never_read_are_held_to_the_server_wide_budget() {
 /// Zeros to send bodies from, shared so the senders allocate nothing.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-/// Sends one `hold` request with a `len`-byte body, written from [`ZEROS`]; returns once it is
-/// written (or the server stopped reading for 2 s) and keeps the connection for 3 s.
-async fn big_request(addr: std::net::SocketAddr, len: usize) {
+/// Sends one `hold` request with a `len`-byte body, written from [`ZEROS`], in one frame or
+/// in fragments of 64 KiB (PROTOCOL.md §4.1); returns once it is written (or the server stopped
+/// reading for 2 s) and keeps the connection for 3 s.
+async fn big_request(addr: std::net::SocketAddr, len: usize, fragments: bool) {
     let mut s = support::raw_connect(addr).await;
     // Frame header, then a REQUEST (PROTOCOL.md §5.1) for `hold` with the body.
     let method = b"hold";
     let msg_len = 16 + method.len() + len;
     let mut head = Vec::new();
-    head.extend_from_slice(&(msg_len as u32).to_be_bytes());
-    head.extend_from_slice(&[0, 0, 0, 1]);
+    if !fragments {
+        head.extend_from_slice(&(msg_len as u32).to_be_bytes());
+        head.extend_from_slice(&[0, 0, 0, 1]);
+    }
     head.push(0x01);
     head.extend_from_slice(&1u32.to_be_bytes());
     head.extend_from_slice(&0u32.to_be_bytes());
@@ -149,11 +152,28 @@ async fn big_request(addr: std::net::SocketAddr, len: usize) {
     head.extend_from_slice(&0u16.to_be_bytes());
     head.extend_from_slice(&(len as u32).to_be_bytes());
     head.extend_from_slice(method);
-    s.write_all(&head).await.unwrap();
     let send = async {
+        if !fragments {
+            s.write_all(&head).await?;
+        }
         let mut left = len;
+        let mut first = fragments;
         while left > 0 {
             let n = left.min(ZEROS.len());
+            if fragments {
+                // Each piece in a frame of its own; the first also carries the fixed part.
+                let extra = if first { head.len() } else { 0 };
+                let piece = (extra + n) as u32;
+                let mut f = Vec::with_capacity(14 + extra);
+                f.extend_from_slice(&(piece + 6).to_be_bytes());
+                f.extend_from_slice(&[0, 0, 0, 1, 0x09, u8::from(left > n)]);
+                f.extend_from_slice(&piece.to_be_bytes());
+                if first {
+                    f.extend_from_slice(&head);
+                    first = false;
+                }
+                s.write_all(&f).await?;
+            }
             s.write_all(&ZEROS[..n]).await?;
             left -= n;
         }
@@ -163,14 +183,14 @@ async fn big_request(addr: std::net::SocketAddr, len: usize) {
     tokio::time::sleep(Duration::from_secs(3)).await;
 }
 
-async fn held_by_big_requests(server: Server) -> usize {
+async fn held_by_big_requests(server: Server, fragments: bool) -> usize {
     let srv = support::serve(server, service()).await;
     let addr = srv.addr;
     tokio::time::sleep(Duration::from_millis(50)).await;
     ALLOC.reset_peak_usage();
     let heap0 = ALLOC.current_usage();
     let senders: Vec<_> = (0..32)
-        .map(|_| tokio::spawn(big_request(addr, 2 * MIB)))
+        .map(|_| tokio::spawn(big_request(addr, 2 * MIB, fragments)))
         .collect();
     // An honest client is served meanwhile.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -185,18 +205,31 @@ async fn held_by_big_requests(server: Server) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_requests_are_held_to_the_budget_even_in_the_middle_of_a_frame() {
+    big_requests_are_held_to_the_budget(false).await;
+}
+
+/// The same with each request in 64 KiB fragments: a message partly reassembled is memory the
+/// reader holds, between frames as within one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_requests_in_fragments_are_held_to_the_budget() {
+    big_requests_are_held_to_the_budget(true).await;
+}
+
+async fn big_requests_are_held_to_the_budget(fragments: bool) {
     let _serial = SERIAL.lock().await;
     // 32 connections each send a 2 MiB request that its handler holds for 2 s: 64 MiB.
     let bounded = held_by_big_requests(
         Server::builder()
             .max_frame_len(4 * MIB)
             .max_buffered_bytes(8 * MIB),
+        fragments,
     )
     .await;
     let unbounded = held_by_big_requests(
         Server::builder()
             .max_frame_len(4 * MIB)
             .max_buffered_bytes(usize::MAX / 2),
+        fragments,
     )
     .await;
     eprintln!(

@@ -555,6 +555,9 @@ async fn small_calls_pass_a_large_one_and_large_ones_arrive_whole() {
     }
     while let Some(res) = calls.join_next().await {
         let (sent, got) = res.unwrap();
-        assert!(got.unwrap().body() == &sent, "a 1 MiB echo came back changed");
+        assert!(
+            got.unwrap().body() == &sent,
+            "a 1 MiB echo came back changed"
+        );
     }
 }

@@ -139,13 +139,26 @@ fn pong_frame(data: u64) -> Vec<u8> {
 /// A message from the server, parsed by hand with every length checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Msg {
-    Response { id: u32, body: Vec<u8> },
-    Error { id: u32, code: u16, message: String },
+    Response {
+        id: u32,
+        body: Vec<u8>,
+    },
+    Error {
+        id: u32,
+        code: u16,
+        message: String,
+    },
     Ping(u64),
     Pong(u64),
-    GoAway { code: u16, reason: String },
+    GoAway {
+        code: u16,
+        reason: String,
+    },
     /// A piece of a larger message (§5.7); [`Peer::next_msg`] reassembles them.
-    Fragment { more: bool, data: Vec<u8> },
+    Fragment {
+        more: bool,
+        data: Vec<u8>,
+    },
 }
 
 fn be_u16(b: &[u8]) -> u16 {
@@ -867,8 +880,12 @@ async fn a_request_in_fragments_is_answered_after_the_messages_sent_between_its_
     let (a, rest) = big.split_at(70_000);
     let (b, c) = rest.split_at(70_000);
     p.send(&frame(&[fragment(1, a)])).await;
-    p.send(&frame(&[ping(5), fragment(1, b), request(2, 0, "echo", b"small")]))
-        .await;
+    p.send(&frame(&[
+        ping(5),
+        fragment(1, b),
+        request(2, 0, "echo", b"small"),
+    ]))
+    .await;
     assert_eq!(p.expect_msg().await, Msg::Pong(5));
     assert_eq!(
         p.expect_msg().await,

@@ -425,8 +425,11 @@ where
             // A client that does not read its replies must not make us queue them without
             // bound, nor may all clients together exceed the server's budget: pause reading
             // (and so dispatching) until the writers catch up.
-            // A whole frame was dispatched: its bytes are the handlers' now.
-            self.conn.reading.store(0, Ordering::Relaxed);
+            // A whole frame was dispatched: its bytes are the handlers' now, but for a message
+            // still arriving in fragments, which the reader holds.
+            self.conn
+                .reading
+                .store(reader.held_between_frames(), Ordering::Relaxed);
             loop {
                 let queued = self.conn.lock().outbox.len();
                 let held = self.conn.account(queued);
