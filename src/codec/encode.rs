@@ -534,7 +534,8 @@ mod tests {
         o.push(&req(3, b"b")).unwrap();
         let mut second = o.take(BytesMut::new());
         let mut third = o.take(BytesMut::new());
-        assert!(o.is_empty() && o.len() == 0);
+        assert!(o.is_empty());
+        assert_eq!(o.len(), 0);
         let mut wire = BytesMut::new();
         for b in [&mut first, &mut second, &mut third] {
             wire.extend_from_slice(b);
