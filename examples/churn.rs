@@ -5,7 +5,8 @@
 //! cargo run --release --example churn --features compression-zstd -- [--calls 1000000] [--kills 5] [--callers 1000]
 //! ```
 //!
-//! Every call carries its caller's id, a nonce and a payload of 0–64 KiB (mostly small), which
+//! Every call carries its caller's id, a nonce and a payload of 0–512 KiB (mostly small; one in
+//! 1,000 above 64 KiB, which travels in fragments), which
 //! the server decodes and echoes. 10 % of calls are cancelled at a random point, 5 % carry a
 //! 1–50 ms deadline, the rest use the default timeout; half the callers use a client that
 //! offers zstd (with the `compression-zstd` feature). The server process is killed with
@@ -137,6 +138,9 @@ struct Tally {
 }
 
 fn payload_len() -> usize {
+    if fastrand::u32(0..1000) == 0 {
+        return fastrand::usize(64 * 1024..=512 * 1024);
+    }
     match fastrand::u32(0..100) {
         0 => fastrand::usize(4096..=64 * 1024),
         1..=9 => fastrand::usize(256..4096),

@@ -221,6 +221,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let _ = tokio::time::timeout(limit, drain).await;
     }
 
+    /// Whether a message is partly reassembled from its fragments.
+    pub(crate) fn in_message(&self) -> bool {
+        self.codec.in_message()
+    }
+
     /// Memory held between frames: that of a message partly reassembled from its fragments.
     pub(crate) fn held_between_frames(&self) -> usize {
         self.codec.partial_capacity()

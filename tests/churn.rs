@@ -49,8 +49,11 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(50);
 const DEADLINE_BOUND: Duration = Duration::from_millis(250);
 /// How close in time a plain sleep must end to a late call to explain its lateness.
 const EXPLAIN_WINDOW_MS: u64 = 100;
-/// Largest payload.
+/// Largest payload of most calls.
 const MAX_PAYLOAD: usize = 4096;
+/// Largest payload of the one call in 1,000 that is large enough to travel in fragments
+/// (PROTOCOL.md §4.1), in both directions.
+const MAX_BIG_PAYLOAD: usize = 512 * 1024;
 /// The client's default call timeout (the library default); no call may take longer.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
 /// The whole test is aborted after this long: a call that never ends, or a runtime blocked
@@ -273,10 +276,14 @@ fn decode_reply(res: towerpc::Result<Response>) -> Result<towerpc::Result<Echo>,
 async fn caller(id: u32, client: Client, load: Arc<Load>, seed: u64) -> (u32, Tally) {
     let mut rng = fastrand::Rng::with_seed(seed ^ u64::from(id).wrapping_mul(0x9E37_79B9));
     let mut t = Tally::default();
-    let mut payload = vec![0u8; MAX_PAYLOAD];
+    let mut payload = vec![0u8; MAX_BIG_PAYLOAD];
     while load.next() {
         t.calls += 1;
-        let len = rng.usize(0..=MAX_PAYLOAD);
+        let len = if rng.u32(0..1000) == 0 {
+            rng.usize(64 * 1024..=MAX_BIG_PAYLOAD)
+        } else {
+            rng.usize(0..=MAX_PAYLOAD)
+        };
         rng.fill(&mut payload[..len]);
         let msg = Echo {
             caller: id,

@@ -87,3 +87,63 @@ async fn stuck_handlers_fail_calls_without_a_deadline_fast_and_keep_the_connecti
     assert!(client.is_connected());
     assert_eq!(server.stats().accepts, 1);
 }
+
+/// A long reply arriving in fragments (PROTOCOL.md §4.1) is a reply making progress: a server
+/// that spends three stall bounds sending one reply, piece by piece, is neither closed as
+/// silent nor taken for stuck, and the call gets its whole reply.
+#[tokio::test(start_paused = true)]
+async fn a_reply_arriving_in_slow_fragments_is_progress() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    let (client_end, server_end) = tokio::io::duplex(1 << 20);
+    let slot: Arc<Mutex<Option<DuplexStream>>> = Arc::new(Mutex::new(Some(client_end)));
+    let connector = tower::service_fn(move |_: ()| {
+        let io = slot.lock().unwrap().take();
+        async move { io.ok_or_else(|| std::io::Error::other("one connection only")) }
+    });
+    let client = Client::builder()
+        .stall_timeout(4 * S)
+        .connect_lazy_with((), connector);
+    let body: Vec<u8> = (0..120_000u32).map(|i| i as u8).collect();
+    let expected = body.clone();
+    let server = async move {
+        let (mut r, mut w) = tokio::io::split(server_end);
+        let mut preface = [0u8; 12];
+        r.read_exact(&mut preface).await.unwrap();
+        w.write_all(&support::server_preface(16 << 20))
+            .await
+            .unwrap();
+        // The request: a frame of one REQUEST, whose id is at bytes 9..13 of the frame.
+        let mut head = [0u8; 8];
+        r.read_exact(&mut head).await.unwrap();
+        let mut frame = vec![0u8; u32::from_be_bytes(head[..4].try_into().unwrap()) as usize];
+        r.read_exact(&mut frame).await.unwrap();
+        assert_eq!(frame[0], 0x01, "a REQUEST");
+        let id = u32::from_be_bytes(frame[1..5].try_into().unwrap());
+        let mut whole = vec![0x03];
+        whole.extend_from_slice(&id.to_be_bytes());
+        whole.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        whole.extend_from_slice(&body);
+        // Twelve pieces, one a second: three times the stall bound. Whatever the client sends
+        // meanwhile (PINGs) goes unread and unanswered.
+        let pieces: Vec<&[u8]> = whole.chunks(whole.len() / 12 + 1).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(S).await;
+            }
+            let more = u8::from(i + 1 < pieces.len());
+            let mut f = ((6 + piece.len()) as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(&[0, 0, 0, 1, 0x09, more]);
+            f.extend_from_slice(&(piece.len() as u32).to_be_bytes());
+            f.extend_from_slice(piece);
+            w.write_all(&f).await.unwrap();
+        }
+        (r, w)
+    };
+    let start = Instant::now();
+    let (reply, _server) = tokio::join!(client.request(Request::new("big", vec![0u8])), server);
+    let reply = reply.expect("the call gets its reply");
+    assert_eq!(&reply.body()[..], &expected[..]);
+    assert!(start.elapsed() >= 11 * S, "{:?}", start.elapsed());
+}

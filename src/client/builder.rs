@@ -198,7 +198,8 @@ impl Builder {
     }
 
     /// Largest frame body this client accepts from the server. Default 16 MiB. It bounds the
-    /// largest response, and the memory a misbehaving server can make the client buffer.
+    /// largest response (whole or in fragments, PROTOCOL.md §4.1), and the memory a
+    /// misbehaving server can make the client buffer.
     #[must_use]
     pub fn max_frame_len(mut self, len: usize) -> Self {
         self.config.max_frame_len = len.clamp(MIN_MAX_FRAME_LEN, u32::MAX as usize);

@@ -355,10 +355,12 @@ where
         };
         last_recv = Instant::now();
         pinged = false;
-        if frame
-            .messages()
-            .iter()
-            .any(|m| matches!(m, Message::Response { .. } | Message::Error { .. }))
+        // A piece of a reply in fragments is a reply making progress, as a whole one is.
+        if reader.in_message()
+            || frame
+                .messages()
+                .iter()
+                .any(|m| matches!(m, Message::Response { .. } | Message::Error { .. }))
         {
             last_reply = last_recv;
         }

@@ -56,32 +56,26 @@ impl FrameDecoder {
         matches!(self.state, State::Body { .. })
     }
 
-    /// The next frame with at least one message in it: a frame that holds only a piece of a
-    /// fragmented message yields nothing, and decoding goes on with the next one.
+    /// The next frame. One that held only pieces of a fragmented message has no messages.
     pub(super) fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        loop {
-            let (len, count) = match self.state {
-                State::Head => match self.decode_head(src)? {
-                    Some(head) => head,
-                    None => return Ok(None),
-                },
-                State::Body { len, count } => (len, count),
-            };
-            if src.len() < len {
-                // Nothing is reserved on the header's word: a peer that announces 16 MiB and
-                // sends nothing more must cost no more than what it sent. The reader grows its
-                // buffer as the body arrives (doubling, so a large body still takes few
-                // reallocations).
-                self.state = State::Body { len, count };
-                return Ok(None);
-            }
-            self.state = State::Head;
-            let body = src.split_to(len).freeze();
-            let messages = self.parse_batch(body, count)?;
-            if !messages.is_empty() {
-                return Ok(Some(Frame::new(messages)));
-            }
+        let (len, count) = match self.state {
+            State::Head => match self.decode_head(src)? {
+                Some(head) => head,
+                None => return Ok(None),
+            },
+            State::Body { len, count } => (len, count),
+        };
+        if src.len() < len {
+            // Nothing is reserved on the header's word: a peer that announces 16 MiB and sends
+            // nothing more must cost no more than what it sent. The reader grows its buffer as
+            // the body arrives (doubling, so a large body still takes few reallocations).
+            self.state = State::Body { len, count };
+            return Ok(None);
         }
+        self.state = State::Head;
+        let body = src.split_to(len).freeze();
+        self.parse_batch(body, count)
+            .map(|messages| Some(Frame::new(messages)))
     }
 
     /// Parses `count` messages that must fill `body` exactly. Fragments are not messages: the

@@ -145,6 +145,9 @@ pub(crate) const GOAWAY_FIXED: usize = 5;
 pub(crate) const FRAGMENT_FIXED: usize = 6;
 
 /// One frame: a batch of one or more messages.
+///
+/// A decoded frame whose only messages were pieces of a message sent in fragments (PROTOCOL.md
+/// §4.1) holds no messages: the reassembled message comes in the frame of its last piece.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
     messages: Vec<Message>,

@@ -12,7 +12,8 @@
 //! [`FrameCodec`] is a [`tokio_util::codec::Decoder`] that yields one [`Frame`] (a whole batch)
 //! at a time and an [`Encoder`] for single messages and whole batches. The decoder also
 //! reassembles messages sent in fragments (PROTOCOL.md §4.1): a fragment is never a [`Message`];
-//! the message it completes appears in the frame of its last piece.
+//! the message it completes appears in the frame of its last piece, and a frame that held only
+//! pieces decodes to a [`Frame`] with no messages.
 //! The decoder checks the announced length against `max_frame_len` from the header alone, before
 //! it reserves memory or waits for the body, so a lying length prefix costs nothing. Bodies are
 //! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload.

@@ -510,7 +510,8 @@ where
                     return stop;
                 }
             }
-            self.keepalive.read(arrived, request);
+            // A request arriving in fragments is activity from its first piece on.
+            self.keepalive.read(arrived, request || reader.in_message());
         }
     }
 

@@ -343,8 +343,9 @@ impl<L> Server<L> {
         self
     }
 
-    /// Largest frame body accepted from clients. Default 16 MiB. It bounds the largest request
-    /// and the memory one connection can make the server buffer.
+    /// Largest frame body accepted from clients. Default 16 MiB. It bounds the largest request,
+    /// whether it arrives in one frame or in fragments (PROTOCOL.md §4.1), and the memory one
+    /// connection can make the server buffer.
     #[must_use]
     pub fn max_frame_len(mut self, len: usize) -> Self {
         self.config.max_frame_len = len.clamp(MIN_MAX_FRAME_LEN, u32::MAX as usize);
