@@ -226,6 +226,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.codec.in_message()
     }
 
+    /// The ACK to send for the fragment data read, when one is due (PROTOCOL.md §4.1).
+    pub(crate) fn take_ack(&mut self) -> Option<crate::codec::Message> {
+        self.codec.take_ack()
+    }
+
     /// Memory held between frames: that of a message partly reassembled from its fragments.
     pub(crate) fn held_between_frames(&self) -> usize {
         self.codec.partial_capacity()

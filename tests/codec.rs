@@ -1120,3 +1120,46 @@ fn a_fragmented_message_over_the_limit_is_refused_from_its_first_piece() {
     let f = codec.decode(&mut buf).unwrap().unwrap();
     assert_eq!(f.messages(), &[response(1, vec![5u8; 4096 - 9])]);
 }
+
+#[test]
+fn ack_bytes_match_the_spec() {
+    // §5.8: kind 0A, bytes u32.
+    let bytes = encode_msg(Message::Ack { bytes: 0x0004_0000 });
+    assert_eq!(&bytes[..], &[0, 0, 0, 5, 0, 0, 0, 1, 0x0A, 0, 4, 0, 0]);
+    let frames = decode_all(&bytes);
+    assert_eq!(frames[0].messages(), &[Message::Ack { bytes: 0x0004_0000 }]);
+    let mut codec = FrameCodec::new();
+    let mut zero = BytesMut::from(&frame_of(&[vec![0x0A, 0, 0, 0, 0]])[..]);
+    assert!(matches!(
+        codec.decode(&mut zero),
+        Err(CodecError::InvalidFrame(_))
+    ));
+    let mut out = BytesMut::new();
+    assert!(FrameCodec::new()
+        .encode(Message::Ack { bytes: 0 }, &mut out)
+        .is_err());
+}
+
+#[test]
+fn fragment_data_past_the_window_is_refused() {
+    // 1 MiB of pieces is the window; one byte more, unacknowledged, is a protocol error. (A
+    // `FrameCodec` user acknowledges nothing, so the count is what it has read.)
+    let whole = response_bytes(1, &vec![3u8; 2 << 20]);
+    let mut codec = FrameCodec::new();
+    let mut sent = 0;
+    let mut res = Ok(None);
+    for piece in whole.chunks(64 * 1024) {
+        let mut buf = BytesMut::from(&frame_of(&[fragment(1, piece)])[..]);
+        res = codec.decode(&mut buf);
+        sent += piece.len();
+        if res.is_err() {
+            break;
+        }
+    }
+    assert!(matches!(res, Err(CodecError::InvalidFrame(_))), "{res:?}");
+    assert_eq!(
+        sent,
+        (1 << 20) + 64 * 1024,
+        "refused on the first piece past 1 MiB"
+    );
+}

@@ -159,6 +159,8 @@ enum Msg {
         more: bool,
         data: Vec<u8>,
     },
+    /// Window back for our fragments (§5.8).
+    Ack(u32),
 }
 
 fn be_u16(b: &[u8]) -> u16 {
@@ -233,6 +235,12 @@ fn parse_messages(mut body: &[u8], count: u16) -> Vec<Msg> {
                     data: body[6..6 + n].to_vec(),
                 };
                 (msg, 6 + n)
+            }
+            0x0A => {
+                assert!(body.len() >= 5, "short ACK");
+                let n = be_u32(&body[1..]);
+                assert!(n >= 1, "ACK of 0 bytes");
+                (Msg::Ack(n), 5)
             }
             k => panic!("server sent message kind {k:#04x}, not valid server to client"),
         };
@@ -982,4 +990,86 @@ protocol_error! {
         m.extend_from_slice(&[0u8; 100]);
         frame(&[fragment(1, &m[..50]), fragment(0, &m[50..])])
     };
+}
+
+fn ack(bytes: u32) -> Vec<u8> {
+    let mut m = vec![0x0A];
+    m.extend_from_slice(&bytes.to_be_bytes());
+    m
+}
+
+/// A REQUEST for `echo` of `len` bytes cut into 64 KiB FRAGMENTs, a frame each.
+fn request_in_pieces(id: u32, len: usize) -> Vec<Vec<u8>> {
+    let whole = request(id, 0, "echo", &vec![0x33; len]);
+    let n = whole.chunks(64 * 1024).count();
+    whole
+        .chunks(64 * 1024)
+        .enumerate()
+        .map(|(i, piece)| frame(&[fragment(u8::from(i + 1 < n), piece)]))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_server_acknowledges_fragments_as_it_reads_them_and_its_reply_waits_for_acks() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    // 3 MiB in, three times the window: it gets through only because the server acknowledges
+    // what it reads, every 256 KiB, long before the message is complete.
+    let len = 3 << 20;
+    let mut outstanding = 0usize;
+    for piece in request_in_pieces(1, len) {
+        let data = piece.len() - 8 - 6;
+        while outstanding + data > 1 << 20 {
+            let (head, body) = p.read_frame().await.expect("server closed");
+            for m in parse_messages(&body, be_u16(&head[6..])) {
+                let Msg::Ack(n) = m else {
+                    panic!("unexpected {m:?}")
+                };
+                assert_eq!(n, 256 * 1024, "an ACK every 256 KiB read");
+                outstanding -= n as usize;
+            }
+        }
+        p.send(&piece).await;
+        outstanding += data;
+    }
+    // The 3 MiB reply comes in pieces; 1 MiB of them unacknowledged, and the server waits.
+    let mut got = 0usize;
+    let mut unacked = 0usize;
+    let mut more = true;
+    let mut waited = false;
+    while more {
+        let (head, body) = p.read_frame().await.expect("server closed");
+        for m in parse_messages(&body, be_u16(&head[6..])) {
+            let Msg::Fragment { more: m_more, data } = m else {
+                // What is left of the server's ACKs for our request.
+                assert!(matches!(m, Msg::Ack(_)), "unexpected {m:?}");
+                continue;
+            };
+            got += data.len();
+            unacked += data.len();
+            more = m_more;
+        }
+        assert!(unacked <= 1 << 20, "the server sent past its window");
+        if unacked == 1 << 20 && !waited {
+            // Nothing more comes until we acknowledge.
+            let mut byte = [0u8; 1];
+            let quiet =
+                tokio::time::timeout(Duration::from_millis(300), p.stream.read(&mut byte)).await;
+            assert!(quiet.is_err(), "the server went on past its window");
+            waited = true;
+        }
+        // No ACK until the window is full once; then one every 256 KiB.
+        if waited && (unacked >= 256 * 1024 || !more) {
+            p.send(&frame(&[ack(unacked as u32)])).await;
+            unacked = 0;
+        }
+    }
+    assert!(waited, "the window was never full");
+    assert_eq!(got, 9 + len, "the whole RESPONSE");
+    p.assert_alive(9).await;
+}
+
+protocol_error! {
+    ack_for_more_than_outstanding_is_a_protocol_error: frame(&[ack(1)]);
+    ack_of_zero_bytes_is_a_protocol_error: frame(&[ack(0)]);
 }

@@ -388,6 +388,13 @@ where
                         Ok(())
                     }
                     Message::Pong { .. } => Ok(()),
+                    Message::Ack { bytes } => match inner.outbox.ack(bytes) {
+                        Ok(ready) => {
+                            wake |= ready;
+                            Ok(())
+                        }
+                        Err(_) => Err("ack for more fragment data than was sent"),
+                    },
                     Message::GoAway { code: 0, .. } => {
                         shared.enter(&mut inner, Phase::Draining);
                         Ok(())
@@ -404,6 +411,9 @@ where
                     end = Some(End::Protocol(CodecError::InvalidFrame(why)));
                     break;
                 }
+            }
+            if let Some(ack) = reader.take_ack() {
+                wake |= inner.push_control(&ack);
             }
             if end.is_none()
                 && inner.phase == Phase::Draining

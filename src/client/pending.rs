@@ -570,7 +570,7 @@ impl Source for ConnSource {
         }
         let taken = match inner.phase {
             Phase::Connected | Phase::Draining => inner.outbox.take(spare),
-            Phase::Closing if !inner.outbox.is_empty() => inner.outbox.take(spare),
+            Phase::Closing if !inner.outbox.is_drained() => inner.outbox.take(spare),
             _ => return None,
         };
         if !taken.is_empty() {

@@ -4,10 +4,10 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::frame::{
-    kind, Frame, Message, CANCEL_FIXED, ERROR_FIXED, FRAGMENT_FIXED, GOAWAY_FIXED, PING_FIXED,
-    REQUEST_FIXED, RESPONSE_FIXED,
+    kind, Frame, Message, ACK_FIXED, CANCEL_FIXED, ERROR_FIXED, FRAGMENT_FIXED, GOAWAY_FIXED,
+    PING_FIXED, REQUEST_FIXED, RESPONSE_FIXED,
 };
-use super::{CodecError, FRAME_HEADER_LEN, MAX_METADATA_LEN};
+use super::{CodecError, ACK_EVERY, FRAGMENT_WINDOW, FRAME_HEADER_LEN, MAX_METADATA_LEN};
 
 #[derive(Debug, Clone)]
 pub(super) struct FrameDecoder {
@@ -15,15 +15,70 @@ pub(super) struct FrameDecoder {
     state: State,
     /// The message arriving in fragments, if one is (PROTOCOL.md §4.1): at most one at a time.
     partial: Option<Partial>,
+    /// Fragment data read and not acknowledged yet (the peer's window in use, as far as we
+    /// have read).
+    unacked: usize,
 }
 
-/// A message being reassembled from its fragments.
+/// A message being reassembled from its fragments: the pieces are kept as they arrived (slices
+/// of the read buffer) and copied once, into a buffer of the message's exact size, when the
+/// last one is in. Memory follows what arrived, never the message's announced size.
 #[derive(Debug, Clone)]
 struct Partial {
-    /// The pieces so far. It grows as they arrive, never on the word of the message's header.
-    buf: BytesMut,
+    /// Large pieces, as they arrived, and `small` before each of them.
+    pieces: Vec<Bytes>,
+    /// Small pieces, copied together: a peer sending a byte per piece costs a byte per byte,
+    /// not a slice (and a pinned read buffer) per byte.
+    small: BytesMut,
+    /// Bytes received so far.
+    len: usize,
     /// The message's size, from its fixed part (checked against the limit on arrival).
     total: usize,
+}
+
+/// Pieces smaller than this are copied as they arrive rather than kept as slices.
+const SMALL_PIECE: usize = 4096;
+
+impl Partial {
+    fn new(total: usize) -> Self {
+        Partial {
+            pieces: Vec::new(),
+            small: BytesMut::new(),
+            len: 0,
+            total,
+        }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        if data.len() < SMALL_PIECE {
+            self.small.extend_from_slice(&data);
+        } else {
+            if !self.small.is_empty() {
+                self.pieces.push(self.small.split().freeze());
+            }
+            self.pieces.push(data);
+        }
+    }
+
+    /// The whole message's bytes.
+    fn finish(mut self) -> Bytes {
+        if !self.small.is_empty() {
+            self.pieces.push(self.small.split().freeze());
+        }
+        if self.pieces.len() == 1 {
+            return self.pieces.pop().unwrap_or_default();
+        }
+        let mut whole = BytesMut::with_capacity(self.total);
+        for piece in &self.pieces {
+            whole.extend_from_slice(piece);
+        }
+        whole.freeze()
+    }
+
+    fn held(&self) -> usize {
+        self.len + self.small.capacity()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +93,16 @@ impl FrameDecoder {
             max_frame_len,
             state: State::Head,
             partial: None,
+            unacked: 0,
+        }
+    }
+
+    /// Fragment data to acknowledge now, if enough has been read since the last ACK.
+    pub(super) fn take_ack(&mut self) -> Option<u32> {
+        if self.unacked >= ACK_EVERY {
+            Some(std::mem::take(&mut self.unacked) as u32)
+        } else {
+            None
         }
     }
 
@@ -48,7 +113,7 @@ impl FrameDecoder {
 
     /// Memory held by the message being reassembled.
     pub(super) fn partial_capacity(&self) -> usize {
-        self.partial.as_ref().map_or(0, |p| p.buf.capacity())
+        self.partial.as_ref().map_or(0, Partial::held)
     }
 
     /// Whether a header has been read and its body not yet.
@@ -115,6 +180,12 @@ impl FrameDecoder {
             return Err(CodecError::InvalidFrame("empty fragment"));
         }
         let mut data = take(body, len)?;
+        self.unacked += len;
+        if self.unacked > FRAGMENT_WINDOW {
+            return Err(CodecError::InvalidFrame(
+                "fragment data past the window (1 MiB unacknowledged)",
+            ));
+        }
         let Some(partial) = &mut self.partial else {
             // The first piece: its fixed part says how big the message is, checked now.
             let total = fragmented_len(&data)?;
@@ -128,10 +199,9 @@ impl FrameDecoder {
                 // A message in a single piece: nothing to hold.
                 (std::cmp::Ordering::Equal, false) => parse_message(&mut data).map(Some),
                 (std::cmp::Ordering::Less, true) => {
-                    self.partial = Some(Partial {
-                        buf: BytesMut::from(&data[..]),
-                        total,
-                    });
+                    let mut partial = Partial::new(total);
+                    partial.push(data);
+                    self.partial = Some(partial);
                     Ok(None)
                 }
                 (std::cmp::Ordering::Greater, _) => Err(PAST_END),
@@ -139,22 +209,18 @@ impl FrameDecoder {
                 (std::cmp::Ordering::Less, false) => Err(ENDS_EARLY),
             };
         };
-        let have = partial.buf.len() + data.len();
+        let have = partial.len + data.len();
         match (have.cmp(&partial.total), more) {
             (std::cmp::Ordering::Greater, _) => return Err(PAST_END),
             (std::cmp::Ordering::Equal, true) => return Err(MORE_AFTER_END),
             (std::cmp::Ordering::Less, false) => return Err(ENDS_EARLY),
             _ => {}
         }
-        partial.buf.extend_from_slice(&data);
+        partial.push(data);
         if more {
             return Ok(None);
         }
-        let mut whole = self
-            .partial
-            .take()
-            .map(|p| p.buf.freeze())
-            .unwrap_or_default();
+        let mut whole = self.partial.take().map(Partial::finish).unwrap_or_default();
         let msg = parse_message(&mut whole)?;
         debug_assert!(whole.is_empty(), "the fixed part gave the exact size");
         Ok(Some(msg))
@@ -342,6 +408,14 @@ fn parse_message(body: &mut Bytes) -> Result<Message, CodecError> {
             } else {
                 Message::Pong { data }
             })
+        }
+        kind::ACK => {
+            need(body, ACK_FIXED)?;
+            body.advance(1);
+            match body.get_u32() {
+                0 => Err(CodecError::InvalidFrame("ack of 0 bytes")),
+                bytes => Ok(Message::Ack { bytes }),
+            }
         }
         kind::GOAWAY => {
             need(body, GOAWAY_FIXED)?;

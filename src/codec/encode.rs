@@ -7,7 +7,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::frame::{kind, Message, ERROR_FIXED, FRAGMENT_FIXED, REQUEST_FIXED};
 use super::{
-    CodecError, FRAME_HEADER_LEN, MAX_MESSAGES_PER_FRAME, MAX_METADATA_LEN, MAX_METHOD_LEN,
+    CodecError, FRAGMENT_WINDOW, FRAME_HEADER_LEN, MAX_MESSAGES_PER_FRAME, MAX_METADATA_LEN,
+    MAX_METHOD_LEN,
 };
 
 /// Checks the per-field limits that the wire format can express, so that an encoder never writes
@@ -43,6 +44,7 @@ fn check(msg: &Message) -> Result<(), CodecError> {
             }
             Ok(())
         }
+        Message::Ack { bytes: 0 } => Err(CodecError::InvalidFrame("ack of 0 bytes")),
         _ => Ok(()),
     }
 }
@@ -94,6 +96,10 @@ fn put_message(msg: &Message, dst: &mut BytesMut) {
         Message::Pong { data } => {
             dst.put_u8(kind::PONG);
             dst.put_u64(*data);
+        }
+        Message::Ack { bytes } => {
+            dst.put_u8(kind::ACK);
+            dst.put_u32(*bytes);
         }
         Message::GoAway { code, reason } => {
             dst.put_u8(kind::GOAWAY);
@@ -192,6 +198,8 @@ pub(crate) struct Outbox {
     big: VecDeque<Big>,
     /// Bytes of `big` not sent yet.
     big_len: usize,
+    /// Fragment data the peer's window still takes (PROTOCOL.md §4.1).
+    credit: usize,
 }
 
 /// A message waiting to go out in fragments: its encoding is `head` then `tail`, and the
@@ -324,6 +332,7 @@ impl Outbox {
             queued: 0,
             big: VecDeque::new(),
             big_len: 0,
+            credit: FRAGMENT_WINDOW,
         }
     }
 
@@ -388,8 +397,42 @@ impl Outbox {
         self.buf.len() + self.big_len
     }
 
+    /// Whether a take now would come back empty: nothing queued but fragments waiting for
+    /// window. A writer that found it so sleeps until a push or an ACK changes it, so whoever
+    /// finds it so before they push must wake the writer.
     pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty() && !self.fragment_ready()
+    }
+
+    /// Whether nothing at all is queued, fragments waiting for window included.
+    pub(crate) fn is_drained(&self) -> bool {
         self.buf.is_empty() && self.big.is_empty()
+    }
+
+    /// Whether the next fragment fits the window.
+    fn fragment_ready(&self) -> bool {
+        self.big
+            .front()
+            .is_some_and(|big| (big.len() - big.sent).min(self.piece_max()) <= self.credit)
+    }
+
+    fn piece_max(&self) -> usize {
+        FRAGMENT_SIZE.min(self.max_frame_len.saturating_sub(FRAGMENT_FIXED).max(1))
+    }
+
+    /// The peer acknowledged `bytes` of fragment data: its window takes that much more.
+    /// Returns whether the writer must be woken (fragments were waiting for it), or refuses an
+    /// ACK for more than is outstanding.
+    pub(crate) fn ack(&mut self, bytes: u32) -> Result<bool, CodecError> {
+        let bytes = bytes as usize;
+        if bytes > FRAGMENT_WINDOW - self.credit {
+            return Err(CodecError::InvalidFrame(
+                "ack for more fragment data than was sent",
+            ));
+        }
+        let was_empty = self.is_empty();
+        self.credit += bytes;
+        Ok(was_empty && !self.is_empty())
     }
 
     /// Messages pushed since the last take.
@@ -397,8 +440,9 @@ impl Outbox {
         self.queued
     }
 
-    /// Takes every finished frame and the next fragments of the large messages, leaving the
-    /// outbox empty unless large messages have more to send. The next push opens a new frame.
+    /// Takes every finished frame and the next fragments of the large messages (as many as
+    /// [`FRAGMENTS_PER_TAKE`] and the peer's window allow), leaving the outbox empty unless
+    /// large messages have more to send. The next push opens a new frame.
     ///
     /// `spare` is the writer's previous (already written) buffer: handing it back lets the two
     /// buffers alternate, so steady-state batching allocates nothing.
@@ -417,7 +461,7 @@ impl Outbox {
 
     /// Appends up to [`FRAGMENTS_PER_TAKE`] bytes of fragments, each in a frame of its own.
     fn put_fragments(&mut self, out: &mut BytesMut) {
-        let piece_max = FRAGMENT_SIZE.min(self.max_frame_len.saturating_sub(FRAGMENT_FIXED).max(1));
+        let piece_max = self.piece_max();
         let mut budget = FRAGMENTS_PER_TAKE;
         while budget > 0 {
             let Some(big) = self.big.front_mut() else {
@@ -425,6 +469,11 @@ impl Outbox {
             };
             let left = big.len() - big.sent;
             let n = left.min(piece_max);
+            if n > self.credit {
+                // The peer has not read what went before: wait for its ACK.
+                break;
+            }
+            self.credit -= n;
             let more = n < left;
             out.reserve(FRAME_HEADER_LEN + FRAGMENT_FIXED + n);
             let start = out.len();
@@ -581,6 +630,65 @@ mod tests {
             wire.extend_from_slice(&t);
         }
         assert_eq!(decode_all(&mut wire, 4096 * 64), msgs);
+    }
+
+    #[test]
+    fn fragments_stop_at_the_window_and_an_ack_resumes_them() {
+        let mut o = Outbox::new(16 << 20, 0);
+        let big = big_response(1, 3 << 20);
+        o.push(&big).unwrap();
+        let mut wire = BytesMut::new();
+        let mut sent = 0;
+        loop {
+            let t = o.take(BytesMut::new());
+            if t.is_empty() {
+                break;
+            }
+            sent += t.len();
+            wire.extend_from_slice(&t);
+        }
+        // 1 MiB of data went out (16 pieces), and then nothing until the peer acknowledges.
+        assert_eq!(
+            sent,
+            16 * (FRAME_HEADER_LEN + FRAGMENT_FIXED + FRAGMENT_SIZE)
+        );
+        assert!(o.is_empty(), "nothing to take now");
+        assert!(!o.is_drained(), "but fragments wait");
+        // Small messages still go.
+        o.push(&req(9, b"s")).unwrap();
+        assert!(!o.is_empty());
+        let t = o.take(BytesMut::new());
+        assert_eq!(t.len(), FRAME_HEADER_LEN + 18);
+        wire.extend_from_slice(&t);
+        assert!(o.ack(0x10_0001).is_err(), "more than outstanding");
+        let mut d = super::super::FrameCodec::builder()
+            .max_frame_len(16 << 20)
+            .new_codec();
+        let mut got = Vec::new();
+        let mut acks = 0;
+        loop {
+            // The receiver reads a frame at a time, acknowledging every 256 KiB.
+            while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, &mut wire).unwrap() {
+                got.extend(f.into_messages());
+                if let Some(Message::Ack { bytes }) = d.take_ack() {
+                    assert_eq!(bytes as usize, 256 * 1024);
+                    let wake = o.ack(bytes).unwrap();
+                    assert_eq!(
+                        wake,
+                        acks == 0,
+                        "only the first ACK finds the writer asleep"
+                    );
+                    acks += 1;
+                }
+            }
+            let t = o.take(BytesMut::new());
+            if t.is_empty() {
+                break;
+            }
+            wire.extend_from_slice(&t);
+        }
+        assert_eq!(got, vec![req(9, b"s"), big]);
+        assert!(o.is_drained());
     }
 
     #[test]

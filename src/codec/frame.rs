@@ -15,6 +15,7 @@ pub(crate) mod kind {
     /// A piece of a larger message (PROTOCOL.md §4.1). Never a [`Message`](super::Message): the
     /// codec cuts and reassembles them.
     pub(crate) const FRAGMENT: u8 = 0x09;
+    pub(crate) const ACK: u8 = 0x0A;
 }
 
 /// Wire error codes (see [`Code`](crate::Code) for the public view).
@@ -100,6 +101,12 @@ pub enum Message {
         /// The ping's data.
         data: u64,
     },
+    /// Gives the peer back window for `bytes` of fragment data this side has read (PROTOCOL.md
+    /// §4.1, §5.8).
+    Ack {
+        /// Fragment data bytes read since this side's last ACK; at least 1.
+        bytes: u32,
+    },
     /// The sender is draining (code 0) or closing the connection because of an error.
     GoAway {
         /// Error code; 0 means a graceful drain.
@@ -131,6 +138,7 @@ impl Message {
             } => ERROR_FIXED + message.len() + details.len(),
             Message::Cancel { .. } => CANCEL_FIXED,
             Message::Ping { .. } | Message::Pong { .. } => PING_FIXED,
+            Message::Ack { .. } => ACK_FIXED,
             Message::GoAway { reason, .. } => GOAWAY_FIXED + reason.len(),
         }
     }
@@ -143,6 +151,7 @@ pub(crate) const CANCEL_FIXED: usize = 5;
 pub(crate) const PING_FIXED: usize = 9;
 pub(crate) const GOAWAY_FIXED: usize = 5;
 pub(crate) const FRAGMENT_FIXED: usize = 6;
+pub(crate) const ACK_FIXED: usize = 5;
 
 /// One frame: a batch of one or more messages.
 ///

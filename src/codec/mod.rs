@@ -53,6 +53,12 @@ pub const FRAME_HEADER_LEN: usize = 8;
 /// Largest number of messages in one frame (the `count` field is a `u16`).
 pub const MAX_MESSAGES_PER_FRAME: usize = u16::MAX as usize;
 
+/// Most fragment data a sender may have unacknowledged, per direction (PROTOCOL.md §4.1: 1 MiB).
+pub(crate) const FRAGMENT_WINDOW: usize = 1024 * 1024;
+
+/// Fragment data a receiver reads before it acknowledges it (256 KiB).
+pub(crate) const ACK_EVERY: usize = 256 * 1024;
+
 /// Largest method name, in bytes.
 pub const MAX_METHOD_LEN: usize = 255;
 
@@ -123,6 +129,11 @@ impl FrameCodec {
     /// Memory held by the message being reassembled, if any.
     pub(crate) fn partial_capacity(&self) -> usize {
         self.decoder.partial_capacity()
+    }
+
+    /// The ACK to send now, if enough fragment data has been read since the last one.
+    pub(crate) fn take_ack(&mut self) -> Option<Message> {
+        self.decoder.take_ack().map(|bytes| Message::Ack { bytes })
     }
 }
 

@@ -126,6 +126,18 @@ impl Conn {
         }
     }
 
+    /// The client read `bytes` of our fragments: the writer may send more.
+    fn ack(&self, bytes: u32) -> Option<Stop> {
+        let wake = match self.lock().outbox.ack(bytes) {
+            Ok(wake) => wake,
+            Err(e) => return Some(Stop::Protocol(e)),
+        };
+        if wake {
+            self.notify_writer.notify_one();
+        }
+        None
+    }
+
     /// Answers request `id` without running it; an id already in flight is a protocol error.
     fn answer_at_once(&self, id: u32, msg: &Message) -> Option<Stop> {
         let mut inner = self.lock();
@@ -202,7 +214,7 @@ struct ConnSource(Arc<Conn>);
 impl Source for ConnSource {
     fn take(&self, spare: BytesMut) -> Option<BytesMut> {
         let mut inner = self.0.lock();
-        if inner.closing && inner.outbox.is_empty() {
+        if inner.closing && inner.outbox.is_drained() {
             return None;
         }
         let buf = inner.outbox.take(spare);
@@ -512,6 +524,9 @@ where
             }
             // A request arriving in fragments is activity from its first piece on.
             self.keepalive.read(arrived, request || reader.in_message());
+            if let Some(ack) = reader.take_ack() {
+                self.conn.push_now(&ack);
+            }
         }
     }
 
@@ -594,6 +609,7 @@ where
                 None
             }
             Message::Pong { .. } => None,
+            Message::Ack { bytes } => self.conn.ack(bytes),
             Message::GoAway { code, reason } => {
                 tracing::debug!(code, reason = %String::from_utf8_lossy(&reason), "client goaway");
                 Some(Stop::Eof)

@@ -1,0 +1,315 @@
+//! The zstd side of a connection's write half: one streaming context for the connection's life,
+//! flushed once per batch, that stops trying to compress what does not compress.
+//!
+//! Compressing incompressible bytes costs nearly as much CPU as compressing anything else and
+//! saves nothing: with random 1 KiB payloads the attempt halved calls/s. So each batch is
+//! measured: when compressing it saved less than [`MIN_SAVING`], the next batches go out as
+//! *raw blocks* (the stored form zstd itself falls back to, RFC 8878 §3.1.1.2.2), in a zstd
+//! frame of their own, for a number of batches that doubles with each failed try (up to
+//! [`MAX_SKIP`]); then compressing is tried again. Compressible traffic stays in one frame, so
+//! the context keeps its history across batches (a repeated message costs a few bytes).
+//!
+//! The output is an ordinary zstd stream (a sequence of frames) that any decoder reads; PROTOCOL.md
+//! §3.3 requires receivers to accept a new frame after any frame ends.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::AsyncWrite;
+use zstd::stream::raw::{Encoder, InBuffer, Operation, OutBuffer};
+
+/// Compress at zstd's fastest level (1), as the other algorithms run at theirs.
+const LEVEL: i32 = 1;
+
+/// A batch whose compressed size is above this fraction of its size (in 1/16ths: 15/16, a
+/// saving under 6.25 %) was not worth compressing.
+const MIN_SAVING: usize = 15;
+
+/// Most batches sent raw between two tries at compressing.
+const MAX_SKIP: u32 = 64;
+
+/// Batches smaller than this are always compressed, and say nothing about the payloads: the
+/// fixed costs of a block dominate them.
+const MIN_PROBE: usize = 512;
+
+/// Output held before a write goes to the socket in the middle of a batch, so that a large
+/// batch makes progress (and a peer that stops reading is noticed) before its flush.
+const HIGH_WATER: usize = 64 * 1024;
+
+/// The zstd frame magic number, little-endian.
+const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+
+/// Frame header descriptor: no content size, not single-segment, no checksum, no dictionary.
+const DESCRIPTOR: u8 = 0x00;
+
+/// Window descriptor: exponent 7, mantissa 0, a 128 KiB window (2^(10 + 7)), so blocks may be
+/// up to 128 KiB.
+const WINDOW: u8 = 7 << 3;
+
+/// Largest raw block: the block maximum for a 128 KiB window.
+const MAX_BLOCK: usize = 128 * 1024;
+
+/// What the batch being written is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// Nothing written since the last flush.
+    Idle,
+    /// Compressed into the open frame; `input` bytes so far, and the output counter when it
+    /// began.
+    Compressed { input: usize, out_start: u64 },
+    /// Sent as raw blocks.
+    Raw,
+}
+
+/// An [`AsyncWrite`] that zstd-compresses into `io`, a batch per flush.
+pub(crate) struct ZstdWriter<W> {
+    io: W,
+    encoder: Encoder<'static>,
+    /// Output not yet written to `io`, from `pos` on.
+    out: Vec<u8>,
+    pos: usize,
+    /// Bytes ever appended to `out`: what a batch produced is the difference.
+    produced: u64,
+    batch: Batch,
+    /// A compressed frame is open: it must be ended before raw blocks go out.
+    frame_open: bool,
+    /// Batches still to send raw before compressing is tried again.
+    skip: u32,
+    /// Batches to send raw after the next try that saves too little.
+    backoff: u32,
+}
+
+impl<W> std::fmt::Debug for ZstdWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZstdWriter")
+            .field("pending", &(self.out.len() - self.pos))
+            .field("batch", &self.batch)
+            .field("skip", &self.skip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: AsyncWrite + Unpin> ZstdWriter<W> {
+    pub(crate) fn new(io: W) -> io::Result<Self> {
+        Ok(ZstdWriter {
+            io,
+            encoder: Encoder::new(LEVEL)?,
+            out: Vec::new(),
+            pos: 0,
+            produced: 0,
+            batch: Batch::Idle,
+            frame_open: false,
+            skip: 0,
+            backoff: 1,
+        })
+    }
+
+    /// Writes pending output to `io` until fewer than `keep` bytes are left.
+    fn poll_drain(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<io::Result<()>> {
+        while self.out.len() - self.pos > keep {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.pos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pos += n;
+        }
+        if self.pos == self.out.len() {
+            self.out.clear();
+            self.pos = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Runs `step` (a compressor call writing into `out`) until it says it is done.
+    fn drive(
+        &mut self,
+        mut step: impl FnMut(&mut Encoder<'static>, &mut OutBuffer<'_, Vec<u8>>) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        loop {
+            self.out.reserve(16 * 1024);
+            let before = self.out.len();
+            let mut buf = OutBuffer::around_pos(&mut self.out, before);
+            let left = step(&mut self.encoder, &mut buf)?;
+            let after = buf.pos();
+            self.produced += (after - before) as u64;
+            if left == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Compresses `input` into the open frame.
+    fn compress(&mut self, input: &[u8]) -> io::Result<()> {
+        let mut input = InBuffer::around(input);
+        while input.pos() < input.src.len() {
+            self.out.reserve((input.src.len() - input.pos()).min(128 * 1024) + 1024);
+            let before = self.out.len();
+            let mut buf = OutBuffer::around_pos(&mut self.out, before);
+            self.encoder.run(&mut input, &mut buf)?;
+            self.produced += (buf.pos() - before) as u64;
+        }
+        Ok(())
+    }
+
+    /// Ends the open compressed frame, if one is.
+    fn end_frame(&mut self) -> io::Result<()> {
+        if self.frame_open {
+            self.drive(|e, out| e.finish(out, false))?;
+            self.encoder.reinit()?;
+            self.frame_open = false;
+        }
+        Ok(())
+    }
+
+    /// Appends `input` as a frame of raw blocks.
+    fn put_raw(&mut self, input: &[u8]) {
+        self.out.reserve(6 + input.len() + 3 * input.len().div_ceil(MAX_BLOCK));
+        self.out.extend_from_slice(&MAGIC);
+        self.out.push(DESCRIPTOR);
+        self.out.push(WINDOW);
+        let mut blocks = input.chunks(MAX_BLOCK).peekable();
+        while let Some(block) = blocks.next() {
+            // Block header, 3 bytes little-endian: size << 3 | type (0, raw) << 1 | last.
+            let last = u32::from(blocks.peek().is_none());
+            let header = ((block.len() as u32) << 3) | last;
+            self.out.extend_from_slice(&header.to_le_bytes()[..3]);
+            self.out.extend_from_slice(block);
+        }
+        self.produced += (6 + input.len() + 3 * input.len().div_ceil(MAX_BLOCK)) as u64;
+    }
+
+    /// The batch is whole: flushes the compressor and judges what compressing saved.
+    fn end_batch(&mut self) -> io::Result<()> {
+        if let Batch::Compressed { input, out_start } = self.batch {
+            self.drive(|e, out| e.flush(out))?;
+            if input >= MIN_PROBE {
+                let output = (self.produced - out_start) as usize;
+                if output * 16 > input * MIN_SAVING {
+                    self.skip = self.backoff;
+                    self.backoff = (self.backoff * 2).min(MAX_SKIP);
+                } else {
+                    self.backoff = 1;
+                }
+            }
+        }
+        self.batch = Batch::Idle;
+        Ok(())
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for ZstdWriter<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        input: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx, HIGH_WATER))?;
+        if input.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.batch == Batch::Idle {
+            this.batch = if this.skip > 0 && input.len() >= MIN_PROBE {
+                this.skip -= 1;
+                Batch::Raw
+            } else {
+                Batch::Compressed {
+                    input: 0,
+                    out_start: this.produced,
+                }
+            };
+        }
+        match &mut this.batch {
+            Batch::Compressed { input: n, .. } => {
+                *n += input.len();
+                this.frame_open = true;
+                this.compress(input)?;
+            }
+            Batch::Raw => {
+                this.end_frame()?;
+                this.put_raw(input);
+            }
+            Batch::Idle => unreachable!("a batch was just started"),
+        }
+        Poll::Ready(Ok(input.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.end_batch()?;
+        ready!(this.poll_drain(cx, 0))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.end_batch()?;
+        this.end_frame()?;
+        ready!(this.poll_drain(cx, 0))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Writes `batches` through a [`ZstdWriter`], a flush after each; returns the stream and
+    /// the bytes each batch added to it.
+    async fn stream_of(batches: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
+        let mut w = ZstdWriter::new(Vec::new()).unwrap();
+        let mut sizes = Vec::new();
+        for b in batches {
+            let before = w.io.len();
+            w.write_all(b).await.unwrap();
+            w.flush().await.unwrap();
+            sizes.push(w.io.len() - before);
+        }
+        w.shutdown().await.unwrap();
+        (w.io, sizes)
+    }
+
+    fn decode(stream: &[u8]) -> Vec<u8> {
+        // The reference decoder reads a sequence of frames.
+        zstd::stream::decode_all(stream).unwrap()
+    }
+
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        (0..n).map(|_| rng.u8(..)).collect()
+    }
+
+    #[tokio::test]
+    async fn repetitive_batches_stay_compressed_with_their_history() {
+        let msg = b"a message that repeats from batch to batch, call after call".repeat(20);
+        let batches: Vec<Vec<u8>> = (0..50).map(|_| msg.clone()).collect();
+        let (stream, sizes) = stream_of(&batches).await;
+        assert_eq!(decode(&stream), batches.concat());
+        // After the first, each batch is a back-reference: a few bytes.
+        assert!(sizes[1..].iter().all(|&n| n < 32), "{sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn incompressible_batches_go_raw_and_compression_is_tried_again() {
+        let mut batches: Vec<Vec<u8>> = (0..40).map(|i| noise(i, 4096)).collect();
+        let text = b"compressible again ".repeat(200);
+        batches.extend((0..80).map(|_| text.clone()));
+        let (stream, sizes) = stream_of(&batches).await;
+        assert_eq!(decode(&stream), batches.concat());
+        // Raw batches cost their size plus a frame and block header (9 bytes).
+        let raw = sizes[..40].iter().filter(|&&n| n == 4096 + 9).count();
+        assert!(raw >= 30, "only {raw} of 40 noise batches went raw: {sizes:?}");
+        // Tries continue (backing off) and find the text compressible within 64 batches.
+        assert!(sizes[110..].iter().all(|&n| n < 64), "{sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn large_batches_are_cut_into_blocks_and_decode() {
+        let big = noise(7, 300 * 1024);
+        let batches = vec![noise(1, 2048), noise(2, 2048), big.clone(), big];
+        let (stream, _) = stream_of(&batches).await;
+        assert_eq!(decode(&stream), batches.concat());
+    }
+}
