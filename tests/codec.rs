@@ -1139,27 +1139,3 @@ fn ack_bytes_match_the_spec() {
         .encode(Message::Ack { bytes: 0 }, &mut out)
         .is_err());
 }
-
-#[test]
-fn fragment_data_past_the_window_is_refused() {
-    // 1 MiB of pieces is the window; one byte more, unacknowledged, is a protocol error. (A
-    // `FrameCodec` user acknowledges nothing, so the count is what it has read.)
-    let whole = response_bytes(1, &vec![3u8; 2 << 20]);
-    let mut codec = FrameCodec::new();
-    let mut sent = 0;
-    let mut res = Ok(None);
-    for piece in whole.chunks(64 * 1024) {
-        let mut buf = BytesMut::from(&frame_of(&[fragment(1, piece)])[..]);
-        res = codec.decode(&mut buf);
-        sent += piece.len();
-        if res.is_err() {
-            break;
-        }
-    }
-    assert!(matches!(res, Err(CodecError::InvalidFrame(_))), "{res:?}");
-    assert_eq!(
-        sent,
-        (1 << 20) + 64 * 1024,
-        "refused on the first piece past 1 MiB"
-    );
-}

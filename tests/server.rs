@@ -561,3 +561,27 @@ async fn small_calls_pass_a_large_one_and_large_ones_arrive_whole() {
         );
     }
 }
+
+/// Replies queued past `max_queued_bytes` pause the server's reader, and with it the client's
+/// ACKs (PROTOCOL.md §4.1): the server's fragments then go out unpaced, so large replies still
+/// flow to a client that reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_replies_past_the_queue_cap_still_reach_a_reading_client() {
+    let server = support::serve(Server::builder().max_queued_bytes(1 << 20), support::echo()).await;
+    let client = Client::connect(server.addr).await.unwrap();
+    let mut calls = JoinSet::new();
+    for i in 0..4u8 {
+        let client = client.clone();
+        calls.spawn(async move {
+            let body = bytes::Bytes::from(vec![i; 3 << 20]);
+            let got = client.request(Request::new("echo", body.clone())).await;
+            got.unwrap().body() == &body
+        });
+    }
+    support::within(Duration::from_secs(30), async {
+        while let Some(res) = calls.join_next().await {
+            assert!(res.unwrap(), "an echo came back changed");
+        }
+    })
+    .await;
+}

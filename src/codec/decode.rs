@@ -7,7 +7,7 @@ use super::frame::{
     kind, Frame, Message, ACK_FIXED, CANCEL_FIXED, ERROR_FIXED, FRAGMENT_FIXED, GOAWAY_FIXED,
     PING_FIXED, REQUEST_FIXED, RESPONSE_FIXED,
 };
-use super::{CodecError, ACK_EVERY, FRAGMENT_WINDOW, FRAME_HEADER_LEN, MAX_METADATA_LEN};
+use super::{CodecError, ACK_EVERY, FRAME_HEADER_LEN, MAX_METADATA_LEN};
 
 #[derive(Debug, Clone)]
 pub(super) struct FrameDecoder {
@@ -181,11 +181,6 @@ impl FrameDecoder {
         }
         let mut data = take(body, len)?;
         self.unacked += len;
-        if self.unacked > FRAGMENT_WINDOW {
-            return Err(CodecError::InvalidFrame(
-                "fragment data past the window (1 MiB unacknowledged)",
-            ));
-        }
         let Some(partial) = &mut self.partial else {
             // The first piece: its fixed part says how big the message is, checked now.
             let total = fragmented_len(&data)?;

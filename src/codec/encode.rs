@@ -198,8 +198,11 @@ pub(crate) struct Outbox {
     big: VecDeque<Big>,
     /// Bytes of `big` not sent yet.
     big_len: usize,
-    /// Fragment data the peer's window still takes (PROTOCOL.md §4.1).
-    credit: usize,
+    /// Fragment data sent and not acknowledged yet (PROTOCOL.md §4.1).
+    outstanding: usize,
+    /// Whether fragments keep to the window: not while this side has stopped reading, when
+    /// the ACKs that open it cannot arrive.
+    paced: bool,
 }
 
 /// A message waiting to go out in fragments: its encoding is `head` then `tail`, and the
@@ -332,7 +335,8 @@ impl Outbox {
             queued: 0,
             big: VecDeque::new(),
             big_len: 0,
-            credit: FRAGMENT_WINDOW,
+            outstanding: 0,
+            paced: true,
         }
     }
 
@@ -413,7 +417,20 @@ impl Outbox {
     fn fragment_ready(&self) -> bool {
         self.big
             .front()
-            .is_some_and(|big| (big.len() - big.sent).min(self.piece_max()) <= self.credit)
+            .is_some_and(|big| self.fits_window((big.len() - big.sent).min(self.piece_max())))
+    }
+
+    /// Whether `n` more bytes of fragments fit the peer's window.
+    fn fits_window(&self, n: usize) -> bool {
+        !self.paced || self.outstanding + n <= FRAGMENT_WINDOW
+    }
+
+    /// Stops (`false`) or resumes keeping fragments to the window; returns whether the writer
+    /// must be woken. A side that stops reading stops pacing: the ACKs would wait unread.
+    pub(crate) fn pace(&mut self, paced: bool) -> bool {
+        let was_empty = self.is_empty();
+        self.paced = paced;
+        was_empty && !self.is_empty()
     }
 
     fn piece_max(&self) -> usize {
@@ -425,13 +442,13 @@ impl Outbox {
     /// ACK for more than is outstanding.
     pub(crate) fn ack(&mut self, bytes: u32) -> Result<bool, CodecError> {
         let bytes = bytes as usize;
-        if bytes > FRAGMENT_WINDOW - self.credit {
+        if bytes > self.outstanding {
             return Err(CodecError::InvalidFrame(
                 "ack for more fragment data than was sent",
             ));
         }
         let was_empty = self.is_empty();
-        self.credit += bytes;
+        self.outstanding -= bytes;
         Ok(was_empty && !self.is_empty())
     }
 
@@ -469,11 +486,11 @@ impl Outbox {
             };
             let left = big.len() - big.sent;
             let n = left.min(piece_max);
-            if n > self.credit {
+            if self.paced && self.outstanding + n > FRAGMENT_WINDOW {
                 // The peer has not read what went before: wait for its ACK.
                 break;
             }
-            self.credit -= n;
+            self.outstanding += n;
             let more = n < left;
             out.reserve(FRAME_HEADER_LEN + FRAGMENT_FIXED + n);
             let start = out.len();

@@ -72,6 +72,8 @@ pub(super) struct Conn {
     max_frame_len: usize,
     /// Closed by the budget (see `condemn`); the reader stops.
     condemned: AtomicBool,
+    /// The reader is paused: fragments go out past the client's window (see `pace`).
+    unpaced: AtomicBool,
     /// A handler finished and released its request bytes.
     pub(super) notify_freed: Notify,
     /// Calls answered by their handlers: what earns a client its cancels (see `Flood`).
@@ -122,6 +124,18 @@ impl Conn {
         let wake = self.push(&mut inner, msg);
         drop(inner);
         if wake {
+            self.notify_writer.notify_one();
+        }
+    }
+
+    /// Keeps our fragments to the client's window (`true`), or stops while the reader does not
+    /// read (PROTOCOL.md §4.1).
+    fn pace(&self, paced: bool) {
+        if self.unpaced.load(Ordering::Relaxed) != paced {
+            return;
+        }
+        self.unpaced.store(!paced, Ordering::Relaxed);
+        if self.lock().outbox.pace(paced) {
             self.notify_writer.notify_one();
         }
     }
@@ -290,6 +304,7 @@ pub(super) async fn serve<S, IO>(
         max_queued_bytes: config.max_queued_bytes,
         max_frame_len: peer.max_frame_len as usize,
         condemned: AtomicBool::new(false),
+        unpaced: AtomicBool::new(false),
         notify_freed: Notify::new(),
         answered: AtomicU64::new(0),
         counters: counters.clone(),
@@ -322,7 +337,9 @@ pub(super) async fn serve<S, IO>(
         gate_conn.reading.store(buffered, Ordering::Relaxed);
         let queued = gate_conn.lock().outbox.len();
         let held = gate_conn.account(queued);
-        !gate_conn.budget.over(held)
+        let go = !gate_conn.budget.over(held);
+        gate_conn.pace(go);
+        go
     });
     let mut reader = FrameReader::new(r, codec)
         .frame_timeout(config.frame_read_timeout)
@@ -455,8 +472,12 @@ where
                 }
                 let over_budget = self.conn.budget.over(held);
                 if queued <= self.config.max_queued_bytes && !over_budget {
+                    self.conn.pace(true);
                     break;
                 }
+                // The client's ACKs wait unread behind what we do not read: fragments go out
+                // unpaced meanwhile, or a reply waiting for them would wait for good.
+                self.conn.pace(false);
                 // While paused, look again now and then: the replies of running calls keep
                 // arriving, and the budget is shared with every other connection.
                 tokio::select! {
