@@ -250,8 +250,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 return Ok(Some(frame));
             }
-            if self.buf.capacity() - self.buf.len() < DEFAULT_BUFFER_SIZE / 4 {
-                self.buf.reserve(DEFAULT_BUFFER_SIZE);
+            // While a message arrives in fragments, read several of them at once: a large
+            // message then costs as few reads as it did in one frame.
+            let want = if self.codec.in_message() {
+                4 * DEFAULT_BUFFER_SIZE
+            } else {
+                DEFAULT_BUFFER_SIZE
+            };
+            if self.buf.capacity() - self.buf.len() < want / 4 {
+                self.buf.reserve(want);
             }
             let partial = !self.buf.is_empty() || self.codec.in_frame() || self.codec.in_message();
             if partial {
