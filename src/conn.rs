@@ -341,25 +341,29 @@ pin_project_lite::pin_project! {
     feature = "compression-deflate",
     feature = "compression-lz4"
 ))]
-use self::buffered::{compressed_reader, compressed_writer};
+use self::buffered::compressed_reader;
+#[cfg(any(feature = "compression-deflate", feature = "compression-lz4"))]
+use self::buffered::compressed_writer;
 
 /// Buffers between a compressor and the socket, and between the socket and a decompressor.
 ///
-/// The compressors write their output in pieces as they produce it; buffered, a batch's
-/// compressed bytes leave in one `write` at the flush that ends the batch (as plain batches
-/// do), instead of several small ones. A compressor's own state is far larger.
+/// The deflate and lz4 compressors write their output in pieces as they produce it; buffered,
+/// a batch's compressed bytes leave in one `write` at the flush that ends the batch (as plain
+/// batches do), instead of several small ones. (The zstd writer buffers its own output.) A
+/// compressor's own state is far larger.
 #[cfg(any(
     feature = "compression-zstd",
     feature = "compression-deflate",
     feature = "compression-lz4"
 ))]
 mod buffered {
-    use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+    use tokio::io::{AsyncRead, BufReader};
 
     const COMPRESSED_BUFFER: usize = 64 * 1024;
 
-    pub(super) fn compressed_writer<W: AsyncWrite>(w: W) -> BufWriter<W> {
-        BufWriter::with_capacity(COMPRESSED_BUFFER, w)
+    #[cfg(any(feature = "compression-deflate", feature = "compression-lz4"))]
+    pub(super) fn compressed_writer<W: tokio::io::AsyncWrite>(w: W) -> tokio::io::BufWriter<W> {
+        tokio::io::BufWriter::with_capacity(COMPRESSED_BUFFER, w)
     }
 
     pub(super) fn compressed_reader<R: AsyncRead>(r: R) -> BufReader<R> {
@@ -367,21 +371,24 @@ mod buffered {
     }
 }
 
+#[cfg(feature = "compression-zstd")]
+mod zstd;
+
 /// Wraps both halves of a connection in the negotiated compression.
 pub(crate) fn wire<R, W>(
     r: R,
     w: W,
     compression: Option<crate::codec::Compression>,
-) -> (WireReader<R>, WireWriter<W>)
+) -> io::Result<(WireReader<R>, WireWriter<W>)>
 where
     R: AsyncRead + Send + 'static,
-    W: AsyncWrite + Send + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
 {
-    match compression {
+    Ok(match compression {
         None => (WireReader::Plain { io: r }, WireWriter::Plain { io: w }),
         #[cfg(feature = "compression-zstd")]
         Some(crate::codec::Compression::Zstd) => {
-            use async_compression::{tokio::bufread::ZstdDecoder, tokio::write::ZstdEncoder};
+            use async_compression::tokio::bufread::ZstdDecoder;
             let params = [async_compression::zstd::DParameter::window_log_max(
                 crate::codec::ZSTD_WINDOW_LOG_MAX,
             )];
@@ -391,10 +398,7 @@ where
             (
                 WireReader::Compressed { io: Box::pin(dec) },
                 WireWriter::Compressed {
-                    io: Box::pin(ZstdEncoder::with_quality(
-                        compressed_writer(w),
-                        async_compression::Level::Fastest,
-                    )),
+                    io: Box::pin(self::zstd::ZstdWriter::new(w)?),
                 },
             )
         }
@@ -428,7 +432,7 @@ where
                 },
             )
         }
-    }
+    })
 }
 
 impl<R: AsyncRead> AsyncRead for WireReader<R> {

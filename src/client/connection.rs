@@ -246,7 +246,10 @@ where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (r, w) = tokio::io::split(io);
-    let (r, w) = wire(r, w, compression);
+    let (r, w) = match wire(r, w, compression) {
+        Ok(halves) => halves,
+        Err(e) => return End::Io(e),
+    };
     let source = ConnSource {
         shared: shared.clone(),
         gen,

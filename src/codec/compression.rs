@@ -15,7 +15,9 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Compression {
-    /// zstd at its fastest level (a streaming context, flushed per batch).
+    /// zstd at its fastest level (a streaming context, flushed per batch). Batches that do not
+    /// compress go out as raw blocks, and compressing is not tried again for a while, so
+    /// incompressible payloads cost little more than no compression.
     #[cfg(feature = "compression-zstd")]
     Zstd,
     /// Raw deflate (RFC 1951) at its fastest level, sync-flushed per batch.

@@ -143,7 +143,8 @@ impl<W: AsyncWrite + Unpin> ZstdWriter<W> {
     fn compress(&mut self, input: &[u8]) -> io::Result<()> {
         let mut input = InBuffer::around(input);
         while input.pos() < input.src.len() {
-            self.out.reserve((input.src.len() - input.pos()).min(128 * 1024) + 1024);
+            self.out
+                .reserve((input.src.len() - input.pos()).min(128 * 1024) + 1024);
             let before = self.out.len();
             let mut buf = OutBuffer::around_pos(&mut self.out, before);
             self.encoder.run(&mut input, &mut buf)?;
@@ -164,7 +165,8 @@ impl<W: AsyncWrite + Unpin> ZstdWriter<W> {
 
     /// Appends `input` as a frame of raw blocks.
     fn put_raw(&mut self, input: &[u8]) {
-        self.out.reserve(6 + input.len() + 3 * input.len().div_ceil(MAX_BLOCK));
+        self.out
+            .reserve(6 + input.len() + 3 * input.len().div_ceil(MAX_BLOCK));
         self.out.extend_from_slice(&MAGIC);
         self.out.push(DESCRIPTOR);
         self.out.push(WINDOW);
@@ -300,7 +302,10 @@ mod tests {
         assert_eq!(decode(&stream), batches.concat());
         // Raw batches cost their size plus a frame and block header (9 bytes).
         let raw = sizes[..40].iter().filter(|&&n| n == 4096 + 9).count();
-        assert!(raw >= 30, "only {raw} of 40 noise batches went raw: {sizes:?}");
+        assert!(
+            raw >= 30,
+            "only {raw} of 40 noise batches went raw: {sizes:?}"
+        );
         // Tries continue (backing off) and find the text compressible within 64 batches.
         assert!(sizes[110..].iter().all(|&n| n < 64), "{sizes:?}");
     }

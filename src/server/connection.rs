@@ -310,7 +310,14 @@ pub(super) async fn serve<S, IO>(
         counters: counters.clone(),
     });
     let (r, w) = tokio::io::split(io);
-    let (r, w) = wire(r, w, compression);
+    let (r, w) = match wire(r, w, compression) {
+        Ok(halves) => halves,
+        Err(e) => {
+            tracing::debug!(error = %e, "compression could not start");
+            conn.account.close(&conn.budget);
+            return;
+        }
+    };
     let writer_conn = conn.clone();
     let opts = WriteOptions {
         flush_delay: None,
