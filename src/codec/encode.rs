@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::frame::{kind, Message, ERROR_FIXED, FRAGMENT_FIXED, REQUEST_FIXED};
+use super::frame::{kind, Message, FRAGMENT_FIXED};
 use super::{
     CodecError, FRAGMENT_WINDOW, FRAME_HEADER_LEN, MAX_MESSAGES_PER_FRAME, MAX_METADATA_LEN,
     MAX_METHOD_LEN,
@@ -218,8 +218,11 @@ struct Big {
 }
 
 impl Big {
+    /// `msg` (one of the four kinds with a payload; see `Outbox::push`) split into its
+    /// encoding without the payload, whose length field is patched in, and the payload.
     fn new(msg: &Message) -> Big {
-        let (head, tail) = match msg {
+        let none = Bytes::new();
+        let (bare, tail, len_at) = match msg {
             Message::Request {
                 id,
                 timeout_ms,
@@ -227,19 +230,14 @@ impl Big {
                 metadata,
                 body,
             } => {
-                let mut head =
-                    BytesMut::with_capacity(REQUEST_FIXED + method.len() + metadata.len());
-                put_request(
-                    kind::REQUEST,
-                    *id,
-                    *timeout_ms,
-                    method,
-                    metadata,
-                    &[],
-                    &mut head,
-                );
-                patch_u32(&mut head, 12, body.len());
-                (head, body.clone())
+                let bare = Message::Request {
+                    id: *id,
+                    timeout_ms: *timeout_ms,
+                    method: method.clone(),
+                    metadata: metadata.clone(),
+                    body: Bytes::new(),
+                };
+                (bare, body, 12)
             }
             Message::OneWay {
                 timeout_ms,
@@ -247,19 +245,20 @@ impl Big {
                 metadata,
                 body,
             } => {
-                let mut head =
-                    BytesMut::with_capacity(REQUEST_FIXED + method.len() + metadata.len());
-                put_request(
-                    kind::ONEWAY,
-                    0,
-                    *timeout_ms,
-                    method,
-                    metadata,
-                    &[],
-                    &mut head,
-                );
-                patch_u32(&mut head, 12, body.len());
-                (head, body.clone())
+                let bare = Message::OneWay {
+                    timeout_ms: *timeout_ms,
+                    method: method.clone(),
+                    metadata: metadata.clone(),
+                    body: Bytes::new(),
+                };
+                (bare, body, 12)
+            }
+            Message::Response { id, body } => {
+                let bare = Message::Response {
+                    id: *id,
+                    body: Bytes::new(),
+                };
+                (bare, body, 5)
             }
             Message::Error {
                 id,
@@ -267,34 +266,25 @@ impl Big {
                 message,
                 details,
             } => {
-                let mut head = BytesMut::with_capacity(ERROR_FIXED + message.len());
-                let none = Message::Error {
+                let bare = Message::Error {
                     id: *id,
                     code: *code,
                     message: message.clone(),
                     details: Bytes::new(),
                 };
-                put_message(&none, &mut head);
-                patch_u32(&mut head, 9, details.len());
-                (head, details.clone())
+                (bare, details, 9)
             }
-            Message::Response { id, body } => {
-                let mut head = BytesMut::with_capacity(9);
-                head.put_u8(kind::RESPONSE);
-                head.put_u32(*id);
-                head.put_u32(body.len() as u32);
-                (head, body.clone())
-            }
-            // Control messages are a few bytes: never here (see `Outbox::push`).
-            other => {
-                let mut head = BytesMut::new();
-                put_message(other, &mut head);
-                (head, Bytes::new())
-            }
+            // Control messages are a few bytes and never come here; sent whole if they did.
+            other => (other.clone(), &none, 0),
         };
+        let mut head = BytesMut::with_capacity(bare.encoded_len());
+        put_message(&bare, &mut head);
+        if !tail.is_empty() {
+            head[len_at..len_at + 4].copy_from_slice(&(tail.len() as u32).to_be_bytes());
+        }
         Big {
             head: head.freeze(),
-            tail,
+            tail: tail.clone(),
             sent: 0,
         }
     }
@@ -318,11 +308,6 @@ impl Big {
         }
         self.sent = end;
     }
-}
-
-/// Overwrites the big-endian `u32` at `at` (a length written as 0 while its bytes stay apart).
-fn patch_u32(buf: &mut BytesMut, at: usize, v: usize) {
-    buf[at..at + 4].copy_from_slice(&(v as u32).to_be_bytes());
 }
 
 impl Outbox {
