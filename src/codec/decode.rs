@@ -99,11 +99,14 @@ impl FrameDecoder {
 
     /// Fragment data to acknowledge now, if enough has been read since the last ACK.
     pub(super) fn take_ack(&mut self) -> Option<u32> {
-        if self.unacked >= ACK_EVERY {
-            Some(std::mem::take(&mut self.unacked) as u32)
-        } else {
-            None
+        if self.unacked < ACK_EVERY {
+            return None;
         }
+        // An engine takes its ACK after every frame, so this is a few hundred KiB; a codec
+        // user that never does acknowledges in `u32`-sized steps.
+        let n = self.unacked.min(u32::MAX as usize);
+        self.unacked -= n;
+        Some(n as u32)
     }
 
     /// Whether a message is partly reassembled from its fragments.

@@ -221,61 +221,16 @@ impl Big {
     /// `msg` (one of the four kinds with a payload; see `Outbox::push`) split into its
     /// encoding without the payload, whose length field is patched in, and the payload.
     fn new(msg: &Message) -> Big {
-        let none = Bytes::new();
-        let (bare, tail, len_at) = match msg {
-            Message::Request {
-                id,
-                timeout_ms,
-                method,
-                metadata,
-                body,
-            } => {
-                let bare = Message::Request {
-                    id: *id,
-                    timeout_ms: *timeout_ms,
-                    method: method.clone(),
-                    metadata: metadata.clone(),
-                    body: Bytes::new(),
-                };
-                (bare, body, 12)
+        // A clone shares the payload (`Bytes`); taking it out leaves the rest to encode.
+        let mut bare = msg.clone();
+        let (tail, len_at) = match &mut bare {
+            Message::Request { body, .. } | Message::OneWay { body, .. } => {
+                (std::mem::take(body), 12)
             }
-            Message::OneWay {
-                timeout_ms,
-                method,
-                metadata,
-                body,
-            } => {
-                let bare = Message::OneWay {
-                    timeout_ms: *timeout_ms,
-                    method: method.clone(),
-                    metadata: metadata.clone(),
-                    body: Bytes::new(),
-                };
-                (bare, body, 12)
-            }
-            Message::Response { id, body } => {
-                let bare = Message::Response {
-                    id: *id,
-                    body: Bytes::new(),
-                };
-                (bare, body, 5)
-            }
-            Message::Error {
-                id,
-                code,
-                message,
-                details,
-            } => {
-                let bare = Message::Error {
-                    id: *id,
-                    code: *code,
-                    message: message.clone(),
-                    details: Bytes::new(),
-                };
-                (bare, details, 9)
-            }
+            Message::Response { body, .. } => (std::mem::take(body), 5),
+            Message::Error { details, .. } => (std::mem::take(details), 9),
             // Control messages are a few bytes and never come here; sent whole if they did.
-            other => (other.clone(), &none, 0),
+            _ => (Bytes::new(), 0),
         };
         let mut head = BytesMut::with_capacity(bare.encoded_len());
         put_message(&bare, &mut head);
@@ -284,7 +239,7 @@ impl Big {
         }
         Big {
             head: head.freeze(),
-            tail: tail.clone(),
+            tail,
             sent: 0,
         }
     }
