@@ -107,6 +107,13 @@ impl Conn {
         held
     }
 
+    /// Reply bytes queued now, and what the connection holds in all (accounted into the
+    /// server-wide budget).
+    fn held_now(&self) -> (usize, usize) {
+        let queued = self.lock().outbox.len();
+        (queued, self.account(queued))
+    }
+
     /// Queues `msg`; wakes the writer if it may be asleep.
     fn push(&self, inner: &mut Inner, msg: &Message) -> bool {
         let was_empty = inner.outbox.is_empty();
@@ -342,8 +349,7 @@ pub(super) async fn serve<S, IO>(
     let gate_conn = conn.clone();
     let gate = Box::new(move |buffered: usize| {
         gate_conn.reading.store(buffered, Ordering::Relaxed);
-        let queued = gate_conn.lock().outbox.len();
-        let held = gate_conn.account(queued);
+        let (_, held) = gate_conn.held_now();
         let go = !gate_conn.budget.over(held);
         gate_conn.pace(go);
         go
@@ -467,8 +473,7 @@ where
                 .reading
                 .store(reader.held_between_frames(), Ordering::Relaxed);
             loop {
-                let queued = self.conn.lock().outbox.len();
-                let held = self.conn.account(queued);
+                let (queued, held) = self.conn.held_now();
                 if self.conn.condemned.load(Ordering::Acquire) {
                     return Stop::Condemned;
                 }
