@@ -193,27 +193,17 @@ impl FrameDecoder {
                     max: self.max_frame_len,
                 });
             }
-            return match (data.len().cmp(&total), more) {
+            check_piece(data.len(), total, more)?;
+            if !more {
                 // A message in a single piece: nothing to hold.
-                (std::cmp::Ordering::Equal, false) => parse_message(&mut data).map(Some),
-                (std::cmp::Ordering::Less, true) => {
-                    let mut partial = Partial::new(total);
-                    partial.push(data);
-                    self.partial = Some(partial);
-                    Ok(None)
-                }
-                (std::cmp::Ordering::Greater, _) => Err(PAST_END),
-                (std::cmp::Ordering::Equal, true) => Err(MORE_AFTER_END),
-                (std::cmp::Ordering::Less, false) => Err(ENDS_EARLY),
-            };
+                return parse_message(&mut data).map(Some);
+            }
+            let mut partial = Partial::new(total);
+            partial.push(data);
+            self.partial = Some(partial);
+            return Ok(None);
         };
-        let have = partial.len + data.len();
-        match (have.cmp(&partial.total), more) {
-            (std::cmp::Ordering::Greater, _) => return Err(PAST_END),
-            (std::cmp::Ordering::Equal, true) => return Err(MORE_AFTER_END),
-            (std::cmp::Ordering::Less, false) => return Err(ENDS_EARLY),
-            _ => {}
-        }
+        check_piece(partial.len + data.len(), partial.total, more)?;
         partial.push(data);
         if more {
             return Ok(None);
@@ -265,6 +255,18 @@ const MORE_AFTER_END: CodecError =
     CodecError::InvalidFrame("fragment completes its message but says more follow");
 const ENDS_EARLY: CodecError =
     CodecError::InvalidFrame("last fragment leaves its message incomplete");
+
+/// Whether a piece that brings its message to `have` of `total` bytes may say `more`: it may
+/// not run past the end, nor stop short of it, nor say more follow once it is reached.
+fn check_piece(have: usize, total: usize, more: bool) -> Result<(), CodecError> {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    match (have.cmp(&total), more) {
+        (Greater, _) => Err(PAST_END),
+        (Equal, true) => Err(MORE_AFTER_END),
+        (Less, false) => Err(ENDS_EARLY),
+        (Equal, false) | (Less, true) => Ok(()),
+    }
+}
 
 /// The size of the message whose first piece is `first`, from its fixed part, which the first
 /// piece must hold whole; only the four kinds with a body may be sent in fragments.

@@ -421,17 +421,19 @@ impl Outbox {
         let piece_max = self.piece_max();
         let mut budget = FRAGMENTS_PER_TAKE;
         while budget > 0 {
-            let Some(big) = self.big.front_mut() else {
+            let Some(left) = self.big.front().map(|big| big.len() - big.sent) else {
                 break;
             };
-            let left = big.len() - big.sent;
             let n = left.min(piece_max);
-            if self.paced && self.outstanding + n > FRAGMENT_WINDOW {
+            let more = n < left;
+            if !self.fits_window(n) {
                 // The peer has not read what went before: wait for its ACK.
                 break;
             }
+            let Some(big) = self.big.front_mut() else {
+                break;
+            };
             self.outstanding += n;
-            let more = n < left;
             out.reserve(FRAME_HEADER_LEN + FRAGMENT_FIXED + n);
             let start = out.len();
             out.put_bytes(0, FRAME_HEADER_LEN);
