@@ -483,6 +483,24 @@ impl<W: AsyncWrite> AsyncWrite for WireWriter<W> {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.project() {
+            WireWriterProj::Plain { io } => io.poll_write_vectored(cx, bufs),
+            WireWriterProj::Compressed { io } => io.as_mut().poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            WireWriter::Plain { io } => io.is_write_vectored(),
+            WireWriter::Compressed { io } => io.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.project() {
             WireWriterProj::Plain { io } => io.poll_flush(cx),

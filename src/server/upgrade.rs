@@ -269,6 +269,24 @@ impl AsyncWrite for UpgradedIo {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpgradedIo::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            UpgradedIo::Other(io, _) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpgradedIo::Tcp(io) => io.is_write_vectored(),
+            UpgradedIo::Other(io, _) => io.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpgradedIo::Tcp(io) => Pin::new(io).poll_flush(cx),

@@ -141,6 +141,24 @@ impl<T: AsyncWrite> AsyncWrite for MaybeCounted<T> {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.project() {
+            MaybeCountedProj::Counted { io } => io.poll_write_vectored(cx, bufs),
+            MaybeCountedProj::Wrapped { io } => io.poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeCounted::Counted { io } => io.is_write_vectored(),
+            MaybeCounted::Wrapped { io } => io.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.project() {
             MaybeCountedProj::Counted { io } => io.poll_flush(cx),
@@ -177,6 +195,17 @@ impl<T: AsyncRead> AsyncRead for CountingIo<T> {
     }
 }
 
+impl Counters {
+    /// Counts one write syscall and what it wrote.
+    fn wrote(&self, res: &io::Result<usize>) {
+        Counters::inc(&self.write_calls);
+        match res {
+            Ok(n) => Counters::add(&self.bytes_written, *n as u64),
+            Err(_) => Counters::inc(&self.write_errors),
+        }
+    }
+}
+
 impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -185,12 +214,23 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let res = ready!(this.io.poll_write(cx, buf));
-        Counters::inc(&this.counters.write_calls);
-        match &res {
-            Ok(n) => Counters::add(&this.counters.bytes_written, *n as u64),
-            Err(_) => Counters::inc(&this.counters.write_errors),
-        }
+        this.counters.wrote(&res);
         Poll::Ready(res)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let res = ready!(this.io.poll_write_vectored(cx, bufs));
+        this.counters.wrote(&res);
+        Poll::Ready(res)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
