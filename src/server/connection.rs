@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use super::budget::{Account, Budget, RECHECK};
 use super::flood::{Flood, RAPID_CANCEL};
@@ -377,6 +377,7 @@ pub(super) async fn serve<S, IO>(
         ),
         timer: None,
         inline_off: 0,
+        clock: std::time::Instant::now(),
     };
 
     let stop = tokio::select! {
@@ -454,6 +455,10 @@ struct Ctx<'a, S> {
     /// Requests still to spawn before the reader tries running handlers itself again (after
     /// one took [`INLINE_SLOW`] on its first poll).
     inline_off: u32,
+    /// The reader's last clock read (real time, for [`INLINE_SLOW`]): at a frame's start, after
+    /// each handler's first poll on the reader, and after waiting for readiness. What it
+    /// measures from there is the reader's own work on one request: one clock read each.
+    clock: std::time::Instant,
 }
 
 impl<S> Ctx<'_, S>
@@ -548,6 +553,7 @@ where
             // One clock read per frame: its requests arrived together, and their deadlines
             // count from then.
             let arrived = tokio::time::Instant::now();
+            self.clock = std::time::Instant::now();
             let mut request = false;
             for msg in frame.into_messages() {
                 request |= matches!(msg, Message::Request { .. } | Message::OneWay { .. });
@@ -740,13 +746,22 @@ where
         // Readiness is awaited here, on the reader: while the stack is not ready (its concurrency
         // limits are full, or a layer of the user's pushes back) the socket is not read. A
         // shutdown does not wait for it.
+        let mut waited = false;
         let ready = tokio::select! {
             // Readiness first: a ready stack (the common case) never polls the others.
             biased;
-            r = self.svc.ready() => Some(r.map(|_| ())),
+            r = std::future::poll_fn(|cx| {
+                let poll = self.svc.poll_ready(cx);
+                waited |= poll.is_pending();
+                poll
+            }) => Some(r),
             _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => None,
             _ = ping_while_busy(self.conn) => unreachable!("pings for ever"),
         };
+        if waited {
+            // Time spent waiting is not the reader's work on this request.
+            self.clock = std::time::Instant::now();
+        }
         let status = match ready {
             Some(Ok(())) => {
                 let svc = &mut self.svc;
@@ -815,11 +830,14 @@ where
             // The handler's wakers are the task's from its next poll on: a future polled again
             // with a new waker must use that one.
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            let started = std::time::Instant::now();
             let polled = task.as_mut().poll(&mut cx);
-            if started.elapsed() >= INLINE_SLOW {
+            // Since the last clock read: this request's decoding, routing, `call` and first
+            // poll, all of it time the reader spent on it.
+            let now = std::time::Instant::now();
+            if now - self.clock >= INLINE_SLOW {
                 self.inline_off = INLINE_BACKOFF;
             }
+            self.clock = now;
             if polled.is_ready() {
                 return None;
             }
