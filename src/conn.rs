@@ -336,11 +336,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-#[cfg(any(
-    feature = "compression-zstd",
-    feature = "compression-deflate",
-    feature = "compression-lz4"
-))]
+#[cfg(any(feature = "compression-deflate", feature = "compression-lz4"))]
 use self::buffered::compressed_reader;
 #[cfg(any(feature = "compression-deflate", feature = "compression-lz4"))]
 use self::buffered::compressed_writer;
@@ -349,19 +345,14 @@ use self::buffered::compressed_writer;
 ///
 /// The deflate and lz4 compressors write their output in pieces as they produce it; buffered,
 /// a batch's compressed bytes leave in one `write` at the flush that ends the batch (as plain
-/// batches do), instead of several small ones. (The zstd writer buffers its own output.) A
-/// compressor's own state is far larger.
-#[cfg(any(
-    feature = "compression-zstd",
-    feature = "compression-deflate",
-    feature = "compression-lz4"
-))]
+/// batches do), instead of several small ones. (The zstd reader and writer buffer their own.)
+/// A compressor's own state is far larger.
+#[cfg(any(feature = "compression-deflate", feature = "compression-lz4"))]
 mod buffered {
     use tokio::io::{AsyncRead, BufReader};
 
     const COMPRESSED_BUFFER: usize = 64 * 1024;
 
-    #[cfg(any(feature = "compression-deflate", feature = "compression-lz4"))]
     pub(super) fn compressed_writer<W: tokio::io::AsyncWrite>(w: W) -> tokio::io::BufWriter<W> {
         tokio::io::BufWriter::with_capacity(COMPRESSED_BUFFER, w)
     }
@@ -381,27 +372,20 @@ pub(crate) fn wire<R, W>(
     compression: Option<crate::codec::Compression>,
 ) -> io::Result<(WireReader<R>, WireWriter<W>)>
 where
-    R: AsyncRead + Send + 'static,
+    R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
     Ok(match compression {
         None => (WireReader::Plain { io: r }, WireWriter::Plain { io: w }),
         #[cfg(feature = "compression-zstd")]
-        Some(crate::codec::Compression::Zstd) => {
-            use async_compression::tokio::bufread::ZstdDecoder;
-            let params = [async_compression::zstd::DParameter::window_log_max(
-                crate::codec::ZSTD_WINDOW_LOG_MAX,
-            )];
-            let mut dec = ZstdDecoder::with_params(compressed_reader(r), &params);
-            // The peer flushes once per batch; keep decoding past the end of any zstd frame.
-            dec.multiple_members(true);
-            (
-                WireReader::Compressed { io: Box::pin(dec) },
-                WireWriter::Compressed {
-                    io: Box::pin(self::zstd::ZstdWriter::new(w)?),
-                },
-            )
-        }
+        Some(crate::codec::Compression::Zstd) => (
+            WireReader::Compressed {
+                io: Box::pin(self::zstd::ZstdReader::new(r)?),
+            },
+            WireWriter::Compressed {
+                io: Box::pin(self::zstd::ZstdWriter::new(w)?),
+            },
+        ),
         #[cfg(feature = "compression-lz4")]
         Some(crate::codec::Compression::Lz4) => {
             use async_compression::{tokio::bufread::Lz4Decoder, tokio::write::Lz4Encoder};

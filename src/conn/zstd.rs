@@ -14,13 +14,20 @@
 //!
 //! The output is an ordinary zstd stream (a sequence of frames) that any decoder reads; PROTOCOL.md
 //! §3.3 requires receivers to accept a new frame after any frame ends.
+//!
+//! The read half, [`ZstdReader`], reads any zstd stream, and passes a frame that is one raw
+//! block (the writer's raw batches) through without the decoder: one copy, from its own
+//! buffer, or none when the caller's buffer ends within the block. Every other frame goes to
+//! zstd's decoder, whose window is capped at [`ZSTD_WINDOW_LOG_MAX`].
 
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::AsyncWrite;
-use zstd::stream::raw::{Encoder, InBuffer, Operation, OutBuffer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use zstd::stream::raw::{DParameter, Decoder, Encoder, InBuffer, Operation, OutBuffer};
+
+use crate::codec::ZSTD_WINDOW_LOG_MAX;
 
 /// Compress at zstd's fastest level (1), as the other algorithms run at theirs.
 const LEVEL: i32 = 1;
@@ -314,6 +321,211 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for ZstdWriter<W> {
     }
 }
 
+/// Bytes the reader buffers from the socket.
+const INPUT_BUFFER: usize = 64 * 1024;
+
+/// Most output the decoder writes per read: the caller's buffer is zeroed before it is handed
+/// to the decoder (no `unsafe` here), so not more of it than one call may use.
+const DECODE_CHUNK: usize = 32 * 1024;
+
+/// What the reader is in the middle of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Between frames: the next bytes start one.
+    Frame,
+    /// In a frame that is one raw block: `left` bytes of it still pass through.
+    Raw { left: usize },
+    /// In any other frame: the decoder reads it to its end.
+    Decode,
+}
+
+/// What the start of a frame says about it.
+#[derive(Debug, PartialEq, Eq)]
+enum Start {
+    /// Too few bytes yet to tell.
+    More,
+    /// A frame whose only block is raw, of this many bytes, after [`RAW_HEADER`] bytes.
+    Raw(usize),
+    /// Anything else (compressed, several blocks, a checksum, a skippable frame, garbage):
+    /// the decoder's to read, or to refuse.
+    Other,
+}
+
+/// Classifies the frame that starts `b`. Only a frame the decoder would read to exactly its
+/// one raw block is [`Start::Raw`]: descriptor 0 (no content size, no checksum, no
+/// dictionary, not single-segment), a window within our cap, one last raw block no larger
+/// than the window's block maximum.
+fn frame_start(b: &[u8]) -> Start {
+    if b.len() < MAGIC.len() + 1 {
+        return if MAGIC.starts_with(b) {
+            Start::More
+        } else {
+            Start::Other
+        };
+    }
+    if b[..4] != MAGIC || b[4] != DESCRIPTOR {
+        return Start::Other;
+    }
+    if b.len() < RAW_HEADER {
+        return Start::More;
+    }
+    let (exponent, mantissa) = (u32::from(b[5] >> 3), usize::from(b[5] & 7));
+    let log = 10 + exponent;
+    if log > ZSTD_WINDOW_LOG_MAX {
+        return Start::Other;
+    }
+    let window = (1usize << log) + (1usize << log) / 8 * mantissa;
+    let block = u32::from_le_bytes([b[6], b[7], b[8], 0]);
+    let (last, kind, size) = (block & 1, (block >> 1) & 3, (block >> 3) as usize);
+    if last == 1 && kind == 0 && size <= window.min(MAX_BLOCK) {
+        Start::Raw(size)
+    } else {
+        Start::Other
+    }
+}
+
+fn truncated() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the stream ended inside a zstd frame",
+    )
+}
+
+/// An [`AsyncRead`] that decompresses the zstd stream read from `io`.
+pub(crate) struct ZstdReader<R> {
+    io: R,
+    decoder: Decoder<'static>,
+    /// Input read from `io` and not yet used: `buf[pos..end]`.
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+    eof: bool,
+    reading: Reading,
+}
+
+impl<R> std::fmt::Debug for ZstdReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZstdReader")
+            .field("buffered", &(self.end - self.pos))
+            .field("reading", &self.reading)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: AsyncRead + Unpin> ZstdReader<R> {
+    pub(crate) fn new(io: R) -> io::Result<Self> {
+        let mut decoder = Decoder::new()?;
+        decoder.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))?;
+        Ok(ZstdReader {
+            io,
+            decoder,
+            buf: vec![0; INPUT_BUFFER].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            eof: false,
+            reading: Reading::Frame,
+        })
+    }
+
+    /// Reads more input after what is buffered (moved to the front first).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        match rb.filled().len() {
+            0 => self.eof = true,
+            n => self.end += n,
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ZstdReader<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            let buffered = this.end - this.pos;
+            match this.reading {
+                Reading::Frame => match frame_start(&this.buf[this.pos..this.end]) {
+                    Start::More if this.eof && buffered == 0 => return Poll::Ready(Ok(())),
+                    Start::More if this.eof => return Poll::Ready(Err(truncated())),
+                    Start::More => ready!(this.poll_fill(cx))?,
+                    Start::Raw(len) => {
+                        this.pos += RAW_HEADER;
+                        this.reading = Reading::Raw { left: len };
+                    }
+                    Start::Other => this.reading = Reading::Decode,
+                },
+                Reading::Raw { left: 0 } => this.reading = Reading::Frame,
+                Reading::Raw { left } if buffered > 0 => {
+                    let n = left.min(buffered).min(out.remaining());
+                    out.put_slice(&this.buf[this.pos..this.pos + n]);
+                    this.pos += n;
+                    this.reading = Reading::Raw { left: left - n };
+                    return Poll::Ready(Ok(()));
+                }
+                Reading::Raw { .. } if this.eof => return Poll::Ready(Err(truncated())),
+                Reading::Raw { left } if out.remaining() <= left => {
+                    // The caller's buffer ends within the block: the socket fills it directly.
+                    let before = out.filled().len();
+                    ready!(Pin::new(&mut this.io).poll_read(cx, out))?;
+                    match out.filled().len() - before {
+                        0 => this.eof = true,
+                        n => {
+                            this.reading = Reading::Raw { left: left - n };
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+                Reading::Raw { .. } => ready!(this.poll_fill(cx))?,
+                Reading::Decode => {
+                    let mut input = InBuffer::around(&this.buf[this.pos..this.end]);
+                    let dst = out.initialize_unfilled_to(out.remaining().min(DECODE_CHUNK));
+                    let mut output = OutBuffer::around(dst);
+                    let hint = this.decoder.run(&mut input, &mut output)?;
+                    let (used, made) = (input.pos(), output.pos());
+                    this.pos += used;
+                    out.advance(made);
+                    if hint == 0 {
+                        // The frame is whole and all of it handed out.
+                        this.decoder.reinit()?;
+                        this.reading = Reading::Frame;
+                    }
+                    if made > 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                    if hint == 0 {
+                        continue;
+                    }
+                    if used == 0 && buffered > 0 {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the zstd decoder made no progress",
+                        )));
+                    }
+                    if this.pos == this.end {
+                        if this.eof {
+                            return Poll::Ready(Err(truncated()));
+                        }
+                        ready!(this.poll_fill(cx))?;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,6 +650,136 @@ mod tests {
                 assert_eq!(decode(&w.io.out), batches.concat(), "max {max}");
             }
         }
+    }
+
+    /// A socket that hands out at most `chunk` bytes per read.
+    struct Drip {
+        data: Vec<u8>,
+        pos: usize,
+        chunk: usize,
+    }
+
+    impl AsyncRead for Drip {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = self
+                .chunk
+                .min(buf.remaining())
+                .min(self.data.len() - self.pos);
+            let pos = self.pos;
+            buf.put_slice(&self.data[pos..pos + n]);
+            self.pos += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Reads `stream` through a [`ZstdReader`], `chunk` bytes per socket read, into caller
+    /// buffers of `cap` bytes.
+    async fn read_through(stream: &[u8], chunk: usize, cap: usize) -> io::Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut r = ZstdReader::new(Drip {
+            data: stream.to_vec(),
+            pos: 0,
+            chunk,
+        })?;
+        let mut all = Vec::new();
+        let mut buf = vec![0; cap];
+        loop {
+            match r.read(&mut buf).await? {
+                0 => return Ok(all),
+                n => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reader_reads_what_the_writer_wrote_however_it_arrives() {
+        let text = b"compressible text, batch after batch ".repeat(100);
+        let mut batches: Vec<Vec<u8>> = (0..12)
+            .map(|i| noise(i, 3000 + 50_000 * i as usize))
+            .collect();
+        batches.extend((0..10).map(|_| text.clone()));
+        batches.extend((20..30).map(|i| noise(i, 4096)));
+        let (stream, _) = stream_of(&batches).await;
+        let want = batches.concat();
+        for (chunk, cap) in [
+            (1, 1 << 20),
+            (7, 100),
+            (9, 4096),
+            (4096, 3),
+            (1 << 20, 1 << 20),
+            (65_536, 200_000),
+        ] {
+            let got = read_through(&stream, chunk, cap).await.unwrap();
+            assert!(
+                got == want,
+                "chunk {chunk} cap {cap}: {} of {} bytes",
+                got.len(),
+                want.len()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reader_reads_any_zstd_stream() {
+        // The reference encoder's frames: content size, checksum, compressed and raw blocks.
+        let text = b"zstd from elsewhere ".repeat(500);
+        let mut stream = zstd::stream::encode_all(&text[..], 3).unwrap();
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        enc.include_checksum(true).unwrap();
+        std::io::Write::write_all(&mut enc, &noise(3, 70_000)).unwrap();
+        stream.extend(enc.finish().unwrap());
+        // A skippable frame: magic 0x184D2A50, length, bytes any decoder skips.
+        stream.extend([0x50, 0x2A, 0x4D, 0x18, 3, 0, 0, 0, 1, 2, 3]);
+        // Descriptor 0, but a raw block that is not the last: the next (RLE) block is the
+        // decoder's, and it must have seen the first.
+        stream.extend(MAGIC);
+        stream.extend([DESCRIPTOR, WINDOW, (3 << 3) as u8, 0, 0]);
+        stream.extend(b"abc");
+        stream.extend([(5 << 3) | (1 << 1) | 1, 0, 0, b'x']);
+        let mut want = text.clone();
+        want.extend(noise(3, 70_000));
+        want.extend(b"abcxxxxx");
+        for (chunk, cap) in [(1, 1 << 16), (5, 7), (1 << 20, 1 << 20)] {
+            assert!(read_through(&stream, chunk, cap).await.unwrap() == want);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reader_refuses_what_a_decoder_would() {
+        let raw = |wd: u8, len: u32| {
+            let mut f = MAGIC.to_vec();
+            f.extend([DESCRIPTOR, wd]);
+            f.extend(&((len << 3) | 1).to_le_bytes()[..3]);
+            f.extend(vec![7u8; len as usize]);
+            f
+        };
+        // A clean end between frames is the end of the stream.
+        assert_eq!(
+            read_through(&raw(WINDOW, 5), 3, 64).await.unwrap(),
+            vec![7; 5]
+        );
+        // A raw block larger than its window (1 KiB) allows.
+        assert!(read_through(&raw(0, 2000), 1 << 20, 1 << 20).await.is_err());
+        // A window over our cap (2^24 > 2^23).
+        assert!(read_through(&raw(14 << 3, 10), 1 << 20, 1 << 20)
+            .await
+            .is_err());
+        // Streams that end inside a frame, in its header or in its block.
+        let whole = raw(WINDOW, 1000);
+        for cut in [3, 5, 8, 9, 500] {
+            let err = read_through(&whole[..cut], 1 << 20, 1 << 20)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "cut at {cut}");
+        }
+        // Garbage is not a frame.
+        assert!(read_through(b"not zstd at all", 1 << 20, 1 << 20)
+            .await
+            .is_err());
     }
 
     #[tokio::test]
