@@ -47,14 +47,15 @@ pub(crate) trait Source {
     /// Bytes waiting to be taken.
     fn pending_len(&self) -> usize;
 
-    /// Whether more messages may be appended soon: some caller or handler that could add one
-    /// is still running. When none is (one caller, whose request is already queued), waiting
-    /// for the batch to grow only adds latency.
-    fn more_may_come(&self) -> bool;
+    /// How many times the writer may yield, waiting for the batch to stop growing, before it
+    /// writes: 0 when no caller or handler that could append is still running (one caller,
+    /// whose request is already queued), since waiting would only add latency; at most
+    /// [`MAX_BATCH_YIELDS`].
+    fn batch_yields(&self) -> usize;
 }
 
 /// Most times the writer yields, waiting for a batch to stop growing, before it writes.
-const MAX_BATCH_YIELDS: usize = 4;
+pub(crate) const MAX_BATCH_YIELDS: usize = 4;
 
 /// The batching writer: take *everything* pending, write it with one `write_all` (one syscall
 /// unless the socket buffer is full), and repeat; sleep only when a take comes back empty.
@@ -85,14 +86,14 @@ where
             if let Some(delay) = opts.flush_delay {
                 // Trade latency for bigger batches: let more callers append before we take.
                 tokio::time::sleep(delay).await;
-            } else if source.more_may_come() {
+            } else if let yields @ 1.. = source.batch_yields() {
                 // The task that woke us is usually one of many made runnable by the same batch
                 // of replies, and tokio runs a freshly woken task next (its LIFO slot). Taking
                 // now would send one message per write; yielding lets the rest of the runnable
                 // callers append first. We yield while the batch keeps growing (a few times at
                 // most), so it forms at no latency cost: nothing here waits on a timer.
                 let mut last = source.pending_len();
-                for _ in 0..MAX_BATCH_YIELDS {
+                for _ in 0..yields {
                     tokio::task::yield_now().await;
                     let now = source.pending_len();
                     if now == last {

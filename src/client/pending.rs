@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Message, Outbox};
-use crate::conn::Source;
+use crate::conn::{Source, MAX_BATCH_YIELDS};
 use crate::error::{Error, Kind, Result};
 use crate::stats::Counters;
 use crate::{Request, Response, Timeout};
@@ -63,6 +63,10 @@ pub(crate) struct Inner {
     pub(crate) pending: HashMap<u32, Slot>,
     next_id: u32,
     pub(crate) live: usize,
+    /// The most calls live lately: raised with `live`, decayed by an eighth per write. Tells
+    /// the writer how many callers the connection has, which `live` alone, dipping as a batch
+    /// of replies is delivered, does not.
+    live_high: usize,
     pub(crate) abandoned: usize,
     /// Ids in the order they were issued; kept only when overflow fails the oldest call.
     order: VecDeque<u32>,
@@ -119,6 +123,7 @@ impl Shared {
                 pending: HashMap::new(),
                 next_id: 0,
                 live: 0,
+                live_high: 0,
                 abandoned: 0,
                 order: VecDeque::new(),
                 busy_since: None,
@@ -224,6 +229,7 @@ impl Shared {
             inner.busy_since = Some(Instant::now());
         }
         inner.live += 1;
+        inner.live_high = inner.live_high.max(inner.live);
         if self.config.fail_oldest {
             inner.order.push_back(id);
         }
@@ -290,6 +296,7 @@ impl Shared {
                 inner.busy_since = Some(Instant::now());
             }
             inner.live += 1;
+            inner.live_high = inner.live_high.max(inner.live);
             if self.config.fail_oldest {
                 inner.order.push_back(new_id);
             }
@@ -575,6 +582,7 @@ impl Source for ConnSource {
         };
         if !taken.is_empty() {
             inner.takes += 1;
+            inner.live_high -= inner.live_high / 8;
         }
         Some(taken)
     }
@@ -583,13 +591,28 @@ impl Source for ConnSource {
         self.shared.lock().outbox.len()
     }
 
-    fn more_may_come(&self) -> bool {
+    fn batch_yields(&self) -> usize {
         // Calls whose requests are not in the outbox are on the wire, and their callers
         // (closed-loop ones at least) will send again once the replies arrive.
         let inner = self.shared.lock();
-        inner.live > inner.outbox.queued()
+        if inner.live <= inner.outbox.queued() {
+            0
+        } else if inner.live_high < FEW_IN_FLIGHT {
+            // Waiting for the batch to stop growing would gather nearly every call into it,
+            // and the two ends would take turns, each idle while the other works on the one
+            // batch in flight. Sent sooner, the rest follow in the next batch and both ends
+            // stay busy. With many calls, batches are large either way and waiting saves
+            // writes.
+            1
+        } else {
+            MAX_BATCH_YIELDS
+        }
     }
 }
+
+/// With fewer calls than this in flight, the client's writer yields once at most for its
+/// batch to grow (see `batch_yields`).
+const FEW_IN_FLIGHT: usize = 256;
 
 #[cfg(test)]
 mod tests {
@@ -661,5 +684,50 @@ mod tests {
             shared.start(&mut Request::new("M", "z"), None, true),
             Err(Refusal::Fail(e)) if e.is_closed() && e.is_retry_safe()
         ));
+    }
+
+    #[tokio::test]
+    async fn the_writer_waits_longer_for_batches_only_with_many_callers() {
+        let shared = shared();
+        let source = ConnSource {
+            shared: shared.clone(),
+            gen: shared.lock().gen,
+        };
+        let start = |n: usize| -> Vec<(u32, u64, oneshot::Receiver<Reply>)> {
+            (0..n)
+                .map(|_| {
+                    shared
+                        .start(&mut Request::new("M", "x"), None, false)
+                        .unwrap()
+                })
+                .collect()
+        };
+        // One caller, its request queued: nothing more can come, write at once.
+        let first = start(1);
+        assert_eq!(source.batch_yields(), 0);
+        // On the wire, with a hundred callers: one yield.
+        assert!(!source.take(BytesMut::new()).unwrap().is_empty());
+        let mut calls = start(99);
+        calls.extend(first);
+        assert!(!source.take(BytesMut::new()).unwrap().is_empty());
+        assert_eq!(source.batch_yields(), 1);
+        // A thousand: as many yields as the batch keeps growing.
+        calls.extend(start(900));
+        assert!(!source.take(BytesMut::new()).unwrap().is_empty());
+        assert_eq!(source.batch_yields(), MAX_BATCH_YIELDS);
+        // Replies delivered in a batch make `live` dip; the callers are still there.
+        let mut out = Vec::new();
+        for (id, ..) in calls.iter().take(800) {
+            shared
+                .lock()
+                .complete(
+                    *id,
+                    Ok(Response::new(bytes::Bytes::from_static(b"y"))),
+                    &mut out,
+                )
+                .unwrap();
+        }
+        assert_eq!(shared.live(), 200);
+        assert_eq!(source.batch_yields(), MAX_BATCH_YIELDS);
     }
 }

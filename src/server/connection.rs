@@ -26,7 +26,7 @@ use super::keepalive::{Due, Keepalive};
 use super::recover::status_from_error;
 use super::Config;
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
-use crate::conn::{wire, write_loop, FrameReader, Source, WriteOptions};
+use crate::conn::{wire, write_loop, FrameReader, Source, WriteOptions, MAX_BATCH_YIELDS};
 use crate::error::{Code, Status};
 use crate::protocol::{self, error_message};
 use crate::request::LazyExtensions;
@@ -252,9 +252,13 @@ impl Source for ConnSource {
         self.0.lock().outbox.len()
     }
 
-    fn more_may_come(&self) -> bool {
+    fn batch_yields(&self) -> usize {
         // A handler still running will reply; with none left, every reply is already queued.
-        !self.0.lock().in_flight.is_empty()
+        if self.0.lock().in_flight.is_empty() {
+            0
+        } else {
+            MAX_BATCH_YIELDS
+        }
     }
 }
 
