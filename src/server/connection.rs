@@ -175,10 +175,16 @@ impl Conn {
         None
     }
 
-    /// Sends the one reply for `id`, unless someone else (a cancel) already did.
-    pub(super) fn reply(&self, id: u32, reply: std::result::Result<Bytes, Status>) {
+    /// Sends the one reply for `id`, unless someone else (a cancel) already did. `entered`: the
+    /// call is in flight (see `Ctx::spawn`); one answered on the reader's first poll is not.
+    pub(super) fn reply(&self, id: u32, reply: std::result::Result<Bytes, Status>, entered: bool) {
         let mut inner = self.lock();
-        if inner.in_flight.remove(&id).is_none() {
+        let answered_by_someone = if entered {
+            inner.in_flight.remove(&id).is_none()
+        } else {
+            self.condemned.load(Ordering::Acquire)
+        };
+        if answered_by_someone {
             return;
         }
         self.answered.fetch_add(1, Ordering::Relaxed);
@@ -813,7 +819,13 @@ where
     where
         HandlerTask<F>: Future<Output = ()> + Send + 'static,
     {
-        if let Some(id) = id {
+        let inline = self.inline_off == 0;
+        // With no handler running on a task of its own nothing is in flight (an entry never
+        // outlives its task, and only this reader enters calls), so no id can be a duplicate:
+        // a handler that answers on its first poll here is then never entered at all, which
+        // spares the connection's lock (contended by the writer) a round per request.
+        let enter_first = id.is_some() && !(inline && self.tasks.is_empty());
+        if let (Some(id), true) = (id, enter_first) {
             match self.conn.lock().in_flight.entry(id) {
                 // The handler's future is dropped unpolled: it never ran.
                 Entry::Occupied(_) => {
@@ -830,7 +842,8 @@ where
             }
         }
         let mut task = Box::pin(task);
-        if self.inline_off == 0 {
+        if inline {
+            task.as_mut().entered(enter_first);
             // The handler's wakers are the task's from its next poll on: a future polled again
             // with a new waker must use that one.
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -844,6 +857,18 @@ where
             self.clock = now;
             if polled.is_ready() {
                 return None;
+            }
+            if let (Some(id), false) = (id, enter_first) {
+                // It waits: entered now, before its task can answer (and still the only call
+                // in flight).
+                self.conn.lock().in_flight.insert(
+                    id,
+                    InFlight {
+                        handle: None,
+                        arrived,
+                    },
+                );
+                task.as_mut().entered(true);
             }
         } else {
             self.inline_off -= 1;

@@ -40,6 +40,9 @@ pin_project! {
         span: Option<Box<(tracing::Span, std::time::Instant)>>,
         // `None` for a one-way message.
         id: Option<u32>,
+        // The call is entered in flight (not so while the reader runs its first poll with
+        // nothing else in flight).
+        entered: bool,
         held: HeldBytes,
         done: bool,
     }
@@ -61,9 +64,15 @@ impl<F> HandlerTask<F> {
             trace,
             span: span.map(|s| Box::new((s, std::time::Instant::now()))),
             id,
+            entered: true,
             held,
             done: false,
         }
+    }
+
+    /// Whether the call is entered in flight, so that its reply must find it there.
+    pub(super) fn entered(self: Pin<&mut Self>, entered: bool) {
+        *self.project().entered = entered;
     }
 }
 
@@ -131,7 +140,7 @@ where
                 .record("latency_us", span.1.elapsed().as_micros() as u64);
         }
         match *this.id {
-            Some(id) => conn.reply(id, reply),
+            Some(id) => conn.reply(id, reply, *this.entered),
             None => Counters::inc(&conn.counters.one_way),
         }
         Poll::Ready(())
