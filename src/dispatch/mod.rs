@@ -183,7 +183,9 @@ pub struct Dispatcher {
 
 #[derive(Clone, Default)]
 struct Routes {
-    map: HashMap<Box<str>, Route>,
+    /// Keyed by the name's bytes: a request's method is looked up as it arrived, without
+    /// checking its UTF-8 once more (the decoder did).
+    map: HashMap<Box<[u8]>, Route>,
     /// The encoded [`METHODS`] reply, made on first use.
     list: OnceLock<Bytes>,
 }
@@ -225,7 +227,7 @@ impl Dispatcher {
             "method name {name:?} uses the reserved prefix {RESERVED_PREFIX:?}"
         );
         assert!(
-            !self.routes.map.contains_key(name.as_str()),
+            !self.routes.map.contains_key(name.as_bytes()),
             "method {name:?} registered twice"
         );
         let (request, response) = <H as Erase<M>>::types();
@@ -245,7 +247,9 @@ impl Dispatcher {
         // Copies the table only if a clone of this dispatcher shares it.
         let routes = Arc::make_mut(&mut self.routes);
         routes.list = OnceLock::new();
-        routes.map.insert(name.into_boxed_str(), route);
+        routes
+            .map
+            .insert(name.into_bytes().into_boxed_slice(), route);
         self
     }
 
@@ -367,7 +371,7 @@ impl Dispatcher {
             .map
             .iter()
             .map(|(name, r)| MethodInfo {
-                name: name.to_string(),
+                name: String::from_utf8_lossy(name).into_owned(),
                 request: r.request.to_owned(),
                 response: r.response.to_owned(),
             })
@@ -439,7 +443,7 @@ impl Service<Request> for Dispatcher {
     }
 
     fn call(&mut self, req: Request) -> ResponseFuture {
-        if let Some(route) = self.routes.map.get(req.method()) {
+        if let Some(route) = self.routes.map.get(&req.method[..]) {
             return route.endpoint.call(req);
         }
         if req.method() == METHODS {
@@ -452,7 +456,12 @@ impl Service<Request> for Dispatcher {
 
 impl fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names: Vec<&str> = self.routes.map.keys().map(|k| &**k).collect();
+        let mut names: Vec<String> = self
+            .routes
+            .map
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
         names.sort_unstable();
         f.debug_struct("Dispatcher")
             .field("methods", &names)
