@@ -872,6 +872,10 @@ where
             }
         } else {
             self.inline_off -= 1;
+            if self.inline_off == 0 {
+                // The next first poll is timed from here, not from before the requests spawned.
+                self.clock = std::time::Instant::now();
+            }
         }
         let handle = self.tasks.spawn(task).abort_handle();
         if let Some(id) = id {
