@@ -761,3 +761,22 @@ async fn a_reply_in_fragments_lets_other_replies_and_pings_pass() {
         .unwrap()
         .unwrap();
 }
+
+/// A call made while the connection is still being dialed has its deadline all the same: the
+/// connection's deadline queue times it out, not the dial's own (longer) timeout.
+#[tokio::test(start_paused = true)]
+async fn default_timeout_holds_while_dialing() {
+    // A dial that never finishes.
+    let connector = tower::service_fn(|_: ()| {
+        std::future::pending::<std::io::Result<tokio::io::DuplexStream>>()
+    });
+    let client = Client::builder()
+        .timeout(Duration::from_millis(200))
+        .connect_timeout(Duration::from_secs(30))
+        .connect_lazy_with((), connector);
+    let start = tokio::time::Instant::now();
+    let err = client.invoke::<_, u64>("Echo", &1u64).await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(start.elapsed(), Duration::from_millis(200));
+    assert_eq!(client.stats().timeouts, 1);
+}

@@ -44,7 +44,42 @@ enum End {
 /// redial, so a server that accepts and drops at once is not hammered.
 const MIN_HEALTHY: Duration = Duration::from_secs(1);
 
+/// The connection's task: dials, serves, redials, and times out the calls in the deadline
+/// queue all the while (a call queued while dialing has its deadline too).
 pub(super) async fn run<C, T>(
+    shared: Arc<Shared>,
+    connector: C,
+    target: T,
+    first: oneshot::Sender<Result<()>>,
+) where
+    C: Service<T>,
+    C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
+    C::Error: Into<BoxError>,
+    T: Clone,
+{
+    let deadlines = shared.clone();
+    tokio::select! {
+        () = connections(shared, connector, target, first) => {}
+        never = expire(&deadlines) => match never {},
+    }
+}
+
+/// Times out the calls of the deadline queue as their deadlines pass: one timer for the
+/// connection. It wakes for the queue's first deadline, or, with the queue empty, one default
+/// timeout from now, since a call queued after that has a later deadline. Woken early (the
+/// first call ended), it looks and sleeps again.
+async fn expire(shared: &Shared) -> std::convert::Infallible {
+    let Some(timeout) = shared.config.timeout else {
+        return std::future::pending().await;
+    };
+    loop {
+        let now = Instant::now();
+        let next = shared.expire(now).unwrap_or(now + timeout);
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+async fn connections<C, T>(
     shared: Arc<Shared>,
     mut connector: C,
     target: T,

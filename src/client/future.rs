@@ -333,9 +333,10 @@ fn poll_parked(parked: &mut Parked, cx: &mut Context<'_>) -> Poll<Result<Started
         if parked.handle.is_up() || parked.handle.is_closed() {
             match parked
                 .handle
-                .try_start(&mut parked.req, parked.deadline, Instant::now())
+                .try_start(&mut parked.req, parked.deadline, Instant::now(), false)
             {
-                Ok(started) => return Poll::Ready(Ok(started)),
+                // Its own timer, armed while it waited, keeps the deadline.
+                Ok((started, _)) => return Poll::Ready(Ok(started)),
                 Err(Refusal::Fail(e)) => return Poll::Ready(Err(e)),
                 Err(Refusal::Park) => {}
             }

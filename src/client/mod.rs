@@ -161,13 +161,16 @@ impl Handle {
         best
     }
 
-    /// Queues a call on a connection, or says it must wait for one (wait-for-ready).
+    /// Queues a call on a connection, or says it must wait for one (wait-for-ready). With
+    /// `queue`, a default deadline goes in the connection's deadline queue, and the returned
+    /// flag says the caller needs no timer of its own.
     pub(crate) fn try_start(
         &self,
         req: &mut Request,
         deadline: Option<Instant>,
         now: Instant,
-    ) -> std::result::Result<future::Started, Refusal> {
+        queue: bool,
+    ) -> std::result::Result<(future::Started, bool), Refusal> {
         let shared = self.pick();
         let timeout = match deadline {
             Some(d) => {
@@ -179,8 +182,10 @@ impl Handle {
             }
             None => None,
         };
-        let (id, gen, rx) = shared.start(req, timeout, shared.config.wait_for_ready)?;
-        Ok((shared.clone(), id, gen, rx))
+        let queue = deadline.filter(|_| queue);
+        let (id, gen, rx, queued) =
+            shared.start(req, timeout, queue, shared.config.wait_for_ready)?;
+        Ok(((shared.clone(), id, gen, rx), queued))
     }
 
     /// A receiver of connection-count changes, marked as having seen the current count.
@@ -374,8 +379,12 @@ impl Client {
         }
         // Before the start, which takes the method out of the request.
         let trace = future::Trace::start(&req, &self.handle.conns[0]);
-        match self.handle.try_start(&mut req, deadline, now) {
-            Ok(started) => ResponseFuture::waiting(started, permit, deadline, cancel, trace),
+        match self.handle.try_start(&mut req, deadline, now, true) {
+            Ok((started, queued)) => {
+                // A deadline in the connection's queue needs no timer here.
+                let timer = deadline.filter(|_| !queued);
+                ResponseFuture::waiting(started, permit, timer, cancel, trace)
+            }
             Err(Refusal::Fail(e)) => ResponseFuture::ready(Err(e)),
             Err(Refusal::Park) => {
                 ResponseFuture::parked(self.handle.clone(), req, permit, deadline, cancel)

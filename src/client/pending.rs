@@ -31,11 +31,53 @@ pub(crate) enum Slot {
     /// A caller is waiting for this id. The number is the writer's take count when the request
     /// was queued: while no take has happened since, the request has not left the process.
     /// The flag says the call has a deadline of its own (its own timeout, or one inherited from
-    /// the handler it is made in), which the stall rule honours (see `Inner::fail_stuck`).
-    Waiting(oneshot::Sender<Reply>, u64, bool),
+    /// the handler it is made in), which the stall rule honours (see `Inner::fail_stuck`). The
+    /// last number is the call's entry in the deadline queue ([`Expiry::seq`]), 0 for none.
+    Waiting(oneshot::Sender<Reply>, u64, bool, u64),
     /// The caller gave up (timeout, drop); the id stays reserved until the reply arrives, so it
     /// is never reused while a reply for it may still be on its way.
     Abandoned,
+}
+
+/// Hashes the client's own call ids for [`Inner::pending`]: one multiplication instead of
+/// SipHash. The keys are ids this client chose (sequential), so no peer can pick colliding
+/// ones; a reply's id from the server is only looked up.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        // Fibonacci hashing: the high bits (the table's control bytes) and the low ones (its
+        // buckets) both vary with consecutive ids.
+        self.0 = (u64::from(id) ^ (u64::from(id) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+impl std::hash::BuildHasher for IdHasher {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+/// A call's place in the deadline queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expiry {
+    deadline: Instant,
+    id: u32,
+    /// Told apart from an earlier call with the same id: the slot holds the same number.
+    seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +102,7 @@ pub(crate) struct Inner {
     /// Bumped for every connection; a writer or a call from an older connection sees it changed.
     pub(crate) gen: u64,
     pub(crate) outbox: Outbox,
-    pub(crate) pending: HashMap<u32, Slot>,
+    pub(crate) pending: HashMap<u32, Slot, IdHasher>,
     next_id: u32,
     pub(crate) live: usize,
     /// The most calls live lately: raised with `live`, decayed by an eighth per write. Tells
@@ -70,6 +112,14 @@ pub(crate) struct Inner {
     pub(crate) abandoned: usize,
     /// Ids in the order they were issued; kept only when overflow fails the oldest call.
     order: VecDeque<u32>,
+    /// The deadlines of calls that have the client's default timeout, in the order the calls
+    /// started (so, but for the microseconds between a caller's clock read and its turn on
+    /// the lock, in deadline order). The connection task times them out (`Shared::expire`):
+    /// one timer for the connection instead of one per call. Entries of calls that ended are
+    /// dropped from the front as calls start, and all at once when they outnumber the calls.
+    deadlines: VecDeque<Expiry>,
+    /// The last [`Expiry::seq`] given out.
+    expiry_seq: u64,
     /// When the in-flight map last went from empty to non-empty: a stall is measured from the
     /// later of this and the last byte received.
     pub(crate) busy_since: Option<Instant>,
@@ -120,12 +170,14 @@ impl Shared {
                 phase: Phase::Connecting,
                 gen: 0,
                 outbox: Outbox::new(config.max_frame_len, 0),
-                pending: HashMap::new(),
+                pending: HashMap::default(),
                 next_id: 0,
                 live: 0,
                 live_high: 0,
                 abandoned: 0,
                 order: VecDeque::new(),
+                deadlines: VecDeque::new(),
+                expiry_seq: 0,
                 busy_since: None,
                 takes: 0,
                 counted_up: false,
@@ -171,15 +223,19 @@ impl Shared {
 
     /// Registers a call and queues its request, taking its parts out of `req` (which is left
     /// intact when the call is refused with [`Refusal::Park`]). `timeout` is what the server is
-    /// told. Returns the id, the connection generation and the reply's receiver.
+    /// told. Returns the id, the connection generation and the reply's receiver, and whether
+    /// the call's deadline is in the connection's deadline queue: `queue` is the deadline when
+    /// the caller wants it there, which is done when it is the client's default one (no
+    /// timeout of its own, none inherited); the caller then arms no timer of its own.
     ///
     /// With `park` (wait-for-ready) a call is queued only on an established connection.
     pub(crate) fn start(
         &self,
         req: &mut Request,
         timeout: Option<Duration>,
+        queue: Option<Instant>,
         park: bool,
-    ) -> std::result::Result<(u32, u64, oneshot::Receiver<Reply>), Refusal> {
+    ) -> std::result::Result<(u32, u64, oneshot::Receiver<Reply>, bool), Refusal> {
         // Allocated before the lock, which every caller and the reader contend for.
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
@@ -222,9 +278,13 @@ impl Shared {
         let takes = inner.takes;
         let own_deadline =
             !matches!(req.timeout, Timeout::Default) || crate::deadline::current().is_some();
+        let queued = match queue {
+            Some(deadline) if !own_deadline => inner.queue_deadline(id, deadline),
+            _ => 0,
+        };
         inner
             .pending
-            .insert(id, Slot::Waiting(tx, takes, own_deadline));
+            .insert(id, Slot::Waiting(tx, takes, own_deadline, queued));
         if inner.live == 0 && inner.abandoned == 0 {
             inner.busy_since = Some(Instant::now());
         }
@@ -239,7 +299,50 @@ impl Shared {
         if was_empty && can_write {
             self.notify_writer.notify_one();
         }
-        Ok((id, gen, rx))
+        Ok((id, gen, rx, queued != 0))
+    }
+
+    /// Times out the calls in the deadline queue whose deadline is `now` or past (as their own
+    /// timer did: the id stays reserved, the server is told nothing, since it knows the same
+    /// deadline). Returns the next deadline in the queue.
+    pub(crate) fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut due = Vec::new();
+        let mut inner = self.lock();
+        while let Some(e) = inner.deadlines.front() {
+            if e.deadline > now {
+                break;
+            }
+            let e = *e;
+            inner.deadlines.pop_front();
+            let Some(slot) = inner.pending.get_mut(&e.id) else {
+                continue;
+            };
+            if !matches!(slot, Slot::Waiting(.., seq) if *seq == e.seq) {
+                continue;
+            }
+            let Slot::Waiting(tx, ..) = std::mem::replace(slot, Slot::Abandoned) else {
+                unreachable!("matched just above")
+            };
+            inner.live -= 1;
+            inner.abandoned += 1;
+            due.push(tx);
+        }
+        if inner.closing && inner.live == 0 {
+            self.closed.cancel();
+        }
+        // The next deadline of a call still waiting: no wake-up for calls that have ended.
+        while let Some(e) = inner.deadlines.front() {
+            if inner.expiry_is_live(e) {
+                break;
+            }
+            inner.deadlines.pop_front();
+        }
+        let next = inner.deadlines.front().map(|e| e.deadline);
+        drop(inner);
+        for tx in due {
+            let _ = tx.send(Err(super::timed_out(self)));
+        }
+        next
     }
 
     /// Registers the calls of a batch and queues all of its messages under one lock
@@ -291,7 +394,7 @@ impl Shared {
             let takes = inner.takes;
             inner
                 .pending
-                .insert(new_id, Slot::Waiting(tx, takes, own_deadline));
+                .insert(new_id, Slot::Waiting(tx, takes, own_deadline, 0));
             if inner.live == 0 && inner.abandoned == 0 {
                 inner.busy_since = Some(Instant::now());
             }
@@ -379,6 +482,7 @@ impl Shared {
         inner.live = 0;
         inner.abandoned = 0;
         inner.order.clear();
+        inner.deadlines.clear();
         inner.busy_since = None;
         inner.gen += 1;
         inner.takes = 0;
@@ -389,7 +493,7 @@ impl Shared {
         }
         drop(inner);
         for slot in pending.into_values() {
-            if let Slot::Waiting(tx, queued_at, _) = slot {
+            if let Slot::Waiting(tx, queued_at, ..) = slot {
                 let e = err();
                 let e = if was_up && queued_at == takes && !e.is_retry_safe() {
                     Error::new(Kind::Unavailable)
@@ -514,7 +618,7 @@ impl Inner {
         let ids: Vec<u32> = self
             .pending
             .iter()
-            .filter(|(_, slot)| matches!(slot, Slot::Waiting(_, _, false)))
+            .filter(|(_, slot)| matches!(slot, Slot::Waiting(_, _, false, _)))
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
@@ -531,6 +635,36 @@ impl Inner {
             cancelled |= self.outbox.push(&Message::Cancel { id }).is_ok();
         }
         cancelled && was_empty
+    }
+
+    /// Puts call `id`'s `deadline` in the deadline queue; returns its [`Expiry::seq`]. First
+    /// drops entries of calls that have ended: a few from the front (calls mostly end in the
+    /// order they started), and all of them once they outnumber the live calls twice over, so
+    /// that a call stuck at the front does not make the queue grow with every call after it.
+    fn queue_deadline(&mut self, id: u32, deadline: Instant) -> u64 {
+        for _ in 0..2 {
+            match self.deadlines.front() {
+                Some(e) if !self.expiry_is_live(e) => self.deadlines.pop_front(),
+                _ => break,
+            };
+        }
+        if self.deadlines.len() > 2 * self.live + 64 {
+            let mut deadlines = std::mem::take(&mut self.deadlines);
+            deadlines.retain(|e| self.expiry_is_live(e));
+            self.deadlines = deadlines;
+        }
+        self.expiry_seq += 1;
+        self.deadlines.push_back(Expiry {
+            deadline,
+            id,
+            seq: self.expiry_seq,
+        });
+        self.expiry_seq
+    }
+
+    /// Whether `e` is the entry of a call still waiting.
+    fn expiry_is_live(&self, e: &Expiry) -> bool {
+        matches!(self.pending.get(&e.id), Some(Slot::Waiting(.., seq)) if *seq == e.seq)
     }
 
     /// Delivers replies; `Err` names a protocol violation (a reply to an id not awaiting one).
@@ -638,7 +772,7 @@ mod tests {
     async fn a_call_lost_before_its_write_is_retry_safe() {
         let shared = shared();
         let mut req = Request::new("M", "x");
-        let (_, gen, mut unsent) = shared.start(&mut req, None, false).unwrap();
+        let (_, gen, mut unsent, _) = shared.start(&mut req, None, None, false).unwrap();
         // The writer never took it: the connection dies with the request still queued.
         shared.set_phase(Phase::Closing);
         shared.reset(Phase::Connecting, lost);
@@ -650,7 +784,7 @@ mod tests {
         shared.set_phase(Phase::Connected);
         assert_eq!(*shared.health.borrow(), 1);
         let mut req = Request::new("M", "y");
-        let (_, gen2, mut sent) = shared.start(&mut req, None, false).unwrap();
+        let (_, gen2, mut sent, _) = shared.start(&mut req, None, None, false).unwrap();
         assert_ne!(gen, gen2);
         let source = ConnSource {
             shared: shared.clone(),
@@ -668,20 +802,20 @@ mod tests {
         shared.set_phase(Phase::Backoff("down".into()));
         let mut req = Request::new("M", "x");
         assert!(matches!(
-            shared.start(&mut req, None, true),
+            shared.start(&mut req, None, None, true),
             Err(Refusal::Park)
         ));
         // Parked calls keep their request intact for the next try.
         assert_eq!(&req.body()[..], b"x");
         assert!(matches!(
-            shared.start(&mut req, None, false),
+            shared.start(&mut req, None, None, false),
             Err(Refusal::Fail(e)) if e.is_unavailable()
         ));
         shared.set_phase(Phase::Connected);
-        assert!(shared.start(&mut req, None, true).is_ok());
+        assert!(shared.start(&mut req, None, None, true).is_ok());
         shared.close();
         assert!(matches!(
-            shared.start(&mut Request::new("M", "z"), None, true),
+            shared.start(&mut Request::new("M", "z"), None, None, true),
             Err(Refusal::Fail(e)) if e.is_closed() && e.is_retry_safe()
         ));
     }
@@ -693,11 +827,11 @@ mod tests {
             shared: shared.clone(),
             gen: shared.lock().gen,
         };
-        let start = |n: usize| -> Vec<(u32, u64, oneshot::Receiver<Reply>)> {
+        let start = |n: usize| -> Vec<(u32, u64, oneshot::Receiver<Reply>, bool)> {
             (0..n)
                 .map(|_| {
                     shared
-                        .start(&mut Request::new("M", "x"), None, false)
+                        .start(&mut Request::new("M", "x"), None, None, false)
                         .unwrap()
                 })
                 .collect()
@@ -729,5 +863,53 @@ mod tests {
         }
         assert_eq!(shared.live(), 200);
         assert_eq!(source.batch_yields(), MAX_BATCH_YIELDS);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_queue_times_out_due_calls_and_stays_small() {
+        let shared = shared();
+        let t0 = Instant::now();
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        let start = |deadline: Instant| {
+            shared
+                .start(&mut Request::new("M", "x"), None, Some(deadline), false)
+                .unwrap()
+        };
+        let (_, _, mut stuck, queued) = start(secs(10));
+        assert!(queued);
+        // A call with a timeout of its own keeps its own timer.
+        let mut own = Request::new("M", "x");
+        own.set_timeout(Some(Duration::from_secs(1)));
+        let (.., queued) = shared.start(&mut own, None, Some(secs(1)), false).unwrap();
+        assert!(!queued);
+        // Thousands of calls start and end behind the stuck one: the queue stays near the
+        // number of live calls.
+        let mut out = Vec::new();
+        for n in 0..10_000 {
+            let (id, ..) = start(secs(20 + n));
+            shared
+                .lock()
+                .complete(id, Ok(Response::new(bytes::Bytes::new())), &mut out)
+                .unwrap();
+            let inner = shared.lock();
+            assert!(inner.deadlines.len() <= 2 * inner.live + 65);
+        }
+        let (_, _, mut late, _) = start(secs(30_000));
+        // Nothing is due before its deadline; at it, the stuck call times out, counted.
+        assert_eq!(shared.expire(secs(9)), Some(secs(10)));
+        assert!(stuck.try_recv().is_err());
+        assert_eq!(shared.expire(secs(10)), Some(secs(30_000)));
+        let err = stuck.try_recv().unwrap().unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+        assert_eq!(
+            shared
+                .counters
+                .timeouts
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Its id stays reserved for the reply that may still come.
+        assert_eq!(shared.live(), 2);
+        assert!(late.try_recv().is_err());
     }
 }
