@@ -29,8 +29,10 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture {
         state: State,
-        #[pin]
-        sleep: Option<Sleep>,
+        // Boxed: calls with the client's default timeout are timed out by their connection's
+        // deadline queue, and only those with a deadline of their own (or parked ones) pay
+        // for a timer here.
+        sleep: Option<Pin<Box<Sleep>>>,
         // Boxed: only calls that carry a token pay for its waiter.
         cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
         // Boxed: only calls traced by an interested subscriber pay for it.
@@ -151,7 +153,7 @@ impl ResponseFuture {
                 rx,
                 _permit: permit,
             },
-            sleep: deadline.map(tokio::time::sleep_until),
+            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             cancel: cancel.map(|c| Box::pin(c.cancelled_owned())),
             trace,
         }
@@ -174,7 +176,7 @@ impl ResponseFuture {
                 deadline,
                 changes,
             })),
-            sleep: deadline.map(tokio::time::sleep_until),
+            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             cancel: cancel.map(|c| Box::pin(c.cancelled_owned())),
             trace,
         }
@@ -238,7 +240,7 @@ impl Future for ResponseFuture {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        let mut this = self.project();
+        let this = self.project();
         loop {
             let reply =
                 match this.state {
@@ -272,7 +274,7 @@ impl Future for ResponseFuture {
                             if poll_fired(this.cancel, cx) {
                                 Err(Error::new(Kind::Cancelled))
                             } else if let Some(Poll::Ready(())) =
-                                this.sleep.as_mut().as_pin_mut().map(|s| s.poll(cx))
+                                this.sleep.as_mut().map(|s| s.as_mut().poll(cx))
                             {
                                 Err(super::timed_out(&parked.handle.conns[0])
                                     .with("no connection came up before the deadline".to_string()))
@@ -294,7 +296,7 @@ impl Future for ResponseFuture {
                                 Err(Error::new(Kind::Cancelled)
                                     .target(call.shared.config.target.as_ref()))
                             } else if let Some(Poll::Ready(())) =
-                                this.sleep.as_mut().as_pin_mut().map(|s| s.poll(cx))
+                                this.sleep.as_mut().map(|s| s.as_mut().poll(cx))
                             {
                                 // Keep the id reserved (the reply may still come) but tell the
                                 // server nothing: it knows the same deadline and stops the handler
