@@ -56,6 +56,10 @@ impl InFlight {
 pub(super) struct Conn {
     inner: Mutex<Inner>,
     notify_writer: Notify,
+    /// Replies answered on the reader's first poll queued while the writer may be asleep: the
+    /// reader wakes it once it is done with the frame (or is about to wait), so that a frame's
+    /// replies leave together and the writer's thread is woken once, not per reply.
+    wake_deferred: AtomicBool,
     /// The writer took the outbox: a reader paused on `max_queued_bytes` may go on.
     notify_taken: Notify,
     /// Request bytes held by running handlers (see `Server::max_in_flight_bytes`).
@@ -193,7 +197,7 @@ impl Conn {
             Err(status) => error_message(id, &status),
         };
         let was_empty = inner.outbox.is_empty();
-        let mut wake = match inner.outbox.push(&msg) {
+        let wake = match inner.outbox.push(&msg) {
             Ok(()) => was_empty,
             Err(e) => {
                 // Too big for the client's frame limit: say so instead of leaving it hanging.
@@ -206,10 +210,24 @@ impl Conn {
         let queued = inner.outbox.len();
         if queued > self.max_queued_bytes && self.budget.must_close(self.account(queued)) {
             self.condemn(&mut inner);
-            wake = true;
+            drop(inner);
+            self.notify_writer.notify_one();
+            return;
         }
         drop(inner);
-        if wake {
+        if wake && !entered {
+            // On the reader, which wakes the writer when it is done with the frame.
+            self.wake_deferred.store(true, Ordering::Relaxed);
+        } else if wake {
+            self.notify_writer.notify_one();
+        }
+    }
+
+    /// Wakes the writer for the replies the reader queued, if it deferred a wake-up.
+    fn wake_writer_now(&self) {
+        if self.wake_deferred.load(Ordering::Relaxed)
+            && self.wake_deferred.swap(false, Ordering::AcqRel)
+        {
             self.notify_writer.notify_one();
         }
     }
@@ -312,6 +330,7 @@ pub(super) async fn serve<S, IO>(
             closing: false,
         }),
         notify_writer: Notify::new(),
+        wake_deferred: AtomicBool::new(false),
         notify_taken: Notify::new(),
         in_flight_bytes: AtomicUsize::new(0),
         writing: AtomicUsize::new(0),
@@ -568,9 +587,11 @@ where
             for msg in frame.into_messages() {
                 request |= matches!(msg, Message::Request { .. } | Message::OneWay { .. });
                 if let Some(stop) = self.handle(msg, arrived).await {
+                    self.conn.wake_writer_now();
                     return stop;
                 }
             }
+            self.conn.wake_writer_now();
             // A request arriving in fragments is activity from its first piece on.
             self.keepalive.read(arrived, request || reader.in_message());
             if let Some(ack) = reader.take_ack() {
@@ -686,6 +707,7 @@ where
             if held == 0 || held + size <= max {
                 break;
             }
+            self.conn.wake_writer_now();
             tokio::select! {
                 _ = self.conn.notify_freed.notified() => {}
                 _ = ping_while_busy(self.conn) => {}
@@ -762,7 +784,10 @@ where
             biased;
             r = std::future::poll_fn(|cx| {
                 let poll = self.svc.poll_ready(cx);
-                waited |= poll.is_pending();
+                if poll.is_pending() && !waited {
+                    waited = true;
+                    self.conn.wake_writer_now();
+                }
                 poll
             }) => Some(r),
             _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => None,
