@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::builder::DEFAULT_STALL_TIMEOUT;
 use super::pending::{ConnSource, Phase, Reply, Shared};
@@ -44,42 +45,9 @@ enum End {
 /// redial, so a server that accepts and drops at once is not hammered.
 const MIN_HEALTHY: Duration = Duration::from_secs(1);
 
-/// The connection's task: dials, serves, redials, and times out the calls in the deadline
-/// queue all the while (a call queued while dialing has its deadline too).
+/// The connection's task: dials, serves and redials, with the deadline queue's timer beside it
+/// all the while (a call queued while dialing has its deadline too).
 pub(super) async fn run<C, T>(
-    shared: Arc<Shared>,
-    connector: C,
-    target: T,
-    first: oneshot::Sender<Result<()>>,
-) where
-    C: Service<T>,
-    C::Response: AsyncRead + AsyncWrite + Connected + Send + Unpin + 'static,
-    C::Error: Into<BoxError>,
-    T: Clone,
-{
-    let deadlines = shared.clone();
-    tokio::select! {
-        () = connections(shared, connector, target, first) => {}
-        never = expire(&deadlines) => match never {},
-    }
-}
-
-/// Times out the calls of the deadline queue as their deadlines pass: one timer for the
-/// connection. It wakes for the queue's first deadline, or, with the queue empty, one default
-/// timeout from now, since a call queued after that has a later deadline. Woken early (the
-/// first call ended), it looks and sleeps again.
-async fn expire(shared: &Shared) -> std::convert::Infallible {
-    let Some(timeout) = shared.config.timeout else {
-        return std::future::pending().await;
-    };
-    loop {
-        let now = Instant::now();
-        let next = shared.expire(now).unwrap_or(now + timeout);
-        tokio::time::sleep_until(next).await;
-    }
-}
-
-async fn connections<C, T>(
     shared: Arc<Shared>,
     mut connector: C,
     target: T,
@@ -90,6 +58,8 @@ async fn connections<C, T>(
     C::Error: Into<BoxError>,
     T: Clone,
 {
+    let _deadlines = AbortOnDropHandle::new(tokio::spawn(expire(shared.clone())));
+
     let mut first = Some(first);
     let mut backoff = shared.config.backoff.clone();
     let mut rng = fastrand::Rng::new();
@@ -200,6 +170,21 @@ async fn connections<C, T>(
     shared.set_phase(Phase::Closed);
     shared.reset(Phase::Closed, || Error::new(Kind::Closed));
     shared.finished.cancel();
+}
+
+/// Times out the calls of the deadline queue as their deadlines pass: one timer for the
+/// connection. It wakes for the queue's first deadline, or, with the queue empty, one default
+/// timeout from now, since a call queued after that has a later deadline. Woken early (the
+/// first call ended), it looks and sleeps again.
+async fn expire(shared: Arc<Shared>) -> std::convert::Infallible {
+    let Some(timeout) = shared.config.timeout else {
+        return std::future::pending().await;
+    };
+    loop {
+        let now = Instant::now();
+        let next = shared.expire(now).unwrap_or(now + timeout);
+        tokio::time::sleep_until(next).await;
+    }
 }
 
 /// `e` and its sources, as one line: the cause a fail-fast call reports.
