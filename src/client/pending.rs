@@ -308,34 +308,19 @@ impl Shared {
     pub(crate) fn expire(&self, now: Instant) -> Option<Instant> {
         let mut due = Vec::new();
         let mut inner = self.lock();
-        while let Some(e) = inner.deadlines.front() {
-            if e.deadline > now {
-                break;
+        // Up to the first call still waiting whose deadline is ahead: entries of calls that
+        // have ended go too, so that the timer does not wake for them.
+        while let Some(&e) = inner.deadlines.front() {
+            if inner.expiry_is_live(&e) {
+                if e.deadline > now {
+                    break;
+                }
+                due.extend(inner.give_up(e.id));
             }
-            let e = *e;
             inner.deadlines.pop_front();
-            let Some(slot) = inner.pending.get_mut(&e.id) else {
-                continue;
-            };
-            if !matches!(slot, Slot::Waiting(.., seq) if *seq == e.seq) {
-                continue;
-            }
-            let Slot::Waiting(tx, ..) = std::mem::replace(slot, Slot::Abandoned) else {
-                unreachable!("matched just above")
-            };
-            inner.live -= 1;
-            inner.abandoned += 1;
-            due.push(tx);
         }
         if inner.closing && inner.live == 0 {
             self.closed.cancel();
-        }
-        // The next deadline of a call still waiting: no wake-up for calls that have ended.
-        while let Some(e) = inner.deadlines.front() {
-            if inner.expiry_is_live(e) {
-                break;
-            }
-            inner.deadlines.pop_front();
         }
         let next = inner.deadlines.front().map(|e| e.deadline);
         drop(inner);
@@ -445,15 +430,9 @@ impl Shared {
         if inner.gen != gen {
             return;
         }
-        let Some(slot) = inner.pending.get_mut(&id) else {
-            return;
-        };
-        if matches!(slot, Slot::Abandoned) {
+        if inner.give_up(id).is_none() {
             return;
         }
-        *slot = Slot::Abandoned;
-        inner.live -= 1;
-        inner.abandoned += 1;
         if inner.closing && inner.live == 0 {
             self.closed.cancel();
         }
@@ -583,21 +562,14 @@ impl Inner {
     /// Fails the oldest live call with `Overloaded` to make room. False if there is none.
     fn fail_oldest(&mut self, shared: &Shared) -> bool {
         while let Some(id) = self.order.pop_front() {
-            if let Some(slot) = self.pending.get_mut(&id) {
-                if let Slot::Waiting(..) = slot {
-                    let Slot::Waiting(tx, ..) = std::mem::replace(slot, Slot::Abandoned) else {
-                        unreachable!()
-                    };
-                    self.live -= 1;
-                    self.abandoned += 1;
-                    let _ = tx.send(Err(
-                        Error::new(Kind::Overloaded).target(shared.config.target.as_ref())
-                    ));
-                    if self.phase == Phase::Connected {
-                        let _ = self.outbox.push(&Message::Cancel { id });
-                    }
-                    return true;
+            if let Some(tx) = self.give_up(id) {
+                let _ = tx.send(Err(
+                    Error::new(Kind::Overloaded).target(shared.config.target.as_ref())
+                ));
+                if self.phase == Phase::Connected {
+                    let _ = self.outbox.push(&Message::Cancel { id });
                 }
+                return true;
             }
         }
         false
@@ -622,11 +594,9 @@ impl Inner {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            let Some(Slot::Waiting(tx, ..)) = self.pending.insert(id, Slot::Abandoned) else {
+            let Some(tx) = self.give_up(id) else {
                 continue;
             };
-            self.live -= 1;
-            self.abandoned += 1;
             Counters::inc(&shared.counters.timeouts);
             let e = Error::new(Kind::Stalled)
                 .target(shared.config.target.as_ref())
@@ -635,6 +605,22 @@ impl Inner {
             cancelled |= self.outbox.push(&Message::Cancel { id }).is_ok();
         }
         cancelled && was_empty
+    }
+
+    /// The caller of `id` is no longer waiting: its slot stays, abandoned, until the server's
+    /// reply (so the id is not reused while one may come). Returns the caller's sender if it
+    /// was still waiting.
+    fn give_up(&mut self, id: u32) -> Option<oneshot::Sender<Reply>> {
+        let slot = self.pending.get_mut(&id)?;
+        if matches!(slot, Slot::Abandoned) {
+            return None;
+        }
+        let Slot::Waiting(tx, ..) = std::mem::replace(slot, Slot::Abandoned) else {
+            unreachable!("matched just above")
+        };
+        self.live -= 1;
+        self.abandoned += 1;
+        Some(tx)
     }
 
     /// Puts call `id`'s `deadline` in the deadline queue; returns its [`Expiry::seq`]. First
