@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::codec::Decoder;
 
-use crate::codec::{CodecError, Frame, FrameCodec, Preface, PREFACE_LEN};
+use crate::codec::{Batch, CodecError, Frame, FrameCodec, Preface, MAX_IO_SLICES, PREFACE_LEN};
 use crate::stats::Counters;
 
 /// Default size of the read buffer reserved before each socket read (64 KiB): one read pulls
@@ -40,9 +40,9 @@ where
 /// Where a writer takes its bytes from: a take hands over everything pending (possibly several
 /// frames) and leaves the source empty.
 pub(crate) trait Source {
-    /// Swaps the pending bytes with `spare` (an empty, reusable buffer). `None` means the
+    /// Swaps the pending bytes with `spare` (an empty, reusable batch). `None` means the
     /// connection is over and nothing is left to write: the writer shuts the stream down.
-    fn take(&self, spare: BytesMut) -> Option<BytesMut>;
+    fn take(&self, spare: Batch) -> Option<Batch>;
 
     /// Bytes waiting to be taken.
     fn pending_len(&self) -> usize;
@@ -57,8 +57,9 @@ pub(crate) trait Source {
 /// Most times the writer yields, waiting for a batch to stop growing, before it writes.
 pub(crate) const MAX_BATCH_YIELDS: usize = 4;
 
-/// The batching writer: take *everything* pending, write it with one `write_all` (one syscall
-/// unless the socket buffer is full), and repeat; sleep only when a take comes back empty.
+/// The batching writer: take *everything* pending, write it with one `write` (one syscall
+/// unless the socket buffer is full; vectored when fragments of large messages go out from
+/// their own buffers), and repeat; sleep only when a take comes back empty.
 ///
 /// Callers append to the source and wake `notify` only when they found it empty, so a busy
 /// connection makes one write per round of this loop, however many callers there are: the
@@ -74,7 +75,7 @@ where
     W: AsyncWrite + Unpin,
     S: Source + ?Sized,
 {
-    let mut spare = BytesMut::new();
+    let mut spare = Batch::new(io.is_write_vectored());
     loop {
         let Some(buf) = source.take(spare) else {
             let _ = io.shutdown().await;
@@ -108,31 +109,32 @@ where
         io.flush().await?;
         Counters::inc(&counters.frames_written);
         spare = buf;
+        // Let go of the fragments' payloads now, not at the next take.
+        spare.clear();
         // Keep a large one-off buffer from pinning memory for the connection's life.
         if spare.capacity() > 4 * DEFAULT_BUFFER_SIZE {
-            spare = BytesMut::new();
+            spare = Batch::new(io.is_write_vectored());
         }
     }
 }
 
-/// Writes `buf` whole. The timeout bounds each write's *progress*, not the batch: a peer that
+/// Writes `batch` whole. The timeout bounds each write's *progress*, not the batch: a peer that
 /// reads slowly but steadily behind a large backlog keeps its connection, one that stops
 /// reading for `timeout` loses it.
-async fn write_batch<W>(io: &mut W, buf: &[u8], timeout: Option<Duration>) -> io::Result<()>
+async fn write_batch<W>(io: &mut W, batch: &Batch, timeout: Option<Duration>) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
+    let total = batch.len();
     let mut written = 0;
-    while written < buf.len() {
-        let write = io.write(&buf[written..]);
-        let n = match timeout {
-            Some(t) => tokio::time::timeout(t, write).await.map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "peer stopped reading (no write progress within the write timeout)",
-                )
-            })??,
-            None => write.await?,
+    while written < total {
+        let n = match batch.as_contiguous() {
+            Some(buf) => with_timeout(timeout, io.write(&buf[written..])).await?,
+            None => {
+                let mut iov = [io::IoSlice::new(&[]); MAX_IO_SLICES];
+                let k = batch.io_slices(written, &mut iov);
+                with_timeout(timeout, io.write_vectored(&iov[..k])).await?
+            }
         };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
@@ -140,6 +142,22 @@ where
         written += n;
     }
     Ok(())
+}
+
+/// One write, failed if it makes no progress within `timeout`.
+async fn with_timeout<F>(timeout: Option<Duration>, write: F) -> io::Result<usize>
+where
+    F: std::future::Future<Output = io::Result<usize>>,
+{
+    match timeout {
+        Some(t) => tokio::time::timeout(t, write).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer stopped reading (no write progress within the write timeout)",
+            )
+        })?,
+        None => write.await,
+    }
 }
 
 /// Options of [`write_loop`].

@@ -5,14 +5,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::BytesMut;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Message, Outbox};
+use crate::codec::{Batch, Message, Outbox};
 use crate::conn::{Source, MAX_BATCH_YIELDS};
 use crate::error::{Error, Kind, Result};
 use crate::stats::Counters;
@@ -690,7 +689,7 @@ pub(crate) struct ConnSource {
 }
 
 impl Source for ConnSource {
-    fn take(&self, spare: BytesMut) -> Option<BytesMut> {
+    fn take(&self, spare: Batch) -> Option<Batch> {
         let mut inner = self.shared.lock();
         if inner.gen != self.gen {
             return None;
@@ -776,7 +775,7 @@ mod tests {
             shared: shared.clone(),
             gen: gen2,
         };
-        assert!(!source.take(BytesMut::new()).unwrap().is_empty());
+        assert!(!source.take(Batch::default()).unwrap().is_empty());
         shared.reset(Phase::Connecting, lost);
         let err = sent.try_recv().unwrap().unwrap_err();
         assert!(err.is_closed() && !err.is_retry_safe(), "{err:?}");
@@ -826,14 +825,14 @@ mod tests {
         let first = start(1);
         assert_eq!(source.batch_yields(), 0);
         // On the wire, with a hundred callers: one yield.
-        assert!(!source.take(BytesMut::new()).unwrap().is_empty());
+        assert!(!source.take(Batch::default()).unwrap().is_empty());
         let mut calls = start(99);
         calls.extend(first);
-        assert!(!source.take(BytesMut::new()).unwrap().is_empty());
+        assert!(!source.take(Batch::default()).unwrap().is_empty());
         assert_eq!(source.batch_yields(), 1);
         // A thousand: as many yields as the batch keeps growing.
         calls.extend(start(900));
-        assert!(!source.take(BytesMut::new()).unwrap().is_empty());
+        assert!(!source.take(Batch::default()).unwrap().is_empty());
         assert_eq!(source.batch_yields(), MAX_BATCH_YIELDS);
         // Replies delivered in a batch make `live` dip; the callers are still there.
         let mut out = Vec::new();

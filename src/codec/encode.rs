@@ -2,6 +2,7 @@
 //! callers into as few frames (and writes) as possible.
 
 use std::collections::VecDeque;
+use std::io;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -248,20 +249,129 @@ impl Big {
         self.head.len() + self.tail.len()
     }
 
-    /// Appends the next `n` bytes of the encoding to `dst`.
-    fn put_next(&mut self, n: usize, dst: &mut BytesMut) {
-        let mut from = self.sent;
+    /// The next `n` bytes of the encoding, as slices of the message's own buffers (no copy):
+    /// the end of the head, then the start of the tail; either may be empty.
+    fn next(&mut self, n: usize) -> [Bytes; 2] {
+        let from = self.sent;
         let end = from + n;
-        if from < self.head.len() {
-            let to = end.min(self.head.len());
-            dst.put_slice(&self.head[from..to]);
-            from = to;
-        }
-        if from < end {
-            let h = self.head.len();
-            dst.put_slice(&self.tail[from - h..end - h]);
-        }
+        let h = self.head.len();
+        let head = if from < h {
+            self.head.slice(from..end.min(h))
+        } else {
+            Bytes::new()
+        };
+        let tail = if end > h {
+            self.tail.slice(from.max(h) - h..end - h)
+        } else {
+            Bytes::new()
+        };
         self.sent = end;
+        [head, tail]
+    }
+}
+
+/// Bytes of one fragment's frame header and fragment header together.
+const PIECE_HEAD: usize = FRAME_HEADER_LEN + FRAGMENT_FIXED;
+
+/// What one [`Outbox::take`] hands the writer: whole frames in one buffer, then the fragments
+/// of large messages. Gathered, a fragment's data stays in the message's own buffer and goes
+/// out in the same vectored write as the buffer, with no copy; otherwise (a writer without
+/// vectored writes: a compressor) it is copied into the buffer.
+///
+/// The writer hands its last batch back to the next take, so the buffers are reused.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    buf: BytesMut,
+    pieces: Vec<Piece>,
+    /// Whether fragments stay in `pieces` (`true`) or are copied into `buf`.
+    gather: bool,
+}
+
+/// One fragment kept out of the buffer: its headers, then its data.
+#[derive(Debug)]
+struct Piece {
+    head: [u8; PIECE_HEAD],
+    data: [Bytes; 2],
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        PIECE_HEAD + self.data[0].len() + self.data[1].len()
+    }
+}
+
+/// Most slices [`Batch::io_slices`] fills in: a buffer and ten fragments.
+pub(crate) const MAX_IO_SLICES: usize = 31;
+
+impl Batch {
+    /// An empty batch; `gather`: whether fragments may stay out of the buffer (the writer
+    /// writes vectored).
+    pub(crate) fn new(gather: bool) -> Self {
+        Batch {
+            gather,
+            ..Batch::default()
+        }
+    }
+
+    /// Bytes in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len() + self.pieces.iter().map(Piece::len).sum::<usize>()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.pieces.is_empty()
+    }
+
+    /// Empties the batch, keeping the buffer's memory and letting go of the fragments'.
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+        self.pieces.clear();
+    }
+
+    /// The memory the batch keeps for reuse.
+    pub(crate) fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The whole batch, when it is one buffer (no fragments kept apart).
+    pub(crate) fn as_contiguous(&self) -> Option<&[u8]> {
+        self.pieces.is_empty().then_some(&self.buf[..])
+    }
+
+    /// Fills `out` with the batch's bytes from offset `skip` on, in order, as far as `out`
+    /// holds; returns how many slices it filled.
+    pub(crate) fn io_slices<'a>(&'a self, skip: usize, out: &mut [io::IoSlice<'a>]) -> usize {
+        let mut skip = skip;
+        let mut n = 0;
+        let segments = std::iter::once(&self.buf[..]).chain(
+            self.pieces
+                .iter()
+                .flat_map(|p| [&p.head[..], &p.data[0][..], &p.data[1][..]]),
+        );
+        for seg in segments {
+            if n == out.len() {
+                break;
+            }
+            if skip >= seg.len() {
+                skip -= seg.len();
+                continue;
+            }
+            out[n] = io::IoSlice::new(&seg[skip..]);
+            skip = 0;
+            n += 1;
+        }
+        n
+    }
+
+    /// The batch as one buffer, fragments copied in.
+    #[cfg(test)]
+    pub(crate) fn into_contiguous(mut self) -> BytesMut {
+        for p in std::mem::take(&mut self.pieces) {
+            self.buf.put_slice(&p.head);
+            self.buf.put_slice(&p.data[0]);
+            self.buf.put_slice(&p.data[1]);
+        }
+        self.buf
     }
 }
 
@@ -401,23 +511,29 @@ impl Outbox {
     /// [`FRAGMENTS_PER_TAKE`] and the peer's window allow), leaving the outbox empty unless
     /// large messages have more to send. The next push opens a new frame.
     ///
-    /// `spare` is the writer's previous (already written) buffer: handing it back lets the two
-    /// buffers alternate, so steady-state batching allocates nothing.
-    pub(crate) fn take(&mut self, spare: BytesMut) -> BytesMut {
+    /// `spare` is the writer's previous (already written) batch: handing it back lets the two
+    /// buffers alternate, so steady-state batching allocates nothing. Whether fragments are
+    /// gathered or copied follows `spare`.
+    pub(crate) fn take(&mut self, spare: Batch) -> Batch {
         self.open = None;
         self.count = 0;
         self.queued = 0;
         let mut spare = spare;
         spare.clear();
-        let mut out = std::mem::replace(&mut self.buf, spare);
+        let buf = std::mem::replace(&mut self.buf, spare.buf);
+        let mut out = Batch {
+            buf,
+            pieces: spare.pieces,
+            gather: spare.gather,
+        };
         if !self.big.is_empty() {
             self.put_fragments(&mut out);
         }
         out
     }
 
-    /// Appends up to [`FRAGMENTS_PER_TAKE`] bytes of fragments, each in a frame of its own.
-    fn put_fragments(&mut self, out: &mut BytesMut) {
+    /// Adds up to [`FRAGMENTS_PER_TAKE`] bytes of fragments, each in a frame of its own.
+    fn put_fragments(&mut self, out: &mut Batch) {
         let piece_max = self.piece_max();
         let mut budget = FRAGMENTS_PER_TAKE;
         while budget > 0 {
@@ -434,14 +550,20 @@ impl Outbox {
                 break;
             };
             self.outstanding += n;
-            out.reserve(FRAME_HEADER_LEN + FRAGMENT_FIXED + n);
-            let start = out.len();
-            out.put_bytes(0, FRAME_HEADER_LEN);
-            put_header(&mut out[start..], FRAGMENT_FIXED + n, 1);
-            out.put_u8(kind::FRAGMENT);
-            out.put_u8(u8::from(more));
-            out.put_u32(n as u32);
-            big.put_next(n, out);
+            let mut head = [0u8; PIECE_HEAD];
+            put_header(&mut head, FRAGMENT_FIXED + n, 1);
+            head[FRAME_HEADER_LEN] = kind::FRAGMENT;
+            head[FRAME_HEADER_LEN + 1] = u8::from(more);
+            head[FRAME_HEADER_LEN + 2..].copy_from_slice(&(n as u32).to_be_bytes());
+            let data = big.next(n);
+            if out.gather {
+                out.pieces.push(Piece { head, data });
+            } else {
+                out.buf.reserve(PIECE_HEAD + n);
+                out.buf.put_slice(&head);
+                out.buf.put_slice(&data[0]);
+                out.buf.put_slice(&data[1]);
+            }
             self.big_len -= n;
             budget = budget.saturating_sub(n);
             if !more {
@@ -466,12 +588,71 @@ mod tests {
         }
     }
 
+    /// One take, fragments gathered, as the bytes a writer would send.
+    fn take(o: &mut Outbox) -> BytesMut {
+        o.take(Batch::new(true)).into_contiguous()
+    }
+
+    #[test]
+    fn gathered_fragments_are_the_bytes_copied_ones_would_be() {
+        let msgs = [
+            big_response(1, 300 * 1024 + 7),
+            req(2, b"x"),
+            Message::Request {
+                id: 3,
+                timeout_ms: 1,
+                method: Bytes::from_static(b"put"),
+                metadata: Bytes::from_static(b"meta"),
+                body: Bytes::from(vec![5u8; 2 * FRAGMENT_SIZE]),
+            },
+        ];
+        let mut gathered = Outbox::new(16 << 20, 0);
+        let mut copied = Outbox::new(16 << 20, 0);
+        for m in &msgs {
+            gathered.push(m).unwrap();
+            copied.push(m).unwrap();
+        }
+        let (mut g, mut c) = (Batch::new(true), Batch::new(false));
+        let mut takes = 0;
+        while !copied.is_drained() {
+            g = gathered.take(g);
+            c = copied.take(c);
+            assert!(c.as_contiguous().is_some(), "copied: one buffer");
+            assert_eq!(g.as_contiguous().is_some(), g.pieces.is_empty());
+            assert_eq!(g.len(), c.len());
+            // Every starting offset gives the same bytes, with room for few slices or many.
+            let want = c.as_contiguous().unwrap().to_vec();
+            for skip in (0..want.len()).step_by(997).chain([want.len() - 1]) {
+                for room in [1, 2, MAX_IO_SLICES] {
+                    let mut iov = [io::IoSlice::new(&[]); MAX_IO_SLICES];
+                    let n = g.io_slices(skip, &mut iov[..room]);
+                    assert!(n >= 1 && n <= room);
+                    let got: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
+                    assert_eq!(got[..], want[skip..skip + got.len()]);
+                    if room == MAX_IO_SLICES && g.pieces.len() * 3 < MAX_IO_SLICES {
+                        assert_eq!(got.len(), want.len() - skip, "all of it");
+                    }
+                }
+            }
+            takes += 1;
+            let _ = gathered.ack(gathered.outstanding as u32);
+            let _ = copied.ack(copied.outstanding as u32);
+        }
+        assert!(gathered.is_drained());
+        assert!(takes >= 2, "the fragments took several takes");
+        g.clear();
+        assert!(
+            g.is_empty() && g.pieces.is_empty(),
+            "a cleared batch holds no payload"
+        );
+    }
+
     #[test]
     fn outbox_packs_messages_into_one_frame() {
         let mut o = Outbox::new(4096, 64);
         o.push(&req(1, b"a")).unwrap();
         o.push(&req(2, b"b")).unwrap();
-        let buf = o.take(BytesMut::new());
+        let buf = take(&mut o);
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         assert_eq!(len, buf.len() - FRAME_HEADER_LEN);
         assert_eq!(u16::from_be_bytes([buf[6], buf[7]]), 2);
@@ -487,7 +668,7 @@ mod tests {
         };
         o.push(&big).unwrap();
         o.push(&big).unwrap();
-        let buf = o.take(BytesMut::new());
+        let buf = take(&mut o);
         assert_eq!(buf.len(), 2 * (FRAME_HEADER_LEN + 3009));
     }
 
@@ -532,7 +713,7 @@ mod tests {
         o.push(&big).unwrap();
         o.push(&req(2, b"a")).unwrap();
         assert_eq!(o.len(), big.encoded_len() + FRAME_HEADER_LEN + 18);
-        let mut first = o.take(BytesMut::new());
+        let mut first = take(&mut o);
         // The small message, then 256 KiB of fragments in frames of their own.
         assert_eq!(
             first.len(),
@@ -540,8 +721,8 @@ mod tests {
         );
         assert!(!o.is_empty(), "more fragments to send");
         o.push(&req(3, b"b")).unwrap();
-        let mut second = o.take(BytesMut::new());
-        let mut third = o.take(BytesMut::new());
+        let mut second = take(&mut o);
+        let mut third = take(&mut o);
         assert!(o.is_empty());
         assert_eq!(o.len(), 0);
         let mut wire = BytesMut::new();
@@ -585,7 +766,7 @@ mod tests {
         assert!(o_small.push(&msgs[0]).is_err(), "above the peer's limit");
         let mut wire = BytesMut::new();
         while !o.is_empty() {
-            let t = o.take(BytesMut::new());
+            let t = take(&mut o);
             wire.extend_from_slice(&t);
         }
         assert_eq!(decode_all(&mut wire, 4096 * 64), msgs);
@@ -599,7 +780,7 @@ mod tests {
         let mut wire = BytesMut::new();
         let mut sent = 0;
         loop {
-            let t = o.take(BytesMut::new());
+            let t = take(&mut o);
             if t.is_empty() {
                 break;
             }
@@ -616,7 +797,7 @@ mod tests {
         // Small messages still go.
         o.push(&req(9, b"s")).unwrap();
         assert!(!o.is_empty());
-        let t = o.take(BytesMut::new());
+        let t = take(&mut o);
         assert_eq!(t.len(), FRAME_HEADER_LEN + 18);
         wire.extend_from_slice(&t);
         assert!(o.ack(0x10_0001).is_err(), "more than outstanding");
@@ -640,7 +821,7 @@ mod tests {
                     acks += 1;
                 }
             }
-            let t = o.take(BytesMut::new());
+            let t = take(&mut o);
             if t.is_empty() {
                 break;
             }
@@ -658,7 +839,7 @@ mod tests {
         let mut o = Outbox::new(limit, 0);
         let big = big_response(1, limit - 9);
         o.push(&big).unwrap();
-        let mut t = o.take(BytesMut::new());
+        let mut t = take(&mut o);
         let first = u32::from_be_bytes([t[0], t[1], t[2], t[3]]) as usize;
         assert_eq!(first, limit, "frame body at the peer's limit");
         assert_eq!(decode_all(&mut t, limit), vec![big]);

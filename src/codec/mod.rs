@@ -30,7 +30,7 @@ pub use self::error::CodecError;
 pub use self::frame::{Frame, Message};
 pub use self::preface::{Preface, Role, PREFACE_LEN};
 
-pub(crate) use self::encode::Outbox;
+pub(crate) use self::encode::{Batch, Outbox, MAX_IO_SLICES};
 pub(crate) use self::frame::code;
 
 use bytes::BytesMut;

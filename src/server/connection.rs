@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -25,7 +25,7 @@ use super::handler::{HandlerTask, HeldBytes};
 use super::keepalive::{Due, Keepalive};
 use super::recover::status_from_error;
 use super::Config;
-use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
+use crate::codec::{code, Batch, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
 use crate::conn::{wire, write_loop, FrameReader, Source, WriteOptions, MAX_BATCH_YIELDS};
 use crate::error::{Code, Status};
 use crate::protocol::{self, error_message};
@@ -257,7 +257,7 @@ const CONDEMNED: &str = "server memory budget exceeded: replies are not read";
 struct ConnSource(Arc<Conn>);
 
 impl Source for ConnSource {
-    fn take(&self, spare: BytesMut) -> Option<BytesMut> {
+    fn take(&self, spare: Batch) -> Option<Batch> {
         let mut inner = self.0.lock();
         if inner.closing && inner.outbox.is_drained() {
             return None;
