@@ -75,7 +75,8 @@ where
     W: AsyncWrite + Unpin,
     S: Source + ?Sized,
 {
-    let mut spare = Batch::new(io.is_write_vectored());
+    let gather = opts.gather && io.is_write_vectored();
+    let mut spare = Batch::new(gather);
     loop {
         let Some(buf) = source.take(spare) else {
             let _ = io.shutdown().await;
@@ -113,7 +114,7 @@ where
         spare.clear();
         // Keep a large one-off buffer from pinning memory for the connection's life.
         if spare.capacity() > 4 * DEFAULT_BUFFER_SIZE {
-            spare = Batch::new(io.is_write_vectored());
+            spare = Batch::new(gather);
         }
     }
 }
@@ -165,6 +166,9 @@ where
 pub(crate) struct WriteOptions {
     pub(crate) flush_delay: Option<Duration>,
     pub(crate) write_timeout: Option<Duration>,
+    /// Whether fragments of large messages go out from their own buffers in a vectored write
+    /// (where the stream writes vectored) rather than copied into the batch.
+    pub(crate) gather: bool,
 }
 
 /// Asked before each read in the middle of a frame, with the memory the reader holds (its

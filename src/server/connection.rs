@@ -358,6 +358,8 @@ pub(super) async fn serve<S, IO>(
     let opts = WriteOptions {
         flush_delay: None,
         write_timeout: config.write_timeout,
+        // Large replies leave from the handlers' own buffers (see `Batch`).
+        gather: true,
     };
     let mut writer = tokio::spawn(async move {
         let source = ConnSource(writer_conn.clone());
