@@ -32,7 +32,7 @@ pub(crate) enum Slot {
     /// The flag says the call has a deadline of its own (its own timeout, or one inherited from
     /// the handler it is made in), which the stall rule honours (see `Inner::fail_stuck`). The
     /// last number is the call's entry in the deadline queue ([`Expiry::seq`]), 0 for none.
-    Waiting(oneshot::Sender<Reply>, u64, bool, u64),
+    Waiting(oneshot::Sender<Reply>, u64, bool, u32),
     /// The caller gave up (timeout, drop); the id stays reserved until the reply arrives, so it
     /// is never reused while a reply for it may still be on its way.
     Abandoned,
@@ -75,8 +75,10 @@ impl std::hash::BuildHasher for IdHasher {
 pub(crate) struct Expiry {
     deadline: Instant,
     id: u32,
-    /// Told apart from an earlier call with the same id: the slot holds the same number.
-    seq: u64,
+    /// Told apart from an earlier call with the same id: the slot holds the same number. It
+    /// wraps after 2^32 entries, far more than are queued while one entry waits for its
+    /// deadline; 32 bits keep the queue at 24 bytes an entry.
+    seq: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +120,7 @@ pub(crate) struct Inner {
     /// dropped from the front as calls start, and all at once when they outnumber the calls.
     deadlines: VecDeque<Expiry>,
     /// The last [`Expiry::seq`] given out.
-    expiry_seq: u64,
+    expiry_seq: u32,
     /// When the in-flight map last went from empty to non-empty: a stall is measured from the
     /// later of this and the last byte received.
     pub(crate) busy_since: Option<Instant>,
@@ -626,7 +628,7 @@ impl Inner {
     /// drops entries of calls that have ended: a few from the front (calls mostly end in the
     /// order they started), and all of them once they outnumber the live calls twice over, so
     /// that a call stuck at the front does not make the queue grow with every call after it.
-    fn queue_deadline(&mut self, id: u32, deadline: Instant) -> u64 {
+    fn queue_deadline(&mut self, id: u32, deadline: Instant) -> u32 {
         for _ in 0..2 {
             match self.deadlines.front() {
                 Some(e) if !self.expiry_is_live(e) => self.deadlines.pop_front(),
@@ -638,7 +640,8 @@ impl Inner {
             deadlines.retain(|e| self.expiry_is_live(e));
             self.deadlines = deadlines;
         }
-        self.expiry_seq += 1;
+        // 0 means "no entry" in a slot.
+        self.expiry_seq = self.expiry_seq.checked_add(1).unwrap_or(1);
         self.deadlines.push_back(Expiry {
             deadline,
             id,
@@ -896,5 +899,30 @@ mod tests {
         // Its id stays reserved for the reply that may still come.
         assert_eq!(shared.live(), 2);
         assert!(late.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn deadline_entries_stay_small_and_their_numbers_wrap_past_zero() {
+        // Per live call: an entry in the pending table and one in the deadline queue.
+        assert!(std::mem::size_of::<Slot>() <= 24);
+        assert!(std::mem::size_of::<Expiry>() <= 24);
+        let shared = shared();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        shared.lock().expiry_seq = u32::MAX - 1;
+        let mut rxs = Vec::new();
+        for want in [u32::MAX, 1, 2] {
+            let (id, _, rx, queued) = shared
+                .start(&mut Request::new("M", "x"), None, Some(deadline), false)
+                .unwrap();
+            assert!(queued);
+            rxs.push(rx);
+            let inner = shared.lock();
+            assert!(matches!(inner.pending.get(&id), Some(Slot::Waiting(.., seq)) if *seq == want));
+        }
+        // All three are live entries, and all three time out.
+        assert_eq!(shared.expire(deadline), None);
+        for mut rx in rxs {
+            assert!(rx.try_recv().unwrap().unwrap_err().is_timeout());
+        }
     }
 }
