@@ -88,24 +88,16 @@ where
             if let Some(delay) = opts.flush_delay {
                 // Trade latency for bigger batches: let more callers append before we take.
                 tokio::time::sleep(delay).await;
-            } else if let yields @ 1.. = source.batch_yields() {
+            } else {
                 // The task that woke us is usually one of many made runnable by the same batch
                 // of replies, and tokio runs a freshly woken task next (its LIFO slot). Taking
                 // now would send one message per write; yielding lets the rest of the runnable
-                // callers append first. We yield while the batch keeps growing (a few times at
-                // most), so it forms at no latency cost: nothing here waits on a timer.
-                let mut last = source.pending_len();
-                for _ in 0..yields {
-                    tokio::task::yield_now().await;
-                    let now = source.pending_len();
-                    if now == last {
-                        break;
-                    }
-                    last = now;
-                }
+                // callers append first.
+                let_batch_grow(source).await;
             }
             continue;
         }
+        let written = buf.len();
         write_batch(&mut io, &buf, opts.write_timeout).await?;
         io.flush().await?;
         Counters::inc(&counters.frames_written);
@@ -116,6 +108,34 @@ where
         if spare.capacity() > 4 * DEFAULT_BUFFER_SIZE {
             spare = Batch::new(gather);
         }
+        // What arrived during the write goes out next without a wake-up, so nothing above
+        // lets it grow: when it is still a fraction of the batch just written and more
+        // callers are on their way, yield once for them. At 1,000 callers this halves the
+        // writes per call (0.028 to 0.012, both processes) for 0-3 % of the calls per second.
+        if opts.flush_delay.is_none() {
+            let pending = source.pending_len();
+            if pending > 0 && pending < written / 2 && source.batch_yields() > 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// Yields while the batch keeps growing, as many times as the source allows (a few at most),
+/// so that it forms at no latency cost: nothing here waits on a timer.
+async fn let_batch_grow<S: Source + ?Sized>(source: &S) {
+    let yields = source.batch_yields();
+    if yields == 0 {
+        return;
+    }
+    let mut last = source.pending_len();
+    for _ in 0..yields {
+        tokio::task::yield_now().await;
+        let now = source.pending_len();
+        if now == last {
+            break;
+        }
+        last = now;
     }
 }
 
@@ -520,5 +540,110 @@ impl<W: AsyncWrite> AsyncWrite for WireWriter<W> {
             WireWriterProj::Plain { io } => io.poll_shutdown(cx),
             WireWriterProj::Compressed { io } => io.as_mut().poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::codec::{Message, Outbox};
+
+    /// An outbox that callers push pings into, as a connection's callers push requests.
+    struct Pings {
+        outbox: Mutex<Outbox>,
+        closed: AtomicBool,
+    }
+
+    impl Pings {
+        fn push(&self, n: usize) {
+            let mut outbox = self.outbox.lock().unwrap();
+            for _ in 0..n {
+                outbox.push(&Message::Ping { data: 1 }).unwrap();
+            }
+        }
+    }
+
+    impl Source for Pings {
+        fn take(&self, spare: Batch) -> Option<Batch> {
+            let mut outbox = self.outbox.lock().unwrap();
+            if self.closed.load(Ordering::Relaxed) && outbox.is_drained() {
+                return None;
+            }
+            Some(outbox.take(spare))
+        }
+
+        fn pending_len(&self) -> usize {
+            self.outbox.lock().unwrap().len()
+        }
+
+        fn batch_yields(&self) -> usize {
+            1
+        }
+    }
+
+    /// Records how many messages each write carried. During the first one, a caller appends
+    /// one message and another caller is about to append three more.
+    struct Wire {
+        source: Arc<Pings>,
+        writes: Arc<Mutex<Vec<u16>>>,
+    }
+
+    impl AsyncWrite for Wire {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut writes = self.writes.lock().unwrap();
+            writes.push(u16::from_be_bytes([buf[6], buf[7]]));
+            if writes.len() == 1 {
+                self.source.push(1);
+                let source = self.source.clone();
+                tokio::spawn(async move { source.push(3) });
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn what_trickles_in_during_a_write_waits_a_yield_for_the_rest() {
+        let source = Arc::new(Pings {
+            outbox: Mutex::new(Outbox::new(1 << 20, 0)),
+            closed: AtomicBool::new(false),
+        });
+        source.push(10);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(Notify::new());
+        let wire = Wire {
+            source: source.clone(),
+            writes: writes.clone(),
+        };
+        let writer = tokio::spawn({
+            let (source, notify) = (source.clone(), notify.clone());
+            async move {
+                let counters = Counters::default();
+                write_loop(wire, &*source, &notify, WriteOptions::default(), &counters).await
+            }
+        });
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        source.closed.store(true, Ordering::Relaxed);
+        notify.notify_one();
+        writer.await.unwrap().unwrap();
+        // The one message that arrived during the first write did not go out alone: the
+        // writer yielded once and the other three joined it.
+        assert_eq!(*writes.lock().unwrap(), vec![10, 4]);
     }
 }
