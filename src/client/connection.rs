@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::builder::DEFAULT_STALL_TIMEOUT;
-use super::pending::{ConnSource, Phase, Reply, Shared};
+use super::pending::{ConnSource, Gen, Phase, Reply, Shared};
 use tower::{Service, ServiceExt};
 
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Preface, Role};
@@ -261,7 +261,7 @@ where
 }
 
 /// Runs one established connection until it ends.
-async fn serve<T>(shared: &Arc<Shared>, io: T, gen: u64, compression: Option<Compression>) -> End
+async fn serve<T>(shared: &Arc<Shared>, io: T, gen: Gen, compression: Option<Compression>) -> End
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {

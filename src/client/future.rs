@@ -12,7 +12,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::pending::{Refusal, Reply, Shared};
+use super::pending::{Gen, Refusal, Reply, Shared};
 use super::Handle;
 use crate::error::{Error, Kind, Result};
 use crate::stats::Counters;
@@ -29,14 +29,10 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct ResponseFuture {
         state: State,
-        // Boxed: calls with the client's default timeout are timed out by their connection's
-        // deadline queue, and only those with a deadline of their own (or parked ones) pay
-        // for a timer here.
-        sleep: Option<Pin<Box<Sleep>>>,
-        // Boxed: only calls that carry a token pay for its waiter.
-        cancel: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-        // Boxed: only calls traced by an interested subscriber pay for it.
-        trace: Option<Box<Trace>>,
+        // Boxed, and only for calls that need one of them: calls with the client's default
+        // timeout are timed out by their connection's deadline queue, most carry no token,
+        // and most are not traced.
+        extras: Option<Pin<Box<Extras>>>,
     }
 
     impl PinnedDrop for ResponseFuture {
@@ -49,6 +45,56 @@ pin_project! {
     }
 }
 
+pin_project! {
+    /// What only some calls carry: a timer (a deadline of their own, or a parked call's), a
+    /// cancellation token's waiter, a span.
+    struct Extras {
+        #[pin]
+        sleep: Option<Sleep>,
+        #[pin]
+        cancel: Option<WaitForCancellationFutureOwned>,
+        trace: Option<Trace>,
+    }
+}
+
+impl Extras {
+    /// `None` when the call needs none of them.
+    fn boxed(
+        deadline: Option<Instant>,
+        cancel: Option<CancellationToken>,
+        trace: Option<Trace>,
+    ) -> Option<Pin<Box<Extras>>> {
+        if deadline.is_none() && cancel.is_none() && trace.is_none() {
+            return None;
+        }
+        Some(Box::pin(Extras {
+            sleep: deadline.map(tokio::time::sleep_until),
+            cancel: cancel.map(CancellationToken::cancelled_owned),
+            trace,
+        }))
+    }
+}
+
+/// Whether the call's token was cancelled (`Some(true)`) or its timer fired (`Some(false)`).
+fn poll_extras(extras: &mut Option<Pin<Box<Extras>>>, cx: &mut Context<'_>) -> Option<bool> {
+    let extras = extras.as_mut()?.as_mut().project();
+    if extras
+        .cancel
+        .as_pin_mut()
+        .is_some_and(|c| c.poll(cx).is_ready())
+    {
+        return Some(true);
+    }
+    if extras
+        .sleep
+        .as_pin_mut()
+        .is_some_and(|s| s.poll(cx).is_ready())
+    {
+        return Some(false);
+    }
+    None
+}
+
 /// A call's span (`towerpc.client`: method, id, server, code, latency) and start.
 #[derive(Debug)]
 pub(crate) struct Trace {
@@ -58,7 +104,7 @@ pub(crate) struct Trace {
 
 impl Trace {
     /// A span for a call of `req` to `shared`'s server, or `None` when no subscriber wants it.
-    pub(crate) fn start(req: &Request, shared: &Shared) -> Option<Box<Trace>> {
+    pub(crate) fn start(req: &Request, shared: &Shared) -> Option<Trace> {
         let span = tracing::debug_span!(
             "towerpc.client",
             method = tracing::field::Empty,
@@ -74,10 +120,10 @@ impl Trace {
         if let Some(server) = &shared.config.target {
             span.record("server", server.as_ref());
         }
-        Some(Box::new(Trace {
+        Some(Trace {
             span,
             started: std::time::Instant::now(),
-        }))
+        })
     }
 
     pub(crate) fn id(&self, id: u32) {
@@ -102,7 +148,7 @@ impl Trace {
 struct Call {
     shared: Arc<Shared>,
     id: u32,
-    gen: u64,
+    gen: Gen,
 }
 
 /// A call waiting for a free slot (`max_pending` calls are pending) before it starts.
@@ -142,7 +188,7 @@ impl ResponseFuture {
         permit: Option<OwnedSemaphorePermit>,
         deadline: Option<Instant>,
         cancel: Option<CancellationToken>,
-        trace: Option<Box<Trace>>,
+        trace: Option<Trace>,
     ) -> Self {
         if let Some(trace) = &trace {
             trace.id(id);
@@ -153,9 +199,7 @@ impl ResponseFuture {
                 rx,
                 _permit: permit,
             },
-            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            cancel: cancel.map(|c| Box::pin(c.cancelled_owned())),
-            trace,
+            extras: Extras::boxed(deadline, cancel, trace),
         }
     }
 
@@ -176,9 +220,7 @@ impl ResponseFuture {
                 deadline,
                 changes,
             })),
-            sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
-            cancel: cancel.map(|c| Box::pin(c.cancelled_owned())),
-            trace,
+            extras: Extras::boxed(deadline, cancel, trace),
         }
     }
 
@@ -193,9 +235,7 @@ impl ResponseFuture {
                 req: Some(req),
                 slots: tokio_util::sync::PollSemaphore::new(slots),
             })),
-            sleep: None,
-            cancel: None,
-            trace: None,
+            extras: None,
         }
     }
 
@@ -217,9 +257,7 @@ impl ResponseFuture {
     pub(crate) fn ready(reply: Reply) -> Self {
         ResponseFuture {
             state: State::Ready { reply: Some(reply) },
-            sleep: None,
-            cancel: None,
-            trace: None,
+            extras: None,
         }
     }
 }
@@ -242,73 +280,66 @@ impl Future for ResponseFuture {
         }
         let this = self.project();
         loop {
-            let reply =
-                match this.state {
-                    State::Ready { reply } => {
-                        return Poll::Ready(
-                            reply
-                                .take()
-                                .expect("ResponseFuture polled after completion"),
-                        )
+            let reply = match this.state {
+                State::Ready { reply } => {
+                    return Poll::Ready(
+                        reply
+                            .take()
+                            .expect("ResponseFuture polled after completion"),
+                    )
+                }
+                State::Acquiring(_) => unreachable!("left above, before the loop"),
+                State::Parked(parked) => match poll_parked(parked, cx) {
+                    Poll::Ready(Ok((shared, id, gen, rx))) => {
+                        if let Some(trace) = this.extras.as_ref().and_then(|e| e.trace.as_ref()) {
+                            trace.id(id);
+                        }
+                        let State::Parked(parked) =
+                            std::mem::replace(this.state, State::Ready { reply: None })
+                        else {
+                            unreachable!("matched just above")
+                        };
+                        *this.state = State::Waiting {
+                            call: Call { shared, id, gen },
+                            rx,
+                            _permit: parked.permit,
+                        };
+                        continue;
                     }
-                    State::Acquiring(_) => unreachable!("left above, before the loop"),
-                    State::Parked(parked) => match poll_parked(parked, cx) {
-                        Poll::Ready(Ok((shared, id, gen, rx))) => {
-                            if let Some(trace) = this.trace {
-                                trace.id(id);
-                            }
-                            let State::Parked(parked) =
-                                std::mem::replace(this.state, State::Ready { reply: None })
-                            else {
-                                unreachable!("matched just above")
-                            };
-                            *this.state = State::Waiting {
-                                call: Call { shared, id, gen },
-                                rx,
-                                _permit: parked.permit,
-                            };
-                            continue;
-                        }
-                        Poll::Ready(Err(e)) => Err(e),
-                        Poll::Pending => {
-                            if poll_fired(this.cancel, cx) {
-                                Err(Error::new(Kind::Cancelled))
-                            } else if let Some(Poll::Ready(())) =
-                                this.sleep.as_mut().map(|s| s.as_mut().poll(cx))
-                            {
-                                Err(super::timed_out(&parked.handle.conns[0])
-                                    .with("no connection came up before the deadline".to_string()))
-                            } else {
-                                return Poll::Pending;
-                            }
-                        }
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Pending => match poll_extras(this.extras, cx) {
+                        Some(true) => Err(Error::new(Kind::Cancelled)),
+                        Some(false) => Err(super::timed_out(&parked.handle.conns[0])
+                            .with("no connection came up before the deadline".to_string())),
+                        None => return Poll::Pending,
                     },
-                    State::Waiting { call, rx, .. } => match Pin::new(rx).poll(cx) {
+                },
+                State::Waiting { call, rx, .. } => {
+                    match Pin::new(rx).poll(cx) {
                         Poll::Ready(Ok(reply)) => reply,
                         // The sender only goes away without a reply if the client's state was torn
                         // down, which the reset path normally reports; say so rather than hang.
                         Poll::Ready(Err(_)) => Err(Error::new(Kind::ConnectionLost)
                             .target(call.shared.config.target.as_ref())),
-                        Poll::Pending => {
-                            if poll_fired(this.cancel, cx) {
+                        Poll::Pending => match poll_extras(this.extras, cx) {
+                            Some(true) => {
                                 // Tell the server, as a drop would.
                                 call.shared.abandon(call.id, call.gen, true);
                                 Err(Error::new(Kind::Cancelled)
                                     .target(call.shared.config.target.as_ref()))
-                            } else if let Some(Poll::Ready(())) =
-                                this.sleep.as_mut().map(|s| s.as_mut().poll(cx))
-                            {
+                            }
+                            Some(false) => {
                                 // Keep the id reserved (the reply may still come) but tell the
-                                // server nothing: it knows the same deadline and stops the handler
-                                // itself.
+                                // server nothing: it knows the same deadline and stops the
+                                // handler itself.
                                 call.shared.abandon(call.id, call.gen, false);
                                 Err(super::timed_out(&call.shared))
-                            } else {
-                                return Poll::Pending;
                             }
-                        }
-                    },
-                };
+                            None => return Poll::Pending,
+                        },
+                    }
+                }
+            };
             if let State::Waiting { call, .. } = this.state {
                 let c = &call.shared.counters;
                 Counters::inc(&c.calls);
@@ -316,7 +347,12 @@ impl Future for ResponseFuture {
                     Counters::inc(&c.errors);
                 }
             }
-            if let Some(trace) = this.trace.take() {
+            // The span closes with the call.
+            if let Some(trace) = this
+                .extras
+                .as_mut()
+                .and_then(|e| e.as_mut().project().trace.take())
+            {
                 trace.end(&reply);
             }
             // Completed: release the slot now and make drop a no-op.
@@ -327,7 +363,7 @@ impl Future for ResponseFuture {
 }
 
 /// A call queued on a connection: the connection, the id, its generation, the reply.
-pub(crate) type Started = (Arc<Shared>, u32, u64, oneshot::Receiver<Reply>);
+pub(crate) type Started = (Arc<Shared>, u32, Gen, oneshot::Receiver<Reply>);
 
 /// Tries again each time the number of live connections changes.
 fn poll_parked(parked: &mut Parked, cx: &mut Context<'_>) -> Poll<Result<Started>> {
@@ -348,15 +384,5 @@ fn poll_parked(parked: &mut Parked, cx: &mut Context<'_>) -> Poll<Result<Started
             Poll::Ready(None) => return Poll::Ready(Err(Error::new(Kind::Closed))),
             Poll::Pending => return Poll::Pending,
         }
-    }
-}
-
-fn poll_fired(
-    cancel: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    cx: &mut Context<'_>,
-) -> bool {
-    match cancel {
-        Some(fut) => fut.as_mut().poll(cx).is_ready(),
-        None => false,
     }
 }

@@ -25,6 +25,11 @@ pub(crate) type Reply = Result<Response>;
 /// for a queued one-way message, or why the message was refused.
 pub(crate) type Started = Result<Option<(u32, oneshot::Receiver<Reply>)>>;
 
+/// A connection's generation: it changes with every reconnect, and a call remembers the one
+/// it was sent on. Only compared for equality (a call and its connection's current one), so
+/// it wraps: 2^32 reconnects do not happen while one call waits.
+pub(crate) type Gen = u32;
+
 #[derive(Debug)]
 pub(crate) enum Slot {
     /// A caller is waiting for this id. The number is the writer's take count when the request
@@ -101,7 +106,7 @@ pub(crate) enum Phase {
 pub(crate) struct Inner {
     pub(crate) phase: Phase,
     /// Bumped for every connection; a writer or a call from an older connection sees it changed.
-    pub(crate) gen: u64,
+    pub(crate) gen: Gen,
     pub(crate) outbox: Outbox,
     pub(crate) pending: HashMap<u32, Slot, IdHasher>,
     next_id: u32,
@@ -236,7 +241,7 @@ impl Shared {
         timeout: Option<Duration>,
         queue: Option<Instant>,
         park: bool,
-    ) -> std::result::Result<(u32, u64, oneshot::Receiver<Reply>, bool), Refusal> {
+    ) -> std::result::Result<(u32, Gen, oneshot::Receiver<Reply>, bool), Refusal> {
         // Allocated before the lock, which every caller and the reader contend for.
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
@@ -341,7 +346,7 @@ impl Shared {
     /// message) or why that message was refused, and the connection generation.
     ///
     /// [`start`]: Shared::start
-    pub(crate) fn start_batch(&self, msgs: Vec<(Message, bool)>) -> Result<(Vec<Started>, u64)> {
+    pub(crate) fn start_batch(&self, msgs: Vec<(Message, bool)>) -> Result<(Vec<Started>, Gen)> {
         let mut inner = self.lock();
         self.admit(&inner)?;
         let calls = msgs
@@ -426,7 +431,7 @@ impl Shared {
 
     /// The caller of `id` gave up. Its id stays reserved until the server answers; with
     /// `cancel`, the server is told (best effort) so it can stop the handler.
-    pub(crate) fn abandon(&self, id: u32, gen: u64, cancel: bool) {
+    pub(crate) fn abandon(&self, id: u32, gen: Gen, cancel: bool) {
         let mut inner = self.lock();
         if inner.gen != gen {
             return;
@@ -464,7 +469,7 @@ impl Shared {
         inner.order.clear();
         inner.deadlines.clear();
         inner.busy_since = None;
-        inner.gen += 1;
+        inner.gen = inner.gen.wrapping_add(1);
         inner.takes = 0;
         inner.outbox = Outbox::new(self.config.max_frame_len, 0);
         self.enter(&mut inner, phase);
@@ -688,7 +693,7 @@ impl Inner {
 #[derive(Debug)]
 pub(crate) struct ConnSource {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) gen: u64,
+    pub(crate) gen: Gen,
 }
 
 impl Source for ConnSource {
@@ -815,7 +820,7 @@ mod tests {
             shared: shared.clone(),
             gen: shared.lock().gen,
         };
-        let start = |n: usize| -> Vec<(u32, u64, oneshot::Receiver<Reply>, bool)> {
+        let start = |n: usize| -> Vec<(u32, Gen, oneshot::Receiver<Reply>, bool)> {
             (0..n)
                 .map(|_| {
                     shared
