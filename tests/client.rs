@@ -780,3 +780,37 @@ async fn default_timeout_holds_while_dialing() {
     assert_eq!(start.elapsed(), Duration::from_millis(200));
     assert_eq!(client.stats().timeouts, 1);
 }
+
+/// Fails to encode: nothing may go out for it.
+struct Unencodable;
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("cannot encode this"))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn invoke_starts_its_call_in_the_deadline_scope_of_its_first_poll() {
+    // A dial that never finishes: the call waits until a deadline ends it.
+    let connector = tower::service_fn(|_: ()| {
+        std::future::pending::<std::io::Result<tokio::io::DuplexStream>>()
+    });
+    let client = Client::builder()
+        .connect_timeout(Duration::from_secs(60))
+        .connect_lazy_with((), connector);
+    let fut = client.invoke::<_, u8>("m", &1u8);
+    let start = tokio::time::Instant::now();
+    // Made outside any scope, polled inside one: the scope's 1 s deadline applies, not the
+    // client's default timeout (20 s).
+    let err = towerpc::deadline::scope(Some(start + Duration::from_secs(1)), fut)
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    // A request that cannot be encoded fails at its first poll, and the future says what it is.
+    let fut = client.invoke::<_, u8>("m", &Unencodable);
+    assert!(format!("{fut:?}").contains("unstarted"));
+    let err = fut.await.unwrap_err();
+    assert!(err.to_string().contains("encode"), "{err}");
+}

@@ -15,7 +15,7 @@ mod pending;
 mod typed;
 
 pub use self::batch::{Batch, FromReply, Replies, Slot};
-pub use self::typed::{TypedFuture, TypedMethod};
+pub use self::typed::{Invoke, TypedFuture, TypedMethod};
 
 pub use self::builder::{
     Builder, Overflow, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FLUSH_DELAY, DEFAULT_PENDING_MESSAGES,
@@ -287,14 +287,16 @@ impl Client {
     /// let sum: i64 = client.invoke("Calc.Add", &(2, 3)).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn invoke<Req, Resp>(&self, method: impl Into<Method>, req: &Req) -> Result<Resp>
+    pub fn invoke<'a, Req, Resp>(
+        &'a self,
+        method: impl Into<Method>,
+        req: &'a Req,
+    ) -> Invoke<'a, Req, Resp>
     where
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let body = crate::payload::to_msgpack(req)?;
-        let resp = self.start_call(Request::new(method, body)).await?;
-        crate::payload::from_msgpack(resp.body())
+        Invoke::new(self, method.into(), req)
     }
 
     /// Sends a raw [`Request`] and waits for its reply, without `poll_ready`.

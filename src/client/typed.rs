@@ -1,4 +1,5 @@
-//! [`TypedMethod`]: one remote method as a typed tower `Service<Req>`.
+//! [`TypedMethod`]: one remote method as a typed tower `Service<Req>`; [`Invoke`]: the future
+//! of [`Client::invoke`].
 
 use std::fmt;
 use std::future::Future;
@@ -165,5 +166,91 @@ impl<T> fmt::Debug for TypedFuture<T> {
         f.debug_struct("TypedFuture")
             .field("inner", &self.inner)
             .finish()
+    }
+}
+
+/// The future of [`Client::invoke`]: encodes the request and starts the call when first polled
+/// (so in the deadline and trace scopes of that poll), then decodes the reply as `Resp`.
+///
+/// Dropping it behaves as dropping the client's
+/// [`ResponseFuture`](super::future::ResponseFuture): the slot is freed and the server is told
+/// to cancel. It holds the request by reference until the call starts, and the call itself
+/// after: no larger than the call's own future, so many concurrent callers stay small.
+#[must_use = "futures do nothing unless polled"]
+pub struct Invoke<'a, Req: ?Sized, Resp> {
+    state: InvokeState<'a, Req>,
+    _resp: PhantomData<fn() -> Resp>,
+}
+
+enum InvokeState<'a, Req: ?Sized> {
+    Unstarted {
+        client: &'a Client,
+        method: Method,
+        req: &'a Req,
+    },
+    Started(ResponseFuture),
+    Done,
+}
+
+impl<'a, Req: ?Sized, Resp> Invoke<'a, Req, Resp> {
+    pub(super) fn new(client: &'a Client, method: Method, req: &'a Req) -> Self {
+        Invoke {
+            state: InvokeState::Unstarted {
+                client,
+                method,
+                req,
+            },
+            _resp: PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> Future for Invoke<'_, Req, Resp>
+where
+    Req: Serialize + ?Sized,
+    Resp: DeserializeOwned,
+{
+    type Output = Result<Resp>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Resp>> {
+        // Every field is `Unpin`: the call's future keeps its pinned parts in a box.
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                InvokeState::Unstarted {
+                    client,
+                    method,
+                    req,
+                } => {
+                    let body = match crate::payload::to_msgpack(*req) {
+                        Ok(body) => body,
+                        Err(e) => {
+                            this.state = InvokeState::Done;
+                            return Poll::Ready(Err(e));
+                        }
+                    };
+                    let method = std::mem::replace(method, Method(bytes::Bytes::new()));
+                    let call = client.start_call(Request::new(method, body));
+                    this.state = InvokeState::Started(call);
+                }
+                InvokeState::Started(call) => {
+                    let resp = ready!(Pin::new(call).poll(cx));
+                    this.state = InvokeState::Done;
+                    return Poll::Ready(resp.and_then(|r| crate::payload::from_msgpack(r.body())));
+                }
+                InvokeState::Done => panic!("Invoke polled after completion"),
+            }
+        }
+    }
+}
+
+impl<Req: ?Sized, Resp> fmt::Debug for Invoke<'_, Req, Resp> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            InvokeState::Unstarted { .. } => "unstarted",
+            InvokeState::Started(_) => "started",
+            InvokeState::Done => "done",
+        };
+        f.debug_struct("Invoke").field("state", &state).finish()
     }
 }
