@@ -762,18 +762,21 @@ async fn a_reply_in_fragments_lets_other_replies_and_pings_pass() {
         .unwrap();
 }
 
+/// A client whose dial never finishes (and whose dial timeout is far off).
+fn never_connected(builder: towerpc::client::Builder) -> Client {
+    let connector = tower::service_fn(|_: ()| {
+        std::future::pending::<std::io::Result<tokio::io::DuplexStream>>()
+    });
+    builder
+        .connect_timeout(Duration::from_secs(60))
+        .connect_lazy_with((), connector)
+}
+
 /// A call made while the connection is still being dialed has its deadline all the same: the
 /// connection's deadline queue times it out, not the dial's own (longer) timeout.
 #[tokio::test(start_paused = true)]
 async fn default_timeout_holds_while_dialing() {
-    // A dial that never finishes.
-    let connector = tower::service_fn(|_: ()| {
-        std::future::pending::<std::io::Result<tokio::io::DuplexStream>>()
-    });
-    let client = Client::builder()
-        .timeout(Duration::from_millis(200))
-        .connect_timeout(Duration::from_secs(30))
-        .connect_lazy_with((), connector);
+    let client = never_connected(Client::builder().timeout(Duration::from_millis(200)));
     let start = tokio::time::Instant::now();
     let err = client.invoke::<_, u64>("Echo", &1u64).await.unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
@@ -792,13 +795,8 @@ impl serde::Serialize for Unencodable {
 
 #[tokio::test(start_paused = true)]
 async fn invoke_starts_its_call_in_the_deadline_scope_of_its_first_poll() {
-    // A dial that never finishes: the call waits until a deadline ends it.
-    let connector = tower::service_fn(|_: ()| {
-        std::future::pending::<std::io::Result<tokio::io::DuplexStream>>()
-    });
-    let client = Client::builder()
-        .connect_timeout(Duration::from_secs(60))
-        .connect_lazy_with((), connector);
+    // The call waits until a deadline ends it.
+    let client = never_connected(Client::builder());
     let fut = client.invoke::<_, u8>("m", &1u8);
     let start = tokio::time::Instant::now();
     // Made outside any scope, polled inside one: the scope's 1 s deadline applies, not the
