@@ -631,7 +631,7 @@ impl Inner {
 
     /// Puts call `id`'s `deadline` in the deadline queue; returns its [`Expiry::seq`]. First
     /// drops entries of calls that have ended: a few from the front (calls mostly end in the
-    /// order they started), and all of them once they outnumber the live calls twice over, so
+    /// order they started), and all of them once they outnumber the live calls by half, so
     /// that a call stuck at the front does not make the queue grow with every call after it.
     fn queue_deadline(&mut self, id: u32, deadline: Instant) -> u32 {
         for _ in 0..2 {
@@ -640,7 +640,9 @@ impl Inner {
                 _ => break,
             };
         }
-        if self.deadlines.len() > 2 * self.live + 64 {
+        // At 1.5 × live the queue of 10,000 calls stays under 16,384 entries (384 KiB), where
+        // 2 × live made it double to 32,768 behind a call that ended late.
+        if self.deadlines.len() > self.live + self.live / 2 + 64 {
             let mut deadlines = std::mem::take(&mut self.deadlines);
             deadlines.retain(|e| self.expiry_is_live(e));
             self.deadlines = deadlines;
@@ -885,7 +887,7 @@ mod tests {
                 .complete(id, Ok(Response::new(bytes::Bytes::new())), &mut out)
                 .unwrap();
             let inner = shared.lock();
-            assert!(inner.deadlines.len() <= 2 * inner.live + 65);
+            assert!(inner.deadlines.len() <= inner.live + inner.live / 2 + 65);
         }
         let (_, _, mut late, _) = start(secs(30_000));
         // Nothing is due before its deadline; at it, the stuck call times out, counted.
