@@ -178,18 +178,16 @@ impl<T> fmt::Debug for TypedFuture<T> {
 /// after: no larger than the call's own future, so many concurrent callers stay small.
 #[must_use = "futures do nothing unless polled"]
 pub struct Invoke<'a, Req: ?Sized, Resp> {
-    state: InvokeState<'a, Req>,
-    _resp: PhantomData<fn() -> Resp>,
+    state: InvokeState<'a, Req, Resp>,
 }
 
-enum InvokeState<'a, Req: ?Sized> {
+enum InvokeState<'a, Req: ?Sized, Resp> {
     Unstarted {
         client: &'a Client,
         method: Method,
         req: &'a Req,
     },
-    Started(ResponseFuture),
-    Done,
+    Started(TypedFuture<Resp>),
 }
 
 impl<'a, Req: ?Sized, Resp> Invoke<'a, Req, Resp> {
@@ -200,7 +198,6 @@ impl<'a, Req: ?Sized, Resp> Invoke<'a, Req, Resp> {
                 method,
                 req,
             },
-            _resp: PhantomData,
         }
     }
 }
@@ -215,31 +212,25 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Resp>> {
         // Every field is `Unpin`: the call's future keeps its pinned parts in a box.
         let this = self.get_mut();
-        loop {
-            match &mut this.state {
-                InvokeState::Unstarted {
-                    client,
-                    method,
-                    req,
-                } => {
-                    let body = match crate::payload::to_msgpack(*req) {
-                        Ok(body) => body,
-                        Err(e) => {
-                            this.state = InvokeState::Done;
-                            return Poll::Ready(Err(e));
-                        }
-                    };
+        if let InvokeState::Unstarted {
+            client,
+            method,
+            req,
+        } = &mut this.state
+        {
+            let call = match crate::payload::to_msgpack(*req) {
+                Ok(body) => {
                     let method = std::mem::replace(method, Method(bytes::Bytes::new()));
-                    let call = client.start_call(Request::new(method, body));
-                    this.state = InvokeState::Started(call);
+                    client.start_call(Request::new(method, body))
                 }
-                InvokeState::Started(call) => {
-                    let resp = ready!(Pin::new(call).poll(cx));
-                    this.state = InvokeState::Done;
-                    return Poll::Ready(resp.and_then(|r| crate::payload::from_msgpack(r.body())));
-                }
-                InvokeState::Done => panic!("Invoke polled after completion"),
-            }
+                // Nothing goes out; the error is the reply, as in `TypedMethod::call`.
+                Err(e) => ResponseFuture::ready(Err(e)),
+            };
+            this.state = InvokeState::Started(TypedFuture::new(call));
+        }
+        match &mut this.state {
+            InvokeState::Started(call) => Pin::new(call).poll(cx),
+            InvokeState::Unstarted { .. } => unreachable!("started just above"),
         }
     }
 }
@@ -249,7 +240,6 @@ impl<Req: ?Sized, Resp> fmt::Debug for Invoke<'_, Req, Resp> {
         let state = match &self.state {
             InvokeState::Unstarted { .. } => "unstarted",
             InvokeState::Started(_) => "started",
-            InvokeState::Done => "done",
         };
         f.debug_struct("Invoke").field("state", &state).finish()
     }
