@@ -88,16 +88,25 @@ where
             if let Some(delay) = opts.flush_delay {
                 // Trade latency for bigger batches: let more callers append before we take.
                 tokio::time::sleep(delay).await;
-            } else {
+            } else if let yields @ 1.. = source.batch_yields() {
                 // The task that woke us is usually one of many made runnable by the same batch
                 // of replies, and tokio runs a freshly woken task next (its LIFO slot). Taking
                 // now would send one message per write; yielding lets the rest of the runnable
-                // callers append first.
-                let_batch_grow(source).await;
+                // callers append first. We yield while the batch keeps growing (a few times at
+                // most), so it forms at no latency cost: nothing here waits on a timer.
+                let mut last = source.pending_len();
+                for _ in 0..yields {
+                    tokio::task::yield_now().await;
+                    let now = source.pending_len();
+                    if now == last {
+                        break;
+                    }
+                    last = now;
+                }
             }
             continue;
         }
-        let written = buf.len();
+        let batch_len = buf.len();
         write_batch(&mut io, &buf, opts.write_timeout).await?;
         io.flush().await?;
         Counters::inc(&counters.frames_written);
@@ -110,32 +119,15 @@ where
         }
         // What arrived during the write goes out next without a wake-up, so nothing above
         // lets it grow: when it is still a fraction of the batch just written and more
-        // callers are on their way, yield once for them. At 1,000 callers this halves the
-        // writes per call (0.028 to 0.012, both processes) for 0-3 % of the calls per second.
+        // callers are on their way, yield once for them. At 1,000 callers this cuts the
+        // socket writes per call from 0.028 to 0.012 (both processes) for 0-3 % of the calls
+        // per second.
         if opts.flush_delay.is_none() {
             let pending = source.pending_len();
-            if pending > 0 && pending < written / 2 && source.batch_yields() > 0 {
+            if pending > 0 && pending < batch_len / 2 && source.batch_yields() > 0 {
                 tokio::task::yield_now().await;
             }
         }
-    }
-}
-
-/// Yields while the batch keeps growing, as many times as the source allows (a few at most),
-/// so that it forms at no latency cost: nothing here waits on a timer.
-async fn let_batch_grow<S: Source + ?Sized>(source: &S) {
-    let yields = source.batch_yields();
-    if yields == 0 {
-        return;
-    }
-    let mut last = source.pending_len();
-    for _ in 0..yields {
-        tokio::task::yield_now().await;
-        let now = source.pending_len();
-        if now == last {
-            break;
-        }
-        last = now;
     }
 }
 
