@@ -20,64 +20,46 @@ pub(super) struct FrameDecoder {
     unacked: usize,
 }
 
-/// A message being reassembled from its fragments: the pieces are kept as they arrived (slices
-/// of the read buffer) and copied once, into a buffer of the message's exact size, when the
-/// last one is in. Memory follows what arrived, never the message's announced size.
+/// A message being reassembled from its fragments: each piece is copied in as it arrives, while
+/// it is still in the cache and so that the read buffer it came in is free for the next read
+/// at once. The buffer doubles as the pieces come, up to the message's size: memory follows
+/// what arrived, never the message's announced size.
 #[derive(Debug, Clone)]
 struct Partial {
-    /// Large pieces, as they arrived, and `small` before each of them.
-    pieces: Vec<Bytes>,
-    /// Small pieces, copied together: a peer sending a byte per piece costs a byte per byte,
-    /// not a slice (and a pinned read buffer) per byte.
-    small: BytesMut,
-    /// Bytes received so far.
-    len: usize,
+    whole: Vec<u8>,
     /// The message's size, from its fixed part (checked against the limit on arrival).
     total: usize,
 }
 
-/// Pieces smaller than this are copied as they arrive rather than kept as slices.
-const SMALL_PIECE: usize = 4096;
-
 impl Partial {
     fn new(total: usize) -> Self {
         Partial {
-            pieces: Vec::new(),
-            small: BytesMut::new(),
-            len: 0,
+            whole: Vec::new(),
             total,
         }
     }
 
-    fn push(&mut self, data: Bytes) {
-        self.len += data.len();
-        if data.len() < SMALL_PIECE {
-            self.small.extend_from_slice(&data);
-        } else {
-            if !self.small.is_empty() {
-                self.pieces.push(self.small.split().freeze());
-            }
-            self.pieces.push(data);
+    fn len(&self) -> usize {
+        self.whole.len()
+    }
+
+    /// Appends a piece; the caller has checked that it does not run past `total`.
+    fn push(&mut self, data: &[u8]) {
+        let need = self.whole.len() + data.len();
+        if need > self.whole.capacity() {
+            let grown = need.max(2 * self.whole.capacity()).min(self.total);
+            self.whole.reserve_exact(grown - self.whole.len());
         }
+        self.whole.extend_from_slice(data);
     }
 
     /// The whole message's bytes.
-    fn finish(mut self) -> Bytes {
-        if !self.small.is_empty() {
-            self.pieces.push(self.small.split().freeze());
-        }
-        if self.pieces.len() == 1 {
-            return self.pieces.pop().unwrap_or_default();
-        }
-        let mut whole = BytesMut::with_capacity(self.total);
-        for piece in &self.pieces {
-            whole.extend_from_slice(piece);
-        }
-        whole.freeze()
+    fn finish(self) -> Bytes {
+        Bytes::from(self.whole)
     }
 
     fn held(&self) -> usize {
-        self.len + self.small.capacity()
+        self.whole.capacity()
     }
 }
 
@@ -199,12 +181,12 @@ impl FrameDecoder {
                 return parse_message(&mut data).map(Some);
             }
             let mut partial = Partial::new(total);
-            partial.push(data);
+            partial.push(&data);
             self.partial = Some(partial);
             return Ok(None);
         };
-        check_piece(partial.len + data.len(), partial.total, more)?;
-        partial.push(data);
+        check_piece(partial.len() + data.len(), partial.total, more)?;
+        partial.push(&data);
         if more {
             return Ok(None);
         }
@@ -432,6 +414,7 @@ fn parse_message(body: &mut Bytes) -> Result<Message, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
 
     fn head(len: u32, flags: u8, reserved: u8, count: u16) -> BytesMut {
         let mut b = BytesMut::new();
@@ -509,5 +492,44 @@ mod tests {
             d.decode(&mut src),
             Err(CodecError::FrameTooLarge { .. })
         ));
+    }
+
+    /// A frame holding one FRAGMENT with `data`.
+    fn piece(data: &[u8], more: bool) -> BytesMut {
+        let mut f = head((FRAGMENT_FIXED + data.len()) as u32, 0, 0, 1);
+        f.put_u8(kind::FRAGMENT);
+        f.put_u8(more as u8);
+        f.put_u32(data.len() as u32);
+        f.put_slice(data);
+        f
+    }
+
+    #[test]
+    fn a_message_in_pieces_holds_what_arrived_not_what_it_announced() {
+        let body = 1 << 20;
+        let mut whole = vec![kind::RESPONSE, 0, 0, 0, 1];
+        whole.extend_from_slice(&(body as u32).to_be_bytes());
+        whole.extend((0..body).map(|i| i as u8));
+        let mut d = FrameDecoder::new(16 << 20);
+        let mut arrived = 0;
+        let mut got = Vec::new();
+        for chunk in whole.chunks(1000) {
+            arrived += chunk.len();
+            let mut src = piece(chunk, arrived < whole.len());
+            let frame = d.decode(&mut src).unwrap().unwrap();
+            got.extend(frame.into_messages());
+            if arrived < whole.len() {
+                let held = d.partial_capacity();
+                assert!(
+                    held >= arrived && held <= 2 * arrived,
+                    "{held} held for {arrived}"
+                );
+            }
+        }
+        assert_eq!(d.partial_capacity(), 0);
+        let [Message::Response { id: 1, body: b }] = &got[..] else {
+            panic!("{got:?}");
+        };
+        assert_eq!(b[..], whole[RESPONSE_FIXED..]);
     }
 }
