@@ -154,7 +154,7 @@ struct Call {
 /// A call waiting for a free slot (`max_pending` calls are pending) before it starts.
 struct Acquiring {
     client: super::Client,
-    req: Option<Request>,
+    req: Request,
     slots: tokio_util::sync::PollSemaphore,
 }
 
@@ -232,7 +232,7 @@ impl ResponseFuture {
         ResponseFuture {
             state: State::Acquiring(Box::new(Acquiring {
                 client,
-                req: Some(req),
+                req,
                 slots: tokio_util::sync::PollSemaphore::new(slots),
             })),
             extras: None,
@@ -241,17 +241,23 @@ impl ResponseFuture {
 
     /// While waiting for a slot: once one is free, the call itself (which starts then).
     fn poll_slot(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ResponseFuture> {
-        let State::Acquiring(acquiring) = self.project().state else {
+        let state = self.project().state;
+        let State::Acquiring(acquiring) = state else {
             unreachable!("only called in the Acquiring state")
         };
-        match acquiring.slots.poll_acquire(cx) {
-            Poll::Ready(Some(permit)) => match acquiring.req.take() {
-                Some(req) => Poll::Ready(acquiring.client.start(req, Some(permit))),
-                None => Poll::Ready(ResponseFuture::ready(Err(Error::new(Kind::Closed)))),
-            },
-            Poll::Ready(None) => Poll::Ready(ResponseFuture::ready(Err(Error::new(Kind::Closed)))),
-            Poll::Pending => Poll::Pending,
-        }
+        let permit = match acquiring.slots.poll_acquire(cx) {
+            Poll::Ready(Some(permit)) => permit,
+            Poll::Ready(None) => {
+                return Poll::Ready(ResponseFuture::ready(Err(Error::new(Kind::Closed))))
+            }
+            Poll::Pending => return Poll::Pending,
+        };
+        let State::Acquiring(acquiring) = std::mem::replace(state, State::Ready { reply: None })
+        else {
+            unreachable!("matched just above")
+        };
+        let Acquiring { client, req, .. } = *acquiring;
+        Poll::Ready(client.start(req, Some(permit)))
     }
 
     pub(crate) fn ready(reply: Reply) -> Self {
