@@ -425,6 +425,11 @@ fn run_case(
         tokio::time::sleep(Duration::from_millis(50)).await;
 
         let source = make();
+        // The attack runs on a blocking thread: start that thread (its stack, its malloc arena)
+        // before the meter, which is to see what the server holds, not the attacker's thread.
+        tokio::task::spawn_blocking(|| drop(std::hint::black_box(vec![1u8; 64 << 10])))
+            .await
+            .unwrap();
         let before = server.stats();
         let meter = Meter::start();
         let outcome = tokio::task::spawn_blocking(move || attack(addr, algo, source, wait))
