@@ -244,3 +244,54 @@ async fn big_requests_are_held_to_the_budget(fragments: bool) {
         "the budget made little difference: {unbounded} vs {bounded}"
     );
 }
+
+/// A frame of 65,535 PONGs is 590 KB on the wire; decoded all at once it would be 65,535
+/// `Message`s of 104 bytes, 6.8 MB: eleven times what the peer sent, on any connection, with no
+/// budget counting it. The server takes a frame's messages out a few at a time, so the frame
+/// costs about the bytes that came (the read buffer that holds it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_of_tiny_messages_costs_what_came_not_what_it_decodes_to() {
+    let _serial = SERIAL.lock().await;
+    let srv = support::serve(Server::builder(), service()).await;
+    let mut conn = support::RawConn::new(support::raw_connect(srv.addr).await);
+    // Encoded beforehand, and the decoded messages dropped: the meter is to see the server.
+    let pongs: Vec<Message> = (0..u16::MAX as u64)
+        .map(|data| Message::Pong { data })
+        .collect();
+    let mut frame = bytes::BytesMut::new();
+    tokio_util::codec::Encoder::encode(&mut FrameCodec::new(), Frame::new(pongs), &mut frame)
+        .unwrap();
+    let wire = frame.len();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ALLOC.reset_peak_usage();
+    let heap0 = ALLOC.current_usage();
+    conn.stream.write_all(&frame).await.unwrap();
+    let echo = Message::Request {
+        id: 1,
+        timeout_ms: 0,
+        method: "echo".into(),
+        metadata: Bytes::new(),
+        body: Bytes::from_static(b"after"),
+    };
+    conn.write_frame(vec![echo]).await;
+    // The reply to the request behind the frame: the frame was read and handled.
+    let got = conn.read_frame_within(Duration::from_secs(5)).await;
+    assert_eq!(
+        got,
+        Some(vec![Message::Response {
+            id: 1,
+            body: Bytes::from_static(b"after")
+        }])
+    );
+    // The server's read buffer holds the frame (and may have doubled past it).
+    let peak = ALLOC.peak_usage().saturating_sub(heap0);
+    eprintln!(
+        "peak heap {} KiB for a frame of {} KiB",
+        peak >> 10,
+        wire >> 10
+    );
+    assert!(
+        peak < 2 * wire + MIB,
+        "peak heap {peak} bytes for a frame of {wire} bytes"
+    );
+}

@@ -17,7 +17,7 @@ use super::pending::{ConnSource, Gen, Phase, Reply, Shared};
 use tower::{Service, ServiceExt};
 
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Preface, Role};
-use crate::conn::{exchange_preface, wire, write_loop, FrameReader, WriteOptions};
+use crate::conn::{exchange_preface, wire, write_loop, FrameReader, WriteOptions, MESSAGE_CHUNK};
 use crate::error::{Error, Kind, Result, Status};
 use crate::protocol;
 use crate::stats::{with_dial_counters, Counters, MaybeCounted};
@@ -377,7 +377,7 @@ where
                 continue;
             }
         };
-        let frame = match frame {
+        let mut frame = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => return End::Eof,
             Err(CodecError::Io(e)) => return End::Io(e),
@@ -385,21 +385,21 @@ where
         };
         last_recv = Instant::now();
         pinged = false;
-        // A piece of a reply in fragments is a reply making progress, as a whole one is.
-        if reader.in_message()
-            || frame
-                .messages()
-                .iter()
-                .any(|m| matches!(m, Message::Response { .. } | Message::Error { .. }))
-        {
-            last_reply = last_recv;
-        }
+        let mut replied = false;
         Counters::inc(&shared.counters.frames_read);
         let mut wake = false;
         let mut end = None;
-        {
+        // The frame's messages are taken out a chunk at a time, outside the lock; each chunk
+        // is then handled in one critical section. No collection of a whole frame's messages is
+        // built: a frame of thousands of replies costs a chunk's worth, not thousands.
+        let mut batch = Vec::with_capacity(frame.left().min(MESSAGE_CHUNK));
+        loop {
+            if let Err(e) = reader.messages(&mut frame, &mut batch) {
+                end = Some(End::Protocol(e));
+            }
             let mut inner = shared.lock();
-            for msg in frame.into_messages() {
+            for msg in batch.drain(..) {
+                replied |= matches!(msg, Message::Response { .. } | Message::Error { .. });
                 let res = match msg {
                     Message::Response { id, body } => {
                         inner.complete(id, Ok(Response::new(body)), &mut out)
@@ -442,6 +442,15 @@ where
                     break;
                 }
             }
+            if end.is_none() && frame.left() > 0 {
+                drop(inner);
+                for (tx, reply) in out.drain(..) {
+                    let _ = tx.send(reply);
+                }
+                continue;
+            }
+            // A piece of a reply in fragments is a reply making progress, as a whole one is.
+            replied |= reader.in_message();
             if let Some(ack) = reader.take_ack() {
                 wake |= inner.push_control(&ack);
             }
@@ -456,6 +465,10 @@ where
                 // `Client::close`: the last live call is answered.
                 end = Some(End::Closed);
             }
+            break;
+        }
+        if replied {
+            last_reply = last_recv;
         }
         if wake {
             shared.notify_writer.notify_one();

@@ -63,6 +63,22 @@ impl Partial {
     }
 }
 
+/// A frame whose body has arrived and been checked, its messages not taken out yet (with
+/// [`FrameDecoder::next_message`]).
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    body: Bytes,
+    /// Messages (fragments included) still in `body`.
+    left: u16,
+}
+
+impl Incoming {
+    /// Messages (fragments included) still in the frame.
+    pub(crate) fn left(&self) -> usize {
+        self.left as usize
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum State {
     Head,
@@ -106,8 +122,15 @@ impl FrameDecoder {
         matches!(self.state, State::Body { .. })
     }
 
-    /// The next frame. One that held only pieces of a fragmented message has no messages.
-    pub(super) fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+    /// The next frame, whole and checked: every message in it is well formed and its
+    /// fragments follow on from the message being reassembled, so a reader acts on none of a
+    /// frame's messages unless it may act on all of them. The messages are taken out one at a
+    /// time with [`next_message`](Self::next_message): no collection of them is built, so a
+    /// frame of 65,535 five-byte messages costs the bytes that came, not 65,535 decoded ones.
+    pub(super) fn decode_frame(
+        &mut self,
+        src: &mut BytesMut,
+    ) -> Result<Option<Incoming>, CodecError> {
         let (len, count) = match self.state {
             State::Head => match self.decode_head(src)? {
                 Some(head) => head,
@@ -123,77 +146,106 @@ impl FrameDecoder {
             return Ok(None);
         }
         self.state = State::Head;
-        let body = src.split_to(len).freeze();
-        self.parse_batch(body, count)
-            .map(|messages| Some(Frame::new(messages)))
+        self.check_batch(&src[..len], count)?;
+        Ok(Some(Incoming {
+            body: src.split_to(len).freeze(),
+            left: count,
+        }))
     }
 
-    /// Parses `count` messages that must fill `body` exactly. Fragments are not messages: the
-    /// one that completes a message yields it in its place, the others yield nothing.
-    fn parse_batch(&mut self, mut body: Bytes, count: u16) -> Result<Vec<Message>, CodecError> {
-        let mut messages = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            need(&body, 1)?;
-            if body[0] == kind::FRAGMENT {
-                if let Some(msg) = self.fragment(&mut body)? {
-                    messages.push(msg);
+    /// The next message of `frame`, `None` once it has no more. A FRAGMENT is not a message:
+    /// the one that completes a message yields it in its place, the others nothing. Only a
+    /// message reassembled from fragments can fail here (its whole is seen only once its last
+    /// piece is in); everything else was checked with the frame.
+    pub(super) fn next_message(
+        &mut self,
+        frame: &mut Incoming,
+    ) -> Result<Option<Message>, CodecError> {
+        while frame.left > 0 {
+            frame.left -= 1;
+            if frame.body[0] == kind::FRAGMENT {
+                if let Some(msg) = self.fragment(&mut frame.body)? {
+                    return Ok(Some(msg));
                 }
             } else {
-                messages.push(parse_message(&mut body)?);
+                return Ok(Some(parse_message(&mut frame.body)));
             }
         }
-        if body.has_remaining() {
+        Ok(None)
+    }
+
+    /// The next frame with all its messages (the [`Decoder`](tokio_util::codec::Decoder)
+    /// behind [`FrameCodec`](super::FrameCodec)).
+    pub(super) fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        let Some(mut frame) = self.decode_frame(src)? else {
+            return Ok(None);
+        };
+        let mut messages = Vec::with_capacity(frame.left as usize);
+        while let Some(msg) = self.next_message(&mut frame)? {
+            messages.push(msg);
+        }
+        Ok(Some(Frame::new(messages)))
+    }
+
+    /// Checks that `count` messages fill `body` exactly, each well formed, and that its
+    /// fragments carry on the message being reassembled (and start, continue or end one
+    /// properly). Allocates nothing and touches no state: the frame is taken apart afterwards.
+    fn check_batch(&self, body: &[u8], count: u16) -> Result<(), CodecError> {
+        let mut rest = body;
+        let mut partial = self.partial.as_ref().map(|p| (p.len(), p.total));
+        for _ in 0..count {
+            let used = if rest.first() == Some(&kind::FRAGMENT) {
+                let piece = check_fragment(rest, partial, self.max_frame_len)?;
+                partial = piece.after;
+                piece.used
+            } else {
+                check_message(rest)?
+            };
+            rest = &rest[used..];
+        }
+        if !rest.is_empty() {
             return Err(CodecError::InvalidFrame(
                 "bytes left over after the last message",
             ));
         }
-        Ok(messages)
+        Ok(())
     }
 
-    /// Takes one FRAGMENT off `body` and adds it to the message being reassembled; returns the
-    /// message once its last piece is in.
+    /// Takes one FRAGMENT (checked with its frame) off `body` and adds it to the message being
+    /// reassembled; returns the message once its last piece is in.
     fn fragment(&mut self, body: &mut Bytes) -> Result<Option<Message>, CodecError> {
-        need(body, FRAGMENT_FIXED)?;
-        body.advance(1);
-        let more = match body.get_u8() {
-            0 => false,
-            1 => true,
-            _ => return Err(CodecError::InvalidFrame("fragment flag is not 0 or 1")),
-        };
-        let len = body.get_u32() as usize;
-        if len == 0 {
-            return Err(CodecError::InvalidFrame("empty fragment"));
-        }
-        let mut data = take(body, len)?;
-        self.unacked += len;
-        let Some(partial) = &mut self.partial else {
-            // The first piece: its fixed part says how big the message is, checked now.
-            let total = fragmented_len(&data)?;
-            if total > self.max_frame_len {
-                return Err(CodecError::FrameTooLarge {
-                    len: total,
-                    max: self.max_frame_len,
-                });
+        let piece = check_fragment(
+            body,
+            self.partial.as_ref().map(|p| (p.len(), p.total)),
+            self.max_frame_len,
+        )?;
+        body.advance(FRAGMENT_FIXED);
+        let mut data = body.split_to(piece.used - FRAGMENT_FIXED);
+        self.unacked += data.len();
+        match (&mut self.partial, piece.after) {
+            // A message in a single piece: nothing to hold, and checked whole with its frame.
+            (None, None) => Ok(Some(parse_message(&mut data))),
+            (None, Some((_, total))) => {
+                let mut partial = Partial::new(total);
+                partial.push(&data);
+                self.partial = Some(partial);
+                Ok(None)
             }
-            check_piece(data.len(), total, more)?;
-            if !more {
-                // A message in a single piece: nothing to hold.
-                return parse_message(&mut data).map(Some);
+            (Some(partial), Some(_)) => {
+                partial.push(&data);
+                Ok(None)
             }
-            let mut partial = Partial::new(total);
-            partial.push(&data);
-            self.partial = Some(partial);
-            return Ok(None);
-        };
-        check_piece(partial.len() + data.len(), partial.total, more)?;
-        partial.push(&data);
-        if more {
-            return Ok(None);
+            (Some(partial), None) => {
+                partial.push(&data);
+                let mut whole = self.partial.take().map(Partial::finish).unwrap_or_default();
+                // The message is seen whole for the first time: its own checks run now.
+                if check_message(&whole)? != whole.len() {
+                    // The fixed part gave the total, so the two agree; refused all the same.
+                    return Err(ENDS_EARLY);
+                }
+                Ok(Some(parse_message(&mut whole)))
+            }
         }
-        let mut whole = self.partial.take().map(Partial::finish).unwrap_or_default();
-        let msg = parse_message(&mut whole)?;
-        debug_assert!(whole.is_empty(), "the fixed part gave the exact size");
-        Ok(Some(msg))
     }
 
     fn decode_head(&mut self, src: &mut BytesMut) -> Result<Option<(usize, u16)>, CodecError> {
@@ -268,25 +320,96 @@ fn fragmented_len(first: &[u8]) -> Result<usize, CodecError> {
             "first fragment does not hold its message's fixed part",
         ));
     }
-    let u16_at = |i: usize| u16::from_be_bytes([first[i], first[i + 1]]) as usize;
-    let u32_at = |i: usize| {
-        u32::from_be_bytes([first[i], first[i + 1], first[i + 2], first[i + 3]]) as usize
-    };
+    announced_len(first)
+}
+
+/// The size of the message at the start of `b` as its fixed part announces it (the fixed part
+/// must be there).
+fn announced_len(b: &[u8]) -> Result<usize, CodecError> {
+    need(b, 1)?;
     // Sums of at most three u32-sized fields: no overflow on 64-bit targets, and saturating
-    // elsewhere (the limit check refuses the result either way).
-    Ok(match first[0] {
-        kind::REQUEST | kind::ONEWAY => REQUEST_FIXED
-            .saturating_add(first[9] as usize)
-            .saturating_add(u16_at(10))
-            .saturating_add(u32_at(12)),
-        kind::RESPONSE => RESPONSE_FIXED.saturating_add(u32_at(5)),
-        _ => ERROR_FIXED
-            .saturating_add(u16_at(7))
-            .saturating_add(u32_at(9)),
+    // elsewhere (refused afterwards, as too large or running past the frame).
+    Ok(match b[0] {
+        kind::REQUEST | kind::ONEWAY => {
+            need(b, REQUEST_FIXED)?;
+            REQUEST_FIXED
+                .saturating_add(b[9] as usize)
+                .saturating_add(u16_at(b, 10) as usize)
+                .saturating_add(u32_at(b, 12) as usize)
+        }
+        kind::RESPONSE => {
+            need(b, RESPONSE_FIXED)?;
+            RESPONSE_FIXED.saturating_add(u32_at(b, 5) as usize)
+        }
+        kind::ERROR => {
+            need(b, ERROR_FIXED)?;
+            ERROR_FIXED
+                .saturating_add(u16_at(b, 7) as usize)
+                .saturating_add(u32_at(b, 9) as usize)
+        }
+        kind::CANCEL => CANCEL_FIXED,
+        kind::PING | kind::PONG => PING_FIXED,
+        kind::ACK => ACK_FIXED,
+        kind::GOAWAY => {
+            need(b, GOAWAY_FIXED)?;
+            GOAWAY_FIXED + u16_at(b, 3) as usize
+        }
+        _ => return Err(CodecError::InvalidFrame("unknown message kind")),
     })
 }
 
-fn need(body: &Bytes, n: usize) -> Result<(), CodecError> {
+/// What [`check_fragment`] found a FRAGMENT to be.
+struct Piece {
+    /// Bytes it takes in its frame, FRAGMENT header included.
+    used: usize,
+    /// The message being reassembled after it, as (bytes so far, total): `None` once this
+    /// piece completes one, or when it is a whole message on its own.
+    after: Option<(usize, usize)>,
+}
+
+/// Checks the FRAGMENT at the start of `rest` against the message being reassembled
+/// (`partial`: bytes so far and total). A first piece must hold its message's fixed part and
+/// announce a size within `max`; a piece may not run past its message nor stop short of it
+/// with `more` = 0; a message in a single piece is checked whole here.
+fn check_fragment(
+    rest: &[u8],
+    partial: Option<(usize, usize)>,
+    max: usize,
+) -> Result<Piece, CodecError> {
+    need(rest, FRAGMENT_FIXED)?;
+    let more = match rest[1] {
+        0 => false,
+        1 => true,
+        _ => return Err(CodecError::InvalidFrame("fragment flag is not 0 or 1")),
+    };
+    let len = u32_at(rest, 2) as usize;
+    if len == 0 {
+        return Err(CodecError::InvalidFrame("empty fragment"));
+    }
+    need(rest, FRAGMENT_FIXED + len)?;
+    let data = &rest[FRAGMENT_FIXED..FRAGMENT_FIXED + len];
+    let (have, total) = match partial {
+        Some((have, total)) => (have + len, total),
+        None => {
+            // The first piece: its fixed part says how big the message is, checked now.
+            let total = fragmented_len(data)?;
+            if total > max {
+                return Err(CodecError::FrameTooLarge { len: total, max });
+            }
+            (len, total)
+        }
+    };
+    check_piece(have, total, more)?;
+    if partial.is_none() && !more {
+        check_message(data)?;
+    }
+    Ok(Piece {
+        used: FRAGMENT_FIXED + len,
+        after: more.then_some((have, total)),
+    })
+}
+
+fn need(body: &[u8], n: usize) -> Result<(), CodecError> {
     if body.len() < n {
         Err(CodecError::InvalidFrame(
             "message runs past the end of the frame",
@@ -296,118 +419,136 @@ fn need(body: &Bytes, n: usize) -> Result<(), CodecError> {
     }
 }
 
-fn take(body: &mut Bytes, n: usize) -> Result<Bytes, CodecError> {
-    need(body, n)?;
-    Ok(body.split_to(n))
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
 }
 
-fn utf8(bytes: Bytes, what: &'static str) -> Result<Bytes, CodecError> {
-    match std::str::from_utf8(&bytes) {
-        Ok(_) => Ok(bytes),
-        Err(_) => Err(CodecError::InvalidFrame(what)),
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Checks that the `len` bytes at `at` are there and are UTF-8.
+fn utf8_at(body: &[u8], at: usize, len: usize, what: &'static str) -> Result<(), CodecError> {
+    need(body, at + len)?;
+    std::str::from_utf8(&body[at..at + len])
+        .map(drop)
+        .map_err(|_| CodecError::InvalidFrame(what))
+}
+
+/// Checks the message at the start of `body` (everything PROTOCOL.md §5 and §12 ask of one
+/// on its own) and returns its size; [`parse_message`] takes only what this accepted.
+fn check_message(body: &[u8]) -> Result<usize, CodecError> {
+    let size = announced_len(body)?;
+    match body[0] {
+        kind::REQUEST | kind::ONEWAY => {
+            let id = u32_at(body, 1);
+            let method_len = body[9] as usize;
+            if method_len == 0 {
+                return Err(CodecError::InvalidFrame("empty method name"));
+            }
+            if u16_at(body, 10) as usize > MAX_METADATA_LEN {
+                return Err(CodecError::InvalidFrame("metadata above 16 KiB"));
+            }
+            utf8_at(body, REQUEST_FIXED, method_len, "method name is not UTF-8")?;
+            if body[0] == kind::REQUEST && id == 0 {
+                return Err(CodecError::InvalidFrame("request id 0"));
+            }
+            if body[0] == kind::ONEWAY && id != 0 {
+                return Err(CodecError::InvalidFrame("one-way message with an id"));
+            }
+        }
+        kind::ERROR => {
+            let msg_len = u16_at(body, 7) as usize;
+            utf8_at(body, ERROR_FIXED, msg_len, "error message is not UTF-8")?;
+        }
+        kind::ACK => {
+            need(body, ACK_FIXED)?;
+            if u32_at(body, 1) == 0 {
+                return Err(CodecError::InvalidFrame("ack of 0 bytes"));
+            }
+        }
+        kind::GOAWAY => {
+            let len = u16_at(body, 3) as usize;
+            utf8_at(body, GOAWAY_FIXED, len, "goaway reason is not UTF-8")?;
+        }
+        _ => {}
     }
+    need(body, size)?;
+    Ok(size)
 }
 
-fn parse_message(body: &mut Bytes) -> Result<Message, CodecError> {
-    need(body, 1)?;
-    let kind = body[0];
+/// Takes the message at the start of `body` off it. Only for a message [`check_message`]
+/// accepted: the fields are read without checks.
+fn parse_message(body: &mut Bytes) -> Message {
+    let kind = body.get_u8();
     match kind {
         kind::REQUEST | kind::ONEWAY => {
-            need(body, REQUEST_FIXED)?;
-            body.advance(1);
             let id = body.get_u32();
             let timeout_ms = body.get_u32();
             let method_len = body.get_u8() as usize;
             let meta_len = body.get_u16() as usize;
             let body_len = body.get_u32() as usize;
-            if method_len == 0 {
-                return Err(CodecError::InvalidFrame("empty method name"));
-            }
-            if meta_len > MAX_METADATA_LEN {
-                return Err(CodecError::InvalidFrame("metadata above 16 KiB"));
-            }
-            let method = utf8(take(body, method_len)?, "method name is not UTF-8")?;
-            let metadata = take(body, meta_len)?;
-            let payload = take(body, body_len)?;
+            let method = body.split_to(method_len);
+            let metadata = body.split_to(meta_len);
+            let payload = body.split_to(body_len);
             if kind == kind::REQUEST {
-                if id == 0 {
-                    return Err(CodecError::InvalidFrame("request id 0"));
-                }
-                Ok(Message::Request {
+                Message::Request {
                     id,
                     timeout_ms,
                     method,
                     metadata,
                     body: payload,
-                })
-            } else {
-                if id != 0 {
-                    return Err(CodecError::InvalidFrame("one-way message with an id"));
                 }
-                Ok(Message::OneWay {
+            } else {
+                Message::OneWay {
                     timeout_ms,
                     method,
                     metadata,
                     body: payload,
-                })
+                }
             }
         }
         kind::RESPONSE => {
-            need(body, RESPONSE_FIXED)?;
-            body.advance(1);
             let id = body.get_u32();
             let len = body.get_u32() as usize;
-            let payload = take(body, len)?;
-            Ok(Message::Response { id, body: payload })
+            Message::Response {
+                id,
+                body: body.split_to(len),
+            }
         }
         kind::ERROR => {
-            need(body, ERROR_FIXED)?;
-            body.advance(1);
             let id = body.get_u32();
             let code = body.get_u16();
             let msg_len = body.get_u16() as usize;
             let details_len = body.get_u32() as usize;
-            let message = utf8(take(body, msg_len)?, "error message is not UTF-8")?;
-            let details = take(body, details_len)?;
-            Ok(Message::Error {
+            let message = body.split_to(msg_len);
+            let details = body.split_to(details_len);
+            Message::Error {
                 id,
                 code,
                 message,
                 details,
-            })
-        }
-        kind::CANCEL => {
-            need(body, CANCEL_FIXED)?;
-            body.advance(1);
-            Ok(Message::Cancel { id: body.get_u32() })
-        }
-        kind::PING | kind::PONG => {
-            need(body, PING_FIXED)?;
-            body.advance(1);
-            let data = body.get_u64();
-            Ok(if kind == kind::PING {
-                Message::Ping { data }
-            } else {
-                Message::Pong { data }
-            })
-        }
-        kind::ACK => {
-            need(body, ACK_FIXED)?;
-            body.advance(1);
-            match body.get_u32() {
-                0 => Err(CodecError::InvalidFrame("ack of 0 bytes")),
-                bytes => Ok(Message::Ack { bytes }),
             }
         }
+        kind::CANCEL => Message::Cancel { id: body.get_u32() },
+        kind::PING => Message::Ping {
+            data: body.get_u64(),
+        },
+        kind::PONG => Message::Pong {
+            data: body.get_u64(),
+        },
+        kind::ACK => Message::Ack {
+            bytes: body.get_u32(),
+        },
         kind::GOAWAY => {
-            need(body, GOAWAY_FIXED)?;
-            body.advance(1);
             let code = body.get_u16();
             let len = body.get_u16() as usize;
-            let reason = utf8(take(body, len)?, "goaway reason is not UTF-8")?;
-            Ok(Message::GoAway { code, reason })
+            Message::GoAway {
+                code,
+                reason: body.split_to(len),
+            }
         }
-        _ => Err(CodecError::InvalidFrame("unknown message kind")),
+        _ => unreachable!("check_message refuses unknown kinds"),
     }
 }
 
@@ -531,5 +672,118 @@ mod tests {
             panic!("{got:?}");
         };
         assert_eq!(b[..], whole[RESPONSE_FIXED..]);
+    }
+
+    /// A frame of `msgs`, each already encoded.
+    fn frame_of(msgs: &[&[u8]]) -> BytesMut {
+        let len: usize = msgs.iter().map(|m| m.len()).sum();
+        let mut f = head(len as u32, 0, 0, msgs.len() as u16);
+        for m in msgs {
+            f.put_slice(m);
+        }
+        f
+    }
+
+    fn response(id: u32, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind::RESPONSE];
+        m.extend_from_slice(&id.to_be_bytes());
+        m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn fragment(data: &[u8], more: bool) -> Vec<u8> {
+        let mut m = vec![kind::FRAGMENT, more as u8];
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        m
+    }
+
+    #[test]
+    fn a_frame_is_refused_whole_when_any_message_in_it_is_bad() {
+        let good = response(1, b"ok");
+        // An ERROR whose message is not UTF-8, after a good reply and before another.
+        let bad = [kind::ERROR, 0, 0, 0, 2, 0, 2, 0, 1, 0, 0, 0, 0, 0xFF];
+        let mut src = frame_of(&[&good, &bad, &response(3, b"")]);
+        let mut d = FrameDecoder::new(4096);
+        assert!(matches!(
+            d.decode_frame(&mut src),
+            Err(CodecError::InvalidFrame("error message is not UTF-8"))
+        ));
+    }
+
+    #[test]
+    fn messages_come_out_one_at_a_time_in_wire_order() {
+        let replies: Vec<Vec<u8>> = (1..=1000u32).map(|id| response(id, &[id as u8])).collect();
+        let refs: Vec<&[u8]> = replies.iter().map(|r| &r[..]).collect();
+        let mut src = frame_of(&refs);
+        let mut d = FrameDecoder::new(1 << 20);
+        let mut frame = d.decode_frame(&mut src).unwrap().unwrap();
+        assert!(src.is_empty());
+        for id in 1..=1000u32 {
+            assert_eq!(frame.left(), (1001 - id) as usize);
+            let msg = d.next_message(&mut frame).unwrap();
+            assert_eq!(
+                msg,
+                Some(Message::Response {
+                    id,
+                    body: Bytes::copy_from_slice(&[id as u8])
+                })
+            );
+        }
+        assert_eq!(d.next_message(&mut frame).unwrap(), None);
+    }
+
+    #[test]
+    fn fragments_are_checked_with_their_frame_against_the_message_in_progress() {
+        let whole = response(7, &[0xAB; 100]);
+        let mut d = FrameDecoder::new(4096);
+        let mut first = frame_of(&[&fragment(&whole[..60], true)]);
+        let mut frame = d.decode_frame(&mut first).unwrap().unwrap();
+        assert_eq!(d.next_message(&mut frame).unwrap(), None);
+        assert!(d.in_message());
+        // The rest is 49 bytes: a piece of 50 runs past the message, and is refused before the
+        // PING in front of it is taken out.
+        let ping = [kind::PING, 0, 0, 0, 0, 0, 0, 0, 9];
+        let mut over = whole[60..].to_vec();
+        over.push(0);
+        let mut src = frame_of(&[&ping, &fragment(&over, false)]);
+        assert!(matches!(
+            d.clone().decode_frame(&mut src),
+            Err(CodecError::InvalidFrame(_))
+        ));
+        // The right piece completes it, after the PING.
+        let mut src = frame_of(&[&ping, &fragment(&whole[60..], false)]);
+        let mut frame = d.decode_frame(&mut src).unwrap().unwrap();
+        assert_eq!(
+            d.next_message(&mut frame).unwrap(),
+            Some(Message::Ping { data: 9 })
+        );
+        assert_eq!(
+            d.next_message(&mut frame).unwrap(),
+            Some(Message::Response {
+                id: 7,
+                body: Bytes::copy_from_slice(&[0xAB; 100])
+            })
+        );
+        assert_eq!(d.next_message(&mut frame).unwrap(), None);
+        assert!(!d.in_message());
+    }
+
+    #[test]
+    fn a_reassembled_message_is_checked_when_its_last_piece_is_in() {
+        // A REQUEST whose method is not UTF-8, in two pieces: no frame alone shows it.
+        let mut req = vec![kind::REQUEST, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0];
+        req.extend_from_slice(&[0xC3, 0x28]);
+        let mut d = FrameDecoder::new(4096);
+        let mut src = frame_of(&[&fragment(&req[..17], true)]);
+        let mut frame = d.decode_frame(&mut src).unwrap().unwrap();
+        assert_eq!(d.next_message(&mut frame).unwrap(), None);
+        let mut src = frame_of(&[&fragment(&req[17..], false)]);
+        let mut frame = d.decode_frame(&mut src).unwrap().unwrap();
+        assert!(matches!(
+            d.next_message(&mut frame),
+            Err(CodecError::InvalidFrame("method name is not UTF-8"))
+        ));
     }
 }

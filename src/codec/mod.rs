@@ -16,7 +16,10 @@
 //! pieces decodes to a [`Frame`] with no messages.
 //! The decoder checks the announced length against `max_frame_len` from the header alone, before
 //! it reserves memory or waits for the body, so a lying length prefix costs nothing. Bodies are
-//! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload.
+//! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload. A frame is
+//! checked whole (every message well formed, its fragments in order) before any of its messages
+//! is handed out; the engines then take the messages out a few at a time rather than as one
+//! `Vec` per frame, so a frame of 65,535 tiny messages costs what came on the wire.
 
 mod compression;
 mod decode;
@@ -30,6 +33,7 @@ pub use self::error::CodecError;
 pub use self::frame::{Frame, Message};
 pub use self::preface::{Preface, Role, PREFACE_LEN};
 
+pub(crate) use self::decode::Incoming;
 pub(crate) use self::encode::{Batch, Outbox, MAX_IO_SLICES};
 pub(crate) use self::frame::code;
 
@@ -129,6 +133,24 @@ impl FrameCodec {
     /// Memory held by the message being reassembled, if any.
     pub(crate) fn partial_capacity(&self) -> usize {
         self.decoder.partial_capacity()
+    }
+
+    /// The next frame, whole and checked (PROTOCOL.md §12) before any of its messages is
+    /// taken out with [`next_message`](Self::next_message): the engines' path, which builds no
+    /// collection of a frame's messages.
+    pub(crate) fn decode_frame(
+        &mut self,
+        src: &mut BytesMut,
+    ) -> Result<Option<Incoming>, CodecError> {
+        self.decoder.decode_frame(src)
+    }
+
+    /// The next message of `frame`; `None` once it has no more.
+    pub(crate) fn next_message(
+        &mut self,
+        frame: &mut Incoming,
+    ) -> Result<Option<Message>, CodecError> {
+        self.decoder.next_message(frame)
     }
 
     /// The ACK to send now, if enough fragment data has been read since the last one.

@@ -26,7 +26,9 @@ use super::keepalive::{Due, Keepalive};
 use super::recover::status_from_error;
 use super::Config;
 use crate::codec::{code, Batch, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
-use crate::conn::{wire, write_loop, FrameReader, Source, WriteOptions, MAX_BATCH_YIELDS};
+use crate::conn::{
+    wire, write_loop, FrameReader, Source, WriteOptions, MAX_BATCH_YIELDS, MESSAGE_CHUNK,
+};
 use crate::error::{Code, Status};
 use crate::protocol::{self, error_message};
 use crate::request::LazyExtensions;
@@ -571,7 +573,7 @@ where
                     continue;
                 }
             };
-            let frame = match frame {
+            let mut frame = match frame {
                 Ok(Some(f)) => f,
                 Ok(None) => return Stop::Eof,
                 Err(CodecError::Io(e)) => {
@@ -586,11 +588,21 @@ where
             let arrived = tokio::time::Instant::now();
             self.clock = std::time::Instant::now();
             let mut request = false;
-            for msg in frame.into_messages() {
-                request |= matches!(msg, Message::Request { .. } | Message::OneWay { .. });
-                if let Some(stop) = self.handle(msg, arrived).await {
+            let mut batch = Vec::with_capacity(frame.left().min(MESSAGE_CHUNK));
+            loop {
+                if let Err(e) = reader.messages(&mut frame, &mut batch) {
                     self.conn.wake_writer_now();
-                    return stop;
+                    return Stop::Protocol(e);
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                for msg in batch.drain(..) {
+                    request |= matches!(msg, Message::Request { .. } | Message::OneWay { .. });
+                    if let Some(stop) = self.handle(msg, arrived).await {
+                        self.conn.wake_writer_now();
+                        return stop;
+                    }
                 }
             }
             self.conn.wake_writer_now();
