@@ -279,6 +279,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 None => break,
             }
         }
+        // The next frame's clock starts with its first byte (maybe already here). A message in
+        // fragments keeps the clock of its first piece: all of them must arrive within the
+        // bound, as a whole frame's bytes must. Only now, with this frame's pieces taken in,
+        // is it known whether one is still on its way.
+        if frame.left() == 0 && !self.codec.in_message() {
+            self.frame_started = None;
+        }
         Ok(())
     }
 
@@ -304,12 +311,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) async fn next(&mut self) -> Result<Option<Incoming>, CodecError> {
         loop {
             if let Some(frame) = self.codec.decode_frame(&mut self.buf)? {
-                // The next frame's clock starts with its first byte (maybe already here). A
-                // message in fragments keeps the clock of its first piece: all of them must
-                // arrive within the bound, as a whole frame's bytes must.
-                if !self.codec.in_message() {
-                    self.frame_started = None;
-                }
                 return Ok(Some(frame));
             }
             // While a message arrives in fragments, read several of them at once: a large

@@ -128,3 +128,59 @@ async fn a_message_dripped_a_fragment_a_second_is_cut_off() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_frame_after_a_message_in_fragments_has_a_clock_of_its_own() {
+    // A request in two pieces 4 s apart (within the 5 s bound), then a PING frame whose first
+    // bytes come 0.5 s later and the rest 2 s after those: 6.5 s after the message's first
+    // piece, 2 s after the frame's own first byte. The frame is not cut off.
+    let client = serve(Duration::from_secs(5)).await;
+    let mut whole = vec![0x01, 0, 0, 0, 1, 0, 0, 0, 0, 4, 0, 0];
+    whole.extend_from_slice(&3u32.to_be_bytes());
+    whole.extend_from_slice(b"echo");
+    whole.extend_from_slice(b"abc");
+    let piece = |data: &[u8], more: bool| {
+        let mut f = Vec::new();
+        f.extend_from_slice(&((6 + data.len()) as u32).to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 1, 0x09, u8::from(more)]);
+        f.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        f.extend_from_slice(data);
+        f
+    };
+    let ping = [0, 0, 0, 9, 0, 0, 0, 1, 0x06, 0, 0, 0, 0, 0, 0, 0, 5];
+    let (mut reader, mut writer) = tokio::io::split(client);
+    writer.write_all(&piece(&whole[..16], true)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    writer.write_all(&piece(&whole[16..], false)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writer.write_all(&ping[..4]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    writer.write_all(&ping[4..]).await.unwrap();
+    // The reply to the request, then the PONG: the connection is still open.
+    let mut codec = towerpc::codec::FrameCodec::new();
+    let mut buf = bytes::BytesMut::new();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        use tokio_util::codec::Decoder;
+        if let Some(frame) = codec.decode(&mut buf).unwrap() {
+            got.extend(frame.into_messages());
+            continue;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(1), reader.read_buf(&mut buf))
+            .await
+            .expect("nothing more from the server")
+            .unwrap();
+        assert!(n > 0, "the server hung up; got {got:?}");
+    }
+    use towerpc::codec::Message;
+    assert_eq!(
+        got,
+        [
+            Message::Response {
+                id: 1,
+                body: bytes::Bytes::from_static(b"abc")
+            },
+            Message::Pong { data: 5 }
+        ]
+    );
+}
