@@ -386,7 +386,7 @@ fn check_fragment(
     if len == 0 {
         return Err(CodecError::InvalidFrame("empty fragment"));
     }
-    need(rest, FRAGMENT_FIXED + len)?;
+    need(rest, FRAGMENT_FIXED.saturating_add(len))?;
     let data = &rest[FRAGMENT_FIXED..FRAGMENT_FIXED + len];
     let (have, total) = match partial {
         Some((have, total)) => (have + len, total),
