@@ -100,16 +100,24 @@ async fn idle_between_frames_is_not_cut_off() {
     assert!(n > 0);
 }
 
+/// A REQUEST (PROTOCOL.md §5.1) for `echo` with `body`, no timeout and no metadata.
+fn echo_request(id: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x01];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0]);
+    m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    m.extend_from_slice(b"echo");
+    m.extend_from_slice(body);
+    m
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_message_dripped_a_fragment_a_second_is_cut_off() {
     // Each piece comes in a whole frame, so only the rule for a message in fragments
     // (PROTOCOL.md §4.1: all pieces within the frame read timeout of the first) can stop this
     // drip.
     let client = serve(Duration::from_secs(5)).await;
-    let mut whole = vec![0x01, 0, 0, 0, 1, 0, 0, 0, 0, 4, 0, 0];
-    whole.extend_from_slice(&100u32.to_be_bytes());
-    whole.extend_from_slice(b"echo");
-    whole.extend_from_slice(&[7u8; 100]);
+    let whole = echo_request(1, &[7u8; 100]);
     // The first piece holds the fixed part (16 bytes, as §4.1 asks), then a byte a second.
     let n = whole.len();
     // Each frame also carries a PING, so frames (not only pieces) keep arriving.
@@ -135,10 +143,7 @@ async fn a_frame_after_a_message_in_fragments_has_a_clock_of_its_own() {
     // bytes come 0.5 s later and the rest 2 s after those: 6.5 s after the message's first
     // piece, 2 s after the frame's own first byte. The frame is not cut off.
     let client = serve(Duration::from_secs(5)).await;
-    let mut whole = vec![0x01, 0, 0, 0, 1, 0, 0, 0, 0, 4, 0, 0];
-    whole.extend_from_slice(&3u32.to_be_bytes());
-    whole.extend_from_slice(b"echo");
-    whole.extend_from_slice(b"abc");
+    let whole = echo_request(1, b"abc");
     let piece = |data: &[u8], more: bool| {
         let mut f = Vec::new();
         f.extend_from_slice(&((6 + data.len()) as u32).to_be_bytes());
