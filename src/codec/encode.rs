@@ -173,6 +173,14 @@ pub(super) fn encode_frame(
 /// Messages larger than this go out in fragments (PROTOCOL.md §4.1), this size each at most.
 pub(crate) const FRAGMENT_SIZE: usize = 64 * 1024;
 
+/// Largest frame body the outbox packs small messages into (or the peer's limit, if lower): a
+/// take of many messages leaves as several frames in one write. The peer then never needs a
+/// read buffer larger than one read to hold a frame, and what the messages' bodies (slices of
+/// that buffer) pin is a frame, not a whole take: with 1 KiB payloads at 10,000 callers, frames
+/// of up to a take (megabytes) left the server at 54 MiB RSS, frames of 64 KiB at 31–37, with
+/// calls/s the same or better (docs/benchmarks.md, session 9).
+pub(crate) const FRAME_TARGET: usize = 64 * 1024;
+
 /// Most fragment bytes one take carries, after the small messages queued at that moment: what
 /// a small call may wait behind, besides the small calls ahead of it.
 pub(crate) const FRAGMENTS_PER_TAKE: usize = 256 * 1024;
@@ -180,8 +188,9 @@ pub(crate) const FRAGMENTS_PER_TAKE: usize = 256 * 1024;
 /// The write side of a connection: messages from any number of tasks are appended here, packed
 /// into frames as they come, and the writer task takes everything at once for one `write`.
 ///
-/// A new frame starts when the current one would pass the peer's `max_frame_len` or 65,535
-/// messages, so one take may hold several frames; they still go out in one write.
+/// A new frame starts when the current one would pass [`FRAME_TARGET`] (or the peer's
+/// `max_frame_len`, if lower) or 65,535 messages, so one take may hold several frames; they
+/// still go out in one write.
 ///
 /// Messages above [`FRAGMENT_SIZE`] wait in a lane of their own and leave in fragments, up to
 /// [`FRAGMENTS_PER_TAKE`] bytes of them at the end of each take: a 4 MiB reply does not hold
@@ -425,7 +434,7 @@ impl Outbox {
         match self.open {
             Some(start)
                 if (self.count as usize) < MAX_MESSAGES_PER_FRAME
-                    && self.buf.len() - start - FRAME_HEADER_LEN + n <= self.max_frame_len =>
+                    && self.buf.len() - start - FRAME_HEADER_LEN + n <= self.frame_limit() =>
             {
                 start
             }
@@ -437,6 +446,12 @@ impl Outbox {
                 start
             }
         }
+    }
+
+    /// The most a frame's body may hold here: [`FRAME_TARGET`], or less if the peer accepts
+    /// less. A message up to [`FRAGMENT_SIZE`] fits a new frame (larger ones go in fragments).
+    fn frame_limit(&self) -> usize {
+        self.max_frame_len.min(FRAME_TARGET)
     }
 
     /// Counts the message just written into the frame at `start`.
@@ -670,6 +685,30 @@ mod tests {
         o.push(&big).unwrap();
         let buf = take(&mut o);
         assert_eq!(buf.len(), 2 * (FRAME_HEADER_LEN + 3009));
+    }
+
+    #[test]
+    fn a_large_take_leaves_in_frames_of_the_target_size() {
+        let mut o = Outbox::new(16 << 20, 64);
+        let msg = Message::Response {
+            id: 1,
+            body: Bytes::from(vec![1u8; 1000]),
+        };
+        for _ in 0..1000 {
+            o.push(&msg).unwrap();
+        }
+        let mut buf = take(&mut o);
+        let mut d = super::super::FrameCodec::new();
+        let (mut frames, mut messages) = (0, 0);
+        while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, &mut buf).unwrap() {
+            assert!(f.messages().iter().map(Message::encoded_len).sum::<usize>() <= FRAME_TARGET);
+            frames += 1;
+            messages += f.messages().len();
+        }
+        assert!(buf.is_empty());
+        assert_eq!(messages, 1000);
+        // 1,009 bytes a message: 64 to a frame.
+        assert_eq!(frames, 1000usize.div_ceil(FRAME_TARGET / 1009));
     }
 
     #[test]
