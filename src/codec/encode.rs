@@ -175,10 +175,10 @@ pub(crate) const FRAGMENT_SIZE: usize = 64 * 1024;
 
 /// Largest frame body the outbox packs small messages into (or the peer's limit, if lower): a
 /// take of many messages leaves as several frames in one write. The peer then never needs a
-/// read buffer larger than one read to hold a frame, and what the messages' bodies (slices of
-/// that buffer) pin is a frame, not a whole take: with 1 KiB payloads at 10,000 callers, frames
-/// of up to a take (megabytes) left the server at 54 MiB RSS, frames of 64 KiB at 31–37, with
-/// calls/s the same or better (docs/benchmarks.md, session 9).
+/// read buffer much larger than one read to hold a frame, and what the messages' bodies
+/// (slices of that buffer) pin is a frame, not a whole take: with 1 KiB payloads at 10,000
+/// callers, frames of up to a take (megabytes) left the server at 44–54 MiB RSS, frames of
+/// 64 KiB at 31–42, at the same calls/s (docs/benchmarks.md, session 9).
 pub(crate) const FRAME_TARGET: usize = 64 * 1024;
 
 /// Most fragment bytes one take carries, after the small messages queued at that moment: what
