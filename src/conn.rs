@@ -21,9 +21,9 @@ pub(crate) const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
 
 /// Messages a reader takes out of a frame at a time ([`FrameReader::messages`]) and handles
 /// together (the client: one critical section, then the callers woken). What it holds decoded
-/// is this many, never a whole frame's worth: up to 65,535 messages, 104 bytes each decoded
+/// is this many, never a whole frame's worth: up to 65,535 messages, 112 bytes each decoded
 /// against 5 on the wire for the smallest. Small chunks also keep the tail short: at 1,000
-/// callers, chunks of 32 gave a p99 of 2.8–3.0 ms where chunks of 128 or more gave 3.7–3.8
+/// callers, chunks of 32 gave a p99 of 2.8–3.1 ms where chunks of 128 or more gave 3.4–3.8
 /// (docs/benchmarks.md, session 9).
 pub(crate) const MESSAGE_CHUNK: usize = 32;
 

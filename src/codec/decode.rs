@@ -117,6 +117,11 @@ impl FrameDecoder {
         self.partial.as_ref().map_or(0, Partial::held)
     }
 
+    /// The message being reassembled, as (bytes so far, total), if one is.
+    fn progress(&self) -> Option<(usize, usize)> {
+        self.partial.as_ref().map(|p| (p.len(), p.total))
+    }
+
     /// Whether a header has been read and its body not yet.
     pub(super) fn in_frame(&self) -> bool {
         matches!(self.state, State::Body { .. })
@@ -192,7 +197,7 @@ impl FrameDecoder {
     /// properly). Allocates nothing and touches no state: the frame is taken apart afterwards.
     fn check_batch(&self, body: &[u8], count: u16) -> Result<(), CodecError> {
         let mut rest = body;
-        let mut partial = self.partial.as_ref().map(|p| (p.len(), p.total));
+        let mut partial = self.progress();
         for _ in 0..count {
             let used = if rest.first() == Some(&kind::FRAGMENT) {
                 let piece = check_fragment(rest, partial, self.max_frame_len)?;
@@ -214,30 +219,22 @@ impl FrameDecoder {
     /// Takes one FRAGMENT (checked with its frame) off `body` and adds it to the message being
     /// reassembled; returns the message once its last piece is in.
     fn fragment(&mut self, body: &mut Bytes) -> Result<Option<Message>, CodecError> {
-        let piece = check_fragment(
-            body,
-            self.partial.as_ref().map(|p| (p.len(), p.total)),
-            self.max_frame_len,
-        )?;
+        let piece = check_fragment(body, self.progress(), self.max_frame_len)?;
         body.advance(FRAGMENT_FIXED);
         let mut data = body.split_to(piece.used - FRAGMENT_FIXED);
         self.unacked += data.len();
-        match (&mut self.partial, piece.after) {
+        match (self.partial.take(), piece.after) {
             // A message in a single piece: nothing to hold, and checked whole with its frame.
             (None, None) => Ok(Some(parse_message(&mut data))),
-            (None, Some((_, total))) => {
-                let mut partial = Partial::new(total);
+            (partial, Some((_, total))) => {
+                let mut partial = partial.unwrap_or_else(|| Partial::new(total));
                 partial.push(&data);
                 self.partial = Some(partial);
                 Ok(None)
             }
-            (Some(partial), Some(_)) => {
+            (Some(mut partial), None) => {
                 partial.push(&data);
-                Ok(None)
-            }
-            (Some(partial), None) => {
-                partial.push(&data);
-                let mut whole = self.partial.take().map(Partial::finish).unwrap_or_default();
+                let mut whole = partial.finish();
                 // The message is seen whole for the first time: its own checks run now.
                 if check_message(&whole)? != whole.len() {
                     // The fixed part gave the total, so the two agree; refused all the same.
@@ -427,9 +424,8 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
-/// Checks that the `len` bytes at `at` are there and are UTF-8.
+/// Checks that the `len` bytes at `at` (within `body`) are UTF-8.
 fn utf8_at(body: &[u8], at: usize, len: usize, what: &'static str) -> Result<(), CodecError> {
-    need(body, at + len)?;
     std::str::from_utf8(&body[at..at + len])
         .map(drop)
         .map_err(|_| CodecError::InvalidFrame(what))
@@ -439,6 +435,8 @@ fn utf8_at(body: &[u8], at: usize, len: usize, what: &'static str) -> Result<(),
 /// on its own) and returns its size; [`parse_message`] takes only what this accepted.
 fn check_message(body: &[u8]) -> Result<usize, CodecError> {
     let size = announced_len(body)?;
+    // Every field read below lies within the message.
+    need(body, size)?;
     match body[0] {
         kind::REQUEST | kind::ONEWAY => {
             let id = u32_at(body, 1);
@@ -461,11 +459,8 @@ fn check_message(body: &[u8]) -> Result<usize, CodecError> {
             let msg_len = u16_at(body, 7) as usize;
             utf8_at(body, ERROR_FIXED, msg_len, "error message is not UTF-8")?;
         }
-        kind::ACK => {
-            need(body, ACK_FIXED)?;
-            if u32_at(body, 1) == 0 {
-                return Err(CodecError::InvalidFrame("ack of 0 bytes"));
-            }
+        kind::ACK if u32_at(body, 1) == 0 => {
+            return Err(CodecError::InvalidFrame("ack of 0 bytes"));
         }
         kind::GOAWAY => {
             let len = u16_at(body, 3) as usize;
@@ -473,7 +468,6 @@ fn check_message(body: &[u8]) -> Result<usize, CodecError> {
         }
         _ => {}
     }
-    need(body, size)?;
     Ok(size)
 }
 
