@@ -29,6 +29,10 @@ pub struct Opts {
     /// (the mixed workload); their figures print on a second line, `BIG ...`.
     pub big: usize,
     pub big_size: usize,
+    /// Connections the callers share (default 1): towerpc's `Builder::connections`, the
+    /// floor's callers spread over that many connections. For the multi-core runs
+    /// (`device.sh`); the RESULT line names it when it is not 1.
+    pub conns: usize,
 }
 
 impl Opts {
@@ -44,6 +48,7 @@ impl Opts {
             compression: None,
             big: 0,
             big_size: 200 * 1024,
+            conns: 1,
         };
         let a: Vec<String> = std::env::args().skip(1).collect();
         let mut i = 0;
@@ -60,6 +65,7 @@ impl Opts {
                 "--compression" => o.compression = Some(v),
                 "--big" => o.big = v.parse().unwrap(),
                 "--big-size" => o.big_size = v.parse().unwrap(),
+                "--conns" => o.conns = v.parse::<usize>().unwrap().max(1),
                 x => panic!("unknown arg {x}"),
             }
             i += 2;
@@ -281,8 +287,10 @@ where
     let nf = n.max(1) as f64;
     let srss = spid.as_deref().map(peak_rss_kb).unwrap_or(0);
     println!(
-        "RESULT label={} payload={} conc={} calls={} errs={} secs={:.2} cps={:.0} p50_us={:.1} p99_us={:.1} cli_cpu_s={:.2} srv_cpu_s={:.2} cpu_s_per_M={:.2} lo_bytes_per_call={:.1} lo_pkts_per_call={:.3} cli_rss_kb={} srv_rss_kb={} wake_writes_per_call={:.4} sock_writes_per_call={}",
-        o.label, o.payload, o.conc, n, errs.load(Ordering::Relaxed), el, n as f64 / el,
+        "RESULT label={}{} payload={} conc={} calls={} errs={} secs={:.2} cps={:.0} p50_us={:.1} p99_us={:.1} cli_cpu_s={:.2} srv_cpu_s={:.2} cpu_s_per_M={:.2} lo_bytes_per_call={:.1} lo_pkts_per_call={:.3} cli_rss_kb={} srv_rss_kb={} wake_writes_per_call={:.4} sock_writes_per_call={}",
+        o.label,
+        if o.conns > 1 { format!(" conns={}", o.conns) } else { String::new() },
+        o.payload, o.conc, n, errs.load(Ordering::Relaxed), el, n as f64 / el,
         hist.quantile(0.50) as f64 / 1000.0, hist.quantile(0.99) as f64 / 1000.0,
         c1 - c0, s1 - s0, ((c1 - c0) + (s1 - s0)) / nf * 1e6,
         (b1 - b0) as f64 / nf, (p1 - p0) as f64 / nf,

@@ -75,11 +75,16 @@ impl Raw {
 #[tokio::main]
 async fn main() {
     let o = Opts::parse();
-    let raw = Raw::connect(&o.addr).await;
+    let mut conns = Vec::with_capacity(o.conns);
+    for _ in 0..o.conns {
+        conns.push(Raw::connect(&o.addr).await);
+    }
+    let conns = Arc::new(conns);
     let big = o.big();
     let data: Arc<Vec<u8>> = Arc::new(payload_bytes(big));
     drive(&o, move |i| {
-        let raw = raw.clone();
+        // Caller t makes calls t << 32, t << 32 + 1, ...: each caller keeps to one connection.
+        let raw = conns[(i >> 32) as usize % conns.len()].clone();
         let data = data.clone();
         async move {
             if big {

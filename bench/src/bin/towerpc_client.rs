@@ -19,6 +19,9 @@ use towerpc::{Client, Request};
 async fn main() {
     let o = Opts::parse();
     let mut builder = Client::builder();
+    if o.conns > 1 {
+        builder = builder.connections(o.conns);
+    }
     match o.compression.as_deref() {
         None | Some("none") => {}
         Some("zstd") => builder = builder.compression(Compression::Zstd),
