@@ -3,7 +3,8 @@
 #
 #   bench/pinned.sh prepare   # build this tree's bench binaries, and towerpc's from before
 #                             # fragments (fe3ff0d), into bench/pinned-bin/ (needs git, cargo)
-#   bench/pinned.sh run       # the cells below; result lines to $OUT/pinned.txt (OUT=/tmp)
+#   bench/pinned.sh run       # the cells below: result lines to $OUT/pinned.txt (OUT=/tmp),
+#                             # tables to $OUT/pinned.md (pinned_table.py, where python3 is)
 #
 # `run` needs only the binaries and taskset: the server is pinned to the first half of the
 # machine's cores and the client to the second (one core each on two cores), and each runtime
@@ -94,6 +95,9 @@ run() {
       cell one "$BIN/head" "$lo" "$hi" "$sys" small 1
     done
   done
+  if command -v python3 >/dev/null; then
+    python3 pinned_table.py "$RESULTS" > "${RESULTS%.txt}.md"
+  fi
 }
 
 case "${1:-}" in

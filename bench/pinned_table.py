@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Markdown tables from pinned.sh's results file: python3 pinned_table.py pinned.txt"""
+import sys
+from collections import defaultdict
+
+from table import fmt, med, num, parse
+
+
+def rows_of(rows, kind):
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def result_and_big(rows):
+    """Pairs each RESULT line with the BIG line printed just before it (mixed cells)."""
+    out, big = [], None
+    for r in rows:
+        if "size" in r and "mb_per_s" in r:
+            big = r
+            continue
+        out.append((r, big))
+        big = None
+    return out
+
+
+def main():
+    header, rows = parse(sys.argv[1])
+    out = [f"_{h}_  " for h in header]
+
+    scaling = [r for r in rows_of(rows, "scaling") + rows_of(rows, "server-cores") if "cps" in r]
+    if scaling:
+        out += ["", "### Callers over connections (server and client on cores of their own)", ""]
+        out.append("| cell | server cores | floor calls/s | towerpc calls/s | ratio | towerpc p99 µs | towerpc CPU s / M calls |")
+        out.append("|---|---|---:|---:|---:|---:|---:|")
+        cells = defaultdict(dict)
+        for r in scaling:
+            key = (r["kind"], r["scpu"], int(r["conc"]), int(r.get("conns", 1)))
+            cells[key][r["label"]] = r
+        for (kind, scpu, conc, conns), by in cells.items():
+            floor, ours = by.get("raw"), by.get("towerpc")
+            fc, oc = num(floor or {}, "cps"), num(ours or {}, "cps")
+            ratio = fmt(oc / fc, 2) if fc and oc else "–"
+            out.append(
+                f"| C={conc:,}, {conns} conn. | {scpu} | {fmt(fc)} | {fmt(oc)} | {ratio} "
+                f"| {fmt(num(ours or {}, 'p99_us'))} | {fmt(num(ours or {}, 'cpu_s_per_M'), 2)} |"
+            )
+
+    mixed = {}
+    for build in ("head", "old"):
+        for r, big in result_and_big(rows_of(rows, f"mixed-{build}")):
+            size = int(big["size"]) if big else 0
+            mixed.setdefault((r["round"], size), {})[build] = (r, big)
+    if mixed:
+        out += ["", "### Mixed: 1,000 small callers beside 10 big ones, this build against fe3ff0d (before fragments)", ""]
+        out.append("| round | big requests | small p99 µs, fe3ff0d → now | small calls/s, fe3ff0d → now | big MB/s, fe3ff0d → now | big ratio |")
+        out.append("|---|---|---|---|---|---:|")
+        for (rnd, size), by in sorted(mixed.items()):
+            if "head" not in by or "old" not in by:
+                continue
+            (ro, bo), (rn, bn) = by["old"], by["head"]
+            label = "none" if size == 0 else (f"{size // 1024} KiB" if size < 1 << 20 else f"{size >> 20} MiB")
+            bmo, bmn = num(bo or {}, "mb_per_s"), num(bn or {}, "mb_per_s")
+            ratio = fmt(bmn / bmo, 2) if bmo and bmn else "–"
+            out.append(
+                f"| {rnd} | {label} | {fmt(num(ro, 'p99_us'))} → {fmt(num(rn, 'p99_us'))} "
+                f"| {fmt(num(ro, 'cps'))} → {fmt(num(rn, 'cps'))} | {fmt(bmo)} → {fmt(bmn)} | {ratio} |"
+            )
+
+    one = rows_of(rows, "one")
+    if one:
+        out += ["", "### One caller", ""]
+        out.append("| round | floor calls/s | towerpc calls/s | ratio | CPU per call ratio |")
+        out.append("|---|---:|---:|---:|---:|")
+        by = defaultdict(dict)
+        for r in one:
+            by[r["round"]][r["label"]] = r
+        ratios = []
+        for rnd, b in sorted(by.items()):
+            f, t = b.get("raw", {}), b.get("towerpc", {})
+            fc, tc = num(f, "cps"), num(t, "cps")
+            fu, tu = num(f, "cpu_s_per_M"), num(t, "cpu_s_per_M")
+            if fc and tc:
+                ratios.append(tc / fc)
+            out.append(
+                f"| {rnd} | {fmt(fc)} | {fmt(tc)} | {fmt(tc / fc, 2) if fc and tc else '–'} "
+                f"| {fmt(tu / fu, 2) if fu and tu else '–'} |"
+            )
+        if ratios:
+            out.append(f"| median | | | {fmt(med(ratios), 2)} | |")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
