@@ -31,7 +31,7 @@ pub struct Opts {
     pub big_size: usize,
     /// Connections the callers share (default 1): towerpc's `Builder::connections`, the
     /// floor's callers spread over that many connections. For the multi-core runs
-    /// (`device.sh`); the RESULT line names it when it is not 1.
+    /// (`pinned.sh`); the RESULT line names it when it is not 1.
     pub conns: usize,
 }
 
