@@ -477,6 +477,12 @@ async fn fail_fast_by_default_and_wait_for_ready_on_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_spread_over_k_connections() {
+    spread_over(2).await;
+    // Above two, each call compares two connections chosen at random.
+    spread_over(5).await;
+}
+
+async fn spread_over(k: usize) {
     let ports = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let p = ports.clone();
     let server = support::serve(
@@ -495,11 +501,11 @@ async fn calls_spread_over_k_connections() {
     )
     .await;
     let client = Client::builder()
-        .connections(2)
+        .connections(k)
         .connect(server.addr)
         .await
         .unwrap();
-    assert_eq!(server.stats().accepts, 2);
+    assert_eq!(server.stats().accepts, k as u64);
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..400u64 {
         let c = client.clone();
@@ -509,9 +515,12 @@ async fn calls_spread_over_k_connections() {
         r.unwrap().unwrap();
     }
     let ports = ports.lock().unwrap();
-    assert_eq!(ports.len(), 2, "{ports:?}");
+    assert_eq!(ports.len(), k, "{ports:?}");
     for (port, n) in ports.iter() {
-        assert!(*n >= 50, "connection {port:?} got only {n} of 400 calls");
+        assert!(
+            *n >= 100 / k,
+            "connection {port:?} got only {n} of 400 calls"
+        );
     }
     assert_eq!(client.stats().calls, 400);
 }

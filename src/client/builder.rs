@@ -249,7 +249,9 @@ impl Builder {
 
     /// How many connections to keep to the server (gorpc's `Client.Conns`). Default 1.
     ///
-    /// Each call goes on the connection with the fewest calls awaiting replies. One connection
+    /// Each call goes on the one of two connections chosen at random that has fewer calls
+    /// awaiting replies (the power of two choices; with two connections, the less busy one),
+    /// on a connection that is up whenever one is. One connection
     /// already carries hundreds of thousands of calls per second, since every message pending
     /// when its writer wakes leaves in one write; more connections pay when a server has many
     /// cores and one connection's reader or writer task becomes the bottleneck. All of them
