@@ -33,6 +33,11 @@ pub struct Opts {
     /// floor's callers spread over that many connections. For the multi-core runs
     /// (`pinned.sh`); the RESULT line names it when it is not 1.
     pub conns: usize,
+    /// At most this many calls a second from all the small callers together (0: as fast as
+    /// they go). Each call takes the next slot of a shared schedule and waits for it when it is
+    /// early (a caller behind the schedule starts at once); its latency is timed from its start. For comparing builds at equal work
+    /// (the mixed cell: the big calls' throughput at the small calls' rate of another build).
+    pub rate: f64,
 }
 
 impl Opts {
@@ -49,6 +54,7 @@ impl Opts {
             big: 0,
             big_size: 200 * 1024,
             conns: 1,
+            rate: 0.0,
         };
         let a: Vec<String> = std::env::args().skip(1).collect();
         let mut i = 0;
@@ -66,6 +72,7 @@ impl Opts {
                 "--big" => o.big = v.parse().unwrap(),
                 "--big-size" => o.big_size = v.parse().unwrap(),
                 "--conns" => o.conns = v.parse::<usize>().unwrap().max(1),
+                "--rate" => o.rate = v.parse().unwrap(),
                 x => panic!("unknown arg {x}"),
             }
             i += 2;
@@ -227,6 +234,34 @@ where
 }
 
 /// [`drive`], also reporting socket writes per call from `socket_writes`.
+/// `--rate`: a schedule of call slots shared by all the callers.
+struct Schedule {
+    origin: Instant,
+    /// Seconds between two slots (0: no schedule).
+    step: f64,
+    taken: AtomicU64,
+}
+
+impl Schedule {
+    fn new(rate: f64) -> Schedule {
+        let step = if rate > 0.0 { 1.0 / rate } else { 0.0 };
+        Schedule { origin: Instant::now(), step, taken: AtomicU64::new(0) }
+    }
+
+    /// Waits for the next free slot if it is still ahead; returns when the call starts.
+    async fn next(&self) -> Instant {
+        if self.step == 0.0 {
+            return Instant::now();
+        }
+        let n = self.taken.fetch_add(1, Ordering::Relaxed);
+        let slot = self.origin + Duration::from_secs_f64(n as f64 * self.step);
+        if slot > Instant::now() {
+            tokio::time::sleep_until(slot.into()).await;
+        }
+        Instant::now()
+    }
+}
+
 pub async fn drive_with<F, Fut>(o: &Opts, call: F, socket_writes: SocketWrites)
 where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
@@ -238,19 +273,21 @@ where
     let ok = Arc::new(AtomicU64::new(0));
     let errs = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::with_capacity(o.conc);
+    let schedule = Arc::new(Schedule::new(o.rate));
     for t in 0..o.conc {
-        let (hist, recording, stop, ok, errs, call) = (
+        let (hist, recording, stop, ok, errs, call, schedule) = (
             hist.clone(),
             recording.clone(),
             stop.clone(),
             ok.clone(),
             errs.clone(),
             call.clone(),
+            schedule.clone(),
         );
         handles.push(tokio::spawn(async move {
             let mut i: u64 = (t as u64) << 32;
             while !stop.load(Ordering::Relaxed) {
-                let t0 = Instant::now();
+                let t0 = schedule.next().await;
                 let good = call(i).await;
                 let ns = t0.elapsed().as_nanos() as u64;
                 if recording.load(Ordering::Relaxed) {
