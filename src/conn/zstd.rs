@@ -401,6 +401,9 @@ pub(crate) struct ZstdReader<R> {
     end: usize,
     eof: bool,
     reading: Reading,
+    /// The decoder's last call filled all the room it was given: it may hold more output,
+    /// which a call without new input hands out.
+    full: bool,
 }
 
 impl<R> std::fmt::Debug for ZstdReader<R> {
@@ -424,6 +427,7 @@ impl<R: AsyncRead + Unpin> ZstdReader<R> {
             end: 0,
             eof: false,
             reading: Reading::Frame,
+            full: false,
         })
     }
 
@@ -489,18 +493,30 @@ impl<R: AsyncRead + Unpin> AsyncRead for ZstdReader<R> {
                     }
                 }
                 Reading::Raw { .. } => ready!(this.poll_fill(cx))?,
+                Reading::Decode if buffered == 0 && !this.full => {
+                    // Nothing for the decoder to take or give: wait for input. (Called with none
+                    // again and again, as a reader polled more often than its socket has data
+                    // would, zstd gives up with "no forward progress" after 16 calls.)
+                    if this.eof {
+                        return Poll::Ready(Err(truncated()));
+                    }
+                    ready!(this.poll_fill(cx))?;
+                }
                 Reading::Decode => {
                     let mut input = InBuffer::around(&this.buf[this.pos..this.end]);
-                    let dst = out.initialize_unfilled_to(out.remaining().min(DECODE_CHUNK));
+                    let room = out.remaining().min(DECODE_CHUNK);
+                    let dst = out.initialize_unfilled_to(room);
                     let mut output = OutBuffer::around(dst);
                     let hint = this.decoder.run(&mut input, &mut output)?;
                     let (used, made) = (input.pos(), output.pos());
                     this.pos += used;
+                    this.full = made == room;
                     out.advance(made);
                     if hint == 0 {
                         // The frame is whole and all of it handed out.
                         this.decoder.reinit()?;
                         this.reading = Reading::Frame;
+                        this.full = false;
                     }
                     if made > 0 {
                         return Poll::Ready(Ok(()));
@@ -693,6 +709,67 @@ mod tests {
                 n => all.extend_from_slice(&buf[..n]),
             }
         }
+    }
+
+    /// Hands out `data` up to `open` bytes, then is pending (a socket with nothing more yet).
+    struct Gate {
+        data: Vec<u8>,
+        pos: usize,
+        open: usize,
+    }
+
+    impl AsyncRead for Gate {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = buf.remaining().min(self.open - self.pos);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            let pos = self.pos;
+            buf.put_slice(&self.data[pos..pos + n]);
+            self.pos += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A reader polled far more often than its socket has data (a reader in a `select!`
+    /// whose other branches fire, or one that spins) waits for the rest of a compressed frame
+    /// however often it is asked: zstd, called with no input again and again, gives up.
+    #[tokio::test]
+    async fn polls_without_new_input_only_wait() {
+        use tokio::io::AsyncReadExt;
+        let text = b"compressible text, polled and polled ".repeat(200);
+        let (stream, _) = stream_of(std::slice::from_ref(&text)).await;
+        assert!(stream.len() < text.len() / 4, "a compressed frame");
+        let half = stream.len() / 2;
+        let mut r = ZstdReader::new(Gate {
+            data: stream.clone(),
+            pos: 0,
+            open: half,
+        })
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for poll in 0..100 {
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut r).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => panic!("poll {poll}: {e}"),
+                Poll::Pending => {}
+            }
+        }
+        r.io.open = stream.len();
+        while got.len() < text.len() {
+            match r.read(&mut buf).await.unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert!(got == text, "{} of {} bytes", got.len(), text.len());
     }
 
     #[tokio::test]
