@@ -861,3 +861,50 @@ fn on_one_worker_every_caller_gets_its_turn() {
         drop(server);
     });
 }
+
+/// With one call out, the connection's reader looks for the reply instead of letting its
+/// thread sleep (`Builder::reply_spin`). Counts, not times: the client's runtime (one thread;
+/// the server runs on a runtime of its own) parks about once per call with the spin off, and
+/// hardly at all with a window far longer than a loopback round trip.
+#[test]
+fn one_call_out_is_awaited_awake() {
+    const CALLS: u64 = 200;
+    fn parks(spin: Duration) -> u64 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let addr = support::free_addr();
+            let server =
+                support::ServerProcess::start(addr, Server::builder(), support::echo()).await;
+            let client = Client::builder()
+                .reply_spin(spin)
+                .connect(addr)
+                .await
+                .expect("connect");
+            let echo = || client.request(Request::new("echo", "x"));
+            for _ in 0..10 {
+                echo().await.expect("echo");
+            }
+            let metrics = tokio::runtime::Handle::current().metrics();
+            let before = metrics.worker_park_count(0);
+            for _ in 0..CALLS {
+                echo().await.expect("echo");
+            }
+            let parked = metrics.worker_park_count(0) - before;
+            drop(server);
+            parked
+        })
+    }
+    let asleep = parks(Duration::ZERO);
+    let awake = parks(Duration::from_millis(20));
+    assert!(
+        asleep >= CALLS * 3 / 4,
+        "spin off: {asleep} parks in {CALLS} calls"
+    );
+    assert!(
+        awake <= CALLS / 4,
+        "spin on: {awake} parks in {CALLS} calls"
+    );
+}

@@ -19,7 +19,7 @@ pub use self::typed::{Invoke, TypedFuture, TypedMethod};
 
 pub use self::builder::{
     Builder, Overflow, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FLUSH_DELAY, DEFAULT_PENDING_MESSAGES,
-    DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT,
+    DEFAULT_REPLY_SPIN, DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT,
 };
 
 use std::sync::Arc;
