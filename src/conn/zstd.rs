@@ -668,11 +668,13 @@ mod tests {
         }
     }
 
-    /// A socket that hands out at most `chunk` bytes per read.
+    /// A socket that hands out at most `chunk` bytes per read, and nothing past `open` (it is
+    /// then pending, as a socket whose peer has sent no more yet).
     struct Drip {
         data: Vec<u8>,
         pos: usize,
         chunk: usize,
+        open: usize,
     }
 
     impl AsyncRead for Drip {
@@ -681,10 +683,13 @@ mod tests {
             _: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
+            if self.pos == self.open && self.open < self.data.len() {
+                return Poll::Pending;
+            }
             let n = self
                 .chunk
                 .min(buf.remaining())
-                .min(self.data.len() - self.pos);
+                .min(self.open.min(self.data.len()) - self.pos);
             let pos = self.pos;
             buf.put_slice(&self.data[pos..pos + n]);
             self.pos += n;
@@ -700,6 +705,7 @@ mod tests {
             data: stream.to_vec(),
             pos: 0,
             chunk,
+            open: stream.len(),
         })?;
         let mut all = Vec::new();
         let mut buf = vec![0; cap];
@@ -708,30 +714,6 @@ mod tests {
                 0 => return Ok(all),
                 n => all.extend_from_slice(&buf[..n]),
             }
-        }
-    }
-
-    /// Hands out `data` up to `open` bytes, then is pending (a socket with nothing more yet).
-    struct Gate {
-        data: Vec<u8>,
-        pos: usize,
-        open: usize,
-    }
-
-    impl AsyncRead for Gate {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let n = buf.remaining().min(self.open - self.pos);
-            if n == 0 {
-                return Poll::Pending;
-            }
-            let pos = self.pos;
-            buf.put_slice(&self.data[pos..pos + n]);
-            self.pos += n;
-            Poll::Ready(Ok(()))
         }
     }
 
@@ -745,9 +727,10 @@ mod tests {
         let (stream, _) = stream_of(std::slice::from_ref(&text)).await;
         assert!(stream.len() < text.len() / 4, "a compressed frame");
         let half = stream.len() / 2;
-        let mut r = ZstdReader::new(Gate {
+        let mut r = ZstdReader::new(Drip {
             data: stream.clone(),
             pos: 0,
+            chunk: usize::MAX,
             open: half,
         })
         .unwrap();
