@@ -245,7 +245,11 @@ struct Schedule {
 impl Schedule {
     fn new(rate: f64) -> Schedule {
         let step = if rate > 0.0 { 1.0 / rate } else { 0.0 };
-        Schedule { origin: Instant::now(), step, taken: AtomicU64::new(0) }
+        Schedule {
+            origin: Instant::now(),
+            step,
+            taken: AtomicU64::new(0),
+        }
     }
 
     /// Waits for the next free slot if it is still ahead; returns when the call starts.
