@@ -35,8 +35,9 @@ pub struct Opts {
     pub conns: usize,
     /// At most this many calls a second from all the small callers together (0: as fast as
     /// they go). Each call takes the next slot of a shared schedule and waits for it when it is
-    /// early (a caller behind the schedule starts at once); its latency is timed from its start. For comparing builds at equal work
-    /// (the mixed cell: the big calls' throughput at the small calls' rate of another build).
+    /// early (a caller behind the schedule starts at once); its latency is timed from its
+    /// start. For comparing builds at equal work (the mixed cell: the big calls' throughput at
+    /// the small calls' rate of another build).
     pub rate: f64,
 }
 
@@ -233,7 +234,6 @@ where
     drive_with(o, call, Arc::new(|| Box::pin(async { None }))).await
 }
 
-/// [`drive`], also reporting socket writes per call from `socket_writes`.
 /// `--rate`: a schedule of call slots shared by all the callers.
 struct Schedule {
     origin: Instant,
@@ -266,6 +266,7 @@ impl Schedule {
     }
 }
 
+/// [`drive`], also reporting socket writes per call from `socket_writes`.
 pub async fn drive_with<F, Fut>(o: &Opts, call: F, socket_writes: SocketWrites)
 where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
