@@ -210,6 +210,9 @@ pub(crate) struct Outbox {
     big_len: usize,
     /// Fragment data sent and not acknowledged yet (PROTOCOL.md §4.1).
     outstanding: usize,
+    /// Fragment data of the peer's to acknowledge in the next take, ahead of everything else:
+    /// the ACKs pushed since the last take, merged.
+    ack: u64,
     /// Whether fragments keep to the window: not while this side has stopped reading, when
     /// the ACKs that open it cannot arrive.
     paced: bool,
@@ -278,6 +281,9 @@ impl Big {
         [head, tail]
     }
 }
+
+/// Bytes of an ACK message: its kind and its count (PROTOCOL.md §5.8).
+const ACK_LEN: usize = 5;
 
 /// Bytes of one fragment's frame header and fragment header together.
 const PIECE_HEAD: usize = FRAME_HEADER_LEN + FRAGMENT_FIXED;
@@ -395,6 +401,7 @@ impl Outbox {
             big: VecDeque::new(),
             big_len: 0,
             outstanding: 0,
+            ack: 0,
             paced: true,
         }
     }
@@ -408,8 +415,17 @@ impl Outbox {
     }
 
     /// Appends one message, or refuses it (writing nothing) if it breaks a limit.
+    ///
+    /// An ACK is not appended: it leaves at the head of the next take, merged with any other
+    /// pushed since the last one. Behind the messages already queued it would reach the peer
+    /// only once the peer had read them all, and the peer's fragments wait for it.
     pub(crate) fn push(&mut self, msg: &Message) -> Result<(), CodecError> {
         check(msg)?;
+        if let Message::Ack { bytes } = msg {
+            self.queued += 1;
+            self.ack += u64::from(*bytes);
+            return Ok(());
+        }
         let n = msg.encoded_len();
         if n > self.max_frame_len {
             return Err(CodecError::FrameTooLarge {
@@ -463,19 +479,25 @@ impl Outbox {
 
     /// Bytes waiting to be written.
     pub(crate) fn len(&self) -> usize {
-        self.buf.len() + self.big_len
+        self.buf.len() + self.big_len + self.ack_len()
+    }
+
+    /// Bytes of the ACK frames the next take begins with.
+    fn ack_len(&self) -> usize {
+        let acks = self.ack.div_ceil(u64::from(u32::MAX)) as usize;
+        acks * (FRAME_HEADER_LEN + ACK_LEN)
     }
 
     /// Whether a take now would come back empty: nothing queued but fragments waiting for
     /// window. A writer that found it so sleeps until a push or an ACK changes it, so whoever
     /// finds it so before they push must wake the writer.
     pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty() && !self.fragment_ready()
+        self.buf.is_empty() && self.ack == 0 && !self.fragment_ready()
     }
 
     /// Whether nothing at all is queued, fragments waiting for window included.
     pub(crate) fn is_drained(&self) -> bool {
-        self.buf.is_empty() && self.big.is_empty()
+        self.buf.is_empty() && self.ack == 0 && self.big.is_empty()
     }
 
     /// Whether the next fragment fits the window.
@@ -522,9 +544,10 @@ impl Outbox {
         self.queued
     }
 
-    /// Takes every finished frame and the next fragments of the large messages (as many as
-    /// [`FRAGMENTS_PER_TAKE`] and the peer's window allow), leaving the outbox empty unless
-    /// large messages have more to send. The next push opens a new frame.
+    /// Takes the ACK due, every finished frame and the next fragments of the large messages
+    /// (as many as [`FRAGMENTS_PER_TAKE`] and the peer's window allow), in that order, leaving
+    /// the outbox empty unless large messages have more to send. The next push opens a new
+    /// frame.
     ///
     /// `spare` is the writer's previous (already written) batch: handing it back lets the two
     /// buffers alternate, so steady-state batching allocates nothing. Whether fragments are
@@ -535,7 +558,30 @@ impl Outbox {
         self.queued = 0;
         let mut spare = spare;
         spare.clear();
-        let buf = std::mem::replace(&mut self.buf, spare.buf);
+        let buf = if self.ack > 0 {
+            // The ACK goes first, so the frames queued before it are copied behind it (once
+            // every 256 KiB of the peer's fragments read: little next to them).
+            let mut buf = spare.buf;
+            buf.reserve(self.ack_len() + self.buf.len());
+            while self.ack > 0 {
+                let bytes = self.ack.min(u64::from(u32::MAX));
+                self.ack -= bytes;
+                let start = buf.len();
+                buf.put_bytes(0, FRAME_HEADER_LEN);
+                put_message(
+                    &Message::Ack {
+                        bytes: bytes as u32,
+                    },
+                    &mut buf,
+                );
+                put_header(&mut buf[start..], ACK_LEN, 1);
+            }
+            buf.extend_from_slice(&self.buf);
+            self.buf.clear();
+            buf
+        } else {
+            std::mem::replace(&mut self.buf, spare.buf)
+        };
         let mut out = Batch {
             buf,
             pieces: spare.pieces,
@@ -709,6 +755,53 @@ mod tests {
         assert_eq!(messages, 1000);
         // 1,009 bytes a message: 64 to a frame.
         assert_eq!(frames, 1000usize.div_ceil(FRAME_TARGET / 1009));
+    }
+
+    #[test]
+    fn acks_leave_first_merged() {
+        let mut o = Outbox::new(1 << 20, 64);
+        o.push(&req(1, b"a")).unwrap();
+        o.push(&Message::Ack { bytes: 100 }).unwrap();
+        o.push(&req(2, b"b")).unwrap();
+        o.push(&Message::Ack { bytes: 28 }).unwrap();
+        assert_eq!(o.queued(), 4);
+        let len = o.len();
+        let mut buf = take(&mut o);
+        assert_eq!(buf.len(), len);
+        let mut d = super::super::FrameCodec::new();
+        let mut got = Vec::new();
+        while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, &mut buf).unwrap() {
+            got.push(f.messages().to_vec());
+        }
+        assert!(buf.is_empty());
+        assert_eq!(
+            got,
+            [
+                vec![Message::Ack { bytes: 128 }],
+                vec![req(1, b"a"), req(2, b"b")]
+            ]
+        );
+        assert!(o.is_drained());
+
+        // More than one ACK can say: as many as it takes, still first.
+        o.push(&req(3, b"c")).unwrap();
+        o.push(&Message::Ack { bytes: u32::MAX }).unwrap();
+        o.push(&Message::Ack { bytes: 2 }).unwrap();
+        assert!(!o.is_empty());
+        let mut buf = take(&mut o);
+        let mut got = Vec::new();
+        while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, &mut buf).unwrap() {
+            got.extend(f.messages().to_vec());
+        }
+        assert_eq!(
+            got,
+            [
+                Message::Ack { bytes: u32::MAX },
+                Message::Ack { bytes: 2 },
+                req(3, b"c")
+            ]
+        );
+        assert!(o.is_empty() && o.is_drained());
     }
 
     #[test]
