@@ -285,6 +285,9 @@ impl Big {
 /// Bytes of an ACK message: its kind and its count (PROTOCOL.md §5.8).
 const ACK_LEN: usize = 5;
 
+/// Bytes of a frame holding one ACK.
+const ACK_FRAME: usize = FRAME_HEADER_LEN + ACK_LEN;
+
 /// Bytes of one fragment's frame header and fragment header together.
 const PIECE_HEAD: usize = FRAME_HEADER_LEN + FRAGMENT_FIXED;
 
@@ -296,6 +299,8 @@ const PIECE_HEAD: usize = FRAME_HEADER_LEN + FRAGMENT_FIXED;
 /// The writer hands its last batch back to the next take, so the buffers are reused.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
+    /// An ACK to send ahead of everything else, in a frame of its own.
+    lead: Option<[u8; ACK_FRAME]>,
     buf: BytesMut,
     pieces: Vec<Piece>,
     /// Whether fragments stay in `pieces` (`true`) or are copied into `buf`.
@@ -315,8 +320,8 @@ impl Piece {
     }
 }
 
-/// Most slices [`Batch::io_slices`] fills in: a buffer and ten fragments.
-pub(crate) const MAX_IO_SLICES: usize = 31;
+/// Most slices [`Batch::io_slices`] fills in: an ACK, a buffer and ten fragments.
+pub(crate) const MAX_IO_SLICES: usize = 32;
 
 impl Batch {
     /// An empty batch; `gather`: whether fragments may stay out of the buffer (the writer
@@ -330,15 +335,18 @@ impl Batch {
 
     /// Bytes in the batch.
     pub(crate) fn len(&self) -> usize {
-        self.buf.len() + self.pieces.iter().map(Piece::len).sum::<usize>()
+        self.lead.map_or(0, |l| l.len())
+            + self.buf.len()
+            + self.pieces.iter().map(Piece::len).sum::<usize>()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty() && self.pieces.is_empty()
+        self.lead.is_none() && self.buf.is_empty() && self.pieces.is_empty()
     }
 
     /// Empties the batch, keeping the buffer's memory and letting go of the fragments'.
     pub(crate) fn clear(&mut self) {
+        self.lead = None;
         self.buf.clear();
         self.pieces.clear();
     }
@@ -348,9 +356,9 @@ impl Batch {
         self.buf.capacity()
     }
 
-    /// The whole batch, when it is one buffer (no fragments kept apart).
+    /// The whole batch, when it is one buffer (no ACK or fragments kept apart).
     pub(crate) fn as_contiguous(&self) -> Option<&[u8]> {
-        self.pieces.is_empty().then_some(&self.buf[..])
+        (self.lead.is_none() && self.pieces.is_empty()).then_some(&self.buf[..])
     }
 
     /// Fills `out` with the batch's bytes from offset `skip` on, in order, as far as `out`
@@ -358,7 +366,8 @@ impl Batch {
     pub(crate) fn io_slices<'a>(&'a self, skip: usize, out: &mut [io::IoSlice<'a>]) -> usize {
         let mut skip = skip;
         let mut n = 0;
-        let segments = std::iter::once(&self.buf[..]).chain(
+        let lead = self.lead.as_ref().map_or(&[][..], |l| &l[..]);
+        let segments = [lead, &self.buf[..]].into_iter().chain(
             self.pieces
                 .iter()
                 .flat_map(|p| [&p.head[..], &p.data[0][..], &p.data[1][..]]),
@@ -380,13 +389,16 @@ impl Batch {
 
     /// The batch as one buffer, fragments copied in.
     #[cfg(test)]
-    pub(crate) fn into_contiguous(mut self) -> BytesMut {
-        for p in std::mem::take(&mut self.pieces) {
-            self.buf.put_slice(&p.head);
-            self.buf.put_slice(&p.data[0]);
-            self.buf.put_slice(&p.data[1]);
+    pub(crate) fn into_contiguous(self) -> BytesMut {
+        let mut out = BytesMut::new();
+        out.put_slice(self.lead.as_ref().map_or(&[][..], |l| &l[..]));
+        out.put_slice(&self.buf);
+        for p in self.pieces {
+            out.put_slice(&p.head);
+            out.put_slice(&p.data[0]);
+            out.put_slice(&p.data[1]);
         }
-        self.buf
+        out
     }
 }
 
@@ -482,10 +494,10 @@ impl Outbox {
         self.buf.len() + self.big_len + self.ack_len()
     }
 
-    /// Bytes of the ACK frames the next take begins with.
+    /// Bytes of the ACK frames the next takes begin with (one a take).
     fn ack_len(&self) -> usize {
         let acks = self.ack.div_ceil(u64::from(u32::MAX)) as usize;
-        acks * (FRAME_HEADER_LEN + ACK_LEN)
+        acks * ACK_FRAME
     }
 
     /// Whether a take now would come back empty: nothing queued but fragments waiting for
@@ -558,31 +570,9 @@ impl Outbox {
         self.queued = 0;
         let mut spare = spare;
         spare.clear();
-        let buf = if self.ack > 0 {
-            // The ACK goes first, so the frames queued before it are copied behind it (once
-            // every 256 KiB of the peer's fragments read: little next to them).
-            let mut buf = spare.buf;
-            buf.reserve(self.ack_len() + self.buf.len());
-            while self.ack > 0 {
-                let bytes = self.ack.min(u64::from(u32::MAX));
-                self.ack -= bytes;
-                let start = buf.len();
-                buf.put_bytes(0, FRAME_HEADER_LEN);
-                put_message(
-                    &Message::Ack {
-                        bytes: bytes as u32,
-                    },
-                    &mut buf,
-                );
-                put_header(&mut buf[start..], ACK_LEN, 1);
-            }
-            buf.extend_from_slice(&self.buf);
-            self.buf.clear();
-            buf
-        } else {
-            std::mem::replace(&mut self.buf, spare.buf)
-        };
+        let buf = std::mem::replace(&mut self.buf, spare.buf);
         let mut out = Batch {
+            lead: (self.ack > 0).then(|| self.take_ack_frame()),
             buf,
             pieces: spare.pieces,
             gather: spare.gather,
@@ -591,6 +581,17 @@ impl Outbox {
             self.put_fragments(&mut out);
         }
         out
+    }
+
+    /// The ACK frame that leads a take: as much of the merged ACK as one can say.
+    fn take_ack_frame(&mut self) -> [u8; ACK_FRAME] {
+        let bytes = self.ack.min(u64::from(u32::MAX));
+        self.ack -= bytes;
+        let mut frame = [0u8; ACK_FRAME];
+        put_header(&mut frame, ACK_LEN, 1);
+        frame[FRAME_HEADER_LEN] = kind::ACK;
+        frame[FRAME_HEADER_LEN + 1..].copy_from_slice(&(bytes as u32).to_be_bytes());
+        frame
     }
 
     /// Adds up to [`FRAGMENTS_PER_TAKE`] bytes of fragments, each in a frame of its own.
@@ -659,6 +660,7 @@ mod tests {
         let msgs = [
             big_response(1, 300 * 1024 + 7),
             req(2, b"x"),
+            Message::Ack { bytes: 70_000 },
             Message::Request {
                 id: 3,
                 timeout_ms: 1,
@@ -678,11 +680,28 @@ mod tests {
         while !copied.is_drained() {
             g = gathered.take(g);
             c = copied.take(c);
-            assert!(c.as_contiguous().is_some(), "copied: one buffer");
-            assert_eq!(g.as_contiguous().is_some(), g.pieces.is_empty());
+            assert_eq!(
+                c.as_contiguous().is_some(),
+                c.lead.is_none(),
+                "copied: one buffer"
+            );
+            assert_eq!(
+                g.as_contiguous().is_some(),
+                g.pieces.is_empty() && g.lead.is_none()
+            );
             assert_eq!(g.len(), c.len());
             // Every starting offset gives the same bytes, with room for few slices or many.
-            let want = c.as_contiguous().unwrap().to_vec();
+            let mut iov = [io::IoSlice::new(&[]); MAX_IO_SLICES];
+            let n = c.io_slices(0, &mut iov);
+            let want: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(want.len(), c.len());
+            if takes == 0 {
+                assert_eq!(
+                    &want[..8],
+                    &[0, 0, 0, 5, 0, 0, 0, 1],
+                    "the ACK's frame first"
+                );
+            }
             for skip in (0..want.len()).step_by(997).chain([want.len() - 1]) {
                 for room in [1, 2, MAX_IO_SLICES] {
                     let mut iov = [io::IoSlice::new(&[]); MAX_IO_SLICES];
@@ -690,7 +709,7 @@ mod tests {
                     assert!(n >= 1 && n <= room);
                     let got: Vec<u8> = iov[..n].iter().flat_map(|s| s.iter().copied()).collect();
                     assert_eq!(got[..], want[skip..skip + got.len()]);
-                    if room == MAX_IO_SLICES && g.pieces.len() * 3 < MAX_IO_SLICES {
+                    if room == MAX_IO_SLICES && g.pieces.len() * 3 + 2 <= MAX_IO_SLICES {
                         assert_eq!(got.len(), want.len() - skip, "all of it");
                     }
                 }
@@ -783,25 +802,26 @@ mod tests {
         );
         assert!(o.is_drained());
 
-        // More than one ACK can say: as many as it takes, still first.
+        // More than one ACK can say: the rest leads the next take.
         o.push(&req(3, b"c")).unwrap();
         o.push(&Message::Ack { bytes: u32::MAX }).unwrap();
         o.push(&Message::Ack { bytes: 2 }).unwrap();
-        assert!(!o.is_empty());
-        let mut buf = take(&mut o);
         let mut got = Vec::new();
-        while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, &mut buf).unwrap() {
-            got.extend(f.messages().to_vec());
+        while !o.is_empty() {
+            let mut buf = take(&mut o);
+            while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, &mut buf).unwrap() {
+                got.extend(f.messages().to_vec());
+            }
         }
         assert_eq!(
             got,
             [
                 Message::Ack { bytes: u32::MAX },
+                req(3, b"c"),
                 Message::Ack { bytes: 2 },
-                req(3, b"c")
             ]
         );
-        assert!(o.is_empty() && o.is_drained());
+        assert!(o.is_drained());
     }
 
     #[test]
