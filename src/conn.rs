@@ -192,6 +192,63 @@ pub(crate) struct WriteOptions {
     pub(crate) gather: bool,
 }
 
+/// Whether a connection's reader, finding nothing to read, looks again at once (yielding)
+/// instead of letting its worker thread sleep until the socket wakes it: the client's
+/// `Builder::reply_spin` and the server's `Server::read_spin`.
+///
+/// A sleeping thread costs a wake-up for every frame that arrives, and on an idle CPU that is
+/// most of a loopback round trip (docs/benchmarks.md, sessions 11 and 12). The reader looks
+/// again for up to the window since it began waiting, and only while the wait before was
+/// shorter than twice the window (behind a slow network, handler or peer every wait outlasts
+/// it, and the reader sleeps at once) and its owner allows it (see [`Spin::allow`]). The looks
+/// are yields, so other tasks on the worker run between them. The std clock bounds it: paused
+/// tokio time must not make a spin endless.
+#[derive(Debug)]
+pub(crate) struct Spin {
+    window: Duration,
+    /// When the reader began waiting for the next frame.
+    since: Option<std::time::Instant>,
+    /// How long the wait before this one lasted, spun or slept.
+    last_wait: Duration,
+    /// Whether the owner allows spinning for the next frame.
+    allowed: bool,
+}
+
+impl Spin {
+    /// A spin of `window` per wait; `Duration::ZERO` never spins.
+    pub(crate) fn new(window: Duration) -> Self {
+        Spin {
+            window,
+            since: None,
+            last_wait: Duration::ZERO,
+            allowed: true,
+        }
+    }
+
+    /// Allows (or forbids) spinning while waiting for the next frame, as what the last one
+    /// showed says (the client: one call out; the server: no fragments).
+    pub(crate) fn allow(&mut self, allowed: bool) {
+        self.allowed = allowed;
+    }
+
+    /// Whether to look again instead of sleeping; the first call of a wait starts its clock.
+    pub(crate) fn again(&mut self) -> bool {
+        if self.window.is_zero() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let since = *self.since.get_or_insert(now);
+        self.allowed && self.last_wait <= 2 * self.window && now - since < self.window
+    }
+
+    /// A frame arrived: the wait is over.
+    pub(crate) fn arrived(&mut self) {
+        if let Some(since) = self.since.take() {
+            self.last_wait = since.elapsed();
+        }
+    }
+}
+
 /// Asked before each read in the middle of a frame, with the memory the reader holds (its
 /// buffer's capacity): `false` holds the read back, and it asks again a little later.
 pub(crate) type ReadGate = Box<dyn Fn(usize) -> bool + Send + Sync>;
@@ -292,6 +349,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Whether a message is partly reassembled from its fragments.
     pub(crate) fn in_message(&self) -> bool {
         self.codec.in_message()
+    }
+
+    /// FRAGMENTs taken in since the connection began.
+    pub(crate) fn fragments_read(&self) -> u64 {
+        self.codec.fragments_read()
     }
 
     /// The ACK to send for the fragment data read, when one is due (PROTOCOL.md §4.1).

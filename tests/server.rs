@@ -585,3 +585,62 @@ async fn large_replies_past_the_queue_cap_still_reach_a_reading_client() {
     })
     .await;
 }
+
+/// Parks of the server's one worker over `calls` echoes of `len` bytes made one at a time by a
+/// client on this thread, with the server's read spin at `spin`.
+fn server_parks(spin: Duration, len: usize, calls: u64) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let addr = support::free_addr();
+        let server = support::ServerProcess::start(
+            addr,
+            Server::builder().read_spin(spin),
+            support::echo(),
+        )
+        .await;
+        let client = Client::connect(addr).await.expect("connect");
+        let body = bytes::Bytes::from(vec![7u8; len]);
+        let echo = || client.request(Request::new("echo", body.clone()));
+        for _ in 0..10 {
+            echo().await.expect("echo");
+        }
+        let before = server.parks();
+        for _ in 0..calls {
+            echo().await.expect("echo");
+        }
+        server.parks() - before
+    })
+}
+
+/// A connection whose next frame comes soon is read awake (`Server::read_spin`): counts, not
+/// times. With the spin off the server's worker sleeps between one call and the next, about
+/// once a call; with a window far longer than a loopback round trip, hardly ever.
+#[test]
+fn a_busy_connection_is_read_awake() {
+    const CALLS: u64 = 200;
+    let asleep = server_parks(Duration::ZERO, 1, CALLS);
+    let awake = server_parks(Duration::from_millis(20), 1, CALLS);
+    assert!(
+        asleep >= CALLS * 3 / 4,
+        "spin off: {asleep} parks in {CALLS} calls"
+    );
+    assert!(
+        awake <= CALLS / 4,
+        "spin on: {awake} parks in {CALLS} calls"
+    );
+}
+
+/// A connection that carries large messages in fragments is not spun for: it moves bytes, and
+/// a spin would take CPU from them.
+#[test]
+fn a_connection_moving_fragments_is_not_spun_for() {
+    const CALLS: u64 = 100;
+    let parks = server_parks(Duration::from_millis(20), 200 * 1024, CALLS);
+    assert!(
+        parks >= CALLS / 2,
+        "{parks} parks in {CALLS} calls of 200 KiB"
+    );
+}

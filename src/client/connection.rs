@@ -17,7 +17,9 @@ use super::pending::{ConnSource, Gen, Phase, Reply, Shared};
 use tower::{Service, ServiceExt};
 
 use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Preface, Role};
-use crate::conn::{exchange_preface, wire, write_loop, FrameReader, WriteOptions, MESSAGE_CHUNK};
+use crate::conn::{
+    exchange_preface, wire, write_loop, FrameReader, Spin, WriteOptions, MESSAGE_CHUNK,
+};
 use crate::error::{Error, Kind, Result, Status};
 use crate::protocol;
 use crate::stats::{with_dial_counters, Counters, MaybeCounted};
@@ -412,7 +414,7 @@ where
             let mut inner = shared.lock();
             if first_chunk {
                 // The calls that were out when the frame came: how many the reader waits for.
-                spin.out(inner.live);
+                spin.allow(inner.live <= SPIN_MAX_OUT);
                 first_chunk = false;
             }
             for msg in batch.drain(..) {
@@ -503,71 +505,19 @@ where
     }
 }
 
-/// `Builder::reply_spin`: whether the reader, finding nothing to read, looks again at once
-/// (yielding) instead of letting its worker thread sleep until the socket wakes it.
+/// Most calls out (when a frame comes) for which the reader spins (`Builder::reply_spin`, and
+/// [`Spin`]). With one caller on loopback, a call's round trip was 70–75 µs, of which the two
+/// processes' own work is a small part: the rest is waking each side's sleeping thread, and
+/// its CPU out of its idle state (in a VM, an exit to the hypervisor and back). The floor
+/// measured the same; gorpc, whose Go runtime keeps threads looking for work a while before
+/// they sleep, made 18k calls/s against the floor's 15k. Looking again for up to 50 µs while
+/// the call is out, towerpc made 33–35k, at less CPU per call (docs/benchmarks.md, session 11).
 ///
-/// With one caller, a call's round trip on loopback was 70–75 µs, of which the two processes'
-/// own work is a small part: the rest is waking each side's sleeping thread, and its CPU out of
-/// its idle state (in a VM, an exit to the hypervisor and back). The floor measured the same;
-/// gorpc, whose Go runtime keeps threads looking for work a while before they sleep, made 18k
-/// calls/s against the floor's 15k. Looking again for up to 50 µs while the call is out,
-/// towerpc made 33–35k, at less CPU per call (fewer sleeps and wake-ups; docs/benchmarks.md,
-/// session 11).
-///
-/// It spins only when one call was out as the last frame came (see [`SPIN_MAX_OUT`]), and only
-/// when the wait before was short: behind a slow network or a slow handler every wait
-/// outlasts the window, and the reader sleeps at once as without it. The looks are yields, so
-/// other tasks on the worker run between them.
-struct Spin {
-    window: std::time::Duration,
-    /// When the reader began waiting for the next frame (the std clock: paused tokio time must
-    /// not make a spin endless).
-    since: Option<std::time::Instant>,
-    /// How long the wait before this one lasted, spun or slept.
-    last_wait: std::time::Duration,
-    /// Whether at most [`SPIN_MAX_OUT`] calls were out when the last frame came.
-    few: bool,
-}
-
-/// Most calls out (when a frame comes) for which the reader spins. With more, the runtime has
-/// other tasks to run while the reader waits (callers, the writer), and the reader's yields
-/// sent them from worker to worker: allowing up to 2, 8 or 32 calls out, 2 and 4 callers ran
-/// no faster (both bimodal with or without), 100 callers 5–10 % slower, 16 and 32 callers up
-/// to 1.5× faster when as many were allowed.
+/// With more calls out, the runtime has other tasks to run while the reader waits (callers,
+/// the writer), and the reader's yields sent them from worker to worker: allowing up to 2, 8 or
+/// 32 calls out, 2 and 4 callers ran no faster (both bimodal with or without), 100 callers
+/// 5–10 % slower, 16 and 32 callers up to 1.5× faster when as many were allowed.
 const SPIN_MAX_OUT: usize = 1;
-
-impl Spin {
-    fn new(window: std::time::Duration) -> Self {
-        Spin {
-            window,
-            since: None,
-            last_wait: std::time::Duration::ZERO,
-            few: true,
-        }
-    }
-
-    /// The calls out when a frame arrived.
-    fn out(&mut self, live: usize) {
-        self.few = live <= SPIN_MAX_OUT;
-    }
-
-    /// Whether to look again instead of sleeping.
-    fn again(&mut self) -> bool {
-        if self.window.is_zero() {
-            return false;
-        }
-        let now = std::time::Instant::now();
-        let since = *self.since.get_or_insert(now);
-        self.few && self.last_wait <= 2 * self.window && now - since < self.window
-    }
-
-    /// A frame arrived: the wait is over.
-    fn arrived(&mut self) {
-        if let Some(since) = self.since.take() {
-            self.last_wait = since.elapsed();
-        }
-    }
-}
 
 /// Whether the callers the reader wakes are waiting in the runtime's global queue.
 ///

@@ -18,6 +18,8 @@ pub(super) struct FrameDecoder {
     /// Fragment data read and not acknowledged yet (the peer's window in use, as far as we
     /// have read).
     unacked: usize,
+    /// FRAGMENTs taken in so far.
+    pub(super) fragments: u64,
 }
 
 /// A message being reassembled from its fragments: each piece is copied in as it arrives, while
@@ -92,6 +94,7 @@ impl FrameDecoder {
             state: State::Head,
             partial: None,
             unacked: 0,
+            fragments: 0,
         }
     }
 
@@ -223,6 +226,7 @@ impl FrameDecoder {
         body.advance(FRAGMENT_FIXED);
         let mut data = body.split_to(piece.used - FRAGMENT_FIXED);
         self.unacked += data.len();
+        self.fragments += 1;
         match (self.partial.take(), piece.after) {
             // A message in a single piece: nothing to hold, and checked whole with its frame.
             (None, None) => Ok(Some(parse_message(&mut data))),

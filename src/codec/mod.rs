@@ -130,6 +130,11 @@ impl FrameCodec {
         self.decoder.in_message()
     }
 
+    /// FRAGMENTs taken in since the codec began.
+    pub(crate) fn fragments_read(&self) -> u64 {
+        self.decoder.fragments
+    }
+
     /// Memory held by the message being reassembled, if any.
     pub(crate) fn partial_capacity(&self) -> usize {
         self.decoder.partial_capacity()

@@ -27,7 +27,7 @@ use super::recover::status_from_error;
 use super::Config;
 use crate::codec::{code, Batch, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
 use crate::conn::{
-    wire, write_loop, FrameReader, Source, WriteOptions, MAX_BATCH_YIELDS, MESSAGE_CHUNK,
+    wire, write_loop, FrameReader, Source, Spin, WriteOptions, MAX_BATCH_YIELDS, MESSAGE_CHUNK,
 };
 use crate::error::{Code, Status};
 use crate::protocol::{self, error_message};
@@ -501,7 +501,8 @@ where
     S::Future: Send + 'static,
 {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> Stop {
-        loop {
+        let mut spin = Spin::new(self.config.read_spin);
+        'frames: loop {
             // A client that does not read its replies must not make us queue them without
             // bound, nor may all clients together exceed the server's budget: pause reading
             // (and so dispatching) until the writers catch up.
@@ -546,33 +547,42 @@ where
                     self.timer.insert(Box::pin(tokio::time::sleep_until(next)))
                 }
             };
-            let frame = tokio::select! {
-                f = reader.next() => f,
-                _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
-                    self.start_drain("server shutting down");
-                    continue;
-                }
-                _ = drained(self.tasks, self.grace_deadline), if self.grace_deadline.is_some() => {
-                    return Stop::Drained
-                }
-                _ = timer.as_mut(), if self.keepalive.enabled() => {
-                    let now = tokio::time::Instant::now();
-                    match self.keepalive.fire(now, !self.tasks.is_empty()) {
-                        Due::Nothing => {}
-                        Due::Ping => self.conn.push_now(&Message::Ping { data: 0 }),
-                        Due::Dead => return Stop::Dead,
-                        Due::Idle if self.grace_deadline.is_none() => {
-                            self.start_drain("idle connection")
+            let frame = loop {
+                let look_again = spin.again();
+                tokio::select! {
+                    f = reader.next() => break f,
+                    // Nothing buffered yet: yield (the worker polls the socket's readiness
+                    // without sleeping, and runs other tasks) and look again
+                    // (`Server::read_spin`).
+                    _ = tokio::task::yield_now(), if look_again => {}
+                    _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
+                        self.start_drain("server shutting down");
+                        continue 'frames;
+                    }
+                    _ = drained(self.tasks, self.grace_deadline), if self.grace_deadline.is_some() => {
+                        return Stop::Drained
+                    }
+                    _ = timer.as_mut(), if self.keepalive.enabled() => {
+                        let now = tokio::time::Instant::now();
+                        match self.keepalive.fire(now, !self.tasks.is_empty()) {
+                            Due::Nothing => {}
+                            Due::Ping => self.conn.push_now(&Message::Ping { data: 0 }),
+                            Due::Dead => return Stop::Dead,
+                            Due::Idle if self.grace_deadline.is_none() => {
+                                self.start_drain("idle connection")
+                            }
+                            Due::Idle => {}
                         }
-                        Due::Idle => {}
+                        let next = self.keepalive.next();
+                        if let Some(timer) = &mut self.timer {
+                            timer.as_mut().reset(next);
+                        }
+                        continue 'frames;
                     }
-                    let next = self.keepalive.next();
-                    if let Some(timer) = &mut self.timer {
-                        timer.as_mut().reset(next);
-                    }
-                    continue;
                 }
             };
+            spin.arrived();
+            let fragments = reader.fragments_read();
             let mut frame = match frame {
                 Ok(Some(f)) => f,
                 Ok(None) => return Stop::Eof,
@@ -611,6 +621,10 @@ where
             if let Some(ack) = reader.take_ack() {
                 self.conn.push_now(&ack);
             }
+            // A connection moving a large message moves bytes, it does not wait on round
+            // trips: spinning there would only take CPU from the bytes (the mixed cell's big
+            // calls lost 6–25 % to it).
+            spin.allow(!reader.in_message() && reader.fragments_read() == fragments);
         }
     }
 

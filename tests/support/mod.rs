@@ -208,6 +208,13 @@ impl ServerProcess {
         }
     }
 
+    /// How many times the server runtime's one worker has parked (slept waiting for work).
+    pub fn parks(&self) -> u64 {
+        self.rt
+            .as_ref()
+            .map_or(0, |rt| rt.metrics().worker_park_count(0))
+    }
+
     /// SIGKILL, in-process: no drain, no GOAWAY; every task and socket is dropped. Returns once
     /// the server's threads have stopped, so that nothing of it runs afterwards (a handler's
     /// poll in progress at the kill finishes before, not after), as after a real SIGKILL.
