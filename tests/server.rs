@@ -586,30 +586,32 @@ async fn large_replies_past_the_queue_cap_still_reach_a_reading_client() {
     .await;
 }
 
-/// Parks of the server's one worker over `calls` echoes of `len` bytes made one at a time by a
-/// client on this thread, with the server's read spin at `spin`.
-fn server_parks(spin: Duration, len: usize, calls: u64) -> u64 {
+/// Parks of the server's one worker over `rounds` rounds of `per_round` echoes of `len` bytes
+/// made together by a client on this thread, with the server's read spin at `spin`.
+fn server_parks(spin: Duration, len: usize, rounds: u64, per_round: usize) -> u64 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
         let addr = support::free_addr();
-        let server = support::ServerProcess::start(
-            addr,
-            Server::builder().read_spin(spin),
-            support::echo(),
-        )
-        .await;
+        let server =
+            support::ServerProcess::start(addr, Server::builder().read_spin(spin), support::echo())
+                .await;
         let client = Client::connect(addr).await.expect("connect");
         let body = bytes::Bytes::from(vec![7u8; len]);
-        let echo = || client.request(Request::new("echo", body.clone()));
+        let round = || async {
+            let calls = (0..per_round).map(|_| client.request(Request::new("echo", body.clone())));
+            for reply in futures_util::future::join_all(calls).await {
+                reply.expect("echo");
+            }
+        };
         for _ in 0..10 {
-            echo().await.expect("echo");
+            round().await;
         }
         let before = server.parks();
-        for _ in 0..calls {
-            echo().await.expect("echo");
+        for _ in 0..rounds {
+            round().await;
         }
         server.parks() - before
     })
@@ -621,8 +623,8 @@ fn server_parks(spin: Duration, len: usize, calls: u64) -> u64 {
 #[test]
 fn a_busy_connection_is_read_awake() {
     const CALLS: u64 = 200;
-    let asleep = server_parks(Duration::ZERO, 1, CALLS);
-    let awake = server_parks(Duration::from_millis(20), 1, CALLS);
+    let asleep = server_parks(Duration::ZERO, 1, CALLS, 1);
+    let awake = server_parks(Duration::from_millis(20), 1, CALLS, 1);
     assert!(
         asleep >= CALLS * 3 / 4,
         "spin off: {asleep} parks in {CALLS} calls"
@@ -638,9 +640,27 @@ fn a_busy_connection_is_read_awake() {
 #[test]
 fn a_connection_moving_fragments_is_not_spun_for() {
     const CALLS: u64 = 100;
-    let parks = server_parks(Duration::from_millis(20), 200 * 1024, CALLS);
+    let parks = server_parks(Duration::from_millis(20), 200 * 1024, CALLS, 1);
     assert!(
         parks >= CALLS / 2,
         "{parks} parks in {CALLS} calls of 200 KiB"
+    );
+}
+
+/// Nor is one whose frames hold hundreds of requests: they share the wake-up, and the CPU a
+/// spin takes is what the client's callers need. Rounds of 100 calls made together arrive as
+/// frames of 100 requests; rounds of 10 as frames of 10, and those are spun for.
+#[test]
+fn frames_of_many_requests_are_not_spun_for() {
+    const ROUNDS: u64 = 100;
+    let many = server_parks(Duration::from_millis(20), 1, ROUNDS, 100);
+    let few = server_parks(Duration::from_millis(20), 1, ROUNDS, 10);
+    assert!(
+        many >= ROUNDS / 2,
+        "{many} parks in {ROUNDS} rounds of 100 calls"
+    );
+    assert!(
+        few <= ROUNDS / 4,
+        "{few} parks in {ROUNDS} rounds of 10 calls"
     );
 }
