@@ -226,7 +226,7 @@ impl Spin {
     }
 
     /// Allows (or forbids) spinning while waiting for the next frame, as what the last one
-    /// showed says (the client: one call out; the server: no fragments).
+    /// showed says (the client: one call out; the server: a few requests and no fragments).
     pub(crate) fn allow(&mut self, allowed: bool) {
         self.allowed = allowed;
     }
