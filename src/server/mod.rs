@@ -85,8 +85,9 @@ pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1024 * 1024;
 /// Default cap on request bytes held by one connection's running handlers (64 MiB).
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 
-/// Default read spin (50 µs): see [`Server::read_spin`].
-pub const DEFAULT_READ_SPIN: Duration = Duration::from_micros(50);
+/// Default read spin: none (the reader sleeps as soon as it finds nothing to read). See
+/// [`Server::read_spin`].
+pub const DEFAULT_READ_SPIN: Duration = Duration::ZERO;
 
 /// A towerpc server: configuration plus the counters of everything it serves.
 ///
@@ -321,23 +322,26 @@ impl<L> Server<L> {
 
     /// How long a connection's reader, finding nothing more to read, keeps looking for the
     /// client's next frame (yielding to the runtime's other tasks between looks) before it
-    /// lets its thread sleep. Default 50 µs ([`DEFAULT_READ_SPIN`]); `Duration::ZERO` turns it
-    /// off.
+    /// lets its thread sleep. Off by default ([`DEFAULT_READ_SPIN`]); 50 µs is a good window
+    /// where a round trip's latency matters more than the server's idle CPU.
     ///
-    /// A sleeping thread costs its wake-up on every frame: on loopback with one client of 1 to
-    /// 300 callers, that was a large part of each round trip, and looking on for 50 µs made
-    /// 1.15–2.2× the calls a second, at less CPU per call with few callers. The price is CPU
-    /// between frames: at most the window per wait, and only on a connection whose waits have
-    /// been shorter than twice the window (one at rest, or behind a slow network, sleeps at
-    /// once) and whose last frame held few messages (at most 64: a frame of hundreds shares
-    /// its wake-up among them) and no fragments of a large message (bulk transfers do not wait
-    /// on round trips, and a spin there takes CPU from moving the bytes). Where the server's
-    /// CPU is metered (a container's quota) or shared with work that matters more than
-    /// latency, turn it off.
+    /// A sleeping thread costs its wake-up on every frame: on loopback, with one client of 1
+    /// to 300 callers on a plain connection, that was a large part of each round trip, and
+    /// looking on for 50 µs made 1.15–2.2× the calls a second (at less CPU per call with few
+    /// callers). The price is CPU between frames: at most the window per wait, and only on a
+    /// connection whose waits have been shorter than twice the window (one at rest, or behind
+    /// a slow network, sleeps at once) and whose last frame held few messages (at most 64: a
+    /// frame of hundreds shares its wake-up among them) and no fragments of a large message
+    /// (bulk transfers do not wait on round trips). It is off by default because that CPU is
+    /// not always spare: with client and server on the same two cores, the spin took CPU the
+    /// client needed, and a client busy compressing (zstd) or a dispatcher at 100 callers made
+    /// no more calls for 13–15 % more CPU per call. Where the server's CPU is metered (a
+    /// container's quota), leave it off.
     ///
     /// ```
     /// use std::time::Duration;
-    /// let server = towerpc::Server::builder().read_spin(Duration::ZERO);
+    /// // Latency first: look for the next frame for up to 50 µs before sleeping.
+    /// let server = towerpc::Server::builder().read_spin(Duration::from_micros(50));
     /// # drop(server);
     /// ```
     #[must_use]
