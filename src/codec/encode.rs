@@ -299,7 +299,8 @@ const PIECE_HEAD: usize = FRAME_HEADER_LEN + FRAGMENT_FIXED;
 /// The writer hands its last batch back to the next take, so the buffers are reused.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
-    /// An ACK to send ahead of everything else, in a frame of its own.
+    /// An ACK to send ahead of everything else, in a frame of its own, when the batch is
+    /// gathered (otherwise it heads `buf`).
     lead: Option<[u8; ACK_FRAME]>,
     buf: BytesMut,
     pieces: Vec<Piece>,
@@ -572,11 +573,28 @@ impl Outbox {
         spare.clear();
         let buf = std::mem::replace(&mut self.buf, spare.buf);
         let mut out = Batch {
-            lead: (self.ack > 0).then(|| self.take_ack_frame()),
+            lead: None,
             buf,
             pieces: spare.pieces,
             gather: spare.gather,
         };
+        if self.ack > 0 {
+            let ack = self.take_ack_frame();
+            if out.gather {
+                out.lead = Some(ack);
+            } else {
+                // The writer wants one buffer (it may not write vectored: a compressor, which
+                // judges a batch by its first write): the frames are copied behind the ACK,
+                // into the buffer the next pushes would have used, and that one takes their
+                // place. Once per 256 KiB of the peer's fragments: little next to them.
+                let frames = std::mem::replace(&mut out.buf, std::mem::take(&mut self.buf));
+                out.buf.reserve(ACK_FRAME + frames.len());
+                out.buf.put_slice(&ack);
+                out.buf.put_slice(&frames);
+                self.buf = frames;
+                self.buf.clear();
+            }
+        }
         if !self.big.is_empty() {
             self.put_fragments(&mut out);
         }
@@ -680,11 +698,7 @@ mod tests {
         while !copied.is_drained() {
             g = gathered.take(g);
             c = copied.take(c);
-            assert_eq!(
-                c.as_contiguous().is_some(),
-                c.lead.is_none(),
-                "copied: one buffer"
-            );
+            assert!(c.as_contiguous().is_some(), "copied: one buffer");
             assert_eq!(
                 g.as_contiguous().is_some(),
                 g.pieces.is_empty() && g.lead.is_none()
@@ -822,6 +836,17 @@ mod tests {
             ]
         );
         assert!(o.is_drained());
+
+        // A batch for a writer that wants one buffer (a compressor) has the ACK at its head.
+        o.push(&req(4, b"d")).unwrap();
+        o.push(&Message::Ack { bytes: 9 }).unwrap();
+        let batch = o.take(Batch::new(false));
+        let mut buf = BytesMut::from(batch.as_contiguous().expect("one buffer"));
+        let mut got = Vec::new();
+        while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, &mut buf).unwrap() {
+            got.extend(f.messages().to_vec());
+        }
+        assert_eq!(got, [Message::Ack { bytes: 9 }, req(4, b"d")]);
     }
 
     #[test]
