@@ -870,10 +870,7 @@ fn on_one_worker_every_caller_gets_its_turn() {
 fn one_call_out_is_awaited_awake() {
     const CALLS: u64 = 200;
     fn parks(spin: Duration) -> u64 {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = support::current_thread();
         rt.block_on(async {
             let addr = support::free_addr();
             let server =
@@ -899,12 +896,5 @@ fn one_call_out_is_awaited_awake() {
     }
     let asleep = parks(Duration::ZERO);
     let awake = parks(Duration::from_millis(20));
-    assert!(
-        asleep >= CALLS * 3 / 4,
-        "spin off: {asleep} parks in {CALLS} calls"
-    );
-    assert!(
-        awake <= CALLS / 4,
-        "spin on: {awake} parks in {CALLS} calls"
-    );
+    support::assert_spin_parks(asleep, awake, CALLS);
 }

@@ -589,10 +589,7 @@ async fn large_replies_past_the_queue_cap_still_reach_a_reading_client() {
 /// Parks of the server's one worker over `rounds` rounds of `per_round` echoes of `len` bytes
 /// made together by a client on this thread, with the server's read spin at `spin`.
 fn server_parks(spin: Duration, len: usize, rounds: u64, per_round: usize) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = support::current_thread();
     rt.block_on(async {
         let addr = support::free_addr();
         let server =
@@ -625,14 +622,7 @@ fn a_busy_connection_is_read_awake() {
     const CALLS: u64 = 200;
     let asleep = server_parks(Duration::ZERO, 1, CALLS, 1);
     let awake = server_parks(Duration::from_millis(20), 1, CALLS, 1);
-    assert!(
-        asleep >= CALLS * 3 / 4,
-        "spin off: {asleep} parks in {CALLS} calls"
-    );
-    assert!(
-        awake <= CALLS / 4,
-        "spin on: {awake} parks in {CALLS} calls"
-    );
+    support::assert_spin_parks(asleep, awake, CALLS);
 }
 
 /// A connection that carries large messages in fragments is not spun for: it moves bytes, and

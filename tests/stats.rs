@@ -139,10 +139,7 @@ fn stats_layer_records_through_the_metrics_facade() {
 
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::current_thread();
     metrics::with_local_recorder(&recorder, || {
         rt.block_on(async {
             let server = support::serve(Server::builder(), support::dispatcher(dispatcher())).await;

@@ -238,6 +238,29 @@ impl Drop for ServerProcess {
     }
 }
 
+/// Checks a reader's spin by its runtime's parks over `calls` calls made one at a time: with
+/// the spin off (`asleep`) about one a call, with a window far longer than a loopback round
+/// trip (`awake`) hardly any.
+pub fn assert_spin_parks(asleep: u64, awake: u64, calls: u64) {
+    assert!(
+        asleep >= calls * 3 / 4,
+        "spin off: {asleep} parks in {calls} calls"
+    );
+    assert!(
+        awake <= calls / 4,
+        "spin on: {awake} parks in {calls} calls"
+    );
+}
+
+/// A current-thread runtime with IO and time, for a test that must own its runtime (to read
+/// its metrics, or to run inside a scope of its own).
+pub fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Binds `addr` again, retrying briefly (a port just released may take a moment).
 pub async fn rebind(addr: SocketAddr) -> TcpListener {
     let mut last = None;
