@@ -51,7 +51,7 @@ fn check(msg: &Message) -> Result<(), CodecError> {
 }
 
 /// Writes one message, which must have passed [`check`].
-fn put_message(msg: &Message, dst: &mut BytesMut) {
+fn put_message(msg: &Message, dst: &mut impl BufMut) {
     match msg {
         Message::Request {
             id,
@@ -118,7 +118,7 @@ fn put_request(
     method: &[u8],
     metadata: &[u8],
     body: &[u8],
-    dst: &mut BytesMut,
+    dst: &mut impl BufMut,
 ) {
     dst.put_u8(kind);
     dst.put_u32(id);
@@ -571,30 +571,29 @@ impl Outbox {
         self.queued = 0;
         let mut spare = spare;
         spare.clear();
-        let buf = std::mem::replace(&mut self.buf, spare.buf);
+        let mut buf = spare.buf;
+        let lead = match (self.ack > 0).then(|| self.take_ack_frame()) {
+            // The writer wants one buffer (it may not write vectored: a compressor, which
+            // judges a batch by its first write): the frames are copied behind the ACK, once
+            // per 256 KiB of the peer's fragments, little next to them.
+            Some(ack) if !spare.gather => {
+                buf.reserve(ACK_FRAME + self.buf.len());
+                buf.put_slice(&ack);
+                buf.put_slice(&self.buf);
+                self.buf.clear();
+                None
+            }
+            lead => {
+                std::mem::swap(&mut buf, &mut self.buf);
+                lead
+            }
+        };
         let mut out = Batch {
-            lead: None,
+            lead,
             buf,
             pieces: spare.pieces,
             gather: spare.gather,
         };
-        if self.ack > 0 {
-            let ack = self.take_ack_frame();
-            if out.gather {
-                out.lead = Some(ack);
-            } else {
-                // The writer wants one buffer (it may not write vectored: a compressor, which
-                // judges a batch by its first write): the frames are copied behind the ACK,
-                // into the buffer the next pushes would have used, and that one takes their
-                // place. Once per 256 KiB of the peer's fragments: little next to them.
-                let frames = std::mem::replace(&mut out.buf, std::mem::take(&mut self.buf));
-                out.buf.reserve(ACK_FRAME + frames.len());
-                out.buf.put_slice(&ack);
-                out.buf.put_slice(&frames);
-                self.buf = frames;
-                self.buf.clear();
-            }
-        }
         if !self.big.is_empty() {
             self.put_fragments(&mut out);
         }
@@ -607,8 +606,10 @@ impl Outbox {
         self.ack -= bytes;
         let mut frame = [0u8; ACK_FRAME];
         put_header(&mut frame, ACK_LEN, 1);
-        frame[FRAME_HEADER_LEN] = kind::ACK;
-        frame[FRAME_HEADER_LEN + 1..].copy_from_slice(&(bytes as u32).to_be_bytes());
+        let ack = Message::Ack {
+            bytes: bytes as u32,
+        };
+        put_message(&ack, &mut &mut frame[FRAME_HEADER_LEN..]);
         frame
     }
 
