@@ -686,10 +686,7 @@ mod tests {
             if self.pos == self.open && self.open < self.data.len() {
                 return Poll::Pending;
             }
-            let n = self
-                .chunk
-                .min(buf.remaining())
-                .min(self.open.min(self.data.len()) - self.pos);
+            let n = self.chunk.min(buf.remaining()).min(self.open - self.pos);
             let pos = self.pos;
             buf.put_slice(&self.data[pos..pos + n]);
             self.pos += n;
