@@ -362,8 +362,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Memory held between frames: that of a message partly reassembled from its fragments.
+    /// (Not the buffers kept for the next ones: see `codec::spare`.)
     pub(crate) fn held_between_frames(&self) -> usize {
         self.codec.partial_capacity()
+    }
+
+    /// Frees the buffers kept for messages to come in fragments; returns whether there were
+    /// any.
+    pub(crate) fn release_spares(&self) -> bool {
+        self.codec.release_spares()
     }
 
     /// The next frame, checked whole; its messages come out with [`messages`](Self::messages).
@@ -388,8 +395,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let partial = !self.buf.is_empty() || self.codec.in_frame() || self.codec.in_message();
             if partial {
                 if let Some(gate) = &self.gate {
-                    while !gate(self.buf.capacity() + self.codec.partial_capacity()) {
-                        tokio::time::sleep(GATE_RECHECK).await;
+                    while !gate(self.buf.capacity() + self.held_between_frames()) {
+                        // Held back (a server over its memory budget): what is kept for
+                        // messages to come is freed first.
+                        if !self.release_spares() {
+                            tokio::time::sleep(GATE_RECHECK).await;
+                        }
                     }
                 }
             }
@@ -727,6 +738,71 @@ mod tests {
         // The one message that arrived during the first write did not go out alone: the
         // writer yielded once and the other three joined it.
         assert_eq!(*writes.lock().unwrap(), vec![10, 4]);
+    }
+
+    /// The bytes of a `len`-byte response as a peer sends it: in fragments.
+    fn response_in_fragments(id: u32, len: usize) -> Vec<u8> {
+        let mut outbox = Outbox::new(16 << 20, 0);
+        let body = bytes::Bytes::from(vec![id as u8; len]);
+        outbox.push(&Message::Response { id, body }).unwrap();
+        let mut wire = Vec::new();
+        while !outbox.is_drained() {
+            wire.extend_from_slice(&outbox.take(Batch::new(false)).into_contiguous());
+        }
+        wire
+    }
+
+    /// Reads until a whole message is out; returns it.
+    async fn next_message<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> Message {
+        let mut out = Vec::new();
+        loop {
+            let mut frame = reader.next().await.unwrap().expect("a frame");
+            reader.messages(&mut frame, &mut out).unwrap();
+            if let Some(msg) = out.pop() {
+                return msg;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_held_back_by_its_gate_gives_up_its_spare_buffers_first() {
+        let (mut peer, io) = tokio::io::duplex(1 << 20);
+        let refuse = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let (refused, times) = (refuse.clone(), asked.clone());
+        let gate: ReadGate = Box::new(move |_| {
+            times.lock().unwrap().push(tokio::time::Instant::now());
+            !refused.swap(false, Ordering::Relaxed)
+        });
+        let mut reader = FrameReader::new(io, FrameCodec::new()).gate(gate);
+        peer.write_all(&response_in_fragments(1, 250_000)).await.unwrap();
+        let first = next_message(&mut reader).await;
+        assert_eq!(reader.held_between_frames(), 0);
+        drop(first);
+        assert!(reader.codec.spare_capacity() >= 250_000, "its buffer is kept");
+        // The next message (under half the size, so not copied into it) arrives in two parts;
+        // the gate refuses the read in between once.
+        let second = response_in_fragments(2, 100_000);
+        peer.write_all(&second[..70_000]).await.unwrap();
+        asked.lock().unwrap().clear();
+        refuse.store(true, Ordering::Relaxed);
+        let rest = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            peer.write_all(&second[70_000..]).await.unwrap();
+            peer
+        });
+        let Message::Response { id: 2, body } = next_message(&mut reader).await else {
+            panic!("not the second response");
+        };
+        assert_eq!(body.len(), 100_000);
+        let _peer = rest.await.unwrap();
+        // Refused, the reader freed the kept buffer and asked again at once: nothing waited.
+        let asked = asked.lock().unwrap();
+        assert!(asked.len() >= 2, "{asked:?}");
+        assert_eq!(asked[0], asked[1], "the reader waited before asking again");
+        assert_eq!(reader.codec.spare_capacity(), 0);
     }
 
     #[tokio::test]

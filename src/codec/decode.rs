@@ -7,6 +7,7 @@ use super::frame::{
     kind, Frame, Message, ACK_FIXED, CANCEL_FIXED, ERROR_FIXED, FRAGMENT_FIXED, GOAWAY_FIXED,
     PING_FIXED, REQUEST_FIXED, RESPONSE_FIXED,
 };
+use super::spare::Spares;
 use super::{CodecError, ACK_EVERY, FRAME_HEADER_LEN, MAX_METADATA_LEN};
 
 #[derive(Debug, Clone)]
@@ -20,12 +21,15 @@ pub(super) struct FrameDecoder {
     unacked: usize,
     /// FRAGMENTs taken in so far.
     pub(super) fragments: u64,
+    /// Buffers of reassembled messages, back from their handlers or callers for the next one.
+    spares: Spares,
 }
 
 /// A message being reassembled from its fragments: each piece is copied in as it arrives, while
 /// it is still in the cache and so that the read buffer it came in is free for the next read
 /// at once. The buffer doubles as the pieces come, up to the message's size: memory follows
-/// what arrived, never the message's announced size.
+/// what arrived, never the message's announced size. (A buffer kept from an earlier message,
+/// [`Spares`], is used instead when one fits.)
 #[derive(Debug, Clone)]
 struct Partial {
     whole: Vec<u8>,
@@ -34,9 +38,11 @@ struct Partial {
 }
 
 impl Partial {
-    fn new(total: usize) -> Self {
+    /// A message of `total` bytes, copied into `spare` if one is given (empty, and able to
+    /// hold it all).
+    fn new(total: usize, spare: Option<Vec<u8>>) -> Self {
         Partial {
-            whole: Vec::new(),
+            whole: spare.unwrap_or_default(),
             total,
         }
     }
@@ -55,9 +61,9 @@ impl Partial {
         self.whole.extend_from_slice(data);
     }
 
-    /// The whole message's bytes.
-    fn finish(self) -> Bytes {
-        Bytes::from(self.whole)
+    /// The whole message's bytes; its buffer comes back to `spares` once they are dropped.
+    fn finish(self, spares: &Spares) -> Bytes {
+        spares.lend(self.whole)
     }
 
     fn held(&self) -> usize {
@@ -95,6 +101,7 @@ impl FrameDecoder {
             partial: None,
             unacked: 0,
             fragments: 0,
+            spares: Spares::default(),
         }
     }
 
@@ -118,6 +125,18 @@ impl FrameDecoder {
     /// Memory held by the message being reassembled.
     pub(super) fn partial_capacity(&self) -> usize {
         self.partial.as_ref().map_or(0, Partial::held)
+    }
+
+    /// Memory kept for messages to come (buffers of reassembled messages, back from their
+    /// handlers or callers).
+    #[cfg(test)]
+    pub(super) fn spare_capacity(&self) -> usize {
+        self.spares.held()
+    }
+
+    /// Frees the memory kept for messages to come; returns whether there was any.
+    pub(super) fn release_spares(&self) -> bool {
+        self.spares.release()
     }
 
     /// The message being reassembled, as (bytes so far, total), if one is.
@@ -231,14 +250,15 @@ impl FrameDecoder {
             // A message in a single piece: nothing to hold, and checked whole with its frame.
             (None, None) => Ok(Some(parse_message(&mut data))),
             (partial, Some((_, total))) => {
-                let mut partial = partial.unwrap_or_else(|| Partial::new(total));
+                let mut partial =
+                    partial.unwrap_or_else(|| Partial::new(total, self.spares.take(total)));
                 partial.push(&data);
                 self.partial = Some(partial);
                 Ok(None)
             }
             (Some(mut partial), None) => {
                 partial.push(&data);
-                let mut whole = partial.finish();
+                let mut whole = partial.finish(&self.spares);
                 // The message is seen whole for the first time: its own checks run now.
                 if check_message(&whole)? != whole.len() {
                     // The fixed part gave the total, so the two agree; refused all the same.
@@ -670,6 +690,58 @@ mod tests {
             panic!("{got:?}");
         };
         assert_eq!(b[..], whole[RESPONSE_FIXED..]);
+    }
+
+    /// Decodes `whole` (an encoded message) sent in pieces of 1,000 bytes; the message.
+    fn in_pieces(d: &mut FrameDecoder, whole: &[u8]) -> Message {
+        let mut got = Vec::new();
+        let mut arrived = 0;
+        for chunk in whole.chunks(1000) {
+            arrived += chunk.len();
+            let mut src = piece(chunk, arrived < whole.len());
+            got.extend(d.decode(&mut src).unwrap().unwrap().into_messages());
+        }
+        assert_eq!(got.len(), 1);
+        got.pop().unwrap()
+    }
+
+    fn big_response(id: u32, body: usize) -> Vec<u8> {
+        let mut whole = vec![kind::RESPONSE];
+        whole.extend_from_slice(&id.to_be_bytes());
+        whole.extend_from_slice(&(body as u32).to_be_bytes());
+        whole.extend((0..body).map(|i| (i as u8) ^ (id as u8)));
+        whole
+    }
+
+    #[test]
+    fn a_reassembled_message_gives_its_buffer_to_the_next_once_dropped() {
+        let mut d = FrameDecoder::new(16 << 20);
+        let first = big_response(1, 100_000);
+        let Message::Response { body: b1, .. } = in_pieces(&mut d, &first) else {
+            panic!()
+        };
+        assert_eq!(b1[..], first[RESPONSE_FIXED..]);
+        let at = b1.as_ptr();
+        assert_eq!(d.spare_capacity(), 0, "the message still holds its buffer");
+        drop(b1);
+        assert!(d.spare_capacity() >= first.len(), "kept once dropped");
+        // A message of about the same size lands in it; one under half its size does not.
+        let small = big_response(2, 30_000);
+        let Message::Response { body: b2, .. } = in_pieces(&mut d, &small) else {
+            panic!()
+        };
+        assert_ne!(b2.as_ptr(), at);
+        assert_eq!(b2[..], small[RESPONSE_FIXED..]);
+        let second = big_response(3, 90_000);
+        let Message::Response { body: b3, .. } = in_pieces(&mut d, &second) else {
+            panic!()
+        };
+        assert_eq!(b3.as_ptr(), at, "copied into the kept buffer");
+        assert_eq!(b3[..], second[RESPONSE_FIXED..]);
+        assert_eq!(d.partial_capacity(), 0);
+        drop((b2, b3));
+        assert!(d.release_spares());
+        assert_eq!(d.spare_capacity(), 0);
     }
 
     /// A frame of `msgs`, each already encoded.

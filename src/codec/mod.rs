@@ -16,7 +16,9 @@
 //! pieces decodes to a [`Frame`] with no messages.
 //! The decoder checks the announced length against `max_frame_len` from the header alone, before
 //! it reserves memory or waits for the body, so a lying length prefix costs nothing. Bodies are
-//! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload. A frame is
+//! [`Bytes`](bytes::Bytes) slices of the read buffer: decoding copies no payload, but for a
+//! message in fragments, whose pieces are copied into one buffer (kept for the next such message
+//! once the message's bytes are dropped: `spare`). A frame is
 //! checked whole (every message well formed, its fragments in order) before any of its messages
 //! is handed out; the engines then take the messages out a few at a time rather than as one
 //! `Vec` per frame, so a frame of 65,535 tiny messages costs what came on the wire.
@@ -27,6 +29,7 @@ mod encode;
 mod error;
 mod frame;
 mod preface;
+mod spare;
 
 pub use self::compression::{Compression, ZSTD_WINDOW_LOG_MAX};
 pub use self::error::CodecError;
@@ -138,6 +141,17 @@ impl FrameCodec {
     /// Memory held by the message being reassembled, if any.
     pub(crate) fn partial_capacity(&self) -> usize {
         self.decoder.partial_capacity()
+    }
+
+    /// Memory kept for messages to come in fragments (see `spare`).
+    #[cfg(test)]
+    pub(crate) fn spare_capacity(&self) -> usize {
+        self.decoder.spare_capacity()
+    }
+
+    /// Frees the memory kept for messages to come; returns whether there was any.
+    pub(crate) fn release_spares(&self) -> bool {
+        self.decoder.release_spares()
     }
 
     /// The next frame, whole and checked (PROTOCOL.md §12) before any of its messages is

@@ -537,6 +537,11 @@ where
                     self.conn.pace(true);
                     break;
                 }
+                if over_budget {
+                    // Buffers kept for messages to come in fragments are not counted, but the
+                    // server is short of memory: they go.
+                    reader.release_spares();
+                }
                 // The client's ACKs wait unread behind what we do not read: fragments go out
                 // unpaced meanwhile, or a reply waiting for them would wait for good.
                 self.conn.pace(false);

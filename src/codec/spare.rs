@@ -1,0 +1,259 @@
+//! Reassembly buffers used again: a message's buffer comes back when the last handle on its
+//! bytes is dropped, and the next message that arrives in fragments is copied into it.
+//!
+//! A message of several MiB reassembled into a fresh allocation lands in memory the allocator
+//! has just mapped, and the kernel faults it in page by page as the pieces are copied in (in
+//! the benchmark's mixed cell, 190–240 faults per 4 MiB message on each side); freeing it
+//! unmaps it again. A buffer kept for the next message is already there. Measured in that cell
+//! (docs/benchmarks.md, session 13): the 4 MiB calls moved 12–27 % more bytes a second, and the
+//! small calls beside them ran faster too.
+//!
+//! What is kept is bounded: at most [`SPARES`] buffers per connection, each one a message's
+//! (so no larger than its max_frame_len), and at most [`MAX_KEPT`] bytes in the whole process,
+//! however many connections there are; a buffer is used again only for a message of at least
+//! half its size (a small message never pins a large buffer in the hands of its caller); the
+//! reader gives what it keeps up when asked ([`Spares::release`]: a server connection over the
+//! server's memory budget does); and everything kept goes with the connection. A server's
+//! budget does not count these buffers: they belong to no connection's traffic, and counted
+//! they would hold other connections' reads back while the idle connection that keeps them
+//! reads nothing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use bytes::Bytes;
+
+/// Most buffers kept per connection for messages to come. One already saves most of the faults
+/// (a message is reassembled while the one before is still with its handler or caller); a
+/// second saved a little more in the mixed cell (docs/benchmarks.md, session 13).
+pub(super) const SPARES: usize = 2;
+
+/// Most bytes kept in all, across every connection of the process (servers and clients).
+pub(super) const MAX_KEPT: usize = 32 * 1024 * 1024;
+
+/// Bytes kept across the process, against [`MAX_KEPT`].
+static KEPT: Limit = Limit::new(MAX_KEPT);
+
+/// A cap on the bytes kept by many decoders together.
+#[derive(Debug)]
+pub(super) struct Limit {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Limit {
+    pub(super) const fn new(max: usize) -> Self {
+        Limit {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Takes `n` bytes of the cap, if that many are left.
+    fn claim(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(n).filter(|&u| u <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// The buffers kept by one decoder. A clone starts with none of its own: a clone is another
+/// connection's decoder.
+#[derive(Debug)]
+pub(super) struct Spares(Arc<Home>);
+
+/// Where a decoder's buffers come back to.
+#[derive(Debug)]
+struct Home {
+    kept: Mutex<Vec<Vec<u8>>>,
+    limit: &'static Limit,
+}
+
+impl Home {
+    fn lock(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
+        // Nothing done under the lock can panic halfway; a poisoned lock holds a whole list.
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `buf` if there is room for it here and under the limit.
+    fn keep(&self, mut buf: Vec<u8>) {
+        let mut kept = self.lock();
+        if kept.len() < SPARES && self.limit.claim(buf.capacity()) {
+            buf.clear();
+            kept.push(buf);
+        }
+    }
+
+    /// Frees every buffer kept; returns whether there were any.
+    fn release(&self) -> bool {
+        let kept = std::mem::take(&mut *self.lock());
+        self.limit
+            .give_back(kept.iter().map(Vec::capacity).sum::<usize>());
+        !kept.is_empty()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Default for Spares {
+    fn default() -> Self {
+        Spares::with_limit(&KEPT)
+    }
+}
+
+impl Clone for Spares {
+    fn clone(&self) -> Self {
+        Spares::with_limit(self.0.limit)
+    }
+}
+
+impl Spares {
+    /// Buffers kept under `limit` (the process-wide one, [`MAX_KEPT`], by default).
+    pub(super) fn with_limit(limit: &'static Limit) -> Self {
+        Spares(Arc::new(Home {
+            kept: Mutex::new(Vec::new()),
+            limit,
+        }))
+    }
+
+    /// A kept buffer for a message of `total` bytes, empty: one that holds it and is at most
+    /// twice its size, if one is kept.
+    pub(super) fn take(&self, total: usize) -> Option<Vec<u8>> {
+        let mut kept = self.0.lock();
+        let at = kept
+            .iter()
+            .position(|b| b.capacity() >= total && b.capacity() / 2 <= total)?;
+        let buf = kept.swap_remove(at);
+        self.0.limit.give_back(buf.capacity());
+        Some(buf)
+    }
+
+    /// `buf`, holding a whole message, as the message's bytes; `buf` comes back here when they
+    /// are dropped, if this decoder is still there and has room for it.
+    pub(super) fn lend(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Lent {
+            buf,
+            home: Arc::downgrade(&self.0),
+        })
+    }
+
+    /// Memory kept.
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        self.0.lock().iter().map(Vec::capacity).sum()
+    }
+
+    /// Frees every buffer kept; returns whether there were any.
+    pub(super) fn release(&self) -> bool {
+        self.0.release()
+    }
+}
+
+/// A reassembled message's buffer while its bytes are out ([`Bytes::from_owner`]).
+struct Lent {
+    buf: Vec<u8>,
+    home: Weak<Home>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.upgrade() {
+            home.keep(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_comes_back_when_its_bytes_are_dropped() {
+        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        let buf = vec![7u8; 1000];
+        let at = buf.as_ptr();
+        let bytes = spares.lend(buf);
+        let part = bytes.slice(10..20);
+        drop(bytes);
+        assert_eq!(spares.held(), 0, "a slice still holds it");
+        drop(part);
+        assert_eq!(spares.held(), 1000);
+        let again = spares.take(1000).expect("kept");
+        assert_eq!(again.as_ptr(), at);
+        assert!(again.is_empty());
+        assert_eq!(spares.held(), 0);
+    }
+
+    #[test]
+    fn a_buffer_serves_messages_from_half_its_size_up_to_its_size() {
+        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        drop(spares.lend(Vec::with_capacity(1000)));
+        assert!(spares.take(1001).is_none(), "too small");
+        assert!(spares.take(499).is_none(), "a small message would pin it");
+        assert!(spares.take(500).is_some());
+    }
+
+    #[test]
+    fn at_most_spares_are_kept_and_release_frees_them() {
+        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        let out: Vec<Bytes> = (0..SPARES + 2)
+            .map(|_| spares.lend(Vec::with_capacity(100)))
+            .collect();
+        drop(out);
+        assert_eq!(spares.held(), SPARES * 100);
+        assert!(spares.release());
+        assert_eq!(spares.held(), 0);
+        assert!(!spares.release());
+    }
+
+    #[test]
+    fn bytes_outliving_their_decoder_are_freed() {
+        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        let bytes = spares.lend(vec![1u8; 100]);
+        drop(spares);
+        assert_eq!(&bytes[..3], &[1, 1, 1]);
+        drop(bytes);
+    }
+
+    #[test]
+    fn what_all_decoders_keep_stays_under_their_limit() {
+        let limit: &'static Limit = Box::leak(Box::new(Limit::new(250)));
+        let (a, b) = (Spares::with_limit(limit), Spares::with_limit(limit));
+        drop(a.lend(Vec::with_capacity(100)));
+        drop(b.lend(Vec::with_capacity(100)));
+        drop(b.lend(Vec::with_capacity(100)));
+        assert_eq!(a.held() + b.held(), 200, "the third would pass the limit");
+        assert!(a.take(100).is_some());
+        drop(b.lend(Vec::with_capacity(100)));
+        assert_eq!(b.held(), 200, "taken, its room is free again");
+        drop(b);
+        drop(a.lend(Vec::with_capacity(100)));
+        drop(a.lend(Vec::with_capacity(100)));
+        assert_eq!(a.held(), 200, "a dropped decoder's room is free again");
+    }
+
+    #[test]
+    fn a_clone_keeps_its_own() {
+        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        drop(spares.lend(Vec::with_capacity(100)));
+        let other = spares.clone();
+        assert_eq!(other.held(), 0);
+        assert_eq!(spares.held(), 100);
+    }
+}
