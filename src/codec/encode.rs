@@ -575,7 +575,7 @@ impl Outbox {
         let lead = match (self.ack > 0).then(|| self.take_ack_frame()) {
             // The writer wants one buffer (it may not write vectored: a compressor, which
             // judges a batch by its first write): the frames are copied behind the ACK, once
-            // per 256 KiB of the peer's fragments, little next to them.
+            // per 192 KiB of the peer's fragments, little next to them.
             Some(ack) if !spare.gather => {
                 buf.reserve(ACK_FRAME + self.buf.len());
                 buf.put_slice(&ack);
@@ -985,11 +985,11 @@ mod tests {
         let mut got = Vec::new();
         let mut acks = 0;
         loop {
-            // The receiver reads a frame at a time, acknowledging every 256 KiB.
+            // The receiver reads a frame at a time, acknowledging every ACK_EVERY bytes.
             while let Some(f) = tokio_util::codec::Decoder::decode(&mut d, &mut wire).unwrap() {
                 got.extend(f.into_messages());
                 if let Some(Message::Ack { bytes }) = d.take_ack() {
-                    assert_eq!(bytes as usize, 256 * 1024);
+                    assert_eq!(bytes as usize, super::super::ACK_EVERY);
                     let wake = o.ack(bytes).unwrap();
                     assert_eq!(
                         wake,
