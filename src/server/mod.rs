@@ -414,7 +414,9 @@ impl<L> Server<L> {
     /// backpressure), even in the middle of a frame, and lighter connections carry on. If the
     /// replies of calls already running push the total to half as much again, those heavy
     /// connections are closed (GOAWAY RESOURCE_EXHAUSTED). A connection can pass its share by
-    /// about one read buffer's growth.
+    /// about one read buffer's growth. Not counted: the buffers of requests reassembled from
+    /// fragments, kept for the next ones once their handlers are done with them (at most two a
+    /// connection and 32 MiB in the whole process); a connection over its share frees its own.
     #[must_use]
     pub fn max_buffered_bytes(mut self, n: usize) -> Self {
         self.config.budget = Arc::new(budget::Budget::new(n.max(1)));
