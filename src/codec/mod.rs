@@ -67,8 +67,8 @@ pub(crate) const FRAGMENT_WINDOW: usize = 1024 * 1024;
 /// pieces (PROTOCOL.md §4.1 allows up to 256 KiB). The sender's window comes back in smaller
 /// steps than it goes out (up to 256 KiB of pieces a write), so it stalls less: in the mixed
 /// cell, 200 KiB calls beside 1,000 small callers moved 10–18 % more bytes a second than with
-/// 256 KiB, in five paired rounds, the small calls' p99 within 0.1–0.3 ms of what it was
-/// (docs/benchmarks.md, session 13).
+/// 256 KiB, in five paired rounds, for 5–10 % fewer small calls a second at a p99 within
+/// 0.3 ms of what it was (docs/benchmarks.md, session 13).
 pub(crate) const ACK_EVERY: usize = 192 * 1024;
 
 /// Largest method name, in bytes.

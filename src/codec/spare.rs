@@ -5,8 +5,8 @@
 //! has just mapped, and the kernel faults it in page by page as the pieces are copied in (in
 //! the benchmark's mixed cell, 190–240 faults per 4 MiB message on each side); freeing it
 //! unmaps it again. A buffer kept for the next message is already there. Measured in that cell
-//! (docs/benchmarks.md, session 13): the 4 MiB calls moved 12–27 % more bytes a second, and the
-//! small calls beside them ran faster too.
+//! (docs/benchmarks.md, session 13, three paired rounds): the 4 MiB calls moved 16–26 % more
+//! bytes a second, and the small calls beside them made 7–13 % more calls at a 10 % lower p99.
 //!
 //! What is kept is bounded: at most [`SPARES`] buffers per connection, each one a message's
 //! (so no larger than its max_frame_len), and at most [`MAX_KEPT`] bytes in the whole process,
