@@ -239,7 +239,9 @@ impl FrameDecoder {
     }
 
     /// Takes one FRAGMENT (checked with its frame) off `body` and adds it to the message being
-    /// reassembled; returns the message once its last piece is in.
+    /// reassembled; returns the message once its last piece is in. Kept out of line: small
+    /// messages, the common case, pass it by in `next_message`'s loop.
+    #[inline(never)]
     fn fragment(&mut self, body: &mut Bytes) -> Result<Option<Message>, CodecError> {
         let piece = check_fragment(body, self.progress(), self.max_frame_len)?;
         body.advance(FRAGMENT_FIXED);
