@@ -775,11 +775,16 @@ mod tests {
             !refused.swap(false, Ordering::Relaxed)
         });
         let mut reader = FrameReader::new(io, FrameCodec::new()).gate(gate);
-        peer.write_all(&response_in_fragments(1, 250_000)).await.unwrap();
+        peer.write_all(&response_in_fragments(1, 250_000))
+            .await
+            .unwrap();
         let first = next_message(&mut reader).await;
         assert_eq!(reader.held_between_frames(), 0);
         drop(first);
-        assert!(reader.codec.spare_capacity() >= 250_000, "its buffer is kept");
+        assert!(
+            reader.codec.spare_capacity() >= 250_000,
+            "its buffer is kept"
+        );
         // The next message (under half the size, so not copied into it) arrives in two parts;
         // the gate refuses the read in between once.
         let second = response_in_fragments(2, 100_000);
