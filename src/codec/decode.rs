@@ -667,10 +667,7 @@ mod tests {
 
     #[test]
     fn a_message_in_pieces_holds_what_arrived_not_what_it_announced() {
-        let body = 1 << 20;
-        let mut whole = vec![kind::RESPONSE, 0, 0, 0, 1];
-        whole.extend_from_slice(&(body as u32).to_be_bytes());
-        whole.extend((0..body).map(|i| i as u8));
+        let whole = big_response(1, 1 << 20);
         let mut d = FrameDecoder::new(16 << 20);
         let mut arrived = 0;
         let mut got = Vec::new();
@@ -707,12 +704,10 @@ mod tests {
         got.pop().unwrap()
     }
 
-    fn big_response(id: u32, body: usize) -> Vec<u8> {
-        let mut whole = vec![kind::RESPONSE];
-        whole.extend_from_slice(&id.to_be_bytes());
-        whole.extend_from_slice(&(body as u32).to_be_bytes());
-        whole.extend((0..body).map(|i| (i as u8) ^ (id as u8)));
-        whole
+    /// A RESPONSE with a `len`-byte body, encoded ([`response`]).
+    fn big_response(id: u32, len: usize) -> Vec<u8> {
+        let body: Vec<u8> = (0..len).map(|i| (i as u8) ^ (id as u8)).collect();
+        response(id, &body)
     }
 
     #[test]

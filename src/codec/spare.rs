@@ -184,9 +184,14 @@ impl Drop for Lent {
 mod tests {
     use super::*;
 
+    /// Spares under a limit of their own, out of the process-wide one's way.
+    fn unlimited() -> Spares {
+        Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))))
+    }
+
     #[test]
     fn a_buffer_comes_back_when_its_bytes_are_dropped() {
-        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        let spares = unlimited();
         let buf = vec![7u8; 1000];
         let at = buf.as_ptr();
         let bytes = spares.lend(buf);
@@ -203,7 +208,7 @@ mod tests {
 
     #[test]
     fn a_buffer_serves_messages_from_half_its_size_up_to_its_size() {
-        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        let spares = unlimited();
         drop(spares.lend(Vec::with_capacity(1000)));
         assert!(spares.take(1001).is_none(), "too small");
         assert!(spares.take(499).is_none(), "a small message would pin it");
@@ -212,7 +217,7 @@ mod tests {
 
     #[test]
     fn at_most_spares_are_kept_and_release_frees_them() {
-        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        let spares = unlimited();
         let out: Vec<Bytes> = (0..SPARES + 2)
             .map(|_| spares.lend(Vec::with_capacity(100)))
             .collect();
@@ -225,7 +230,7 @@ mod tests {
 
     #[test]
     fn bytes_outliving_their_decoder_are_freed() {
-        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        let spares = unlimited();
         let bytes = spares.lend(vec![1u8; 100]);
         drop(spares);
         assert_eq!(&bytes[..3], &[1, 1, 1]);
@@ -251,7 +256,7 @@ mod tests {
 
     #[test]
     fn a_clone_keeps_its_own() {
-        let spares = Spares::with_limit(Box::leak(Box::new(Limit::new(usize::MAX))));
+        let spares = unlimited();
         drop(spares.lend(Vec::with_capacity(100)));
         let other = spares.clone();
         assert_eq!(other.held(), 0);
