@@ -498,6 +498,7 @@ mod buffered {
     }
 }
 
+pub(crate) mod split;
 #[cfg(feature = "compression-zstd")]
 mod zstd;
 

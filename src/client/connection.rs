@@ -267,7 +267,7 @@ async fn serve<T>(shared: &Arc<Shared>, io: T, gen: Gen, compression: Option<Com
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (r, w) = tokio::io::split(io);
+    let (r, w) = crate::conn::split::split(io);
     let (r, w) = match wire(r, w, compression) {
         Ok(halves) => halves,
         Err(e) => return End::Io(e),

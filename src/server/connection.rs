@@ -358,7 +358,7 @@ pub(super) async fn serve<S, IO>(
         answered: AtomicU64::new(0),
         counters: counters.clone(),
     });
-    let (r, w) = tokio::io::split(io);
+    let (r, w) = crate::conn::split::split(io);
     let (r, w) = match wire(r, w, compression) {
         Ok(halves) => halves,
         Err(e) => {

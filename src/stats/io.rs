@@ -83,6 +83,11 @@ impl<T> CountingIo<T> {
     pub(crate) fn get_ref(&self) -> &T {
         &self.io
     }
+
+    /// The wrapped stream and the counters it counts into.
+    pub(crate) fn into_parts(self) -> (T, Arc<Counters>) {
+        (self.io, self.counters)
+    }
 }
 
 pin_project! {
@@ -105,6 +110,14 @@ impl<T: crate::transport::Connected> MaybeCounted<T> {
             MaybeCounted::Wrapped {
                 io: CountingIo::new(io, counters),
             }
+        }
+    }
+
+    /// The client's own counting wrapper, when it put one around the stream.
+    pub(crate) fn into_counting(self) -> Result<CountingIo<T>, Self> {
+        match self {
+            MaybeCounted::Wrapped { io } => Ok(io),
+            counted => Err(counted),
         }
     }
 
