@@ -197,12 +197,12 @@ pub(crate) struct WriteOptions {
 /// `Builder::reply_spin` and the server's `Server::read_spin`.
 ///
 /// A sleeping thread costs a wake-up for every frame that arrives, and on an idle CPU that is
-/// most of a loopback round trip (docs/benchmarks.md, sessions 11 and 12). The reader looks
+/// most of a loopback round trip (docs/benchmarks.md, sessions 11, 12 and 14). The reader looks
 /// again for up to the window since it began waiting, and only while the wait before was
 /// shorter than twice the window (behind a slow network, handler or peer every wait outlasts
-/// it, and the reader sleeps at once) and its owner allows it (see [`Spin::allow`]). The looks
-/// are yields, so other tasks on the worker run between them. The std clock bounds it: paused
-/// tokio time must not make a spin endless.
+/// it, and the reader sleeps at once), its owner allows it (see [`Spin::allow`]) and it holds
+/// one of the process's [`SpinSlots`]. The looks are yields, so other tasks on the worker run
+/// between them. The std clock bounds it: paused tokio time must not make a spin endless.
 #[derive(Debug)]
 pub(crate) struct Spin {
     window: Duration,
@@ -212,21 +212,27 @@ pub(crate) struct Spin {
     last_wait: Duration,
     /// Whether the owner allows spinning for the next frame.
     allowed: bool,
+    slots: std::sync::Arc<SpinSlots>,
+    /// Whether this reader holds one of `slots` (while it spins).
+    holding: bool,
 }
 
 impl Spin {
-    /// A spin of `window` per wait; `Duration::ZERO` never spins.
-    pub(crate) fn new(window: Duration) -> Self {
+    /// A spin of `window` per wait, while one of `slots` is free; `Duration::ZERO` never
+    /// spins.
+    pub(crate) fn new(window: Duration, slots: std::sync::Arc<SpinSlots>) -> Self {
         Spin {
             window,
             since: None,
             last_wait: Duration::ZERO,
             allowed: true,
+            slots,
+            holding: false,
         }
     }
 
     /// Allows (or forbids) spinning while waiting for the next frame, as what the last one
-    /// showed says (the client: one call out; the server: a few requests and no fragments).
+    /// showed says (the server: a few requests and no fragments).
     pub(crate) fn allow(&mut self, allowed: bool) {
         self.allowed = allowed;
     }
@@ -238,14 +244,78 @@ impl Spin {
         }
         let now = std::time::Instant::now();
         let since = *self.since.get_or_insert(now);
-        self.allowed && self.last_wait <= 2 * self.window && now - since < self.window
+        if self.allowed && self.last_wait <= 2 * self.window && now - since < self.window {
+            if !self.holding {
+                self.holding = self.slots.take();
+            }
+            self.holding
+        } else {
+            self.release();
+            false
+        }
     }
 
     /// A frame arrived: the wait is over.
     pub(crate) fn arrived(&mut self) {
+        self.release();
         if let Some(since) = self.since.take() {
             self.last_wait = since.elapsed();
         }
+    }
+
+    fn release(&mut self) {
+        if std::mem::take(&mut self.holding) {
+            self.slots.give_back();
+        }
+    }
+}
+
+impl Drop for Spin {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// How many of a server's (or a client's) connections may spin at once: half the machine's
+/// CPUs, at least one.
+///
+/// A spin is per connection; without a bound, a server with many connections whose requests
+/// come a little apart would keep every worker busy looking at sockets. Bounded, the CPU spun
+/// away is at most half the machine's, and a reader that finds every slot taken sleeps as it
+/// would with no spin at all.
+#[derive(Debug)]
+pub(crate) struct SpinSlots {
+    busy: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl SpinSlots {
+    /// At most `max` spinning at once.
+    pub(crate) fn new(max: usize) -> Self {
+        SpinSlots {
+            busy: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Half this machine's CPUs, at least one.
+    pub(crate) fn half_the_cpus() -> std::sync::Arc<SpinSlots> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::sync::Arc::new(SpinSlots::new((cpus / 2).max(1)))
+    }
+
+    /// Takes a slot, if one is free.
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.busy
+            .fetch_update(Relaxed, Relaxed, |busy| {
+                (busy < self.max).then_some(busy + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -644,6 +714,46 @@ mod tests {
 
     use super::*;
     use crate::codec::{Message, Outbox};
+
+    #[test]
+    fn a_reader_spins_only_while_it_holds_a_slot() {
+        let slots = std::sync::Arc::new(SpinSlots::new(1));
+        let window = Duration::from_secs(60);
+        let mut first = Spin::new(window, slots.clone());
+        let mut second = Spin::new(window, slots.clone());
+        assert!(first.again());
+        assert!(first.again(), "a reader keeps its slot through its wait");
+        assert!(
+            !second.again(),
+            "every slot is taken: the second reader sleeps"
+        );
+        first.arrived();
+        assert!(
+            second.again(),
+            "the first reader's frame came: its slot is free"
+        );
+        drop(second);
+        assert!(first.again(), "a dropped reader gives its slot back");
+    }
+
+    #[test]
+    fn a_reader_whose_last_wait_was_long_does_not_spin() {
+        let slots = std::sync::Arc::new(SpinSlots::new(1));
+        let mut spin = Spin::new(Duration::from_micros(1), slots.clone());
+        assert!(spin.again());
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(!spin.again(), "past the window");
+        assert_eq!(
+            slots.busy.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "slot freed"
+        );
+        spin.arrived();
+        // The wait that just ended outlasted twice the window: the next one is slept.
+        assert!(!spin.again());
+        let mut off = Spin::new(Duration::ZERO, slots);
+        assert!(!off.again(), "a zero window never spins");
+    }
 
     /// An outbox that callers push pings into, as a connection's callers push requests.
     struct Pings {

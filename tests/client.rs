@@ -906,3 +906,43 @@ fn one_call_out_is_awaited_awake() {
     let awake = parks(Duration::from_millis(20));
     support::assert_spin_parks(asleep, awake, CALLS);
 }
+
+/// So is a round of many calls out at once: the reader spins however many calls it waits for.
+/// Rounds of 10 calls made together; counts, not times, as above.
+#[test]
+fn many_calls_out_are_awaited_awake() {
+    const ROUNDS: u64 = 100;
+    fn parks(spin: Duration) -> u64 {
+        let rt = support::current_thread();
+        rt.block_on(async {
+            let addr = support::free_addr();
+            let server =
+                support::ServerProcess::start(addr, Server::builder(), support::echo()).await;
+            let client = Client::builder()
+                .reply_spin(spin)
+                .connect(addr)
+                .await
+                .expect("connect");
+            let round = || async {
+                let calls = (0..10).map(|_| client.request(Request::new("echo", "x")));
+                for reply in futures_util::future::join_all(calls).await {
+                    reply.expect("echo");
+                }
+            };
+            for _ in 0..10 {
+                round().await;
+            }
+            let metrics = tokio::runtime::Handle::current().metrics();
+            let before = metrics.worker_park_count(0);
+            for _ in 0..ROUNDS {
+                round().await;
+            }
+            let parked = metrics.worker_park_count(0) - before;
+            drop(server);
+            parked
+        })
+    }
+    let asleep = parks(Duration::ZERO);
+    let awake = parks(Duration::from_millis(20));
+    support::assert_spin_parks(asleep, awake, ROUNDS);
+}

@@ -70,6 +70,8 @@ pub(crate) struct Config {
     /// Calls wait for a connection (up to their deadline) instead of failing at once.
     pub(crate) wait_for_ready: bool,
     pub(crate) reply_spin: Duration,
+    /// Shared by the client's connections: how many of them spin at once.
+    pub(crate) spin_slots: Arc<crate::conn::SpinSlots>,
 }
 
 impl std::fmt::Debug for Config {
@@ -134,6 +136,7 @@ impl Builder {
                 connections: 1,
                 wait_for_ready: false,
                 reply_spin: DEFAULT_REPLY_SPIN,
+                spin_slots: crate::conn::SpinSlots::half_the_cpus(),
             },
         }
     }
@@ -294,16 +297,19 @@ impl Builder {
         self
     }
 
-    /// How long a connection's reader, with one call out and nothing to read, keeps looking for
-    /// the reply (yielding to the runtime's other tasks between looks) before it lets its
-    /// thread sleep. Default 50 µs ([`DEFAULT_REPLY_SPIN`]); `Duration::ZERO` turns it off.
+    /// How long a connection's reader, with nothing to read, keeps looking for the next reply
+    /// (yielding to the runtime's other tasks between looks) before it lets its thread sleep.
+    /// Default 50 µs ([`DEFAULT_REPLY_SPIN`]); `Duration::ZERO` turns it off.
     ///
     /// A sleeping thread costs its wake-up on every reply: with one caller on loopback, that
     /// was most of a 70 µs round trip, and looking on for 50 µs more than doubled the calls a
-    /// second (at less CPU per call, with fewer sleeps and wake-ups). The price is CPU while a
-    /// reply is on its way: at most the window per wait, and only where waits have been
-    /// shorter than twice the window (behind a slower network or handler the reader sleeps at
-    /// once). With more calls out it does not spin: the runtime has their callers to run.
+    /// second (at less CPU per call, with fewer sleeps and wake-ups). With a towerpc server
+    /// spinning too ([`Server::read_spin`](crate::Server::read_spin), on by default), 100
+    /// callers made 1.7–2× the calls a second (docs/benchmarks.md, session 14). The price is
+    /// CPU while a reply is on its way: at most the window per wait, only where waits have
+    /// been shorter than twice the window (behind a slower network or handler the reader
+    /// sleeps at once), and for at most half the machine's CPUs' worth of the client's
+    /// connections at once.
     ///
     /// ```
     /// use std::time::Duration;

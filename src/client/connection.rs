@@ -361,7 +361,13 @@ where
     let mut pinged = false;
     let mut out: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
     let lone = LoneWorker::new();
-    let mut spin = Spin::new(shared.config.reply_spin);
+    // The reader spins (`Builder::reply_spin`, `Spin`) however many calls are out. With one
+    // caller on loopback, most of a 70-75 µs round trip was waking each side's sleeping thread
+    // (in a VM, an exit to the hypervisor and back): looking again for up to 50 µs made 33-35k
+    // calls/s instead of 13-15k (docs/benchmarks.md, session 11). With more calls out the
+    // spin paid only once the server's reader spun too (session 14): each side's sleep and
+    // wake-up is on the round trip, so sparing one of them left the other.
+    let mut spin = Spin::new(shared.config.reply_spin, shared.config.spin_slots.clone());
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -403,7 +409,6 @@ where
         // built: a frame of thousands of replies costs a chunk's worth, not thousands.
         let mut batch = Vec::with_capacity(frame.left().min(MESSAGE_CHUNK));
         let mut yield_first = false;
-        let mut first_chunk = true;
         loop {
             if std::mem::take(&mut yield_first) {
                 tokio::task::yield_now().await;
@@ -412,11 +417,6 @@ where
                 end = Some(End::Protocol(e));
             }
             let mut inner = shared.lock();
-            if first_chunk {
-                // The calls that were out when the frame came: how many the reader waits for.
-                spin.allow(inner.live <= SPIN_MAX_OUT);
-                first_chunk = false;
-            }
             for msg in batch.drain(..) {
                 replied |= matches!(msg, Message::Response { .. } | Message::Error { .. });
                 let res = match msg {
@@ -504,20 +504,6 @@ where
         }
     }
 }
-
-/// Most calls out (when a frame comes) for which the reader spins (`Builder::reply_spin`, and
-/// [`Spin`]). With one caller on loopback, a call's round trip was 70–75 µs, of which the two
-/// processes' own work is a small part: the rest is waking each side's sleeping thread, and
-/// its CPU out of its idle state (in a VM, an exit to the hypervisor and back). The floor
-/// measured the same; gorpc, whose Go runtime keeps threads looking for work a while before
-/// they sleep, made 18k calls/s against the floor's 15k. Looking again for up to 50 µs while
-/// the call is out, towerpc made 33–35k, at less CPU per call (docs/benchmarks.md, session 11).
-///
-/// With more calls out, the runtime has other tasks to run while the reader waits (callers,
-/// the writer), and the reader's yields sent them from worker to worker: allowing up to 2, 8 or
-/// 32 calls out, 2 and 4 callers ran no faster (both bimodal with or without), 100 callers
-/// 5–10 % slower, 16 and 32 callers up to 1.5× faster when as many were allowed.
-const SPIN_MAX_OUT: usize = 1;
 
 /// Whether the callers the reader wakes are waiting in the runtime's global queue.
 ///

@@ -512,7 +512,7 @@ where
     S::Future: Send + 'static,
 {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> Stop {
-        let mut spin = Spin::new(self.config.read_spin);
+        let mut spin = Spin::new(self.config.read_spin, self.config.spin_slots.clone());
         'frames: loop {
             // A client that does not read its replies must not make us queue them without
             // bound, nor may all clients together exceed the server's budget: pause reading

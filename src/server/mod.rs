@@ -85,9 +85,8 @@ pub const DEFAULT_MAX_QUEUED_BYTES: usize = 8 * 1024 * 1024;
 /// Default cap on request bytes held by one connection's running handlers (64 MiB).
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 
-/// Default read spin: none (the reader sleeps as soon as it finds nothing to read). See
-/// [`Server::read_spin`].
-pub const DEFAULT_READ_SPIN: Duration = Duration::ZERO;
+/// Default read spin: 50 µs. See [`Server::read_spin`].
+pub const DEFAULT_READ_SPIN: Duration = Duration::from_micros(50);
 
 /// A towerpc server: configuration plus the counters of everything it serves.
 ///
@@ -147,6 +146,8 @@ pub(crate) struct Config {
     pub(crate) write_timeout: Option<Duration>,
     pub(crate) frame_read_timeout: Option<Duration>,
     pub(crate) read_spin: Duration,
+    /// Shared by every connection: how many of them spin at once.
+    pub(crate) spin_slots: Arc<crate::conn::SpinSlots>,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) keepalive_interval: Option<Duration>,
     pub(crate) keepalive_timeout: Duration,
@@ -204,6 +205,7 @@ impl Server {
                 write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
                 frame_read_timeout: Some(DEFAULT_FRAME_READ_TIMEOUT),
                 read_spin: DEFAULT_READ_SPIN,
+                spin_slots: crate::conn::SpinSlots::half_the_cpus(),
                 idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
                 keepalive_interval: Some(DEFAULT_KEEPALIVE_INTERVAL),
                 keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
@@ -322,26 +324,26 @@ impl<L> Server<L> {
 
     /// How long a connection's reader, finding nothing more to read, keeps looking for the
     /// client's next frame (yielding to the runtime's other tasks between looks) before it
-    /// lets its thread sleep. Off by default ([`DEFAULT_READ_SPIN`]); 50 µs is a good window
-    /// where a round trip's latency matters more than the server's idle CPU.
+    /// lets its thread sleep. Default 50 µs ([`DEFAULT_READ_SPIN`]); `Duration::ZERO` turns it
+    /// off.
     ///
     /// A sleeping thread costs its wake-up on every frame: on loopback, with one client of 1
-    /// to 300 callers on a plain connection, that was a large part of each round trip, and
-    /// looking on for 50 µs made 1.15–2.2× the calls a second (at less CPU per call with few
-    /// callers). The price is CPU between frames: at most the window per wait, and only on a
+    /// to 300 callers on a plain connection, that was a large part of each round trip. With
+    /// the client's reader spinning too (`Builder::reply_spin`, on by default), neither side
+    /// sleeps between round trips: on two shared cores 1 caller made 2.3× the calls a second,
+    /// 10 callers 3.5×, 100 callers 1.7–2×, at 30–40 % less CPU per call (docs/benchmarks.md,
+    /// session 14). The price is CPU between frames: at most the window per wait, only on a
     /// connection whose waits have been shorter than twice the window (one at rest, or behind
     /// a slow network, sleeps at once) and whose last frame held few messages (at most 64: a
     /// frame of hundreds shares its wake-up among them) and no fragments of a large message
-    /// (bulk transfers do not wait on round trips). It is off by default because that CPU is
-    /// not always spare: with client and server on the same two cores, the spin took CPU the
-    /// client needed, and a client busy compressing (zstd) or a dispatcher at 100 callers made
-    /// no more calls for 13–15 % more CPU per call. Where the server's CPU is metered (a
-    /// container's quota), leave it off.
+    /// (bulk transfers do not wait on round trips), and on at most half the machine's CPUs'
+    /// worth of connections at once. Where the server's CPU is metered (a container's quota)
+    /// or idle CPU matters more than latency, turn it off.
     ///
     /// ```
     /// use std::time::Duration;
-    /// // Latency first: look for the next frame for up to 50 µs before sleeping.
-    /// let server = towerpc::Server::builder().read_spin(Duration::from_micros(50));
+    /// // CPU first: sleep as soon as there is nothing to read.
+    /// let server = towerpc::Server::builder().read_spin(Duration::ZERO);
     /// # drop(server);
     /// ```
     #[must_use]
