@@ -5,8 +5,8 @@
 //! saves nothing: with random 1 KiB payloads the attempt halved calls/s. So each batch is
 //! measured: when compressing it saved less than [`MIN_SAVING`], the next batches go out as
 //! *raw blocks* (the stored form zstd itself falls back to, RFC 8878 §3.1.1.2.2), each in a zstd
-//! frame of its own, for a number of batches that doubles with each failed try (up to
-//! [`MAX_SKIP`]); then compressing is tried again. A raw batch is written straight from the
+//! frame of its own, for a number of bytes that doubles with each failed try (from [`MIN_SKIP`]
+//! up to [`MAX_SKIP`]); then compressing is tried again. A raw batch is written straight from the
 //! caller's buffer, frame headers and blocks in one vectored write, where the socket takes
 //! vectored writes: sent raw, a payload costs no more copies than it does uncompressed. (A frame
 //! that is one raw block is also what the reader passes through without the decoder.) Compressible traffic stays in one frame, so
@@ -36,8 +36,17 @@ const LEVEL: i32 = 1;
 /// saving under 6.25 %) was not worth compressing.
 const MIN_SAVING: usize = 15;
 
-/// Most batches sent raw between two tries at compressing.
-const MAX_SKIP: u32 = 64;
+/// Bytes sent raw after the first try at compressing that saved too little; each further such
+/// try doubles it, up to [`MAX_SKIP`].
+const MIN_SKIP: u64 = 64 * 1024;
+
+/// Most bytes sent raw between two tries at compressing. Counted in bytes, not batches: a try
+/// compresses a whole batch (tens of KiB of noise take 50-150 µs at level 1) while every call
+/// in it waits, and at 100 callers, counted as 64 batches, tries came every 2 ms or so and
+/// each stall sent both ends' readers from spinning back to sleeping: zstd made 0.62-0.75×
+/// the uncompressed calls/s, 0.90-0.98× without the tries (docs/benchmarks.md, session 14).
+/// At 32 MiB, a connection moving 500 MB/s of noise tries every 64 ms.
+const MAX_SKIP: u64 = 32 * 1024 * 1024;
 
 /// Batches smaller than this are always compressed, and say nothing about the payloads: the
 /// fixed costs of a block dominate them.
@@ -100,10 +109,12 @@ pub(crate) struct ZstdWriter<W> {
     batch: Batch,
     /// A compressed frame is open: it must be ended before raw blocks go out.
     frame_open: bool,
-    /// Batches still to send raw before compressing is tried again.
-    skip: u32,
-    /// Batches to send raw after the next try that saves too little.
-    backoff: u32,
+    /// Bytes still to send raw before compressing is tried again.
+    skip: u64,
+    /// Bytes to send raw after the next try that saves too little.
+    backoff: u64,
+    /// The most `backoff` grows to: [`MAX_SKIP`] (less in tests).
+    max_skip: u64,
 }
 
 impl<W> std::fmt::Debug for ZstdWriter<W> {
@@ -127,7 +138,8 @@ impl<W: AsyncWrite + Unpin> ZstdWriter<W> {
             batch: Batch::Idle,
             frame_open: false,
             skip: 0,
-            backoff: 1,
+            backoff: MIN_SKIP,
+            max_skip: MAX_SKIP,
         })
     }
 
@@ -253,9 +265,9 @@ impl<W: AsyncWrite + Unpin> ZstdWriter<W> {
                 let output = (self.produced - out_start) as usize;
                 if output * 16 > input * MIN_SAVING {
                     self.skip = self.backoff;
-                    self.backoff = (self.backoff * 2).min(MAX_SKIP);
+                    self.backoff = (self.backoff * 2).min(self.max_skip);
                 } else {
-                    self.backoff = 1;
+                    self.backoff = MIN_SKIP;
                 }
             }
         }
@@ -277,7 +289,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for ZstdWriter<W> {
         }
         if this.batch == Batch::Idle {
             this.batch = if this.skip > 0 && input.len() >= MIN_PROBE {
-                this.skip -= 1;
+                this.skip = this.skip.saturating_sub(input.len() as u64);
                 Batch::Raw
             } else {
                 Batch::Compressed {
@@ -550,7 +562,10 @@ mod tests {
     /// Writes `batches` through a [`ZstdWriter`], a flush after each; returns the stream and
     /// the bytes each batch added to it.
     async fn stream_of(batches: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
-        let mut w = ZstdWriter::new(Vec::new()).unwrap();
+        stream_with(ZstdWriter::new(Vec::new()).unwrap(), batches).await
+    }
+
+    async fn stream_with(mut w: ZstdWriter<Vec<u8>>, batches: &[Vec<u8>]) -> (Vec<u8>, Vec<usize>) {
         let mut sizes = Vec::new();
         for b in batches {
             let before = w.io.len();
@@ -597,6 +612,30 @@ mod tests {
         );
         // Tries continue (backing off) and find the text compressible within 64 batches.
         assert!(sizes[110..].iter().all(|&n| n < 64), "{sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn tries_at_compressing_noise_back_off_in_bytes_up_to_the_most() {
+        // Batches of 16 KiB of noise: tries (batches that do not come out raw-sized) at batch
+        // 0, then after 64 KiB, 128 KiB, ... of raw batches, up to the most (here 512 KiB, 32
+        // batches; MAX_SKIP is 32 MiB).
+        const LEN: usize = 16 * 1024;
+        let mut w = ZstdWriter::new(Vec::new()).unwrap();
+        w.max_skip = 512 * 1024;
+        let batches: Vec<Vec<u8>> = (0..200).map(|i| noise(i, LEN)).collect();
+        let (stream, sizes) = stream_with(w, &batches).await;
+        assert_eq!(decode(&stream), batches.concat());
+        let tries: Vec<usize> = (0..sizes.len()).filter(|&i| sizes[i] != LEN + 9).collect();
+        let gaps: Vec<usize> = tries.windows(2).map(|w| w[1] - w[0]).collect();
+        // Raw batches between tries, plus the try itself.
+        let expected: Vec<usize> = (0..gaps.len())
+            .map(|k| ((MIN_SKIP << k).min(512 * 1024) as usize / LEN) + 1)
+            .collect();
+        assert_eq!(gaps, expected, "tries at batches {tries:?}");
+        assert!(
+            gaps.ends_with(&[33, 33]),
+            "the spacing stops growing: {gaps:?}"
+        );
     }
 
     /// A socket that takes at most `max` bytes per write, vectored or not.
