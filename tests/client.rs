@@ -870,79 +870,55 @@ fn on_one_worker_every_caller_gets_its_turn() {
     });
 }
 
+/// Parks of the client's runtime (one thread; the server runs on a runtime of its own) over
+/// `rounds` rounds of `per_round` echoes made together, with the client's reply spin at `spin`.
+fn client_parks(spin: Duration, per_round: usize, rounds: u64) -> u64 {
+    let rt = support::current_thread();
+    rt.block_on(async {
+        let addr = support::free_addr();
+        let server = support::ServerProcess::start(addr, Server::builder(), support::echo()).await;
+        let client = Client::builder()
+            .reply_spin(spin)
+            .connect(addr)
+            .await
+            .expect("connect");
+        let round = || async {
+            let calls = (0..per_round).map(|_| client.request(Request::new("echo", "x")));
+            for reply in futures_util::future::join_all(calls).await {
+                reply.expect("echo");
+            }
+        };
+        for _ in 0..10 {
+            round().await;
+        }
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.worker_park_count(0);
+        for _ in 0..rounds {
+            round().await;
+        }
+        let parked = metrics.worker_park_count(0) - before;
+        drop(server);
+        parked
+    })
+}
+
 /// With one call out, the connection's reader looks for the reply instead of letting its
-/// thread sleep (`Builder::reply_spin`). Counts, not times: the client's runtime (one thread;
-/// the server runs on a runtime of its own) parks about once per call with the spin off, and
-/// hardly at all with a window far longer than a loopback round trip.
+/// thread sleep (`Builder::reply_spin`). Counts, not times: the client's runtime parks about
+/// once per call with the spin off, and hardly at all with a window far longer than a
+/// loopback round trip.
 #[test]
 fn one_call_out_is_awaited_awake() {
     const CALLS: u64 = 200;
-    fn parks(spin: Duration) -> u64 {
-        let rt = support::current_thread();
-        rt.block_on(async {
-            let addr = support::free_addr();
-            let server =
-                support::ServerProcess::start(addr, Server::builder(), support::echo()).await;
-            let client = Client::builder()
-                .reply_spin(spin)
-                .connect(addr)
-                .await
-                .expect("connect");
-            let echo = || client.request(Request::new("echo", "x"));
-            for _ in 0..10 {
-                echo().await.expect("echo");
-            }
-            let metrics = tokio::runtime::Handle::current().metrics();
-            let before = metrics.worker_park_count(0);
-            for _ in 0..CALLS {
-                echo().await.expect("echo");
-            }
-            let parked = metrics.worker_park_count(0) - before;
-            drop(server);
-            parked
-        })
-    }
-    let asleep = parks(Duration::ZERO);
-    let awake = parks(Duration::from_millis(20));
+    let asleep = client_parks(Duration::ZERO, 1, CALLS);
+    let awake = client_parks(Duration::from_millis(20), 1, CALLS);
     support::assert_spin_parks(asleep, awake, CALLS);
 }
 
 /// So is a round of many calls out at once: the reader spins however many calls it waits for.
-/// Rounds of 10 calls made together; counts, not times, as above.
 #[test]
 fn many_calls_out_are_awaited_awake() {
     const ROUNDS: u64 = 100;
-    fn parks(spin: Duration) -> u64 {
-        let rt = support::current_thread();
-        rt.block_on(async {
-            let addr = support::free_addr();
-            let server =
-                support::ServerProcess::start(addr, Server::builder(), support::echo()).await;
-            let client = Client::builder()
-                .reply_spin(spin)
-                .connect(addr)
-                .await
-                .expect("connect");
-            let round = || async {
-                let calls = (0..10).map(|_| client.request(Request::new("echo", "x")));
-                for reply in futures_util::future::join_all(calls).await {
-                    reply.expect("echo");
-                }
-            };
-            for _ in 0..10 {
-                round().await;
-            }
-            let metrics = tokio::runtime::Handle::current().metrics();
-            let before = metrics.worker_park_count(0);
-            for _ in 0..ROUNDS {
-                round().await;
-            }
-            let parked = metrics.worker_park_count(0) - before;
-            drop(server);
-            parked
-        })
-    }
-    let asleep = parks(Duration::ZERO);
-    let awake = parks(Duration::from_millis(20));
+    let asleep = client_parks(Duration::ZERO, 10, ROUNDS);
+    let awake = client_parks(Duration::from_millis(20), 10, ROUNDS);
     support::assert_spin_parks(asleep, awake, ROUNDS);
 }

@@ -83,39 +83,43 @@ impl Drop for SocketWrite {
     }
 }
 
+/// A socket's two counted halves.
+type Halves = (CountingIo<SocketRead>, CountingIo<SocketWrite>);
+
 /// `io` as the two counted halves of a socket, or `io` back when it is no socket.
-#[allow(clippy::type_complexity)]
-fn socket<T: 'static>(io: T) -> Result<(CountingIo<SocketRead>, CountingIo<SocketWrite>), T> {
+fn socket<T: 'static>(io: T) -> Result<Halves, T> {
     let mut slot = Some(io);
-    let any: &mut dyn Any = &mut slot;
-    // The server counts every stream beneath everything else; the client wraps what it dialed
-    // unless the connector counted beneath its own layer (which is then no socket).
-    if let Some(io) = any.downcast_mut::<Option<CountingIo<TcpStream>>>() {
-        return Ok(tcp_halves(io.take().expect("just put")));
-    }
-    if let Some(io) = any.downcast_mut::<Option<MaybeCounted<TcpStream>>>() {
-        match io.take().expect("just put").into_counting() {
-            Ok(io) => return Ok(tcp_halves(io)),
-            Err(back) => *io = Some(back),
-        }
+    if let Some(halves) = halves_of(&mut slot, tcp_halves) {
+        return Ok(halves);
     }
     #[cfg(all(unix, feature = "unix"))]
-    {
-        use tokio::net::UnixStream;
-        if let Some(io) = any.downcast_mut::<Option<CountingIo<UnixStream>>>() {
-            return Ok(unix_halves(io.take().expect("just put")));
-        }
-        if let Some(io) = any.downcast_mut::<Option<MaybeCounted<UnixStream>>>() {
-            match io.take().expect("just put").into_counting() {
-                Ok(io) => return Ok(unix_halves(io)),
-                Err(back) => *io = Some(back),
-            }
-        }
+    if let Some(halves) = halves_of(&mut slot, unix_halves) {
+        return Ok(halves);
     }
     Err(slot.expect("still here"))
 }
 
-fn tcp_halves(io: CountingIo<TcpStream>) -> (CountingIo<SocketRead>, CountingIo<SocketWrite>) {
+/// Splits what `slot` holds when it is a counted `S`. The server counts every stream beneath
+/// everything else; the client wraps what it dialed unless the connector counted beneath its
+/// own layer (which is then no socket, and stays in `slot`).
+fn halves_of<S>(slot: &mut dyn Any, split: fn(CountingIo<S>) -> Halves) -> Option<Halves>
+where
+    S: crate::transport::Connected + 'static,
+{
+    if let Some(io) = slot.downcast_mut::<Option<CountingIo<S>>>() {
+        return io.take().map(split);
+    }
+    let io = slot.downcast_mut::<Option<MaybeCounted<S>>>()?;
+    match io.take()?.into_counting() {
+        Ok(counted) => Some(split(counted)),
+        Err(back) => {
+            *io = Some(back);
+            None
+        }
+    }
+}
+
+fn tcp_halves(io: CountingIo<TcpStream>) -> Halves {
     let (io, counters) = io.into_parts();
     let (r, w) = io.into_split();
     (
@@ -125,9 +129,7 @@ fn tcp_halves(io: CountingIo<TcpStream>) -> (CountingIo<SocketRead>, CountingIo<
 }
 
 #[cfg(all(unix, feature = "unix"))]
-fn unix_halves(
-    io: CountingIo<tokio::net::UnixStream>,
-) -> (CountingIo<SocketRead>, CountingIo<SocketWrite>) {
+fn unix_halves(io: CountingIo<tokio::net::UnixStream>) -> Halves {
     let (io, counters) = io.into_parts();
     let (r, w) = io.into_split();
     (
