@@ -201,8 +201,8 @@ pub(crate) struct WriteOptions {
 /// again for up to the window since it began waiting, and only while the wait before was
 /// shorter than twice the window (behind a slow network, handler or peer every wait outlasts
 /// it, and the reader sleeps at once), its owner allows it (see [`Spin::allow`]) and it holds
-/// one of the process's [`SpinSlots`]. The looks are yields, so other tasks on the worker run
-/// between them. The std clock bounds it: paused tokio time must not make a spin endless.
+/// one of the [`SpinSlots`] its server's (or client's) connections share. The looks are
+/// yields, so other tasks on the worker run between them. The std clock bounds it: paused tokio time must not make a spin endless.
 #[derive(Debug)]
 pub(crate) struct Spin {
     window: Duration,

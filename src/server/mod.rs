@@ -330,9 +330,9 @@ impl<L> Server<L> {
     /// A sleeping thread costs its wake-up on every frame: on loopback, with one client of 1
     /// to 300 callers on a plain connection, that was a large part of each round trip. With
     /// the client's reader spinning too (`Builder::reply_spin`, on by default), neither side
-    /// sleeps between round trips: on two shared cores 1 caller made 2.3× the calls a second,
-    /// 10 callers 3.5×, 100 callers 1.7–2×, at 30–40 % less CPU per call (docs/benchmarks.md,
-    /// session 14). The price is CPU between frames: at most the window per wait, only on a
+    /// sleeps between round trips: on two shared cores 1 caller made 2.3× the calls a second
+    /// it made with the client's spin alone, 10 callers 4×, 100 callers 1.8–2.1×, at 30–40 %
+    /// less CPU per call (docs/benchmarks.md, session 14). The price is CPU between frames: at most the window per wait, only on a
     /// connection whose waits have been shorter than twice the window (one at rest, or behind
     /// a slow network, sleeps at once) and whose last frame held few messages (at most 64: a
     /// frame of hundreds shares its wake-up among them) and no fragments of a large message
