@@ -238,6 +238,9 @@ struct Load {
     start: Instant,
     issued: AtomicU64,
     stopped: AtomicBool,
+    /// The killer has made its kills: the budget may end the load. (Without this, a load
+    /// faster than the kills' downtime and settling could end before the last kill.)
+    killed: AtomicBool,
 }
 
 impl Load {
@@ -246,7 +249,8 @@ impl Load {
         if self.stopped.load(Relaxed) {
             return false;
         }
-        if self.start.elapsed() >= TIME_LIMIT || self.issued.fetch_add(1, Relaxed) >= CALL_BUDGET {
+        let spent = self.issued.fetch_add(1, Relaxed) >= CALL_BUDGET;
+        if self.start.elapsed() >= TIME_LIMIT || (spent && self.killed.load(Relaxed)) {
             self.stopped.store(true, Relaxed);
             return false;
         }
@@ -498,6 +502,7 @@ async fn churn_never_delivers_a_reply_to_the_wrong_caller() {
         start: Instant::now(),
         issued: AtomicU64::new(0),
         stopped: AtomicBool::new(false),
+        killed: AtomicBool::new(false),
     });
     let mut callers = JoinSet::new();
     for id in 0..CALLERS {
@@ -547,6 +552,7 @@ async fn churn_never_delivers_a_reply_to_the_wrong_caller() {
         // Let the clients reconnect and load the new server before the next kill.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    load.killed.store(true, Relaxed);
 
     // Callers stop taking calls at the budget or the time limit; the calls they have in
     // flight end within the default timeout at the latest.
