@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{tcp, TcpStream};
+use tokio_util::either::Either;
 
 use crate::stats::{CountingIo, MaybeCounted};
 
@@ -30,27 +31,20 @@ where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     match socket(io) {
-        Ok((r, w)) => (ReadHalf::Socket(r), WriteHalf::Socket(w)),
+        Ok((r, w)) => (Either::Left(r), Either::Left(w)),
         Err(io) => {
             let (r, w) = tokio::io::split(io);
-            (ReadHalf::Locked(r), WriteHalf::Locked(w))
+            (Either::Right(r), Either::Right(w))
         }
     }
 }
 
-/// The read half of a connection's stream (see [`split`]).
-#[derive(Debug)]
-pub(crate) enum ReadHalf<T> {
-    Socket(CountingIo<SocketRead>),
-    Locked(tokio::io::ReadHalf<T>),
-}
+/// The read half of a connection's stream (see [`split`]): a socket's own, or one of
+/// `tokio::io::split`'s.
+pub(crate) type ReadHalf<T> = Either<CountingIo<SocketRead>, tokio::io::ReadHalf<T>>;
 
 /// The write half of a connection's stream (see [`split`]).
-#[derive(Debug)]
-pub(crate) enum WriteHalf<T> {
-    Socket(CountingIo<SocketWrite>),
-    Locked(tokio::io::WriteHalf<T>),
-}
+pub(crate) type WriteHalf<T> = Either<CountingIo<SocketWrite>, tokio::io::WriteHalf<T>>;
 
 /// A socket's read half.
 #[derive(Debug)]
@@ -197,64 +191,6 @@ impl AsyncWrite for SocketWrite {
     }
 }
 
-impl<T: AsyncRead> AsyncRead for ReadHalf<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadHalf::Socket(r) => Pin::new(r).poll_read(cx, buf),
-            ReadHalf::Locked(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for WriteHalf<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Socket(w) => Pin::new(w).poll_write(cx, buf),
-            WriteHalf::Locked(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Socket(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            WriteHalf::Locked(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            WriteHalf::Socket(w) => w.is_write_vectored(),
-            WriteHalf::Locked(w) => w.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Socket(w) => Pin::new(w).poll_flush(cx),
-            WriteHalf::Locked(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Socket(w) => Pin::new(w).poll_shutdown(cx),
-            WriteHalf::Locked(w) => Pin::new(w).poll_shutdown(cx),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -277,32 +213,20 @@ mod tests {
         let counters = Arc::new(Counters::default());
         let (ours, _peer) = tcp_pair().await;
         let (r, w) = split(CountingIo::new(ours, counters.clone()));
-        assert!(matches!(
-            (r, w),
-            (ReadHalf::Socket(_), WriteHalf::Socket(_))
-        ));
+        assert!(matches!((r, w), (Either::Left(_), Either::Left(_))));
 
         let (ours, _peer) = tcp_pair().await;
         let (r, w) = split(MaybeCounted::new(ours, counters.clone(), false));
-        assert!(matches!(
-            (r, w),
-            (ReadHalf::Socket(_), WriteHalf::Socket(_))
-        ));
+        assert!(matches!((r, w), (Either::Left(_), Either::Left(_))));
 
         // Counted by its connector beneath a layer of its own: not a bare socket to us.
         let (ours, _peer) = tcp_pair().await;
         let (r, w) = split(MaybeCounted::new(ours, counters.clone(), true));
-        assert!(matches!(
-            (r, w),
-            (ReadHalf::Locked(_), WriteHalf::Locked(_))
-        ));
+        assert!(matches!((r, w), (Either::Right(_), Either::Right(_))));
 
         let (ours, _peer) = tokio::io::duplex(64);
         let (r, w) = split(CountingIo::new(ours, counters));
-        assert!(matches!(
-            (r, w),
-            (ReadHalf::Locked(_), WriteHalf::Locked(_))
-        ));
+        assert!(matches!((r, w), (Either::Right(_), Either::Right(_))));
     }
 
     #[tokio::test]
@@ -357,7 +281,7 @@ mod tests {
     async fn a_unix_socket_splits_without_a_lock() {
         let (ours, mut peer) = tokio::net::UnixStream::pair().unwrap();
         let (mut r, mut w) = split(CountingIo::new(ours, Arc::new(Counters::default())));
-        assert!(matches!(r, ReadHalf::Socket(_)));
+        assert!(matches!(r, Either::Left(_)));
         w.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         peer.read_exact(&mut got).await.unwrap();
