@@ -575,7 +575,7 @@ impl Outbox {
         let lead = match (self.ack > 0).then(|| self.take_ack_frame()) {
             // The writer wants one buffer (it may not write vectored: a compressor, which
             // judges a batch by its first write): the frames are copied behind the ACK, once
-            // per 192 KiB of the peer's fragments, little next to them.
+            // per 64 KiB of the peer's fragments, little next to them.
             Some(ack) if !spare.gather => {
                 buf.reserve(ACK_FRAME + self.buf.len());
                 buf.put_slice(&ack);

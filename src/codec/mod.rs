@@ -63,13 +63,14 @@ pub const MAX_MESSAGES_PER_FRAME: usize = u16::MAX as usize;
 /// Most fragment data a sender may have unacknowledged, per direction (PROTOCOL.md §4.1: 1 MiB).
 pub(crate) const FRAGMENT_WINDOW: usize = 1024 * 1024;
 
-/// Fragment data a receiver reads before it acknowledges it: 192 KiB, three of towerpc's 64 KiB
-/// pieces (PROTOCOL.md §4.1 allows up to 256 KiB). The sender's window comes back in smaller
-/// steps than it goes out (up to 256 KiB of pieces a write), so it stalls less: in the mixed
-/// cell, 200 KiB calls beside 1,000 small callers moved 10–18 % more bytes a second than with
-/// 256 KiB, in five paired rounds, for 5–10 % fewer small calls a second at a p99 within
-/// 0.3 ms of what it was (docs/benchmarks.md, session 13).
-pub(crate) const ACK_EVERY: usize = 192 * 1024;
+/// Fragment data a receiver reads before it acknowledges it: 64 KiB, each of towerpc's pieces
+/// (PROTOCOL.md §4.1 allows up to 256 KiB). The sender's window comes back in smaller steps
+/// than it goes out (up to 256 KiB of pieces a write), so it stalls less. Every 256 KiB → 192
+/// KiB (session 13): 200 KiB calls beside 1,000 small callers moved 10–18 % more bytes a
+/// second. 192 → 64 KiB, with [`spare::SPARES`] 2 → 8 (session 15, docs/benchmarks.md): the
+/// big calls' MB/s ÷ the build before fragments went from 0.84–0.91 to 0.92–0.99 in six paired
+/// rounds, at a small-call p99 within a bucket of what it was.
+pub(crate) const ACK_EVERY: usize = 64 * 1024;
 
 /// Largest method name, in bytes.
 pub const MAX_METHOD_LEN: usize = 255;

@@ -26,8 +26,12 @@ use bytes::Bytes;
 /// Most buffers kept per connection for messages to come. One already saved most of the faults
 /// in the mixed cell; a second, for when the next message arrives while the one before is
 /// still with its handler or caller, saved a little more (4 MiB calls 903–905 → 927–929 MB/s,
-/// docs/benchmarks.md, session 13).
-pub(super) const SPARES: usize = 2;
+/// docs/benchmarks.md, session 13). With ten large calls out at once, each holding a buffer
+/// until its handler or caller lets go, two left most messages to grow a fresh buffer by
+/// doubling (a copy at each step, `realloc` was 2–3 % of each side's CPU beside 200 KiB calls);
+/// eight kept (still under [`MAX_KEPT`] in all): 200 KiB calls +3 to +7 % MB/s at +2 to +4 %
+/// small calls/s (session 15).
+pub(super) const SPARES: usize = 8;
 
 /// Most bytes kept in all, across every connection of the process (servers and clients).
 pub(super) const MAX_KEPT: usize = 32 * 1024 * 1024;
