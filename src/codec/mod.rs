@@ -37,7 +37,7 @@ pub use self::frame::{Frame, Message};
 pub use self::preface::{Preface, Role, PREFACE_LEN};
 
 pub(crate) use self::decode::Incoming;
-pub(crate) use self::encode::{Batch, Outbox, MAX_IO_SLICES};
+pub(crate) use self::encode::{Batch, Outbox, FRAGMENTS_PER_TAKE, MAX_IO_SLICES};
 pub(crate) use self::frame::code;
 
 use bytes::BytesMut;
