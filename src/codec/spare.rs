@@ -29,8 +29,9 @@ use bytes::Bytes;
 /// docs/benchmarks.md, session 13). With ten large calls out at once, each holding a buffer
 /// until its handler or caller lets go, two left most messages to grow a fresh buffer by
 /// doubling (a copy at each step, `realloc` was 2–3 % of each side's CPU beside 200 KiB calls);
-/// eight kept (still under [`MAX_KEPT`] in all): 200 KiB calls +3 to +7 % MB/s at +2 to +4 %
-/// small calls/s (session 15).
+/// eight kept (still under [`MAX_KEPT`] in all): 200 KiB calls +3 to +5 % MB/s, small calls/s
+/// −1 to +4 %, in two paired rounds; beside 4 MiB calls, where [`MAX_KEPT`] binds first, −2 to
+/// −4 % (session 15, where ACKs every 64 KiB made up for it).
 pub(super) const SPARES: usize = 8;
 
 /// Most bytes kept in all, across every connection of the process (servers and clients).
