@@ -20,9 +20,9 @@ use crate::stats::Counters;
 /// up to this much, so under load one `recv` carries many batches.
 pub(crate) const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
 
-/// Largest batch buffer a writer keeps for its next batch (more when it copies fragments in:
-/// see `write_loop`); a larger one is a one-off and goes, so it does not pin memory for the
-/// connection's life.
+/// Largest batch buffer a writer keeps for its next batch (more while large messages go out in
+/// fragments copied into the batches: see `write_loop`); a larger one is a one-off and goes,
+/// so it does not pin memory for the connection's life.
 const KEEP_BATCH: usize = 4 * DEFAULT_BUFFER_SIZE;
 
 /// Messages a reader takes out of a frame at a time ([`FrameReader::messages`]) and handles
@@ -91,15 +91,6 @@ where
     S: Source + ?Sized,
 {
     let gather = opts.gather && io.is_write_vectored();
-    // A batch that copies its fragments in holds up to FRAGMENTS_PER_TAKE of them besides its
-    // frames: a buffer that size is not a one-off but every such batch's. Dropped, the next
-    // take grew a fresh one from nothing, copying it at each step (`realloc` was 6 % of the
-    // client's CPU beside 200 KiB calls).
-    let keep = if gather {
-        KEEP_BATCH
-    } else {
-        KEEP_BATCH + FRAGMENTS_PER_TAKE
-    };
     let mut spare = Batch::new(gather);
     loop {
         let Some(buf) = source.take(spare) else {
@@ -135,9 +126,19 @@ where
         io.flush().await?;
         Counters::inc(&counters.frames_written);
         spare = buf;
+        // Keep a large one-off buffer from pinning memory for the connection's life. While
+        // large messages go out in fragments copied into the batches, a buffer of up to
+        // FRAGMENTS_PER_TAKE of them besides the frames is not a one-off but every such
+        // batch's (the two buffers alternate). Dropped, the next take grew a fresh one from
+        // nothing, copying it at each step (`realloc` was 6 % of the client's CPU beside
+        // 200 KiB calls).
+        let keep = if spare.copying_fragments() {
+            KEEP_BATCH + FRAGMENTS_PER_TAKE
+        } else {
+            KEEP_BATCH
+        };
         // Let go of the fragments' payloads now, not at the next take.
         spare.clear();
-        // Keep a large one-off buffer from pinning memory for the connection's life.
         if spare.capacity() > keep {
             spare = Batch::new(gather);
         }
@@ -918,6 +919,64 @@ mod tests {
             spares[2..].iter().all(|&c| c >= FRAGMENTS_PER_TAKE),
             "{spares:?}"
         );
+    }
+
+    /// A socket that takes everything; during its first write a caller queues one more
+    /// message, so the writer takes a second batch with the buffer of the first handed back.
+    struct OneMoreDuringFirstWrite {
+        source: Arc<Recorded>,
+        pushed: bool,
+    }
+
+    impl AsyncWrite for OneMoreDuringFirstWrite {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if !std::mem::replace(&mut self.pushed, true) {
+                let mut outbox = self.source.outbox.lock().unwrap();
+                outbox.push(&Message::Ping { data: 1 }).unwrap();
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_lets_a_one_off_batch_of_whole_frames_go() {
+        // 400 KiB of whole messages in one batch, no fragments: a one-off, over what a writer
+        // keeps (KEEP_BATCH), copying or not.
+        let mut outbox = Outbox::new(16 << 20, 0);
+        for id in 0..400 {
+            let body = bytes::Bytes::from(vec![7u8; 1000]);
+            outbox.push(&Message::Response { id, body }).unwrap();
+        }
+        let source = Arc::new(Recorded {
+            outbox: Mutex::new(outbox),
+            spares: Mutex::new(Vec::new()),
+        });
+        let wire = OneMoreDuringFirstWrite {
+            source: source.clone(),
+            pushed: false,
+        };
+        let opts = WriteOptions {
+            gather: false,
+            ..WriteOptions::default()
+        };
+        write_loop(wire, &*source, &Notify::new(), opts, &Counters::default())
+            .await
+            .unwrap();
+        let spares = source.spares.lock().unwrap().clone();
+        assert_eq!(spares.len(), 2, "{spares:?}");
+        assert_eq!(spares[1], 0, "the 400 KiB buffer was not kept: {spares:?}");
     }
 
     /// The bytes of a `len`-byte response as a peer sends it: in fragments.

@@ -306,6 +306,9 @@ pub(crate) struct Batch {
     pieces: Vec<Piece>,
     /// Whether fragments stay in `pieces` (`true`) or are copied into `buf`.
     gather: bool,
+    /// Whether the batch was taken while large messages were going out, their fragments
+    /// copied into `buf` (not gathered).
+    copying: bool,
 }
 
 /// One fragment kept out of the buffer: its headers, then its data.
@@ -350,11 +353,19 @@ impl Batch {
         self.lead = None;
         self.buf.clear();
         self.pieces.clear();
+        self.copying = false;
     }
 
     /// The memory the batch keeps for reuse.
     pub(crate) fn capacity(&self) -> usize {
         self.buf.capacity()
+    }
+
+    /// Whether the batch was taken while large messages were going out in fragments copied
+    /// into its buffer (a writer that does not gather): with or without fragments of its own
+    /// (they may be waiting for the peer's window), more such batches are coming.
+    pub(crate) fn copying_fragments(&self) -> bool {
+        self.copying
     }
 
     /// The whole batch, when it is one buffer (no ACK or fragments kept apart).
@@ -593,6 +604,7 @@ impl Outbox {
             buf,
             pieces: spare.pieces,
             gather: spare.gather,
+            copying: !spare.gather && !self.big.is_empty(),
         };
         if !self.big.is_empty() {
             self.put_fragments(&mut out);
