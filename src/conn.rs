@@ -867,10 +867,13 @@ mod tests {
         assert_eq!(*writes.lock().unwrap(), vec![10, 4]);
     }
 
-    /// An outbox whose takes record the capacity of the buffer handed back to them.
+    /// An outbox whose takes record the capacity of the buffer handed back to them. With
+    /// `one_more`, a caller queues one more message right after the first take, so the writer
+    /// takes a second batch with the buffer of the first handed back.
     struct Recorded {
         outbox: Mutex<Outbox>,
         spares: Mutex<Vec<usize>>,
+        one_more: AtomicBool,
     }
 
     impl Source for Recorded {
@@ -880,7 +883,11 @@ mod tests {
                 return None;
             }
             self.spares.lock().unwrap().push(spare.capacity());
-            Some(outbox.take(spare))
+            let batch = outbox.take(spare);
+            if self.one_more.swap(false, Ordering::Relaxed) {
+                outbox.push(&Message::Ping { data: 1 }).unwrap();
+            }
+            Some(batch)
         }
 
         fn pending_len(&self) -> usize {
@@ -892,26 +899,32 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_writer_that_copies_fragments_keeps_its_buffer_for_the_next_batch() {
-        let mut outbox = Outbox::new(16 << 20, 0);
-        // Within the window, so no ACK is needed: four takes of 256 KiB of pieces.
-        let body = bytes::Bytes::from(vec![7u8; 1000 * 1024]);
-        outbox.push(&Message::Response { id: 1, body }).unwrap();
+    /// Writes `outbox` out with a writer that copies fragments into its batches; returns the
+    /// capacity of the buffer handed back to each take (see [`Recorded`]).
+    async fn spares_handed_back(outbox: Outbox, one_more: bool) -> Vec<usize> {
         let source = Recorded {
             outbox: Mutex::new(outbox),
             spares: Mutex::new(Vec::new()),
+            one_more: AtomicBool::new(one_more),
         };
         let opts = WriteOptions {
             gather: false,
             ..WriteOptions::default()
         };
         let counters = Counters::default();
-        let notify = Notify::new();
-        write_loop(tokio::io::sink(), &source, &notify, opts, &counters)
+        write_loop(tokio::io::sink(), &source, &Notify::new(), opts, &counters)
             .await
             .unwrap();
-        let spares = source.spares.lock().unwrap().clone();
+        source.spares.into_inner().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_copies_fragments_keeps_its_buffer_for_the_next_batch() {
+        let mut outbox = Outbox::new(16 << 20, 0);
+        // Within the window, so no ACK is needed: four takes of 256 KiB of pieces.
+        let body = bytes::Bytes::from(vec![7u8; 1000 * 1024]);
+        outbox.push(&Message::Response { id: 1, body }).unwrap();
+        let spares = spares_handed_back(outbox, false).await;
         assert_eq!(spares.len(), 4, "{spares:?}");
         // Each batch held 256 KiB of copied pieces; from the third take on, both buffers
         // that alternate have held one, and come back with room for the next.
@@ -919,35 +932,6 @@ mod tests {
             spares[2..].iter().all(|&c| c >= FRAGMENTS_PER_TAKE),
             "{spares:?}"
         );
-    }
-
-    /// A socket that takes everything; during its first write a caller queues one more
-    /// message, so the writer takes a second batch with the buffer of the first handed back.
-    struct OneMoreDuringFirstWrite {
-        source: Arc<Recorded>,
-        pushed: bool,
-    }
-
-    impl AsyncWrite for OneMoreDuringFirstWrite {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            if !std::mem::replace(&mut self.pushed, true) {
-                let mut outbox = self.source.outbox.lock().unwrap();
-                outbox.push(&Message::Ping { data: 1 }).unwrap();
-            }
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
     }
 
     #[tokio::test]
@@ -959,22 +943,7 @@ mod tests {
             let body = bytes::Bytes::from(vec![7u8; 1000]);
             outbox.push(&Message::Response { id, body }).unwrap();
         }
-        let source = Arc::new(Recorded {
-            outbox: Mutex::new(outbox),
-            spares: Mutex::new(Vec::new()),
-        });
-        let wire = OneMoreDuringFirstWrite {
-            source: source.clone(),
-            pushed: false,
-        };
-        let opts = WriteOptions {
-            gather: false,
-            ..WriteOptions::default()
-        };
-        write_loop(wire, &*source, &Notify::new(), opts, &Counters::default())
-            .await
-            .unwrap();
-        let spares = source.spares.lock().unwrap().clone();
+        let spares = spares_handed_back(outbox, true).await;
         assert_eq!(spares.len(), 2, "{spares:?}");
         assert_eq!(spares[1], 0, "the 400 KiB buffer was not kept: {spares:?}");
     }
