@@ -212,13 +212,13 @@ pub(crate) struct WriteOptions {
 /// instead of letting its worker thread sleep until the socket wakes it: the client's
 /// `Builder::reply_spin` and the server's `Server::read_spin`.
 ///
-/// A sleeping thread costs a wake-up for every frame that arrives, and on an idle CPU that is
-/// most of a loopback round trip (docs/benchmarks.md, sessions 11, 12 and 14). The reader looks
-/// again for up to the window since it began waiting, and only while the wait before was
-/// shorter than twice the window (behind a slow network, handler or peer every wait outlasts
-/// it, and the reader sleeps at once), its owner allows it (see [`Spin::allow`]) and it holds
-/// one of the [`SpinSlots`] its server's (or client's) connections share. The looks are
-/// yields, so other tasks on the worker run between them. The std clock bounds it: paused tokio time must not make a spin endless.
+/// A sleeping thread costs a wake-up for every frame that arrives, and on an idle CPU that is most
+/// of a loopback round trip (docs/benchmarks.md, sessions 11, 12 and 14). The reader looks again
+/// for up to the window since it began waiting, and only while the wait before was shorter than
+/// twice the window (behind a slow network, handler or peer every wait outlasts it, and the reader
+/// sleeps at once), its owner allows it (see [`Spin::allow`]) and it holds one of the [`SpinSlots`]
+/// its server's (or client's) connections share. The looks are yields, so other tasks on the worker
+/// run between them. The std clock bounds it: paused tokio time must not make a spin endless.
 #[derive(Debug)]
 pub(crate) struct Spin {
     window: Duration,

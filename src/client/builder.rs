@@ -301,16 +301,15 @@ impl Builder {
     /// (yielding to the runtime's other tasks between looks) before it lets its thread sleep.
     /// Default 50 µs ([`DEFAULT_REPLY_SPIN`]); `Duration::ZERO` turns it off.
     ///
-    /// A sleeping thread costs its wake-up on every reply: with one caller on loopback, that
-    /// was most of a 70 µs round trip, and looking on for 50 µs more than doubled the calls a
-    /// second (at less CPU per call, with fewer sleeps and wake-ups). With a towerpc server
-    /// spinning too ([`Server::read_spin`](crate::Server::read_spin), on by default), 100
-    /// callers made 1.8–2.1× the calls a second they made with neither spinning for them
-    /// (docs/benchmarks.md, session 14). The price is
-    /// CPU while a reply is on its way: at most the window per wait, only where waits have
-    /// been shorter than twice the window (behind a slower network or handler the reader
-    /// sleeps at once), and for at most half the machine's CPUs' worth of the client's
-    /// connections at once.
+    /// A sleeping thread costs its wake-up on every reply: with one caller on loopback, that was
+    /// most of a 70 µs round trip, and looking on for 50 µs more than doubled the calls a second
+    /// (at less CPU per call, with fewer sleeps and wake-ups). With a towerpc server spinning too
+    /// ([`Server::read_spin`](crate::Server::read_spin), on by default), 100 callers made 1.8–2.1×
+    /// the calls a second they made with neither spinning for them (docs/benchmarks.md, session
+    /// 14). The price is CPU while a reply is on its way: at most the window per wait, only where
+    /// waits have been shorter than twice the window (behind a slower network or handler the reader
+    /// sleeps at once), and for at most half the machine's CPUs' worth of the client's connections
+    /// at once.
     ///
     /// ```
     /// use std::time::Duration;

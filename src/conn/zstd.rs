@@ -9,8 +9,9 @@
 //! up to [`MAX_SKIP`]); then compressing is tried again. A raw batch is written straight from the
 //! caller's buffer, frame headers and blocks in one vectored write, where the socket takes
 //! vectored writes: sent raw, a payload costs no more copies than it does uncompressed. (A frame
-//! that is one raw block is also what the reader passes through without the decoder.) Compressible traffic stays in one frame, so
-//! the context keeps its history across batches (a repeated message costs a few bytes).
+//! that is one raw block is also what the reader passes through without the decoder.)
+//! Compressible traffic stays in one frame, so the context keeps its history across batches (a
+//! repeated message costs a few bytes).
 //!
 //! The output is an ordinary zstd stream (a sequence of frames) that any decoder reads; PROTOCOL.md
 //! §3.3 requires receivers to accept a new frame after any frame ends.

@@ -327,18 +327,18 @@ impl<L> Server<L> {
     /// lets its thread sleep. Default 50 µs ([`DEFAULT_READ_SPIN`]); `Duration::ZERO` turns it
     /// off.
     ///
-    /// A sleeping thread costs its wake-up on every frame: on loopback, with one client of 1
-    /// to 300 callers on a plain connection, that was a large part of each round trip. With
-    /// the client's reader spinning too (`Builder::reply_spin`, on by default), neither side
-    /// sleeps between round trips: on two shared cores 1 caller made 2.3× the calls a second
-    /// it made with the client's spin alone, 10 callers 4×, 100 callers 1.8–2.1×, at 30–40 %
-    /// less CPU per call (docs/benchmarks.md, session 14). The price is CPU between frames: at most the window per wait, only on a
-    /// connection whose waits have been shorter than twice the window (one at rest, or behind
-    /// a slow network, sleeps at once) and whose last frame held few messages (at most 64: a
-    /// frame of hundreds shares its wake-up among them) and no fragments of a large message
-    /// (bulk transfers do not wait on round trips), and on at most half the machine's CPUs'
-    /// worth of connections at once. Where the server's CPU is metered (a container's quota)
-    /// or idle CPU matters more than latency, turn it off.
+    /// A sleeping thread costs its wake-up on every frame: on loopback, with one client of 1 to 300
+    /// callers on a plain connection, that was a large part of each round trip. With the client's
+    /// reader spinning too (`Builder::reply_spin`, on by default), neither side sleeps between
+    /// round trips: on two shared cores 1 caller made 2.3× the calls a second it made with the
+    /// client's spin alone, 10 callers 4×, 100 callers 1.8–2.1×, at 30–40 % less CPU per call
+    /// (docs/benchmarks.md, session 14). The price is CPU between frames: at most the window per
+    /// wait, only on a connection whose waits have been shorter than twice the window (one at rest,
+    /// or behind a slow network, sleeps at once) and whose last frame held few messages (at most
+    /// 64: a frame of hundreds shares its wake-up among them) and no fragments of a large message
+    /// (bulk transfers do not wait on round trips), and on at most half the machine's CPUs' worth
+    /// of connections at once. Where the server's CPU is metered (a container's quota) or idle CPU
+    /// matters more than latency, turn it off.
     ///
     /// ```
     /// use std::time::Duration;
