@@ -20,6 +20,11 @@ use crate::stats::Counters;
 /// up to this much, so under load one `recv` carries many batches.
 pub(crate) const DEFAULT_BUFFER_SIZE: usize = 64 * 1024;
 
+/// How long a side that closes a connection after its GOAWAY reads on (and drops what it
+/// reads), for the peer to read the GOAWAY before the close (PROTOCOL.md §5.6): see
+/// [`FrameReader::linger`].
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+
 /// Largest batch buffer a writer keeps for its next batch (more while large messages go out in
 /// fragments copied into the batches: see `write_loop`); a larger one is a one-off and goes,
 /// so it does not pin memory for the connection's life.
@@ -47,9 +52,18 @@ pub(crate) async fn read_preface<T>(io: &mut T) -> io::Result<Preface>
 where
     T: AsyncRead + Unpin,
 {
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
     let mut b = [0u8; PREFACE_LEN];
-    io.read_exact(&mut b).await?;
-    Preface::parse(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    let mut filled = 0;
+    while filled < PREFACE_LEN {
+        match io.read(&mut b[filled..]).await? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => filled += n,
+        }
+        // Bytes that cannot start a preface end the handshake at once, not at its timeout.
+        Preface::check_start(&b[..filled]).map_err(invalid)?;
+    }
+    Preface::parse(&b).map_err(invalid)
 }
 
 /// Where a writer takes its bytes from: a take hands over everything pending (possibly several

@@ -25,7 +25,9 @@ impl std::fmt::Display for PrefaceRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PrefaceRefusal::Role => f.write_str("peer preface is from the wrong side"),
-            PrefaceRefusal::Version(v) => write!(f, "peer speaks protocol version {v}"),
+            PrefaceRefusal::Version(v) => {
+                write!(f, "unsupported version: peer speaks protocol version {v}")
+            }
             PrefaceRefusal::NotOffered => {
                 f.write_str("server chose a compression that was not offered")
             }

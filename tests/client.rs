@@ -924,3 +924,126 @@ fn many_calls_out_are_awaited_awake() {
     let awake = client_parks(Duration::from_millis(20), 10, ROUNDS);
     support::assert_spin_parks(asleep, awake, ROUNDS);
 }
+
+#[tokio::test]
+async fn calls_made_while_dialling_keep_to_the_limit_the_server_announces() {
+    // §3: no frame over the limit the peer announced, and calls made before the server's
+    // preface could not know it. 4096 is the least a server may announce.
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::{Decoder, Encoder};
+    use towerpc::codec::{Frame, FrameCodec, PREFACE_LEN};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = Client::builder().connect_lazy(addr);
+    let mut calls = JoinSet::new();
+    for (i, len) in [2048usize, 2048, 2048, 10 * 1024].into_iter().enumerate() {
+        let client = client.clone();
+        calls.spawn(async move {
+            let res = client
+                .request(Request::new("echo", vec![i as u8; len]))
+                .await;
+            (len, res)
+        });
+    }
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let mut preface = [0u8; PREFACE_LEN];
+    stream.read_exact(&mut preface).await.unwrap();
+    eventually("the calls queued", Duration::from_secs(5), || {
+        client.pending() == 4
+    })
+    .await;
+    stream
+        .write_all(&support::server_preface(4096))
+        .await
+        .unwrap();
+
+    // Every frame and every message in fragments within 4096, or the decoder refuses it.
+    let mut codec = FrameCodec::builder().max_frame_len(4096).new_codec();
+    let mut buf = BytesMut::new();
+    let mut ids = Vec::new();
+    loop {
+        while let Some(frame) = codec.decode(&mut buf).expect("a frame over 4096") {
+            for msg in frame.into_messages() {
+                let Message::Request { id, body, .. } = msg else {
+                    panic!("unexpected {msg:?}")
+                };
+                assert_eq!(body.len(), 2048);
+                ids.push(id);
+                let mut out = BytesMut::new();
+                codec
+                    .encode(Frame::new(vec![Message::Response { id, body }]), &mut out)
+                    .unwrap();
+                stream.write_all(&out).await.unwrap();
+            }
+        }
+        if ids.len() == 3 {
+            break;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read_buf(&mut buf))
+            .await
+            .expect("the client sent its calls")
+            .unwrap();
+        assert!(n > 0, "the client closed");
+    }
+    let mut results = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        results.push(done.unwrap());
+    }
+    results.sort_by_key(|(len, _)| *len);
+    for (len, res) in &results[..3] {
+        assert_eq!(res.as_ref().expect("a 2 KiB call").body().len(), *len);
+    }
+    let (_, too_big) = &results[3];
+    let err = too_big.as_ref().unwrap_err();
+    assert!(err.is_encode(), "{err:?}");
+    assert!(format!("{err:#}").contains("4096"), "{err:#}");
+    // Nothing else came: the 10 KiB request was never sent.
+    let mut rest = [0u8; 1];
+    let quiet = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut rest)).await;
+    assert!(
+        quiet.is_err() && buf.is_empty(),
+        "more from the client: {buf:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_of_another_version_is_reported_as_unsupported_version() {
+    // §3.2: the client closes and reports "unsupported version" (UNSUPPORTED_VERSION).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use towerpc::codec::PREFACE_LEN;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut preface = [0u8; PREFACE_LEN];
+        stream.read_exact(&mut preface).await.unwrap();
+        let mut ours = support::server_preface(16 << 20);
+        ours[4] = 2;
+        stream.write_all(&ours).await.unwrap();
+        // The client sends nothing more, and closes.
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        rest
+    });
+    let err = Client::builder().connect(addr).await.unwrap_err();
+    assert!(err.is_handshake(), "{err:?}");
+    assert!(
+        format!("{err:#}").contains("unsupported version"),
+        "{err:#}"
+    );
+    let status = std::error::Error::source(&err)
+        .and_then(|s| s.downcast_ref::<towerpc::Status>())
+        .expect("a status in the source chain");
+    assert_eq!(status.code(), towerpc::Code::UnsupportedVersion);
+    let rest = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        rest.is_empty(),
+        "the client sent {rest:?} after the prefaces"
+    );
+}

@@ -1028,16 +1028,12 @@ fn request_in_pieces(id: u32, len: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_server_acknowledges_fragments_as_it_reads_them_and_its_reply_waits_for_acks() {
-    let srv = start_default().await;
-    let mut p = Peer::connect(srv.addr).await;
-    // 3 MiB in, three times the window: it gets through only because the server acknowledges
-    // what it reads (towerpc every 64 KiB; the protocol's bound is 256 KiB), long before the
-    // message is complete.
-    let len = 3 << 20;
+/// Sends a REQUEST for `echo` of `len` bytes in pieces, keeping to the 1 MiB window: it gets
+/// through only because the server acknowledges what it reads (towerpc every 64 KiB; the
+/// protocol's bound is 256 KiB), long before the message is complete. Checks each ACK.
+async fn send_in_pieces(p: &mut Peer, id: u32, len: usize) {
     let mut outstanding = 0usize;
-    for piece in request_in_pieces(1, len) {
+    for piece in request_in_pieces(id, len) {
         let data = piece.len() - 8 - 6;
         while outstanding + data > 1 << 20 {
             let (head, body) = p.read_frame().await.expect("server closed");
@@ -1057,6 +1053,15 @@ async fn the_server_acknowledges_fragments_as_it_reads_them_and_its_reply_waits_
         p.send(&piece).await;
         outstanding += data;
     }
+}
+
+#[tokio::test]
+async fn the_server_acknowledges_fragments_as_it_reads_them_and_its_reply_waits_for_acks() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    // 3 MiB in, three times the window.
+    let len = 3 << 20;
+    send_in_pieces(&mut p, 1, len).await;
     // The 3 MiB reply comes in pieces; 1 MiB of them unacknowledged, and the server waits.
     let mut got = 0usize;
     let mut unacked = 0usize;
@@ -1097,4 +1102,59 @@ async fn the_server_acknowledges_fragments_as_it_reads_them_and_its_reply_waits_
 protocol_error! {
     ack_for_more_than_outstanding_is_a_protocol_error: frame(&[ack(1)]);
     ack_of_zero_bytes_is_a_protocol_error: frame(&[ack(0)]);
+}
+
+#[tokio::test]
+async fn nothing_follows_a_goaway_that_closes_the_connection() {
+    // §5.6: after a GOAWAY other than DRAINING the sender closes; a reply still going out in
+    // fragments is abandoned (§4.1: closing is the one way to).
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    send_in_pieces(&mut p, 1, 3 << 20).await;
+    // Every piece of the reply is acknowledged at once, so the server never waits for window;
+    // with the second, a frame with flags set.
+    let mut bad = frame(&[ping(7)]);
+    bad[4] = 1;
+    let mut pieces = 0;
+    let mut goaway = None;
+    let mut after = Vec::new();
+    while let Some((head, body)) = p.read_frame().await {
+        for m in parse_messages(&body, be_u16(&head[6..])) {
+            match m {
+                Msg::GoAway { code, .. } if goaway.is_none() => goaway = Some(code),
+                m if goaway.is_some() => after.push(m),
+                Msg::Fragment { data, .. } => {
+                    pieces += 1;
+                    let mut out = frame(&[ack(data.len() as u32)]);
+                    if pieces == 2 {
+                        out.extend_from_slice(&bad);
+                    }
+                    p.send(&out).await;
+                }
+                Msg::Ack(_) => {}
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+    }
+    assert_eq!(goaway, Some(PROTOCOL_ERROR), "after {pieces} pieces");
+    assert!(
+        after.is_empty(),
+        "{} messages after the GOAWAY: {:?}",
+        after.len(),
+        after.first()
+    );
+    assert!(pieces < 48, "the whole reply went out: {pieces} pieces");
+}
+
+#[tokio::test]
+async fn bad_magic_is_closed_at_once_not_at_the_handshake_timeout() {
+    // §3.2: "close at once"; the rest of the preface is never waited for.
+    let srv = start(Server::builder().handshake_timeout(Duration::from_secs(60))).await;
+    let mut p = Peer::raw(srv.addr).await;
+    p.send(b"XRPC").await;
+    p.expect_closed().await;
+    let mut p = Peer::raw(srv.addr).await;
+    p.send(b"T").await;
+    p.send(b"Z").await;
+    p.expect_closed().await;
 }

@@ -20,7 +20,7 @@ use crate::codec::{code, CodecError, Compression, FrameCodec, Message, Preface, 
 use crate::conn::{
     exchange_preface, wire, write_loop, FrameReader, Spin, WriteOptions, MESSAGE_CHUNK,
 };
-use crate::error::{Error, Kind, Result, Status};
+use crate::error::{Code, Error, Kind, Result, Status};
 use crate::protocol;
 use crate::stats::{with_dial_counters, Counters, MaybeCounted};
 use crate::transport::Connected;
@@ -103,14 +103,24 @@ pub(super) async fn run<C, T>(
         backoff.reset();
         // Connected before the first caller hears of it, so `is_connected()` right after
         // `connect` is true.
+        let mut refused = Vec::new();
         let gen = {
             let mut inner = shared.lock();
-            inner.outbox.set_max_frame_len(peer.max_frame_len as usize);
+            let max = peer.max_frame_len as usize;
+            // Calls made while dialling were queued before the server's limit was known: any
+            // too large for it fail as they would have had it been known (PROTOCOL.md §3).
+            for (id, len) in inner.outbox.set_max_frame_len(max) {
+                let e = Error::new(Kind::Encode).with(CodecError::FrameTooLarge { len, max });
+                let _ = inner.complete(id, Err(e), &mut refused);
+            }
             if inner.phase == Phase::Connecting {
                 shared.enter(&mut inner, Phase::Connected);
             }
             inner.gen
         };
+        for (tx, reply) in refused {
+            let _ = tx.send(reply);
+        }
         if let Some(first) = first.take() {
             let _ = first.send(Ok(()));
         }
@@ -255,9 +265,14 @@ where
         .await
         .map_err(|e| Error::new(Kind::Handshake).target(server).with(e))?;
     let compression = protocol::check_server(&ours, &peer).map_err(|why| {
-        Error::new(Kind::Handshake)
-            .target(server)
-            .with(why.to_string())
+        let e = Error::new(Kind::Handshake).target(server);
+        match why {
+            // PROTOCOL.md §3.2: reported as UNSUPPORTED_VERSION.
+            protocol::PrefaceRefusal::Version(_) => {
+                e.with(Status::new(Code::UnsupportedVersion, why.to_string()))
+            }
+            _ => e.with(why.to_string()),
+        }
     })?;
     Ok((io, peer, compression))
 }
@@ -327,7 +342,8 @@ where
         let graceful = {
             let mut inner = shared.lock();
             if let Some(msg) = &goaway {
-                let _ = inner.push_control(msg);
+                // The last thing sent: requests still going out in fragments are dropped.
+                let _ = inner.outbox.push_last(msg);
             }
             if inner.gen == gen && inner.phase != Phase::Closed {
                 shared.enter(&mut inner, Phase::Closing);
@@ -342,8 +358,14 @@ where
         } else {
             Duration::from_millis(100)
         };
-        if tokio::time::timeout(linger, &mut writer).await.is_err() {
-            writer.abort();
+        match tokio::time::timeout(linger, &mut writer).await {
+            Err(_) => writer.abort(),
+            Ok(Ok(Ok(()))) if goaway.is_some() => {
+                // The GOAWAY is written and our side shut: read on a while, so that the close
+                // is no reset that destroys it unread. Apart: the calls fail now.
+                tokio::spawn(async move { reader.linger(crate::conn::LINGER).await });
+            }
+            Ok(_) => {}
         }
     }
     end

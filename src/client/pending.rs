@@ -179,7 +179,7 @@ impl Shared {
             inner: Mutex::new(Inner {
                 phase: Phase::Connecting,
                 gen: 0,
-                outbox: Outbox::new(config.max_frame_len, 0),
+                outbox: Outbox::provisional(config.max_frame_len),
                 pending: HashMap::default(),
                 next_id: 0,
                 live: 0,
@@ -476,7 +476,7 @@ impl Shared {
         inner.busy_since = None;
         inner.gen = inner.gen.wrapping_add(1);
         inner.takes = 0;
-        inner.outbox = Outbox::new(self.config.max_frame_len, 0);
+        inner.outbox = Outbox::provisional(self.config.max_frame_len);
         self.enter(&mut inner, phase);
         if inner.closing {
             self.closed.cancel();

@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::frame::{kind, Message, FRAGMENT_FIXED};
 use super::{
     CodecError, FRAGMENT_WINDOW, FRAME_HEADER_LEN, MAX_MESSAGES_PER_FRAME, MAX_METADATA_LEN,
-    MAX_METHOD_LEN,
+    MAX_METHOD_LEN, MIN_MAX_FRAME_LEN,
 };
 
 /// Checks the per-field limits that the wire format can express, so that an encoder never writes
@@ -216,6 +216,12 @@ pub(crate) struct Outbox {
     /// Whether fragments keep to the window: not while this side has stopped reading, when
     /// the ACKs that open it cannot arrive.
     paced: bool,
+    /// Whether the peer's frame limit is still unknown (a client's calls made before the
+    /// server's preface): see [`Outbox::provisional`].
+    provisional: bool,
+    /// Whether the last message (a GOAWAY that closes the connection) is queued: nothing
+    /// goes after it.
+    ended: bool,
 }
 
 /// A message waiting to go out in fragments: its encoding is `head` then `tail`, and the
@@ -259,6 +265,13 @@ impl Big {
 
     fn len(&self) -> usize {
         self.head.len() + self.tail.len()
+    }
+
+    /// The message's id (every kind with a payload has it right after its kind byte).
+    fn id(&self) -> u32 {
+        self.head
+            .get(1..5)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     /// The next `n` bytes of the encoding, as slices of the message's own buffers (no copy):
@@ -427,15 +440,60 @@ impl Outbox {
             outstanding: 0,
             ack: 0,
             paced: true,
+            provisional: false,
+            ended: false,
         }
     }
 
-    /// Lowers (or raises) the frame limit for frames opened from now on: the peer's limit,
-    /// learnt from its preface.
-    pub(crate) fn set_max_frame_len(&mut self, len: usize) {
+    /// An outbox for a peer whose frame limit is not known yet (a client dialling: PROTOCOL.md
+    /// §3 forbids frames over the limit the server's preface will announce). Until
+    /// [`set_max_frame_len`](Self::set_max_frame_len) gives it, frames are kept to
+    /// [`MIN_MAX_FRAME_LEN`], which every peer accepts, and a message too large for one waits
+    /// to go out in fragments, sized then; `max_frame_len` bounds messages meanwhile.
+    pub(crate) fn provisional(max_frame_len: usize) -> Self {
+        Outbox {
+            provisional: true,
+            ..Outbox::new(max_frame_len, 0)
+        }
+    }
+
+    /// Sets the peer's frame limit, learnt from its preface, for frames opened from now on.
+    /// Messages queued for fragments that the limit no longer admits (only a provisional
+    /// outbox holds such) are taken out unsent and returned, as (id, encoded size), for their
+    /// callers to be told.
+    pub(crate) fn set_max_frame_len(&mut self, len: usize) -> Vec<(u32, usize)> {
         self.max_frame_len = len;
+        self.provisional = false;
         // A frame opened under the old limit must not grow past the new one.
         self.open = None;
+        let mut refused = Vec::new();
+        if self.big.iter().any(|big| big.sent == 0 && big.len() > len) {
+            let mut kept = VecDeque::with_capacity(self.big.len());
+            for big in self.big.drain(..) {
+                if big.sent == 0 && big.len() > len {
+                    self.big_len -= big.len();
+                    self.queued = self.queued.saturating_sub(1);
+                    refused.push((big.id(), big.len()));
+                } else {
+                    kept.push_back(big);
+                }
+            }
+            self.big = kept;
+        }
+        refused
+    }
+
+    /// Queues `msg` (a GOAWAY with a code other than DRAINING) as the last message of the
+    /// connection: the sender closes right after it (PROTOCOL.md §5.6). The fragments of
+    /// large messages not yet sent are dropped, a message partly sent in fragments included
+    /// (closing the connection is the one way to abandon it, §4.1), and later pushes are
+    /// refused. Messages already queued go out before it.
+    pub(crate) fn push_last(&mut self, msg: &Message) -> Result<(), CodecError> {
+        self.push(msg)?;
+        self.big.clear();
+        self.big_len = 0;
+        self.ended = true;
+        Ok(())
     }
 
     /// Appends one message, or refuses it (writing nothing) if it breaks a limit.
@@ -444,6 +502,12 @@ impl Outbox {
     /// pushed since the last one. Behind the messages already queued it would reach the peer
     /// only once the peer had read them all, and the peer's fragments wait for it.
     pub(crate) fn push(&mut self, msg: &Message) -> Result<(), CodecError> {
+        if self.ended {
+            return Err(CodecError::Io(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the connection is closing: nothing goes out after its GOAWAY",
+            )));
+        }
         check(msg)?;
         if let Message::Ack { bytes } = msg {
             self.queued += 1;
@@ -458,7 +522,7 @@ impl Outbox {
             });
         }
         self.queued += 1;
-        if n > FRAGMENT_SIZE {
+        if n > FRAGMENT_SIZE || (self.provisional && n > MIN_MAX_FRAME_LEN) {
             self.big.push_back(Big::new(msg));
             self.big_len += n;
             return Ok(());
@@ -489,8 +553,12 @@ impl Outbox {
     }
 
     /// The most a frame's body may hold here: [`FRAME_TARGET`], or less if the peer accepts
-    /// less. A message up to [`FRAGMENT_SIZE`] fits a new frame (larger ones go in fragments).
+    /// less ([`MIN_MAX_FRAME_LEN`] while its limit is unknown). A message that `push` does not
+    /// send in fragments fits a new frame.
     fn frame_limit(&self) -> usize {
+        if self.provisional {
+            return MIN_MAX_FRAME_LEN;
+        }
         self.max_frame_len.min(FRAME_TARGET)
     }
 
@@ -1033,6 +1101,78 @@ mod tests {
         let first = u32::from_be_bytes([t[0], t[1], t[2], t[3]]) as usize;
         assert_eq!(first, limit, "frame body at the peer's limit");
         assert_eq!(decode_all(&mut t, limit), vec![big]);
+    }
+
+    fn request_of(id: u32, len: usize) -> Message {
+        Message::Request {
+            id,
+            timeout_ms: 0,
+            method: Bytes::from_static(b"m"),
+            metadata: Bytes::new(),
+            body: Bytes::from(vec![7u8; len]),
+        }
+    }
+
+    /// Frame bodies in `wire`, from their headers.
+    fn frame_lens(wire: &[u8]) -> Vec<usize> {
+        let mut lens = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            let len = u32::from_be_bytes([wire[at], wire[at + 1], wire[at + 2], wire[at + 3]]);
+            lens.push(len as usize);
+            at += FRAME_HEADER_LEN + len as usize;
+        }
+        lens
+    }
+
+    #[test]
+    fn messages_queued_before_the_peer_limit_is_known_keep_to_the_limit_it_announces() {
+        let mut o = Outbox::provisional(16 << 20);
+        let small: Vec<Message> = (1..=3).map(|id| request_of(id, 2048)).collect();
+        for m in &small {
+            o.push(m).unwrap();
+        }
+        o.push(&request_of(4, 10 * 1024)).unwrap();
+        o.push(&request_of(5, 3 << 20)).unwrap();
+        o.push(&Message::OneWay {
+            timeout_ms: 0,
+            method: Bytes::from_static(b"m"),
+            metadata: Bytes::new(),
+            body: Bytes::from(vec![1u8; 5000]),
+        })
+        .unwrap();
+        let refused = o.set_max_frame_len(MIN_MAX_FRAME_LEN);
+        let ids: Vec<u32> = refused.iter().map(|&(id, _)| id).collect();
+        assert_eq!(ids, [4, 5, 0], "{refused:?}");
+        assert_eq!(refused[0].1, request_of(4, 10 * 1024).encoded_len());
+        assert_eq!(o.queued(), 3);
+        let mut wire = take(&mut o);
+        assert!(o.is_drained());
+        let lens = frame_lens(&wire);
+        assert!(lens.iter().all(|&n| n <= MIN_MAX_FRAME_LEN), "{lens:?}");
+        assert_eq!(decode_all(&mut wire, MIN_MAX_FRAME_LEN), small);
+    }
+
+    #[test]
+    fn a_peer_with_room_takes_what_was_queued_before_its_limit_was_known() {
+        let mut o = Outbox::provisional(16 << 20);
+        let msgs = [
+            request_of(1, 100),
+            request_of(2, 10 * 1024),
+            request_of(3, 200),
+        ];
+        for m in &msgs {
+            o.push(m).unwrap();
+        }
+        assert!(o.set_max_frame_len(16 << 20).is_empty());
+        let mut wire = take(&mut o);
+        // The 10 KiB one went whole into no frame: one piece, after the frame of the others.
+        let got = decode_all(&mut wire, 16 << 20);
+        assert_eq!(got, [msgs[0].clone(), msgs[2].clone(), msgs[1].clone()]);
+        // Once the limit is known, such a message goes in a frame as usual.
+        o.push(&request_of(4, 10 * 1024)).unwrap();
+        let wire = take(&mut o);
+        assert_eq!(frame_lens(&wire), [request_of(4, 10 * 1024).encoded_len()]);
     }
 
     #[test]

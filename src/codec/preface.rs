@@ -83,14 +83,23 @@ impl Preface {
         b
     }
 
-    /// Parses and checks a preface. A version other than ours parses (so that the caller can
-    /// report it); everything else that is off is an error.
-    pub fn parse(b: &[u8; PREFACE_LEN]) -> Result<Preface, CodecError> {
-        if &b[..4] != MAGIC {
+    /// Checks the start of a preface still arriving: a peer whose first bytes are not the
+    /// magic is no towerpc peer, and is refused without waiting for the rest (PROTOCOL.md
+    /// §3.2).
+    pub(crate) fn check_start(b: &[u8]) -> Result<(), CodecError> {
+        let n = b.len().min(MAGIC.len());
+        if b[..n] != MAGIC[..n] {
             return Err(CodecError::InvalidFrame(
                 "bad preface magic (not a towerpc peer)",
             ));
         }
+        Ok(())
+    }
+
+    /// Parses and checks a preface. A version other than ours parses (so that the caller can
+    /// report it); everything else that is off is an error.
+    pub fn parse(b: &[u8; PREFACE_LEN]) -> Result<Preface, CodecError> {
+        Preface::check_start(b)?;
         let role = match b[5] {
             b'C' => Role::Client,
             b'S' => Role::Server,

@@ -247,7 +247,7 @@ impl Conn {
         }
         inner.outbox = Outbox::new(self.max_frame_len, 0);
         let goaway = protocol::goaway(code::RESOURCE_EXHAUSTED, CONDEMNED);
-        let _ = inner.outbox.push(&goaway);
+        let _ = inner.outbox.push_last(&goaway);
         inner.closing = true;
         self.account(0);
     }
@@ -456,13 +456,10 @@ pub(super) async fn serve<S, IO>(
     } else if goaway.is_some() {
         // The GOAWAY is written and our side shut: read what the client still sends until it
         // closes too, so that the close is not a reset that destroys the GOAWAY unread.
-        reader.linger(LINGER).await;
+        reader.linger(crate::conn::LINGER).await;
     }
     conn.account.close(&conn.budget);
 }
-
-/// How long a connection closed for an error reads on, for the client to read the GOAWAY.
-const LINGER: Duration = Duration::from_secs(1);
 
 /// Stops every handler still running, answers each CANCELLED, queues `last` and marks the
 /// connection closing so the writer ends after flushing.
@@ -475,7 +472,10 @@ fn cancel_all(conn: &Conn, last: Option<&Message>) {
         conn.push(&mut inner, &error_message(id, &status));
     }
     if let Some(msg) = last {
-        conn.push(&mut inner, msg);
+        // The GOAWAY is the last thing sent: fragments still to go are dropped (§5.6).
+        if let Err(e) = inner.outbox.push_last(msg) {
+            tracing::debug!(error = %e, "goaway refused by the encoder");
+        }
     }
     inner.closing = true;
 }
