@@ -700,9 +700,46 @@ fn zstd_window_refusal_is_counted_and_reported() {
     );
     let said = server_messages(Compression::Zstd, &r.outcome.received);
     assert!(
-        matches!(said.last(), Some(Message::GoAway { .. })),
-        "{name}: no GOAWAY before closing: {said:?}"
+        matches!(said.last(), Some(Message::GoAway { code: 11, .. })),
+        "{name}: no GOAWAY PROTOCOL_ERROR before closing: {said:?}"
     );
+}
+
+/// PROTOCOL.md §12: a compressed stream that does not decode is a PROTOCOL_ERROR. `garbage`
+/// is the whole stream after the preface.
+fn corrupt_stream_case(algo: Compression, garbage: Vec<u8>) {
+    let _serial = serial();
+    let name = format!("{algo} stream that does not decode");
+    let r = run_case(
+        &name,
+        Server::builder(),
+        algo,
+        move || {
+            let mut garbage = Some(garbage);
+            Box::new(move || garbage.take())
+        },
+        Duration::from_secs(3),
+    );
+    assert_closed_within(&name, &r, 4 * MIB);
+    assert_eq!(r.probes, 0);
+    assert!(r.protocol_errors > 0, "{name}: not counted: {r:?}");
+    let said = server_messages(algo, &r.outcome.received);
+    assert!(
+        matches!(said.last(), Some(Message::GoAway { code: 11, .. })),
+        "{name}: no GOAWAY PROTOCOL_ERROR before closing: {said:?}"
+    );
+}
+
+#[test]
+fn zstd_stream_that_does_not_decode_is_a_protocol_error() {
+    // Not a zstd frame's magic, nor a skippable frame's.
+    corrupt_stream_case(Compression::Zstd, vec![0x5A; 64]);
+}
+
+#[test]
+fn deflate_stream_that_does_not_decode_is_a_protocol_error() {
+    // A final block of the reserved type 3.
+    corrupt_stream_case(Compression::Deflate, vec![0xFF; 64]);
 }
 
 /// A compressed stream of `count` valid REQUESTs for `Hold`, each filling a frame of
