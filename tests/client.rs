@@ -1047,3 +1047,121 @@ async fn a_server_of_another_version_is_reported_as_unsupported_version() {
         "the client sent {rest:?} after the prefaces"
     );
 }
+
+/// A server that answers the client's preface with `preface` and then sends `after`; returns
+/// every byte the client sent after its own preface, once it closed.
+async fn scripted_server(
+    preface: [u8; towerpc::codec::PREFACE_LEN],
+    after: Vec<u8>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut theirs = [0u8; towerpc::codec::PREFACE_LEN];
+        stream.read_exact(&mut theirs).await.unwrap();
+        stream.write_all(&preface).await.unwrap();
+        stream.write_all(&after).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest));
+        read.await
+            .expect("the client did not close")
+            .expect("read what the client sent");
+        rest
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_bad_server_preface_fails_the_handshake_and_nothing_follows() {
+    // §3.2 and §3.3, from the client's side.
+    let good = support::server_preface(16 << 20);
+    let bad = |what: &'static str, edit: fn(&mut [u8; 12])| {
+        let mut p = good;
+        edit(&mut p);
+        (what, p)
+    };
+    let cases = [
+        bad("bad magic", |p| p[0] = b'X'),
+        bad("role 'C'", |p| p[5] = b'C'),
+        bad("flags 1", |p| p[7] = 1),
+        bad("max_frame_len 4095", |p| {
+            p[8..].copy_from_slice(&4095u32.to_be_bytes())
+        }),
+        bad("zstd, not offered", |p| p[6] = 0x01),
+        bad("two algorithms", |p| p[6] = 0x03),
+        bad("a reserved bit", |p| p[6] = 0x08),
+    ];
+    for (what, preface) in cases {
+        let (addr, server) = scripted_server(preface, Vec::new()).await;
+        let err = Client::builder().connect(addr).await.unwrap_err();
+        assert!(err.is_handshake(), "{what}: {err:?}");
+        let rest = server.await.unwrap();
+        assert!(rest.is_empty(), "{what}: the client sent {rest:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_server_breaking_the_protocol_gets_a_goaway_and_a_close() {
+    // §5 directions, §5.8 ACKs, §4 frame limit, §12: what the client answers with.
+    use bytes::BytesMut;
+    use tokio_util::codec::{Decoder, Encoder};
+    use towerpc::codec::{Frame, FrameCodec};
+
+    let encode = |msgs: Vec<Message>| {
+        let mut out = BytesMut::new();
+        FrameCodec::new()
+            .encode(Frame::new(msgs), &mut out)
+            .unwrap();
+        out.to_vec()
+    };
+    let request = Message::Request {
+        id: 1,
+        timeout_ms: 0,
+        method: Bytes::from_static(b"m"),
+        metadata: Bytes::new(),
+        body: Bytes::new(),
+    };
+    let mut over_limit = 5000u32.to_be_bytes().to_vec();
+    over_limit.extend_from_slice(&[0, 0, 0, 1]);
+    let cases = [
+        ("a REQUEST", encode(vec![request]), 11),
+        ("a CANCEL", encode(vec![Message::Cancel { id: 1 }]), 11),
+        (
+            "an ACK with nothing outstanding",
+            encode(vec![Message::Ack { bytes: 1 }]),
+            11,
+        ),
+        (
+            "a reply to no call",
+            encode(vec![Message::Response {
+                id: 7,
+                body: Bytes::new(),
+            }]),
+            11,
+        ),
+        ("a frame over the client's limit", over_limit, 12),
+    ];
+    for (what, after, code) in cases {
+        let (addr, server) = scripted_server(support::server_preface(16 << 20), after).await;
+        let client = Client::builder()
+            .max_frame_len(4096)
+            .connect(addr)
+            .await
+            .unwrap();
+        let rest = server.await.unwrap();
+        let mut buf = BytesMut::from(&rest[..]);
+        let mut said = Vec::new();
+        while let Some(frame) = FrameCodec::new().decode(&mut buf).unwrap() {
+            said.extend(frame.into_messages());
+        }
+        assert!(
+            matches!(said.last(), Some(Message::GoAway { code: c, .. }) if *c == code),
+            "{what}: the client said {said:?}"
+        );
+        assert!(buf.is_empty(), "{what}: bytes after the GOAWAY");
+        drop(client);
+    }
+}

@@ -1158,3 +1158,37 @@ async fn bad_magic_is_closed_at_once_not_at_the_handshake_timeout() {
     p.send(b"Z").await;
     p.expect_closed().await;
 }
+
+fn goaway(code: u16, reason: &str) -> Vec<u8> {
+    let mut m = vec![0x08];
+    m.extend_from_slice(&code.to_be_bytes());
+    m.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    m.extend_from_slice(reason.as_bytes());
+    m
+}
+
+#[tokio::test]
+async fn a_client_goaway_ends_the_connection_whatever_its_code() {
+    // §10.2: the server reads nothing more, stops the handlers still running and closes; a
+    // GOAWAY 0 from a client is no drain.
+    for code in [0, PROTOCOL_ERROR] {
+        let srv = start_default().await;
+        let mut p = Peer::connect(srv.addr).await;
+        p.send(&frame(&[request(1, 0, "sleep", b"x")])).await;
+        p.assert_alive(1).await;
+        let started = Instant::now();
+        p.send(&frame(&[goaway(code, "bye"), request(2, 0, "echo", b"y")]))
+            .await;
+        // Closed within the verdict, long before `sleep`'s 5 s: the handler was not waited
+        // for; the request behind the GOAWAY never ran.
+        let mut said = Vec::new();
+        while let Some(m) = p.next_msg().await {
+            said.push(m);
+        }
+        assert!(started.elapsed() < Duration::from_secs(4), "code {code}");
+        assert!(
+            said.iter().all(|m| matches!(m, Msg::Error { id: 1, .. })),
+            "code {code}: {said:?}"
+        );
+    }
+}
