@@ -295,3 +295,49 @@ async fn a_frame_of_tiny_messages_costs_what_came_not_what_it_decodes_to() {
         "peak heap {peak} bytes for a frame of {wire} bytes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_told_why_it_is_closed() {
+    // §11: over half as much again as the budget, the connections holding the most are closed
+    // with GOAWAY RESOURCE_EXHAUSTED and a reason that says why; nothing follows it.
+    use tokio_util::codec::Encoder;
+    let _serial = SERIAL.lock().await;
+    let srv = support::serve(
+        Server::builder()
+            .max_queued_bytes(256 * 1024)
+            .max_buffered_bytes(512 * 1024),
+        service(),
+    )
+    .await;
+    let mut s = support::raw_connect(srv.addr).await;
+    let mut codec = FrameCodec::new();
+    for f in 0..200u32 {
+        let msgs = (0..16)
+            .map(|i| Message::Request {
+                id: f * 16 + i + 1,
+                timeout_ms: 0,
+                method: "big".into(),
+                metadata: Bytes::new(),
+                body: Bytes::new(),
+            })
+            .collect();
+        let mut out = bytes::BytesMut::new();
+        codec.encode(Frame::new(msgs), &mut out).unwrap();
+        match tokio::time::timeout(Duration::from_millis(300), s.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            // The server stopped reading (or closed).
+            _ => break,
+        }
+    }
+    // Now read all it sent: replies, then the GOAWAY, then the close.
+    let mut conn = support::RawConn::new(s);
+    let said = conn.read_to_end_within(Duration::from_secs(10)).await;
+    let reason = "server memory budget exceeded: replies are not read";
+    assert!(
+        matches!(said.last(), Some(Message::GoAway { code: 7, reason: r }) if r == reason),
+        "last of {} messages: {:?}",
+        said.len(),
+        said.last()
+    );
+    assert!(srv.stats().protocol_errors >= 1);
+}
