@@ -1165,3 +1165,65 @@ async fn a_server_breaking_the_protocol_gets_a_goaway_and_a_close() {
         drop(client);
     }
 }
+
+#[tokio::test]
+async fn the_client_keeps_its_fragments_to_the_window_until_the_server_acknowledges() {
+    // §4.1: at most 1 MiB of FRAGMENT data unacknowledged.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const WINDOW: usize = 1 << 20;
+    let len = 3 << 20;
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        let (mut unacked, mut total, mut waits) = (0usize, 0usize, 0);
+        let mut id = None;
+        loop {
+            let mut head = [0u8; 8];
+            let quiet = Duration::from_millis(300);
+            match tokio::time::timeout(quiet, conn.stream.read_exact(&mut head)).await {
+                Ok(res) => {
+                    res.unwrap();
+                }
+                Err(_) => {
+                    // Nothing more without an ACK: the window is full.
+                    assert_eq!(unacked, WINDOW, "the client stopped short of its window");
+                    waits += 1;
+                    let mut ack = vec![0, 0, 0, 5, 0, 0, 0, 1, 0x0A];
+                    ack.extend_from_slice(&(unacked as u32).to_be_bytes());
+                    conn.stream.write_all(&ack).await.unwrap();
+                    unacked = 0;
+                    continue;
+                }
+            }
+            let n = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; n];
+            conn.stream.read_exact(&mut body).await.unwrap();
+            assert_eq!(body[0], 0x09, "only the request's pieces");
+            let data = u32::from_be_bytes(body[2..6].try_into().unwrap()) as usize;
+            id.get_or_insert(u32::from_be_bytes(body[7..11].try_into().unwrap()));
+            unacked += data;
+            total += data;
+            assert!(unacked <= WINDOW, "{unacked} bytes unacknowledged");
+            if body[1] == 0 {
+                break;
+            }
+        }
+        let reply = Message::Response {
+            id: id.unwrap(),
+            body: Bytes::from_static(b"ok"),
+        };
+        conn.write_frame(vec![reply]).await;
+        let _ = conn.read_to_end_within(Duration::from_secs(5)).await;
+        (waits, total)
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    let reply = client
+        .request(Request::new("put", vec![1u8; len]))
+        .await
+        .unwrap();
+    assert_eq!(&reply.body()[..], b"ok");
+    drop(client);
+    let (waits, total) = script.await.unwrap();
+    assert_eq!(total, len + 16 + 3, "the whole request");
+    // Three full windows, the last 19 bytes after the third ACK.
+    assert_eq!(waits, 3, "the client waited for each ACK");
+}
