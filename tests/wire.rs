@@ -1192,3 +1192,48 @@ async fn a_client_goaway_ends_the_connection_whatever_its_code() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_server_keeps_its_frames_and_replies_to_the_limit_the_client_announced() {
+    // §3: no frame over the max_frame_len the peer announced; a reply too large for it is
+    // answered with an ERROR instead (it could not be received, whole or in fragments).
+    let srv = start_default().await;
+    let mut p = Peer::raw(srv.addr).await;
+    let mut preface = CLIENT_PREFACE;
+    preface[8..].copy_from_slice(&4096u32.to_be_bytes());
+    p.send(&preface).await;
+    assert_eq!(p.read_exact(12).await, SERVER_PREFACE);
+    // Ten replies of 1 KiB each, and one of 4,090 bytes of body (4,099 in all).
+    let mut reqs: Vec<Vec<u8>> = (1..=10)
+        .map(|id| request(id, 0, "echo", &[id as u8; 1024]))
+        .collect();
+    reqs.push(request(11, 0, "echo", &[0x77; 4090]));
+    p.send(&frame(&reqs)).await;
+    let mut replies = Vec::new();
+    while replies.len() < 11 {
+        let (head, body) = p.read_frame().await.expect("server closed");
+        assert!(be_u32(&head) <= 4096, "a frame of {} bytes", be_u32(&head));
+        replies.extend(parse_messages(&body, be_u16(&head[6..])));
+    }
+    for id in 1..=10u32 {
+        assert!(
+            replies.iter().any(
+                |m| matches!(m, Msg::Response { id: i, body } if *i == id && body.len() == 1024)
+            ),
+            "no reply to {id}: {replies:?}"
+        );
+    }
+    assert!(
+        replies.iter().any(|m| matches!(
+            m,
+            Msg::Error {
+                id: 11,
+                code: 7,
+                ..
+            }
+        )),
+        "the reply over the limit: {:?}",
+        replies.last()
+    );
+    p.assert_alive(3).await;
+}
