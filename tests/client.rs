@@ -1227,3 +1227,61 @@ async fn the_client_keeps_its_fragments_to_the_window_until_the_server_acknowled
     // Three full windows, the last 19 bytes after the third ACK.
     assert_eq!(waits, 3, "the client waited for each ACK");
 }
+
+/// PROTOCOL-independent (RELIABILITY.md P1): a call's deadline and token hold from the moment
+/// it is made, also while it waits for a slot with every `max_pending` slot taken.
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_for_a_slot_keeps_its_deadline_and_its_token() {
+    let client = never_connected(
+        Client::builder()
+            .max_pending(1)
+            .timeout(Duration::from_secs(30)),
+    );
+    // Takes the one slot until its own (default) timeout, 30 s.
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.request(Request::new("m", "a")).await }
+    });
+    eventually("the first call pending", Duration::from_secs(1), || {
+        client.pending() == 1
+    })
+    .await;
+
+    let start = tokio::time::Instant::now();
+    let err = client
+        .request(Request::new("m", "b").with_timeout(Duration::from_millis(100)))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = {
+        let token = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            token.cancel();
+        })
+    };
+    let start = tokio::time::Instant::now();
+    let err = client
+        .request(Request::new("m", "c").with_cancel(token))
+        .await
+        .unwrap_err();
+    assert!(err.is_cancelled(), "{err:?}");
+    assert_eq!(start.elapsed(), Duration::from_millis(50));
+    cancel.await.unwrap();
+
+    // A batch waits for its slots no longer than its calls' deadlines.
+    let start = tokio::time::Instant::now();
+    let mut batch = client.batch();
+    let _slot = batch.request(Request::new("m", "d"));
+    batch.timeout(Duration::from_millis(200));
+    let err = batch.run().await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert_eq!(start.elapsed(), Duration::from_millis(200));
+
+    // The first call was never held up by the others, and ends at its own deadline.
+    let err = first.await.unwrap().unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+}

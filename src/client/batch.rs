@@ -137,6 +137,12 @@ impl Batch {
                     "a batch of {calls} calls is larger than max_pending ({max})"
                 )));
         }
+        // The calls' deadlines count from here: a wait for slots spends them.
+        let now = tokio::time::Instant::now();
+        let own_timeout = |req: &Request| match req.timeout {
+            Timeout::Default => timeout.or(shared.config.timeout),
+            t => t.or(None),
+        };
         // All the slots at once: taking them one by one could leave two large batches each
         // holding part of what it needs, waiting for the other forever.
         let mut permits = match &client.handle.permits {
@@ -144,29 +150,43 @@ impl Batch {
                 let n = u32::try_from(calls).map_err(|_| Error::new(Kind::Overloaded))?;
                 Some(match sem.clone().try_acquire_many_owned(n) {
                     Ok(p) => p,
-                    Err(_) => sem
-                        .clone()
-                        .acquire_many_owned(n)
-                        .await
-                        .map_err(|_| Error::new(Kind::Closed))?,
+                    Err(_) => {
+                        // The wait ends when the last call's deadline passes, if all have one.
+                        let mut latest = Some(now);
+                        for req in entries.iter().filter(|r| !r.one_way) {
+                            latest = match (latest, deadline_for(own_timeout(req), now)) {
+                                (Some(a), Some(d)) => Some(a.max(d)),
+                                _ => None,
+                            };
+                        }
+                        let acquire = sem.clone().acquire_many_owned(n);
+                        let acquired = match latest {
+                            Some(at) => {
+                                tokio::time::timeout_at(at, acquire).await.map_err(|_| {
+                                    super::timed_out(shared).with(
+                                        "every call slot stayed taken until the batch's deadlines \
+                                     (max_pending)"
+                                            .to_string(),
+                                    )
+                                })?
+                            }
+                            None => acquire.await,
+                        };
+                        acquired.map_err(|_| Error::new(Kind::Closed))?
+                    }
                 })
             }
             _ => None,
         };
 
         let mut deadlines = Vec::with_capacity(entries.len());
-        let now = tokio::time::Instant::now();
         let msgs: Vec<(Message, bool)> = entries
             .into_iter()
             .map(|req| {
                 let own_deadline = !matches!(req.timeout, Timeout::Default)
                     || !matches!(timeout, Timeout::Default)
                     || crate::deadline::current().is_some();
-                let own = match req.timeout {
-                    Timeout::Default => timeout.or(shared.config.timeout),
-                    t => t.or(None),
-                };
-                let deadline = deadline_for(own, now);
+                let deadline = deadline_for(own_timeout(&req), now);
                 deadlines.push(deadline);
                 let t = deadline.map(|d| d.saturating_duration_since(now));
                 let msg = if req.one_way {

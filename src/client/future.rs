@@ -151,11 +151,14 @@ struct Call {
     gen: Gen,
 }
 
-/// A call waiting for a free slot (`max_pending` calls are pending) before it starts.
+/// A call waiting for a free slot (`max_pending` calls are pending) before it starts. Its
+/// deadline and token (in the future's extras) hold while it waits.
 struct Acquiring {
     client: super::Client,
     req: Request,
     slots: tokio_util::sync::PollSemaphore,
+    deadline: Option<Instant>,
+    cancel: Option<CancellationToken>,
 }
 
 /// A wait-for-ready call waiting for a connection.
@@ -228,21 +231,27 @@ impl ResponseFuture {
         client: super::Client,
         req: Request,
         slots: Arc<tokio::sync::Semaphore>,
+        deadline: Option<Instant>,
+        cancel: Option<CancellationToken>,
     ) -> Self {
         ResponseFuture {
+            extras: Extras::boxed(deadline, cancel.clone(), None),
             state: State::Acquiring(Box::new(Acquiring {
                 client,
                 req,
                 slots: tokio_util::sync::PollSemaphore::new(slots),
+                deadline,
+                cancel,
             })),
-            extras: None,
         }
     }
 
-    /// While waiting for a slot: once one is free, the call itself (which starts then).
+    /// While waiting for a slot: once one is free, the call itself (which starts then, to
+    /// end by the deadline it had from the start); before that, the call's end if its token
+    /// is cancelled or its deadline passes.
     fn poll_slot(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ResponseFuture> {
-        let state = self.project().state;
-        let State::Acquiring(acquiring) = state else {
+        let this = self.project();
+        let State::Acquiring(acquiring) = this.state else {
             unreachable!("only called in the Acquiring state")
         };
         let permit = match acquiring.slots.poll_acquire(cx) {
@@ -250,14 +259,35 @@ impl ResponseFuture {
             Poll::Ready(None) => {
                 return Poll::Ready(ResponseFuture::ready(Err(Error::new(Kind::Closed))))
             }
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                return match poll_extras(this.extras, cx) {
+                    Some(true) => {
+                        Poll::Ready(ResponseFuture::ready(Err(Error::new(Kind::Cancelled))))
+                    }
+                    Some(false) => {
+                        let e = super::timed_out(&acquiring.client.handle.conns[0]).with(
+                            "every call slot stayed taken until the deadline (max_pending)"
+                                .to_string(),
+                        );
+                        Poll::Ready(ResponseFuture::ready(Err(e)))
+                    }
+                    None => Poll::Pending,
+                }
+            }
         };
-        let State::Acquiring(acquiring) = std::mem::replace(state, State::Ready { reply: None })
+        let State::Acquiring(acquiring) =
+            std::mem::replace(this.state, State::Ready { reply: None })
         else {
             unreachable!("matched just above")
         };
-        let Acquiring { client, req, .. } = *acquiring;
-        Poll::Ready(client.start(req, Some(permit)))
+        let Acquiring {
+            client,
+            req,
+            deadline,
+            cancel,
+            ..
+        } = *acquiring;
+        Poll::Ready(client.start_by(req, Some(permit), deadline, cancel))
     }
 
     pub(crate) fn ready(reply: Reply) -> Self {

@@ -30,7 +30,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::wrappers::WatchStream;
-use tokio_util::sync::PollSemaphore;
+use tokio_util::sync::{CancellationToken, PollSemaphore};
 use tower::Service;
 
 use self::future::ResponseFuture;
@@ -352,7 +352,7 @@ impl Client {
             Some(sem) => match sem.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(tokio::sync::TryAcquireError::NoPermits) => {
-                    return ResponseFuture::acquiring(self.clone(), req, sem.clone())
+                    return self.wait_for_slot(req, sem.clone())
                 }
                 Err(tokio::sync::TryAcquireError::Closed) => {
                     return ResponseFuture::ready(Err(Error::new(Kind::Closed)))
@@ -388,17 +388,37 @@ impl Client {
         })
     }
 
+    /// A call that found every slot taken (`max_pending` calls pending, `Overflow::Backpressure`):
+    /// its deadline runs, and its token may cancel it, from now on, while it waits for a slot.
+    fn wait_for_slot(&self, mut req: Request, slots: Arc<Semaphore>) -> ResponseFuture {
+        let deadline = resolve_deadline(&req, self.handle.config().timeout, Instant::now());
+        let cancel = req.cancel.take();
+        ResponseFuture::acquiring(self.clone(), req, slots, deadline, cancel)
+    }
+
     pub(crate) fn start(
         &self,
         mut req: Request,
         permit: Option<OwnedSemaphorePermit>,
     ) -> ResponseFuture {
+        let deadline = resolve_deadline(&req, self.handle.config().timeout, Instant::now());
+        let cancel = req.cancel.take();
+        self.start_by(req, permit, deadline, cancel)
+    }
+
+    /// Starts a call that must be over by `deadline` (resolved when it was made, which for a
+    /// call that waited for a slot was before the wait).
+    pub(crate) fn start_by(
+        &self,
+        mut req: Request,
+        permit: Option<OwnedSemaphorePermit>,
+        deadline: Option<Instant>,
+        cancel: Option<CancellationToken>,
+    ) -> ResponseFuture {
         if req.one_way {
             return ResponseFuture::ready(self.send_raw(req).map(|()| Response::default()));
         }
         let now = Instant::now();
-        let deadline = resolve_deadline(&req, self.handle.config().timeout, now);
-        let cancel = req.cancel.take();
         continue_trace(&mut req);
         if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             return ResponseFuture::ready(Err(Error::new(Kind::Cancelled)));
