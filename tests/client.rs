@@ -1285,3 +1285,28 @@ async fn a_call_waiting_for_a_slot_keeps_its_deadline_and_its_token() {
     let err = first.await.unwrap().unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
 }
+
+/// RELIABILITY.md P5, gorpc's counter-example: a server that completes the handshake and drops
+/// every connection at once is a failed dial, and the waits between dials keep growing (the
+/// gRPC schedule: at most 15 dials in 10 minutes) instead of starting over at each handshake.
+#[tokio::test(start_paused = true)]
+async fn a_server_dropping_every_connection_at_once_is_dialled_ever_less_often() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = tower::service_fn(|_: ()| {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        tokio::spawn(async move {
+            let mut preface = [0u8; towerpc::codec::PREFACE_LEN];
+            theirs.read_exact(&mut preface).await.unwrap();
+            theirs
+                .write_all(&support::server_preface(16 << 20))
+                .await
+                .unwrap();
+            // Dropped: the client reads EOF at once.
+        });
+        async move { Ok::<_, std::io::Error>(ours) }
+    });
+    let client = Client::builder().connect_lazy_with((), connector);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let dials = client.stats().dials;
+    assert!((5..=15).contains(&dials), "{dials} dials in 10 minutes");
+}

@@ -44,7 +44,8 @@ enum End {
 }
 
 /// Connections that lived shorter than this are followed by a backoff wait, not an immediate
-/// redial, so a server that accepts and drops at once is not hammered.
+/// redial, and do not start the backoff schedule over, so a server that accepts and drops at
+/// once is not hammered.
 const MIN_HEALTHY: Duration = Duration::from_secs(1);
 
 /// The connection's task: dials, serves and redials, with the deadline queue's timer beside it
@@ -100,7 +101,6 @@ pub(super) async fn run<C, T>(
                 continue;
             }
         };
-        backoff.reset();
         // Connected before the first caller hears of it, so `is_connected()` right after
         // `connect` is true.
         let mut refused = Vec::new();
@@ -169,7 +169,12 @@ pub(super) async fn run<C, T>(
         if matches!(end, End::Closed) {
             break;
         }
-        if started.elapsed() < MIN_HEALTHY {
+        if started.elapsed() >= MIN_HEALTHY {
+            // Only a connection that lasted starts the schedule over: one the server drops at
+            // once is a failed dial, and the waits keep growing (gorpc redialed such a server
+            // every second forever).
+            backoff.reset();
+        } else {
             shared.set_phase(Phase::Backoff(
                 "connection closed right after it opened".into(),
             ));
