@@ -1310,3 +1310,29 @@ async fn a_server_dropping_every_connection_at_once_is_dialled_ever_less_often()
     let dials = client.stats().dials;
     assert!((5..=15).contains(&dials), "{dials} dials in 10 minutes");
 }
+
+/// RELIABILITY.md P9 (A3): replies that never come for abandoned calls keep their ids
+/// reserved, but no more than `max_pending` of them: past that, new calls fail at once.
+#[tokio::test(start_paused = true)]
+async fn abandoned_calls_are_capped_at_max_pending() {
+    let client = never_connected(
+        Client::builder()
+            .max_pending(100)
+            .timeout(Duration::from_millis(10)),
+    );
+    let mut calls = JoinSet::new();
+    for i in 0..100u64 {
+        let client = client.clone();
+        calls.spawn(async move { client.invoke::<_, u64>("m", &i).await });
+    }
+    while let Some(res) = calls.join_next().await {
+        assert!(res.unwrap().unwrap_err().is_timeout());
+    }
+    // Each timed-out id waits for a reply that may still come.
+    assert_eq!(client.pending(), 100);
+    let start = tokio::time::Instant::now();
+    let err = client.invoke::<_, u64>("m", &0u64).await.unwrap_err();
+    assert!(err.is_overloaded(), "{err:?}");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(client.pending(), 100);
+}

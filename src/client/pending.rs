@@ -775,6 +775,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ids_wrap_past_zero_and_skip_those_still_awaiting_a_reply() {
+        let shared = shared();
+        let mut start = |body: &'static str| {
+            let mut req = Request::new("M", body);
+            let (id, _, rx, _) = shared.start(&mut req, None, None, false).unwrap();
+            (id, rx)
+        };
+        let (one, _a) = start("a");
+        let (two, _b) = start("b");
+        assert_eq!((one, two), (1, 2));
+        shared.lock().next_id = u32::MAX - 1;
+        let ids: Vec<u32> = (0..3).map(|_| start("c").0).collect();
+        // u32::MAX, then neither 0 (never an id) nor 1 and 2 (their replies may come).
+        assert_eq!(ids, [u32::MAX, 3, 4]);
+    }
+
+    #[tokio::test]
     async fn a_call_lost_before_its_write_is_retry_safe() {
         let shared = shared();
         let mut req = Request::new("M", "x");
