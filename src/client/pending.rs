@@ -777,7 +777,7 @@ mod tests {
     #[tokio::test]
     async fn ids_wrap_past_zero_and_skip_those_still_awaiting_a_reply() {
         let shared = shared();
-        let mut start = |body: &'static str| {
+        let start = |body: &'static str| {
             let mut req = Request::new("M", body);
             let (id, _, rx, _) = shared.start(&mut req, None, None, false).unwrap();
             (id, rx)
