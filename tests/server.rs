@@ -654,3 +654,43 @@ fn frames_of_many_requests_are_not_spun_for() {
         "{few} parks in {ROUNDS} rounds of 10 calls"
     );
 }
+
+/// RELIABILITY.md A4: `max_connections` is enforced with an immediate close, and the
+/// connections already open keep being served.
+#[tokio::test]
+async fn connections_past_max_connections_are_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let server = support::serve(Server::builder().max_connections(2), support::echo()).await;
+    let a = Client::builder().connect(server.addr).await.unwrap();
+    let b = Client::builder().connect(server.addr).await.unwrap();
+
+    // The third is accepted and closed: not even a preface comes back.
+    let mut third = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut byte))
+        .await
+        .expect("the third connection stayed open")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let err = Client::builder().connect(server.addr).await.unwrap_err();
+    assert!(err.is_handshake() || err.is_unavailable(), "{err:?}");
+    assert!(server.stats().refused_connections >= 2);
+
+    // The first two work on.
+    for c in [&a, &b] {
+        assert_eq!(c.invoke::<_, u64>("Echo", &7u64).await.unwrap(), 7);
+    }
+    // A slot given back is taken again.
+    a.close().await;
+    drop(a);
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(c) = Client::builder().connect(server.addr).await {
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = again.expect("no connection after one closed");
+    assert_eq!(c.invoke::<_, u64>("Echo", &8u64).await.unwrap(), 8);
+}

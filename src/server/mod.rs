@@ -25,6 +25,7 @@ pub use self::upgrade::Upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +89,9 @@ pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 * 1024 * 1024;
 /// Default read spin: 50 µs. See [`Server::read_spin`].
 pub const DEFAULT_READ_SPIN: Duration = Duration::from_micros(50);
 
+/// Default cap on connections served at once (10,000). See [`Server::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
 /// A towerpc server: configuration plus the counters of everything it serves.
 ///
 /// Setters consume and return the server, tonic style; `serve*` methods run it. Clone it first
@@ -141,6 +145,7 @@ pub(crate) type ErrorHook = Arc<dyn Fn(&ConnectInfo, &Error) + Send + Sync>;
 pub(crate) struct Config {
     pub(crate) max_concurrency: usize,
     pub(crate) max_concurrency_per_connection: usize,
+    pub(crate) max_connections: usize,
     pub(crate) grace_period: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) write_timeout: Option<Duration>,
@@ -200,6 +205,7 @@ impl Server {
             config: Config {
                 max_concurrency: DEFAULT_MAX_CONCURRENCY,
                 max_concurrency_per_connection: DEFAULT_MAX_CONCURRENCY,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
                 grace_period: DEFAULT_GRACE_PERIOD,
                 handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
@@ -284,6 +290,24 @@ impl<L> Server<L> {
     #[must_use]
     pub fn max_concurrency_per_connection(mut self, n: usize) -> Self {
         self.config.max_concurrency_per_connection = n.max(1);
+        self
+    }
+
+    /// Connections served at once. Default 10,000 ([`DEFAULT_MAX_CONNECTIONS`]). Past it, a
+    /// connection the server accepts is closed at once, before TLS or the preface: what a
+    /// flood of connections can hold (each costs a task, buffers and a file descriptor) is
+    /// bounded, and the server keeps serving those it has. Counted in
+    /// [`Stats::refused_connections`](crate::stats::Stats::refused_connections). Connections
+    /// handed over by an HTTP server (`server::upgrade`) are that server's to bound.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let server = towerpc::Server::builder().max_connections(1_000);
+    /// ```
+    #[must_use]
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = n.max(1);
         self
     }
 
@@ -628,6 +652,7 @@ impl<L> Server<L> {
             // dropped, so new dials are refused at once instead of waiting in the backlog.
             let incoming = incoming;
             tokio::pin!(incoming);
+            let live = Arc::new(AtomicUsize::new(0));
             loop {
                 let conn = tokio::select! {
                     conn = incoming.next() => conn,
@@ -636,6 +661,13 @@ impl<L> Server<L> {
                 match conn {
                     Some(Ok(io)) => {
                         Counters::inc(&self.counters.accepts);
+                        let Some(slot) = ConnectionSlot::take(&live, config.max_connections) else {
+                            // Closed at once: the connections already open keep being served.
+                            Counters::inc(&self.counters.refused_connections);
+                            tracing::debug!("max_connections reached: connection closed");
+                            drop(io);
+                            continue;
+                        };
                         if let Some(tcp) = (&io as &dyn Any).downcast_ref::<TcpStream>() {
                             let (nodelay, keepalive) = (config.tcp_nodelay, config.tcp_keepalive);
                             if let Err(e) = crate::transport::configure_tcp(tcp, nodelay, keepalive)
@@ -648,13 +680,17 @@ impl<L> Server<L> {
                         let svc = self
                             .layer
                             .layer(per_connection.layer(global.layer(svc.clone())));
-                        tracker.spawn(handshake::run(
+                        let conn = handshake::run(
                             io,
                             svc,
                             config.clone(),
                             self.counters.clone(),
                             shutdown.child_token(),
-                        ));
+                        );
+                        tracker.spawn(async move {
+                            conn.await;
+                            drop(slot);
+                        });
                     }
                     Some(Err(e)) => {
                         Counters::inc(&self.counters.accept_errors);
@@ -675,6 +711,26 @@ impl<L> Server<L> {
         tracker.close();
         tracker.wait().await;
         Ok(())
+    }
+}
+
+/// One of the `max_connections` a server serves at once, given back when dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    /// A slot, if fewer than `max` are taken.
+    fn take(live: &Arc<AtomicUsize>, max: usize) -> Option<ConnectionSlot> {
+        live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ConnectionSlot(live.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

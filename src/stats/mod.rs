@@ -75,6 +75,8 @@ counters! {
     accepts,
     /// Accepts, or handshakes after accept, that failed (server).
     accept_errors,
+    /// Connections closed as soon as they were accepted, `max_connections` being open (server).
+    refused_connections,
     /// Frames (batches) written.
     frames_written,
     /// Frames (batches) read.
