@@ -1336,3 +1336,27 @@ async fn abandoned_calls_are_capped_at_max_pending() {
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(client.pending(), 100);
 }
+
+/// gorpc's TestBatchCallTimeout: a batch's timeout ends each of its calls, whatever the handler.
+#[tokio::test]
+async fn a_batch_timeout_ends_every_call_of_the_batch() {
+    let server = support::serve(Server::builder(), support::sleepy(Duration::from_secs(2))).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+    let mut batch = client.batch();
+    let slots: Vec<_> = (0..100u64)
+        .map(|i| batch.call::<_, u64>("Sleep", &i).unwrap())
+        .collect();
+    batch.timeout(Duration::from_millis(50));
+    let start = Instant::now();
+    let mut replies = batch.run().await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    for slot in slots {
+        let err = replies.take(slot).unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+    }
+    assert_eq!(client.stats().timeouts, 100);
+}
