@@ -136,7 +136,14 @@ where
             continue;
         }
         let batch_len = buf.len();
-        write_batch(&mut io, &buf, opts.write_timeout).await?;
+        if let Err(e) = write_batch(&mut io, &buf, opts.write_timeout).await {
+            if e.kind() == io::ErrorKind::TimedOut {
+                // No syscall failed (those are counted where they happen): the peer stopped
+                // reading.
+                Counters::inc(&counters.write_errors);
+            }
+            return Err(e);
+        }
         io.flush().await?;
         Counters::inc(&counters.frames_written);
         spare = buf;

@@ -102,3 +102,57 @@ async fn slow_steady_reader_keeps_its_connection() {
     );
     assert_eq!(handle.stats().write_errors, 0);
 }
+
+/// RELIABILITY.md A2: a client that stops reading altogether is cut off once a write has made
+/// no progress for the write timeout, and the failure is counted.
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_stops_is_cut_off_by_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::Encoder;
+    use towerpc::codec::{Frame, FrameCodec, Message, PREFACE_LEN};
+
+    let (mut client_end, server_end) = tokio::io::duplex(16 * 1024);
+    let server = Server::builder().write_timeout(Duration::from_secs(1));
+    let handle = server.handle();
+    let big = tower::service_fn(|_req: Request| async move {
+        Ok::<_, BoxError>(Response::new(vec![7u8; 2 << 20].into()))
+    });
+    let incoming = futures_util::stream::iter([Ok::<_, std::io::Error>(server_end)])
+        .chain(futures_util::stream::pending());
+    tokio::spawn(server.serve_with_incoming(incoming, big));
+
+    client_end
+        .write_all(b"TRPC\x01C\x00\x00\x01\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut preface = [0u8; PREFACE_LEN];
+    client_end.read_exact(&mut preface).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    let request = Message::Request {
+        id: 1,
+        timeout_ms: 0,
+        method: "Big".into(),
+        metadata: bytes::Bytes::new(),
+        body: bytes::Bytes::new(),
+    };
+    FrameCodec::new()
+        .encode(Frame::new(vec![request]), &mut out)
+        .unwrap();
+    client_end.write_all(&out).await.unwrap();
+    let started = tokio::time::Instant::now();
+    // Never reads again: the 2 MiB reply fills the 16 KiB pipe at once.
+    while handle.stats().write_errors == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(1100),
+        "{took:?}"
+    );
+    assert_eq!(handle.stats().write_errors, 1);
+    drop(client_end);
+}

@@ -65,7 +65,7 @@ counters! {
     write_calls,
     /// Reads that failed.
     read_errors,
-    /// Writes that failed.
+    /// Writes that failed, or made no progress within the server's write timeout.
     write_errors,
     /// Outgoing connection attempts (client).
     dials,
