@@ -1360,3 +1360,37 @@ async fn a_batch_timeout_ends_every_call_of_the_batch() {
     }
     assert_eq!(client.stats().timeouts, 100);
 }
+
+/// gorpc's FlushDelay: the writer waits that long before each write, so concurrent calls share
+/// writes; every call still gets its reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_delay_batches_concurrent_calls_into_fewer_writes() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let client = Client::builder()
+        .flush_delay(Duration::from_millis(2))
+        .connect(server.addr)
+        .await
+        .unwrap();
+    let before = client.stats();
+    let mut calls = JoinSet::new();
+    for c in 0..10u64 {
+        let client = client.clone();
+        calls.spawn(async move {
+            for i in 0..10u64 {
+                let n = c * 100 + i;
+                assert_eq!(client.invoke::<_, u64>("Echo", &n).await.unwrap(), n);
+            }
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+    }
+    let s = client.stats().since(&before);
+    assert_eq!(s.calls, 100);
+    // A round of the ten callers' calls per write (20-33 writes without the delay).
+    assert!(
+        s.frames_written <= 15,
+        "{} writes for 100 calls",
+        s.frames_written
+    );
+}
