@@ -1367,7 +1367,7 @@ async fn a_batch_timeout_ends_every_call_of_the_batch() {
 async fn flush_delay_batches_concurrent_calls_into_fewer_writes() {
     let server = support::serve(Server::builder(), support::echo()).await;
     let client = Client::builder()
-        .flush_delay(Duration::from_millis(2))
+        .flush_delay(Duration::from_millis(10))
         .connect(server.addr)
         .await
         .unwrap();
