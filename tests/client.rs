@@ -1394,3 +1394,30 @@ async fn flush_delay_batches_concurrent_calls_into_fewer_writes() {
         s.frames_written
     );
 }
+
+/// gorpc's TestBadServer: random bytes from the server after its preface fail the pending
+/// calls (never a hang, never a panic), and the client redials.
+#[tokio::test]
+async fn random_bytes_from_the_server_fail_the_calls_and_nothing_hangs() {
+    let mut rng = fastrand::Rng::with_seed(42);
+    let noise: Vec<u8> = (0..64 * 1024).map(|_| rng.u8(..)).collect();
+    let (addr, server) = scripted_server(support::server_preface(16 << 20), noise).await;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(addr)
+        .await
+        .unwrap();
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.invoke::<_, u64>("Echo", &1u64),
+    )
+    .await
+    .expect("the call hung");
+    let err = res.unwrap_err();
+    assert!(
+        err.is_protocol() || err.is_unavailable() || err.is_closed(),
+        "{err:?}"
+    );
+    drop(client);
+    let _ = server.await;
+}
