@@ -54,6 +54,10 @@ pub const DEFAULT_RETRY_PERCENT: f32 = 0.2;
 /// The default floor of retries a second allowed whatever the load (10).
 pub const DEFAULT_MIN_RETRIES_PER_SEC: u32 = 10;
 
+/// The most retries `Policy::max_retries` allows (4, so at most 5 attempts: gRPC's cap on
+/// `maxAttempts`, gRFC A6).
+pub const MAX_RETRIES: u32 = 4;
+
 /// The default most retries of one call (3, so at most 4 attempts).
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 
@@ -128,10 +132,20 @@ impl Policy {
         self
     }
 
-    /// The most retries of one call. Default 3.
+    /// The most retries of one call. Default 3; at most [`MAX_RETRIES`] (5 attempts in all,
+    /// gRPC's cap): a larger `n` is taken as that.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use towerpc::retry::{Policy, MAX_RETRIES};
+    ///
+    /// let policy = Policy::new().max_retries(10); // retries at most MAX_RETRIES (4) times
+    /// # let _ = (policy, MAX_RETRIES);
+    /// ```
     #[must_use]
     pub fn max_retries(mut self, n: u32) -> Policy {
-        self.config_mut().max_retries = n;
+        self.config_mut().max_retries = n.min(MAX_RETRIES);
         self
     }
 
@@ -262,6 +276,22 @@ impl tower::retry::Policy<Request, Response, BoxError> for Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn no_policy_makes_more_than_five_attempts() {
+        let req = Request::new("M", "x");
+        let err = Error::new(crate::error::Kind::Unavailable);
+        assert!(err.is_retry_safe());
+        for asked in [1, 4, 10, u32::MAX] {
+            let mut policy = Policy::new().max_retries(asked);
+            let mut retries = 0;
+            while policy.decide(&req, Some(&err)).is_some() {
+                retries += 1;
+                assert!(retries <= MAX_RETRIES, "asked {asked}");
+            }
+            assert_eq!(retries, asked.min(MAX_RETRIES), "asked {asked}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_stays_under_the_cap() {
