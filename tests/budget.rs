@@ -42,8 +42,19 @@ fn service() -> support::Svc {
 /// A client that sends frames of 16 `big` requests as fast as the server reads them, and
 /// never reads a reply. Returns how many requests the server took before it stopped reading.
 async fn greedy(addr: std::net::SocketAddr, frames: u32) -> u32 {
-    use tokio_util::codec::Encoder;
     let mut s = support::raw_connect(addr).await;
+    let sent = send_big_requests(&mut s, frames).await;
+    // Hold the connection open without reading while the caller measures.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(s);
+    sent
+}
+
+/// Writes up to `frames` frames of 16 `big` requests to `s` without reading, until a write
+/// hangs (a server that stopped reading fills the socket buffers) or fails; returns how many
+/// requests went out.
+async fn send_big_requests(s: &mut tokio::net::TcpStream, frames: u32) -> u32 {
+    use tokio_util::codec::Encoder;
     let mut codec = FrameCodec::new();
     let mut sent = 0;
     for f in 0..frames {
@@ -58,15 +69,11 @@ async fn greedy(addr: std::net::SocketAddr, frames: u32) -> u32 {
             .collect();
         let mut out = bytes::BytesMut::new();
         codec.encode(Frame::new(msgs), &mut out).unwrap();
-        // A server that stopped reading fills the socket buffers, and the write hangs.
         match tokio::time::timeout(Duration::from_millis(300), s.write_all(&out)).await {
             Ok(Ok(())) => sent += 16,
             _ => break,
         }
     }
-    // Hold the connection open without reading while the caller measures.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    drop(s);
     sent
 }
 
@@ -300,7 +307,6 @@ async fn a_frame_of_tiny_messages_costs_what_came_not_what_it_decodes_to() {
 async fn a_client_that_never_reads_is_told_why_it_is_closed() {
     // §11: over half as much again as the budget, the connections holding the most are closed
     // with GOAWAY RESOURCE_EXHAUSTED and a reason that says why; nothing follows it.
-    use tokio_util::codec::Encoder;
     let _serial = SERIAL.lock().await;
     let srv = support::serve(
         Server::builder()
@@ -310,25 +316,7 @@ async fn a_client_that_never_reads_is_told_why_it_is_closed() {
     )
     .await;
     let mut s = support::raw_connect(srv.addr).await;
-    let mut codec = FrameCodec::new();
-    for f in 0..200u32 {
-        let msgs = (0..16)
-            .map(|i| Message::Request {
-                id: f * 16 + i + 1,
-                timeout_ms: 0,
-                method: "big".into(),
-                metadata: Bytes::new(),
-                body: Bytes::new(),
-            })
-            .collect();
-        let mut out = bytes::BytesMut::new();
-        codec.encode(Frame::new(msgs), &mut out).unwrap();
-        match tokio::time::timeout(Duration::from_millis(300), s.write_all(&out)).await {
-            Ok(Ok(())) => {}
-            // The server stopped reading (or closed).
-            _ => break,
-        }
-    }
+    send_big_requests(&mut s, 200).await;
     // Now read all it sent: replies, then the GOAWAY, then the close.
     let mut conn = support::RawConn::new(s);
     let said = conn.read_to_end_within(Duration::from_secs(10)).await;

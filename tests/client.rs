@@ -618,6 +618,28 @@ async fn one_way_message_runs_the_handler_and_gets_no_reply() {
     );
 }
 
+/// `callers` tasks each make `per_caller` echo calls one after another, checking each reply;
+/// returns once all are done (at most 30 s).
+async fn echo_from_callers(client: &Client, callers: u64, per_caller: u64) {
+    let mut tasks = JoinSet::new();
+    for c in 0..callers {
+        let client = client.clone();
+        tasks.spawn(async move {
+            for i in 0..per_caller {
+                let n = c * 1000 + i;
+                assert_eq!(client.invoke::<_, u64>("Echo", &n).await.unwrap(), n);
+            }
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+    })
+    .await
+    .expect("calls did not finish in 30 s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_count_calls_and_batch_writes() {
     let server = support::serve(Server::builder(), support::echo()).await;
@@ -626,23 +648,7 @@ async fn stats_count_calls_and_batch_writes() {
 
     const CALLERS: u64 = 100;
     const PER_CALLER: u64 = 10;
-    let mut callers = JoinSet::new();
-    for c in 0..CALLERS {
-        let client = client.clone();
-        callers.spawn(async move {
-            for i in 0..PER_CALLER {
-                let n = c * 1000 + i;
-                assert_eq!(client.invoke::<_, u64>("Echo", &n).await.unwrap(), n);
-            }
-        });
-    }
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(r) = callers.join_next().await {
-            r.unwrap();
-        }
-    })
-    .await
-    .expect("calls did not finish in 30 s");
+    echo_from_callers(&client, CALLERS, PER_CALLER).await;
 
     let n = CALLERS * PER_CALLER;
     let s = client.stats().since(&before);
@@ -1372,19 +1378,7 @@ async fn flush_delay_batches_concurrent_calls_into_fewer_writes() {
         .await
         .unwrap();
     let before = client.stats();
-    let mut calls = JoinSet::new();
-    for c in 0..10u64 {
-        let client = client.clone();
-        calls.spawn(async move {
-            for i in 0..10u64 {
-                let n = c * 100 + i;
-                assert_eq!(client.invoke::<_, u64>("Echo", &n).await.unwrap(), n);
-            }
-        });
-    }
-    while let Some(done) = calls.join_next().await {
-        done.unwrap();
-    }
+    echo_from_callers(&client, 10, 10).await;
     let s = client.stats().since(&before);
     assert_eq!(s.calls, 100);
     // A round of the ten callers' calls per write (20-33 writes without the delay).

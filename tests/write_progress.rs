@@ -65,10 +65,9 @@ impl Connected for SlowReader {
     }
 }
 
-/// A 2 MiB reply read at ~400 KiB/s takes about 5 s, five times the write timeout; every
-/// write still makes progress well within it.
-#[tokio::test(start_paused = true)]
-async fn slow_steady_reader_keeps_its_connection() {
+/// A server with a 1 s write timeout that answers every call with 2 MiB, on one in-memory
+/// connection (a 16 KiB pipe); returns the client's end and the server's handle.
+fn serve_big_replies() -> (DuplexStream, towerpc::server::ServerHandle) {
     let (client_end, server_end) = tokio::io::duplex(16 * 1024);
     let server = Server::builder().write_timeout(Duration::from_secs(1));
     let handle = server.handle();
@@ -78,6 +77,14 @@ async fn slow_steady_reader_keeps_its_connection() {
     let incoming = futures_util::stream::iter([Ok::<_, std::io::Error>(server_end)])
         .chain(futures_util::stream::pending());
     tokio::spawn(server.serve_with_incoming(incoming, big));
+    (client_end, handle)
+}
+
+/// A 2 MiB reply read at ~400 KiB/s takes about 5 s, five times the write timeout; every
+/// write still makes progress well within it.
+#[tokio::test(start_paused = true)]
+async fn slow_steady_reader_keeps_its_connection() {
+    let (client_end, handle) = serve_big_replies();
 
     let slot = Arc::new(Mutex::new(Some(client_end)));
     let connector = tower::service_fn(move |_: ()| {
@@ -111,15 +118,7 @@ async fn a_reader_that_stops_is_cut_off_by_the_write_timeout() {
     use tokio_util::codec::Encoder;
     use towerpc::codec::{Frame, FrameCodec, Message, PREFACE_LEN};
 
-    let (mut client_end, server_end) = tokio::io::duplex(16 * 1024);
-    let server = Server::builder().write_timeout(Duration::from_secs(1));
-    let handle = server.handle();
-    let big = tower::service_fn(|_req: Request| async move {
-        Ok::<_, BoxError>(Response::new(vec![7u8; 2 << 20].into()))
-    });
-    let incoming = futures_util::stream::iter([Ok::<_, std::io::Error>(server_end)])
-        .chain(futures_util::stream::pending());
-    tokio::spawn(server.serve_with_incoming(incoming, big));
+    let (mut client_end, handle) = serve_big_replies();
 
     client_end
         .write_all(b"TRPC\x01C\x00\x00\x01\x00\x00\x00")
