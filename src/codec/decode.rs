@@ -78,6 +78,8 @@ pub(crate) struct Incoming {
     body: Bytes,
     /// Messages (fragments included) still in `body`.
     left: u16,
+    /// The whole body's size: what a message taken out of it as a slice keeps alive.
+    len: usize,
 }
 
 impl Incoming {
@@ -177,6 +179,7 @@ impl FrameDecoder {
         Ok(Some(Incoming {
             body: src.split_to(len).freeze(),
             left: count,
+            len,
         }))
     }
 
@@ -194,6 +197,18 @@ impl FrameDecoder {
                 if let Some(msg) = self.fragment(&mut frame.body)? {
                     return Ok(Some(msg));
                 }
+            } else if frame.len > DETACH_ABOVE {
+                let whole = frame.body.clone();
+                let msg = parse_message(&mut frame.body);
+                let used = whole.len() - frame.body.len();
+                if used < frame.len / DETACH_SHARE {
+                    // A small message must not keep a large frame's buffer alive: budgets count
+                    // the message, not the frame. A copy of its bytes, parsed again.
+                    return Ok(Some(parse_message(&mut Bytes::copy_from_slice(
+                        &whole[..used],
+                    ))));
+                }
+                return Ok(Some(msg));
             } else {
                 return Ok(Some(parse_message(&mut frame.body)));
             }
@@ -306,6 +321,17 @@ impl FrameDecoder {
         Ok(Some((len, count)))
     }
 }
+
+/// Frames larger than this (more than an outbox packs; a single large message, or a peer's
+/// own framing) have their small messages copied out, see [`DETACH_SHARE`].
+const DETACH_ABOVE: usize = super::encode::FRAME_TARGET;
+
+/// A message taking less than this fraction (1/8) of such a frame is copied out of it rather
+/// than sliced: a handler holding a slice holds the whole buffer, and what the server's budgets
+/// count is the message. A peer that sends a 20-byte request to a slow handler and a 16 MiB
+/// one-way it drops in one frame would otherwise pin 16 MiB for 20 bytes counted; now what a
+/// message pins is at most eight times what it counts.
+const DETACH_SHARE: usize = 8;
 
 const PAST_END: CodecError = CodecError::InvalidFrame("fragment runs past the end of its message");
 const MORE_AFTER_END: CodecError =
@@ -764,6 +790,30 @@ mod tests {
         m.extend_from_slice(&(data.len() as u32).to_be_bytes());
         m.extend_from_slice(data);
         m
+    }
+
+    #[test]
+    fn a_small_message_does_not_keep_a_large_frame_alive() {
+        let big = vec![7u8; 512 * 1024];
+        let mut d = FrameDecoder::new(1 << 20);
+        // Frames of a 4-byte reply and a large one, 13 + 9 bytes of their own.
+        for (frame_len, small_copied) in [(300 * 1024, true), (64 * 1024, false)] {
+            let mut src = frame_of(&[&response(1, b"tiny"), &response(2, &big[..frame_len - 22])]);
+            let mut frame = d.decode_frame(&mut src).unwrap().unwrap();
+            assert_eq!(frame.len, frame_len);
+            let at = frame.body.as_ptr() as usize;
+            let buffer = at..at + frame_len;
+            let mut inside = Vec::new();
+            while let Some(msg) = d.next_message(&mut frame).unwrap() {
+                let Message::Response { body, .. } = msg else {
+                    panic!("{msg:?}")
+                };
+                inside.push(buffer.contains(&(body.as_ptr() as usize)));
+            }
+            // Above 64 KiB the small reply is a copy; the large one, and everything in an
+            // outbox-sized frame, are slices.
+            assert_eq!(inside, [!small_copied, true], "{frame_len}");
+        }
     }
 
     #[test]
