@@ -147,3 +147,60 @@ async fn a_reply_arriving_in_slow_fragments_is_progress() {
     assert_eq!(&reply.body()[..], &expected[..]);
     assert!(start.elapsed() >= 11 * S, "{:?}", start.elapsed());
 }
+
+/// A server that stops reading while it sends PINGs: each is answered, and the answers queue
+/// behind a write that cannot finish. The write's lack of progress for the stall bound closes
+/// the connection, instead of the queue growing for as long as the server keeps it open.
+#[tokio::test(start_paused = true)]
+async fn a_server_that_stops_reading_is_stalled_by_the_blocked_write() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client_end, mut server_end) = tokio::io::duplex(16 * 1024);
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(client_end)));
+    let connector = tower::service_fn(move |_: ()| {
+        let io = slot.lock().unwrap().take();
+        async move {
+            match io {
+                Some(io) => Ok::<_, std::io::Error>(io),
+                None => std::future::pending().await,
+            }
+        }
+    });
+    let server = tokio::spawn(async move {
+        let mut preface = [0u8; towerpc::codec::PREFACE_LEN];
+        server_end.read_exact(&mut preface).await.unwrap();
+        server_end
+            .write_all(&support::server_preface(16 << 20))
+            .await
+            .unwrap();
+        // 2,000 PINGs in frames of 100: 34 KB of PONGs, twice what the pipe holds.
+        let mut ping = vec![0x06];
+        ping.extend_from_slice(&7u64.to_be_bytes());
+        let mut frame = (100 * 9u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0, 0, 0, 100]);
+        for _ in 0..100 {
+            frame.extend_from_slice(&ping);
+        }
+        for _ in 0..20 {
+            server_end.write_all(&frame).await.unwrap();
+        }
+        // Never reads; keeps the connection open.
+        std::future::pending::<()>().await;
+    });
+    let client = Client::builder()
+        .stall_timeout(Duration::from_secs(1))
+        .connect_with((), connector)
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    while client.stats().write_errors == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "still connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(!client.is_connected());
+    server.abort();
+}

@@ -199,7 +199,9 @@ impl Builder {
     ///   timeout (or a deadline inherited from a handler) wait for it, on the same connection.
     ///
     /// A server whose replies keep coming is never stalled. Give a call that may legitimately
-    /// run longer than the bound its own timeout. Default 10 s; `None` turns detection off.
+    /// run longer than the bound its own timeout. A server that reads nothing while a write
+    /// waits on it for the bound is stalled as well (the connection is closed, its calls fail
+    /// with `is_stalled()`). Default 10 s; `None` turns detection off.
     #[must_use]
     pub fn stall_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.config.stall_timeout = timeout.into();

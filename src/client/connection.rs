@@ -298,7 +298,10 @@ where
     };
     let opts = WriteOptions {
         flush_delay: shared.config.flush_delay,
-        write_timeout: None,
+        // A server that reads nothing for the stall bound is stalled too: without this, one
+        // that stopped reading but sent PINGs (each answered, each queued behind the blocked
+        // write) would grow the outbox for as long as the connection lasted.
+        write_timeout: shared.config.stall_timeout,
         // Measured (docs/benchmarks.md, session 7): with large requests beside many small
         // calls, a client that copies its fragments into the batch makes 15-30 % more big
         // and small calls per second than one that gathers them, although gathering costs less
@@ -329,6 +332,7 @@ where
         end = read_loop(shared, &mut reader) => end,
         res = &mut writer => match res {
             Ok(Ok(())) => End::Eof,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => End::Stalled,
             Ok(Err(e)) => End::Io(e),
             Err(_) => End::Io(io::Error::other("writer task failed")),
         },
