@@ -1075,3 +1075,40 @@ fn result_with_a_serializable_non_error_is_refused() {
         }
     });
 }
+
+/// A request type with a recursive enum: a hostile body nests it two bytes a level. The
+/// server answers INVALID_ARGUMENT instead of recursing until its stack overflows (an abort).
+#[tokio::test]
+async fn a_recursive_request_nested_past_the_limit_is_refused() {
+    #[derive(Debug, Serialize, Deserialize)]
+    enum Expr {
+        N(i64),
+        Neg(Box<Expr>),
+    }
+    fn eval(e: &Expr) -> i64 {
+        match e {
+            Expr::N(n) => *n,
+            Expr::Neg(e) => -eval(e),
+        }
+    }
+    let d = Dispatcher::new().route("Eval", |e: Expr| async move { eval(&e) });
+    let (_server, client) = start(d).await;
+    within(BOUND, async {
+        let mut body = [0x81, 0x01].repeat(100_000);
+        body.extend_from_slice(&[0x81, 0x00, 0x05]);
+        let e = client
+            .request(Request::new("Eval", body))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::InvalidArgument), "{e:?}");
+        assert!(e.status().unwrap().message().contains("nested deeper"));
+        let mut ok = [0x81, 0x01].repeat(3);
+        ok.extend_from_slice(&[0x81, 0x00, 0x05]);
+        let resp = client.request(Request::new("Eval", ok)).await.unwrap();
+        assert_eq!(
+            towerpc::payload::from_msgpack::<i64>(resp.body()).unwrap(),
+            -5
+        );
+    })
+    .await;
+}
