@@ -35,6 +35,19 @@ async fn health_answers_per_service() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::NotFound), "{err:?}");
+    // A name a megabyte long is quoted by its start: the reply stays small.
+    let long = "\u{7f}".repeat(1 << 20);
+    let err = client
+        .invoke::<_, ServingStatus>(HEALTH_METHOD, &long)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound), "{err:?}");
+    let text = err.status().unwrap().message();
+    assert!(
+        text.len() < 1024 && text.ends_with("..."),
+        "{} bytes",
+        text.len()
+    );
 
     handle.health().set_serving("Users");
     handle.health().set_not_serving("Reports");

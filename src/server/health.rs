@@ -68,6 +68,9 @@ struct State {
     services: RwLock<HashMap<String, ServingStatus>>,
 }
 
+/// Characters of an unknown service's name an error quotes.
+const MAX_NAME_SHOWN: usize = 128;
+
 impl HealthReporter {
     /// Marks `service` SERVING (unless the server is draining).
     pub fn set_serving(&self, service: impl Into<String>) {
@@ -129,9 +132,16 @@ impl HealthReporter {
                 )
             })?
         };
-        let status = self
-            .status(&service)
-            .ok_or_else(|| Status::new(Code::NotFound, format!("unknown service {service:?}")))?;
+        let status = self.status(&service).ok_or_else(|| {
+            // The name is the peer's, up to a frame long: the reply quotes its start only.
+            let shown: String = service.chars().take(MAX_NAME_SHOWN).collect();
+            let more = if shown.len() < service.len() {
+                "..."
+            } else {
+                ""
+            };
+            Status::new(Code::NotFound, format!("unknown service {shown:?}{more}"))
+        })?;
         crate::payload::to_msgpack(&status).map_err(|e| Status::new(Code::Internal, e.to_string()))
     }
 }
