@@ -884,3 +884,86 @@ fn announced_bodies_reserve_nothing() {
     drop(client);
     rt.shutdown_background();
 }
+
+/// The bombs the other way (RELIABILITY.md promises both directions): a hostile server chooses
+/// `algo` and streams `source` at a client whose frame limit is 1 MiB. Returns how long the
+/// client took to drop the connection, its extra peak heap, and its extra peak RSS.
+fn client_bombed(
+    algo: Compression,
+    make: impl FnOnce() -> Source,
+) -> (Duration, usize, Option<usize>) {
+    let rt = runtime();
+    rt.block_on(async move {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut source = make();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut theirs = [0u8; PREFACE_LEN];
+            stream.read_exact(&mut theirs).unwrap();
+            assert_eq!(
+                theirs[6] & wire_bit(algo),
+                wire_bit(algo),
+                "{algo} not offered"
+            );
+            let mut ours = support::server_preface(16 << 20);
+            ours[6] = wire_bit(algo);
+            stream.write_all(&ours).unwrap();
+            let start = Instant::now();
+            stream.set_write_timeout(Some(WAIT)).unwrap();
+            while let Some(chunk) = source() {
+                if stream.write_all(&chunk).is_err() || start.elapsed() > WAIT {
+                    break;
+                }
+            }
+        });
+        let meter = Meter::start();
+        let client = Client::builder()
+            .compression(algo)
+            .max_frame_len(MIB)
+            .connect(addr)
+            .await
+            .unwrap();
+        let start = Instant::now();
+        while client.is_connected() || client.stats().protocol_errors == 0 {
+            assert!(start.elapsed() < WAIT, "the client kept the connection");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let closed_in = start.elapsed();
+        let (heap, rss) = (meter.extra_heap(), meter.extra_rss());
+        drop(client);
+        tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        (closed_in, heap, rss)
+    })
+}
+
+#[test]
+fn zstd_and_deflate_bombs_from_a_server_are_cut_off_by_the_client() {
+    let _serial = serial();
+    for algo in [Compression::Zstd, Compression::Deflate] {
+        for (what, prefix) in [
+            ("zeros", Vec::new()),
+            (
+                "a 1 MiB frame header then zeros",
+                frame_header(MIB as u32).to_vec(),
+            ),
+        ] {
+            let (closed_in, heap, rss) = client_bombed(algo, || bomb(algo, &prefix));
+            println!(
+                "client, {algo} bomb of {what}: closed in {closed_in:?}, extra peak heap {heap}, \
+                 RSS {rss:?}"
+            );
+            assert!(
+                closed_in < Duration::from_secs(5),
+                "{algo} {what}: {closed_in:?}"
+            );
+            let bound = MIB + 8 * MIB;
+            assert!(heap <= bound, "{algo} {what}: extra peak heap {heap}");
+            if let Some(rss) = rss {
+                assert!(rss <= bound, "{algo} {what}: extra peak RSS {rss}");
+            }
+        }
+    }
+}
