@@ -1179,7 +1179,7 @@ async fn the_client_keeps_its_fragments_to_the_window_until_the_server_acknowled
     const WINDOW: usize = 1 << 20;
     let len = 3 << 20;
     let (addr, script) = support::raw_server(|mut conn| async move {
-        let (mut unacked, mut total, mut waits) = (0usize, 0usize, 0);
+        let (mut unacked, mut total, mut waits, mut quiet_for) = (0usize, 0usize, 0, 0);
         let mut id = None;
         loop {
             let mut head = [0u8; 8];
@@ -1188,9 +1188,15 @@ async fn the_client_keeps_its_fragments_to_the_window_until_the_server_acknowled
                 Ok(res) => {
                     res.unwrap();
                 }
+                Err(_) if unacked < WINDOW => {
+                    // Quiet with window to spare: a slow machine, not the window.
+                    assert!(quiet_for < 30, "the client stopped short of its window");
+                    quiet_for += 1;
+                    continue;
+                }
                 Err(_) => {
                     // Nothing more without an ACK: the window is full.
-                    assert_eq!(unacked, WINDOW, "the client stopped short of its window");
+                    quiet_for = 0;
                     waits += 1;
                     let mut ack = vec![0, 0, 0, 5, 0, 0, 0, 1, 0x0A];
                     ack.extend_from_slice(&(unacked as u32).to_be_bytes());

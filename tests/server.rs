@@ -688,7 +688,7 @@ async fn connections_past_max_connections_are_closed_at_once() {
     a.close().await;
     drop(a);
     let mut again = None;
-    for _ in 0..50 {
+    for _ in 0..250 {
         if let Ok(c) = Client::builder().connect(server.addr).await {
             again = Some(c);
             break;
