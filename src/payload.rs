@@ -82,7 +82,10 @@ pub(crate) struct TooDeep;
 
 impl std::fmt::Display for TooDeep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "msgpack nested deeper than {MAX_DECODE_DEPTH} levels")
+        write!(
+            f,
+            "msgpack nested past the depth limit ({MAX_DECODE_DEPTH} levels)"
+        )
     }
 }
 
@@ -185,7 +188,10 @@ mod tests {
         // 100,000 levels in 200 KB: without the check, rmp-serde recursed once per level.
         let err = from_msgpack::<Expr>(&negs(100_000)).unwrap_err();
         assert!(err.is_decode(), "{err:?}");
-        assert!(format!("{err:#}").contains("nested deeper"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("nested past the depth limit"),
+            "{err:#}"
+        );
         // Within the limit it decodes as before.
         let mut want = Expr::N(5);
         for _ in 0..20 {

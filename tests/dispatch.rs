@@ -1101,7 +1101,11 @@ async fn a_recursive_request_nested_past_the_limit_is_refused() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some(Code::InvalidArgument), "{e:?}");
-        assert!(e.status().unwrap().message().contains("nested deeper"));
+        assert!(e
+            .status()
+            .unwrap()
+            .message()
+            .contains("nested past the depth limit"));
         let mut ok = [0x81, 0x01].repeat(3);
         ok.extend_from_slice(&[0x81, 0x00, 0x05]);
         let resp = client.request(Request::new("Eval", ok)).await.unwrap();
