@@ -204,3 +204,88 @@ async fn a_server_that_stops_reading_is_stalled_by_the_blocked_write() {
     assert!(!client.is_connected());
     server.abort();
 }
+
+/// RELIABILITY.md P6: with a keepalive, an idle connection is pinged after the interval, kept
+/// while the server answers, and closed when nothing comes back within the stall bound.
+#[tokio::test(start_paused = true)]
+async fn an_idle_connection_is_pinged_and_closed_when_the_server_is_gone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (client_end, mut server_end) = tokio::io::duplex(16 * 1024);
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(client_end)));
+    let connector = tower::service_fn(move |_: ()| {
+        let io = slot.lock().unwrap().take();
+        async move {
+            match io {
+                Some(io) => Ok::<_, std::io::Error>(io),
+                None => std::future::pending().await,
+            }
+        }
+    });
+    // The server answers the first two PINGs, then goes silent.
+    let server = tokio::spawn(async move {
+        let mut preface = [0u8; towerpc::codec::PREFACE_LEN];
+        server_end.read_exact(&mut preface).await.unwrap();
+        server_end
+            .write_all(&support::server_preface(16 << 20))
+            .await
+            .unwrap();
+        let mut pings = Vec::new();
+        loop {
+            let mut head = [0u8; 8];
+            if server_end.read_exact(&mut head).await.is_err() {
+                return pings;
+            }
+            let mut body = vec![0u8; u32::from_be_bytes(head[..4].try_into().unwrap()) as usize];
+            server_end.read_exact(&mut body).await.unwrap();
+            match body[0] {
+                // The client's GOAWAY STALLED, before it closes.
+                0x08 => {
+                    assert_eq!(&body[1..3], &14u16.to_be_bytes());
+                    return pings;
+                }
+                0x06 => {}
+                k => panic!("kind {k:#04x}"),
+            }
+            pings.push(tokio::time::Instant::now());
+            if pings.len() <= 2 {
+                body[0] = 0x07;
+                server_end.write_all(&head).await.unwrap();
+                server_end.write_all(&body).await.unwrap();
+            }
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let client = Client::builder()
+        .keepalive(Duration::from_secs(5))
+        .stall_timeout(Duration::from_secs(2))
+        .connect_with((), connector)
+        .await
+        .unwrap();
+    while client.is_connected() {
+        assert!(start.elapsed() < Duration::from_secs(60), "never closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let closed = start.elapsed();
+    drop(client);
+    let pings: Vec<Duration> = server
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.duration_since(start))
+        .collect();
+    // A PING every 5 s of silence (give or take the checks' tick of 0.5 s); the third goes
+    // unanswered and the connection is closed 2 s later.
+    assert_eq!(pings.len(), 3, "{pings:?}");
+    for (i, at) in pings.iter().enumerate() {
+        let due = Duration::from_secs(5 * (i as u64 + 1));
+        assert!(
+            *at >= due && *at <= due + Duration::from_secs(1),
+            "{pings:?}"
+        );
+    }
+    let due = pings[2] + Duration::from_secs(2);
+    assert!(
+        closed >= due && closed <= due + Duration::from_secs(1),
+        "{closed:?} {pings:?}"
+    );
+}

@@ -59,6 +59,7 @@ pub(crate) struct Config {
     pub(crate) flush_delay: Option<Duration>,
     pub(crate) connect_timeout: Duration,
     pub(crate) stall_timeout: Option<Duration>,
+    pub(crate) keepalive: Option<Duration>,
     pub(crate) max_frame_len: usize,
     pub(crate) tcp_nodelay: bool,
     pub(crate) backoff: super::backoff::Backoff,
@@ -128,6 +129,7 @@ impl Builder {
                 flush_delay: DEFAULT_FLUSH_DELAY,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
+                keepalive: None,
                 max_frame_len: DEFAULT_MAX_FRAME_LEN,
                 tcp_nodelay: true,
                 backoff: super::backoff::Backoff::default(),
@@ -205,6 +207,27 @@ impl Builder {
     #[must_use]
     pub fn stall_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.config.stall_timeout = timeout.into();
+        self
+    }
+
+    /// Pings the server after `interval` with nothing received, also with no call pending, and
+    /// closes the connection when nothing at all comes back within the stall bound
+    /// ([`stall_timeout`](Self::stall_timeout)) after: a connection that died while idle (a
+    /// server that vanished, a NAT that forgot the flow) is found before a call needs it, and
+    /// the client redials. Default `None` (off, as in gRPC): with calls pending the stall bound
+    /// finds a dead server anyway. Nothing happens with the stall bound off. Servers accept a
+    /// ping a second and more; keep `interval` in seconds or longer.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let builder = towerpc::Client::builder().keepalive(Duration::from_secs(30));
+    /// ```
+    #[must_use]
+    pub fn keepalive(mut self, interval: impl Into<Option<Duration>>) -> Self {
+        self.config.keepalive = interval.into();
         self
     }
 

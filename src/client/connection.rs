@@ -385,7 +385,12 @@ where
     R: AsyncRead + Unpin,
 {
     let stall = shared.config.stall_timeout;
-    let tick = stall.map(|s| s / 4).unwrap_or(Duration::from_secs(3600));
+    let keepalive = shared.config.keepalive;
+    let tick = [stall, keepalive]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(Duration::from_secs(3600), |t| t / 4);
     let mut last_recv = Instant::now();
     // When a reply last arrived: a server that answers pings but no calls is stuck.
     let mut last_reply = last_recv;
@@ -412,7 +417,8 @@ where
             _ = interval.tick() => {
                 if let Some(stall) = stall {
                     let times = Silence { last_recv, last_reply };
-                    if let Some(end) = check_stall(shared, times, stall, &mut pinged, &mut out) {
+                    let check = Check { stall, keepalive };
+                    if let Some(end) = check_stall(shared, times, check, &mut pinged, &mut out) {
                         return end;
                     }
                     for (tx, reply) in out.drain(..) {
@@ -567,6 +573,13 @@ impl LoneWorker {
     }
 }
 
+/// The bounds [`check_stall`] applies: the stall bound, and the idle keepalive interval.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    stall: Duration,
+    keepalive: Option<Duration>,
+}
+
 /// When the server was last heard from, and when it last answered a call.
 #[derive(Debug, Clone, Copy)]
 struct Silence {
@@ -587,14 +600,31 @@ struct Silence {
 fn check_stall(
     shared: &Shared,
     times: Silence,
-    stall: Duration,
+    Check { stall, keepalive }: Check,
     pinged: &mut bool,
     out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
 ) -> Option<End> {
     let mut inner = shared.lock();
     let busy_since = match inner.busy_since {
         Some(b) if inner.live + inner.abandoned > 0 => b,
-        _ => return None,
+        _ => {
+            // Idle: with a keepalive, ping after its interval of silence, and give up on a
+            // server that answers nothing within the stall bound after.
+            let interval = keepalive?;
+            let silent = times.last_recv.elapsed();
+            if silent >= interval + stall {
+                return Some(End::Stalled);
+            }
+            if silent >= interval && !*pinged {
+                *pinged = true;
+                let wake = inner.push_control(&Message::Ping { data: 0 });
+                drop(inner);
+                if wake {
+                    shared.notify_writer.notify_one();
+                }
+            }
+            return None;
+        }
     };
     let silent = busy_since.max(times.last_recv).elapsed();
     if silent >= stall {
