@@ -1384,16 +1384,7 @@ async fn flush_delay_batches_concurrent_calls_into_fewer_writes() {
         futures_util::stream::pending(),
     );
     tokio::spawn(Server::builder().serve_with_incoming(incoming, support::echo()));
-    let slot = Arc::new(std::sync::Mutex::new(Some(client_end)));
-    let connector = tower::service_fn(move |_: ()| {
-        let io = slot.lock().unwrap().take();
-        async move {
-            match io {
-                Some(io) => Ok::<_, std::io::Error>(io),
-                None => std::future::pending().await,
-            }
-        }
-    });
+    let connector = support::one_connection(client_end);
     let client = Client::builder()
         .flush_delay(Duration::from_millis(10))
         .connect_with((), connector)

@@ -153,25 +153,11 @@ async fn a_reply_arriving_in_slow_fragments_is_progress() {
 /// the connection, instead of the queue growing for as long as the server keeps it open.
 #[tokio::test(start_paused = true)]
 async fn a_server_that_stops_reading_is_stalled_by_the_blocked_write() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (client_end, mut server_end) = tokio::io::duplex(16 * 1024);
-    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(client_end)));
-    let connector = tower::service_fn(move |_: ()| {
-        let io = slot.lock().unwrap().take();
-        async move {
-            match io {
-                Some(io) => Ok::<_, std::io::Error>(io),
-                None => std::future::pending().await,
-            }
-        }
-    });
+    let connector = support::one_connection(client_end);
     let server = tokio::spawn(async move {
-        let mut preface = [0u8; towerpc::codec::PREFACE_LEN];
-        server_end.read_exact(&mut preface).await.unwrap();
-        server_end
-            .write_all(&support::server_preface(16 << 20))
-            .await
-            .unwrap();
+        support::answer_preface(&mut server_end).await;
         // 2,000 PINGs in frames of 100: 34 KB of PONGs, twice what the pipe holds.
         let mut ping = vec![0x06];
         ping.extend_from_slice(&7u64.to_be_bytes());
@@ -211,24 +197,10 @@ async fn a_server_that_stops_reading_is_stalled_by_the_blocked_write() {
 async fn an_idle_connection_is_pinged_and_closed_when_the_server_is_gone() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (client_end, mut server_end) = tokio::io::duplex(16 * 1024);
-    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(client_end)));
-    let connector = tower::service_fn(move |_: ()| {
-        let io = slot.lock().unwrap().take();
-        async move {
-            match io {
-                Some(io) => Ok::<_, std::io::Error>(io),
-                None => std::future::pending().await,
-            }
-        }
-    });
+    let connector = support::one_connection(client_end);
     // The server answers the first two PINGs, then goes silent.
     let server = tokio::spawn(async move {
-        let mut preface = [0u8; towerpc::codec::PREFACE_LEN];
-        server_end.read_exact(&mut preface).await.unwrap();
-        server_end
-            .write_all(&support::server_preface(16 << 20))
-            .await
-            .unwrap();
+        support::answer_preface(&mut server_end).await;
         let mut pings = Vec::new();
         loop {
             let mut head = [0u8; 8];

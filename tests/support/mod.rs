@@ -471,3 +471,28 @@ pub async fn within<F: Future>(bound: Duration, fut: F) -> F::Output {
         .await
         .unwrap_or_else(|_| panic!("did not finish within {bound:?}"))
 }
+
+/// A connector for `Builder::connect_with((), ..)` that hands out `io` on the first dial and
+/// never finishes another: one in-memory connection (on paused time, if the test likes).
+pub fn one_connection(
+    io: tokio::io::DuplexStream,
+) -> tower::util::BoxCloneService<(), tokio::io::DuplexStream, std::io::Error> {
+    let slot = Arc::new(std::sync::Mutex::new(Some(io)));
+    tower::util::BoxCloneService::new(tower::service_fn(move |_: ()| {
+        let io = slot.lock().unwrap().take();
+        async move {
+            match io {
+                Some(io) => Ok(io),
+                None => std::future::pending().await,
+            }
+        }
+    }))
+}
+
+/// The server's side of a handshake on `io`, by hand: reads the client's preface and answers
+/// with a server preface announcing 16 MiB and no compression.
+pub async fn answer_preface<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut S) {
+    let mut preface = [0u8; PREFACE_LEN];
+    io.read_exact(&mut preface).await.unwrap();
+    io.write_all(&server_preface(16 << 20)).await.unwrap();
+}
