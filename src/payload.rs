@@ -114,12 +114,13 @@ pub(crate) fn check_depth(bytes: &[u8]) -> std::result::Result<(), TooDeep> {
             0x80..=0x8f => (0, Some(2 * u64::from(m & 0x0f))),
             0x90..=0x9f => (0, Some(u64::from(m & 0x0f))),
             0xa0..=0xbf => (u64::from(m & 0x1f), None),
-            0xc4 | 0xd9 => (1 + be(at, 1).unwrap_or(u64::MAX), None),
-            0xc5 | 0xda => (2 + be(at, 2).unwrap_or(u64::MAX), None),
-            0xc6 | 0xdb => (4 + be(at, 4).unwrap_or(u64::MAX), None),
-            0xc7 => (2 + be(at, 1).unwrap_or(u64::MAX), None),
-            0xc8 => (3 + be(at, 2).unwrap_or(u64::MAX), None),
-            0xc9 => (5 + be(at, 4).unwrap_or(u64::MAX), None),
+            // A length that is not all there reads as past the end.
+            0xc4 | 0xd9 => (be(at, 1).map_or(u64::MAX, |n| 1 + n), None),
+            0xc5 | 0xda => (be(at, 2).map_or(u64::MAX, |n| 2 + n), None),
+            0xc6 | 0xdb => (be(at, 4).map_or(u64::MAX, |n| 4 + n), None),
+            0xc7 => (be(at, 1).map_or(u64::MAX, |n| 2 + n), None),
+            0xc8 => (be(at, 2).map_or(u64::MAX, |n| 3 + n), None),
+            0xc9 => (be(at, 4).map_or(u64::MAX, |n| 5 + n), None),
             0xca => (4, None),
             0xcb => (8, None),
             0xcc | 0xd0 => (1, None),
@@ -232,6 +233,11 @@ mod tests {
             &[],
         ] {
             assert!(check_depth(bad).is_ok());
+        }
+        // Every marker alone, its length or contents missing (the fuzzer's first find: 0xc5).
+        for m in 0..=255u8 {
+            assert!(check_depth(&[m]).is_ok(), "{m:#04x}");
+            assert!(check_depth(&[0x91, m, 0xff]).is_ok(), "{m:#04x}");
         }
     }
 
