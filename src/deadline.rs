@@ -91,3 +91,12 @@ impl<F> std::fmt::Debug for Scoped<F> {
         f.debug_struct("Scoped").finish_non_exhaustive()
     }
 }
+
+/// The longest a timer of this crate waits (30 years): a longer duration (`Duration::MAX` for
+/// "never") is taken as this, so that adding it to an instant cannot overflow and panic.
+pub(crate) const NEVER: Duration = Duration::from_secs(30 * 365 * 86_400);
+
+/// `d`, at most [`NEVER`].
+pub(crate) fn clamp(d: Duration) -> Duration {
+    d.min(NEVER)
+}

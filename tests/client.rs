@@ -1438,3 +1438,40 @@ async fn random_bytes_from_the_server_fail_the_calls_and_nothing_hangs() {
     drop(client);
     let _ = server.await;
 }
+
+/// `Duration::MAX` as "never", wherever a duration is set: nothing overflows an instant.
+#[tokio::test]
+async fn duration_max_means_never_everywhere() {
+    let never = Duration::MAX;
+    let server = Server::builder()
+        .handshake_timeout(never)
+        .grace_period(never)
+        .write_timeout(never)
+        .frame_read_timeout(never)
+        .idle_timeout(never)
+        .keepalive_interval(never)
+        .keepalive_timeout(never);
+    let server = support::serve(server, support::echo()).await;
+    let client = Client::builder()
+        .timeout(never)
+        .connect_timeout(never)
+        .stall_timeout(never)
+        .keepalive(never)
+        .connect(server.addr)
+        .await
+        .unwrap();
+    let reply = client
+        .request(Request::new("Echo", "x").with_timeout(never))
+        .await
+        .unwrap();
+    assert_eq!(&reply.body()[..], b"x");
+    let mut batch = client.batch();
+    let slot = batch.request(Request::new("Echo", "y"));
+    batch.timeout(never);
+    assert_eq!(
+        &batch.run().await.unwrap().take(slot).unwrap().body()[..],
+        b"y"
+    );
+    let n: u64 = client.invoke("Echo", &7u64).await.unwrap();
+    assert_eq!(n, 7);
+}

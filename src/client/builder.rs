@@ -149,7 +149,7 @@ impl Builder {
     /// with [`Request::timeout`](crate::Request::timeout).
     #[must_use]
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.config.timeout = timeout.into();
+        self.config.timeout = timeout.into().map(crate::deadline::clamp);
         self
     }
 
@@ -178,14 +178,17 @@ impl Builder {
     /// than latency (many clients sending to one busy server, for example).
     #[must_use]
     pub fn flush_delay(mut self, delay: impl Into<Option<Duration>>) -> Self {
-        self.config.flush_delay = delay.into().filter(|d| !d.is_zero());
+        self.config.flush_delay = delay
+            .into()
+            .filter(|d| !d.is_zero())
+            .map(crate::deadline::clamp);
         self
     }
 
     /// Bound on one dial plus the preface exchange. Default 10 s.
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.config.connect_timeout = timeout;
+        self.config.connect_timeout = crate::deadline::clamp(timeout);
         self
     }
 
@@ -206,7 +209,7 @@ impl Builder {
     /// with `is_stalled()`). Default 10 s; `None` turns detection off.
     #[must_use]
     pub fn stall_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.config.stall_timeout = timeout.into();
+        self.config.stall_timeout = timeout.into().map(crate::deadline::clamp);
         self
     }
 
@@ -227,7 +230,7 @@ impl Builder {
     /// ```
     #[must_use]
     pub fn keepalive(mut self, interval: impl Into<Option<Duration>>) -> Self {
-        self.config.keepalive = interval.into();
+        self.config.keepalive = interval.into().map(crate::deadline::clamp);
         self
     }
 
@@ -344,7 +347,7 @@ impl Builder {
     /// ```
     #[must_use]
     pub fn reply_spin(mut self, window: Duration) -> Self {
-        self.config.reply_spin = window;
+        self.config.reply_spin = crate::deadline::clamp(window);
         self
     }
 

@@ -507,7 +507,7 @@ fn resolve_deadline(
 /// if any.
 pub(crate) fn deadline_for(own: Option<std::time::Duration>, now: Instant) -> Option<Instant> {
     let inherited = crate::deadline::current();
-    let own = own.map(|t| now + t);
+    let own = own.map(|t| now + crate::deadline::clamp(t));
     match (own, inherited) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

@@ -86,9 +86,11 @@ impl From<Request> for CallContext {
     /// The context of `req`, its body dropped. The deadline counts from now. Useful to call a
     /// two-argument handler directly in a unit test.
     fn from(req: Request) -> Self {
-        let deadline = req
-            .deadline
-            .or_else(|| req.timeout.or(None).map(|t| Instant::now() + t));
+        let deadline = req.deadline.or_else(|| {
+            req.timeout
+                .or(None)
+                .map(|t| Instant::now() + crate::deadline::clamp(t))
+        });
         let remote_addr = req.connect_info().and_then(ConnectInfo::remote_addr);
         CallContext {
             method: req.method,

@@ -315,7 +315,7 @@ impl<L> Server<L> {
     /// still running then end with `CANCELLED`.
     #[must_use]
     pub fn grace_period(mut self, d: Duration) -> Self {
-        self.config.grace_period = d;
+        self.config.grace_period = crate::deadline::clamp(d);
         self
     }
 
@@ -323,7 +323,7 @@ impl<L> Server<L> {
     /// nothing can cost; it runs on the connection's own task, never on the accept loop.
     #[must_use]
     pub fn handshake_timeout(mut self, d: Duration) -> Self {
-        self.config.handshake_timeout = d;
+        self.config.handshake_timeout = crate::deadline::clamp(d);
         self
     }
 
@@ -333,7 +333,7 @@ impl<L> Server<L> {
     /// `None` disables it.
     #[must_use]
     pub fn write_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.write_timeout = d.into();
+        self.config.write_timeout = d.into().map(crate::deadline::clamp);
         self
     }
 
@@ -342,7 +342,7 @@ impl<L> Server<L> {
     /// that sends nothing between frames is not affected. `None` disables it.
     #[must_use]
     pub fn frame_read_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.frame_read_timeout = d.into();
+        self.config.frame_read_timeout = d.into().map(crate::deadline::clamp);
         self
     }
 
@@ -372,7 +372,7 @@ impl<L> Server<L> {
     /// ```
     #[must_use]
     pub fn read_spin(mut self, window: Duration) -> Self {
-        self.config.read_spin = window;
+        self.config.read_spin = crate::deadline::clamp(window);
         self
     }
 
@@ -384,7 +384,7 @@ impl<L> Server<L> {
     /// connections for ever.
     #[must_use]
     pub fn idle_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.config.idle_timeout = d.into();
+        self.config.idle_timeout = d.into().map(crate::deadline::clamp);
         self
     }
 
@@ -394,14 +394,14 @@ impl<L> Server<L> {
     /// as gRPC's; `None` sends none.
     #[must_use]
     pub fn keepalive_interval(mut self, interval: impl Into<Option<Duration>>) -> Self {
-        self.config.keepalive_interval = interval.into();
+        self.config.keepalive_interval = interval.into().map(crate::deadline::clamp);
         self
     }
 
     /// How long a keepalive PING may go unanswered. Default 20 seconds, as gRPC's.
     #[must_use]
     pub fn keepalive_timeout(mut self, timeout: Duration) -> Self {
-        self.config.keepalive_timeout = timeout;
+        self.config.keepalive_timeout = crate::deadline::clamp(timeout);
         self
     }
 
