@@ -70,10 +70,44 @@ thread_local! {
 /// assert!(towerpc::payload::from_msgpack::<String>(&[0xdb, 0xd5, 0xfb, 0xd5, 0xc3]).is_err());
 /// ```
 pub fn from_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    check_depth(bytes).map_err(|e| Error::new(Kind::Decode).with(e))?;
+    decode_msgpack(bytes).map_err(|e| Error::new(Kind::Decode).with(e))
+}
+
+/// Decodes msgpack into `T` as [`from_msgpack`] does, with the error untyped for callers that
+/// report it their own way (the dispatcher answers INVALID_ARGUMENT).
+pub(crate) fn decode_msgpack<T: DeserializeOwned>(
+    bytes: &[u8],
+) -> std::result::Result<T, DecodeError> {
+    check_depth(bytes).map_err(DecodeError::Depth)?;
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
     de.set_max_depth(MAX_DECODE_DEPTH);
-    T::deserialize(&mut de).map_err(|e| Error::new(Kind::Decode).with(e))
+    T::deserialize(&mut de).map_err(DecodeError::Msgpack)
+}
+
+/// Why msgpack did not decode.
+#[derive(Debug)]
+pub(crate) enum DecodeError {
+    Depth(TooDeep),
+    Msgpack(rmp_serde::decode::Error),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Depth(e) => e.fmt(f),
+            DecodeError::Msgpack(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Transparent: it shows, and chains to, what it wraps.
+impl std::error::Error for DecodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DecodeError::Depth(e) => e.source(),
+            DecodeError::Msgpack(e) => e.source(),
+        }
+    }
 }
 
 /// Why [`check_depth`] refused a payload.

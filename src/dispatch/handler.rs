@@ -11,7 +11,6 @@ use serde::{de::DeserializeOwned, Serialize};
 use super::context::CallContext;
 use super::future::ResponseFuture;
 use crate::error::{Code, Status};
-use crate::payload::MAX_DECODE_DEPTH;
 use crate::{BoxError, Request};
 
 /// An async function or closure that can serve a method of a
@@ -179,13 +178,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Bytes, BoxError> {
 /// Decodes the request body as `T` (msgpack, depth-capped like
 /// [`from_msgpack`](crate::payload::from_msgpack)); the error names the method and the type.
 fn decode<T: DeserializeOwned>(req: &Request) -> Result<T, BoxError> {
-    let decoded = crate::payload::check_depth(req.body()).map_err(DecodeError::Depth);
-    let decoded = decoded.and_then(|()| {
-        let mut de = rmp_serde::Deserializer::from_read_ref(&req.body()[..]);
-        de.set_max_depth(MAX_DECODE_DEPTH);
-        T::deserialize(&mut de).map_err(DecodeError::Msgpack)
-    });
-    decoded.map_err(|e| {
+    crate::payload::decode_msgpack(req.body()).map_err(|e| {
         let msg = format!(
             "method {:?}: request does not decode as {}: {e}",
             req.method(),
@@ -196,22 +189,6 @@ fn decode<T: DeserializeOwned>(req: &Request) -> Result<T, BoxError> {
         let e: BoxError = Box::new(Status::new(Code::InvalidArgument, msg));
         e
     })
-}
-
-/// Why a request body did not decode.
-#[derive(Debug)]
-enum DecodeError {
-    Depth(crate::payload::TooDeep),
-    Msgpack(rmp_serde::decode::Error),
-}
-
-impl std::fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DecodeError::Depth(e) => e.fmt(f),
-            DecodeError::Msgpack(e) => e.fmt(f),
-        }
-    }
 }
 
 // Requests decode in `Endpoint::call`, that is on the connection's reader before the handler's
