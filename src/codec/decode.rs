@@ -197,20 +197,19 @@ impl FrameDecoder {
                 if let Some(msg) = self.fragment(&mut frame.body)? {
                     return Ok(Some(msg));
                 }
-            } else if frame.len > DETACH_ABOVE {
-                let whole = frame.body.clone();
+            } else {
+                let whole = (frame.len > DETACH_ABOVE).then(|| frame.body.clone());
                 let msg = parse_message(&mut frame.body);
-                let used = whole.len() - frame.body.len();
-                if used < frame.len / DETACH_SHARE {
-                    // A small message must not keep a large frame's buffer alive: budgets count
-                    // the message, not the frame. A copy of its bytes, parsed again.
-                    return Ok(Some(parse_message(&mut Bytes::copy_from_slice(
-                        &whole[..used],
-                    ))));
+                if let Some(whole) = whole {
+                    let used = whole.len() - frame.body.len();
+                    if used < frame.len / DETACH_SHARE {
+                        // A small message must not keep a large frame's buffer alive: budgets
+                        // count the message, not the frame. A copy of its bytes, parsed again.
+                        let mut own = Bytes::copy_from_slice(&whole[..used]);
+                        return Ok(Some(parse_message(&mut own)));
+                    }
                 }
                 return Ok(Some(msg));
-            } else {
-                return Ok(Some(parse_message(&mut frame.body)));
             }
         }
         Ok(None)
