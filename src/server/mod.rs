@@ -25,7 +25,6 @@ pub use self::upgrade::Upgrade;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -652,7 +651,10 @@ impl<L> Server<L> {
             // dropped, so new dials are refused at once instead of waiting in the backlog.
             let incoming = incoming;
             tokio::pin!(incoming);
-            let live = Arc::new(AtomicUsize::new(0));
+            // A permit per connection served (at most as many as a semaphore holds).
+            let slots = Arc::new(Semaphore::new(
+                config.max_connections.min(Semaphore::MAX_PERMITS),
+            ));
             loop {
                 let conn = tokio::select! {
                     conn = incoming.next() => conn,
@@ -661,7 +663,7 @@ impl<L> Server<L> {
                 match conn {
                     Some(Ok(io)) => {
                         Counters::inc(&self.counters.accepts);
-                        let Some(slot) = ConnectionSlot::take(&live, config.max_connections) else {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
                             // Closed at once: the connections already open keep being served.
                             Counters::inc(&self.counters.refused_connections);
                             tracing::debug!("max_connections reached: connection closed");
@@ -711,26 +713,6 @@ impl<L> Server<L> {
         tracker.close();
         tracker.wait().await;
         Ok(())
-    }
-}
-
-/// One of the `max_connections` a server serves at once, given back when dropped.
-struct ConnectionSlot(Arc<AtomicUsize>);
-
-impl ConnectionSlot {
-    /// A slot, if fewer than `max` are taken.
-    fn take(live: &Arc<AtomicUsize>, max: usize) -> Option<ConnectionSlot> {
-        live.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .ok()
-        .map(|_| ConnectionSlot(live.clone()))
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
