@@ -139,10 +139,16 @@ impl Batch {
         }
         // The calls' deadlines count from here: a wait for slots spends them.
         let now = tokio::time::Instant::now();
-        let own_timeout = |req: &Request| match req.timeout {
-            Timeout::Default => timeout.or(shared.config.timeout),
-            t => t.or(None),
-        };
+        let deadlines: Vec<Option<tokio::time::Instant>> = entries
+            .iter()
+            .map(|req| {
+                let own = match req.timeout {
+                    Timeout::Default => timeout.or(shared.config.timeout),
+                    t => t.or(None),
+                };
+                deadline_for(own, now)
+            })
+            .collect();
         // All the slots at once: taking them one by one could leave two large batches each
         // holding part of what it needs, waiting for the other forever.
         let mut permits = match &client.handle.permits {
@@ -153,11 +159,10 @@ impl Batch {
                     Err(_) => {
                         // The wait ends when the last call's deadline passes, if all have one.
                         let mut latest = Some(now);
-                        for req in entries.iter().filter(|r| !r.one_way) {
-                            latest = match (latest, deadline_for(own_timeout(req), now)) {
-                                (Some(a), Some(d)) => Some(a.max(d)),
-                                _ => None,
-                            };
+                        for (req, &deadline) in entries.iter().zip(&deadlines) {
+                            if !req.one_way {
+                                latest = latest.zip(deadline).map(|(a, d)| a.max(d));
+                            }
                         }
                         let acquire = sem.clone().acquire_many_owned(n);
                         let acquired = match latest {
@@ -179,15 +184,13 @@ impl Batch {
             _ => None,
         };
 
-        let mut deadlines = Vec::with_capacity(entries.len());
         let msgs: Vec<(Message, bool)> = entries
             .into_iter()
-            .map(|req| {
+            .zip(&deadlines)
+            .map(|(req, deadline)| {
                 let own_deadline = !matches!(req.timeout, Timeout::Default)
                     || !matches!(timeout, Timeout::Default)
                     || crate::deadline::current().is_some();
-                let deadline = deadline_for(own_timeout(&req), now);
-                deadlines.push(deadline);
                 let t = deadline.map(|d| d.saturating_duration_since(now));
                 let msg = if req.one_way {
                     Message::OneWay {

@@ -391,8 +391,7 @@ impl Client {
     /// A call that found every slot taken (`max_pending` calls pending, `Overflow::Backpressure`):
     /// its deadline runs, and its token may cancel it, from now on, while it waits for a slot.
     fn wait_for_slot(&self, mut req: Request, slots: Arc<Semaphore>) -> ResponseFuture {
-        let deadline = resolve_deadline(&req, self.handle.config().timeout, Instant::now());
-        let cancel = req.cancel.take();
+        let (deadline, cancel) = self.made_now(&mut req);
         ResponseFuture::acquiring(self.clone(), req, slots, deadline, cancel)
     }
 
@@ -401,9 +400,14 @@ impl Client {
         mut req: Request,
         permit: Option<OwnedSemaphorePermit>,
     ) -> ResponseFuture {
-        let deadline = resolve_deadline(&req, self.handle.config().timeout, Instant::now());
-        let cancel = req.cancel.take();
+        let (deadline, cancel) = self.made_now(&mut req);
         self.start_by(req, permit, deadline, cancel)
+    }
+
+    /// What a call made now must end by, and its cancellation token, taken out of `req`.
+    fn made_now(&self, req: &mut Request) -> (Option<Instant>, Option<CancellationToken>) {
+        let deadline = resolve_deadline(req, self.handle.config().timeout, Instant::now());
+        (deadline, req.cancel.take())
     }
 
     /// Starts a call that must be over by `deadline` (resolved when it was made, which for a
