@@ -481,8 +481,8 @@ async fn handlers_of_a_vanished_client_are_stopped() {
 }
 
 /// Handlers that compute on their first poll still run side by side: the reader runs a
-/// handler's first poll itself, but after one that took long, the next requests go to tasks of
-/// their own (`server/connection.rs`, `Ctx::spawn`).
+/// handler's first poll itself, but after two that took long, the next requests go to tasks
+/// of their own (`server/connection.rs`, `Ctx::spawn`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handlers_that_compute_still_run_side_by_side() {
     let started = Arc::new(AtomicUsize::new(0));
@@ -509,7 +509,9 @@ async fn handlers_that_compute_still_run_side_by_side() {
     });
     let server = support::serve(Server::builder(), svc).await;
     let client = Client::builder().connect(server.addr).await.unwrap();
-    let _: usize = client.invoke("Warm", &()).await.unwrap();
+    for _ in 0..2 {
+        let _: usize = client.invoke("Warm", &()).await.unwrap();
+    }
     let (a, b) = tokio::join!(
         client.invoke::<_, usize>("Meet", &()),
         client.invoke::<_, usize>("Meet", &())
@@ -518,6 +520,31 @@ async fn handlers_that_compute_still_run_side_by_side() {
         (a.unwrap(), b.unwrap()),
         (2, 2),
         "the two calls did not run at the same time"
+    );
+}
+
+/// One slow first poll is no pattern (the reader's thread may have been preempted): quick
+/// handlers after it still run on the reader, not each on a task of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_first_poll_does_not_send_handlers_to_tasks() {
+    let svc = support::service(|req: Request| async move {
+        if req.method() == "Slow" {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Run on the reader, every handler sees the reader's task; on tasks, each its own.
+        let task = tokio::task::id().to_string();
+        Ok(Response::new(support::msgpack(&task)))
+    });
+    let server = support::serve(Server::builder(), svc).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+    let _: String = client.invoke("Slow", &()).await.unwrap();
+    let mut tasks = std::collections::HashSet::new();
+    for _ in 0..20 {
+        tasks.insert(client.invoke::<_, String>("Quick", &()).await.unwrap());
+    }
+    assert!(
+        tasks.len() < 20,
+        "every quick handler after one slow first poll ran on a task of its own"
     );
 }
 
@@ -697,4 +724,35 @@ async fn connections_past_max_connections_are_closed_at_once() {
     }
     let c = again.expect("no connection after one closed");
     assert_eq!(c.invoke::<_, u64>("Echo", &8u64).await.unwrap(), 8);
+}
+
+/// "No limit" spelled `usize::MAX` serves calls: the semaphores behind the limits would panic
+/// past `Semaphore::MAX_PERMITS`, so the builders lower it.
+#[tokio::test]
+async fn limits_of_usize_max_mean_no_limit() {
+    let server = support::serve(
+        Server::builder()
+            .max_concurrency(usize::MAX)
+            .max_concurrency_per_connection(usize::MAX)
+            .max_connections(usize::MAX)
+            .max_queued_bytes(usize::MAX)
+            .max_in_flight_bytes(usize::MAX)
+            .max_buffered_bytes(usize::MAX),
+        support::echo(),
+    )
+    .await;
+    let client = Client::builder()
+        .max_pending(usize::MAX)
+        .connect(server.addr)
+        .await
+        .unwrap();
+    assert_eq!(client.invoke::<_, u64>("Echo", &9u64).await.unwrap(), 9);
+    let mut batch = client.batch();
+    let calls: Vec<_> = (0..3u64)
+        .map(|i| batch.call::<_, u64>("Echo", &i).unwrap())
+        .collect();
+    let mut replies = batch.run().await.unwrap();
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(replies.take(call).unwrap(), i as u64);
+    }
 }

@@ -156,9 +156,10 @@ impl Builder {
     /// Largest number of calls awaiting replies at once. Default 32,768
     /// ([`DEFAULT_PENDING_MESSAGES`]). It bounds the client's memory; pick it above the number
     /// of concurrent callers you expect, or calls wait (or fail, see [`Builder::overflow`]).
+    /// Values past what a semaphore holds (`usize::MAX` for "no limit") are lowered to it.
     #[must_use]
     pub fn max_pending(mut self, n: usize) -> Self {
-        self.config.max_pending = n.max(1);
+        self.config.max_pending = n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 
