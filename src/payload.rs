@@ -27,7 +27,15 @@ pub const MAX_DECODE_DEPTH: usize = 32;
 /// assert_eq!(&bytes[..], &[0x07]);
 /// ```
 pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
-    let encoded = SCRATCH.with(|scratch| {
+    encode_msgpack(value).map_err(|e| Error::new(Kind::Encode).with(e))
+}
+
+/// [`to_msgpack`] with rmp-serde's own error, for callers that report it their own way (the
+/// dispatcher's replies).
+pub(crate) fn encode_msgpack<T: Serialize + ?Sized>(
+    value: &T,
+) -> std::result::Result<Bytes, rmp_serde::encode::Error> {
+    SCRATCH.with(|scratch| {
         // A `Serialize` impl that encodes msgpack itself finds the scratch buffer in use.
         let Ok(mut buf) = scratch.try_borrow_mut() else {
             return rmp_serde::to_vec_named(value).map(Bytes::from);
@@ -46,8 +54,7 @@ pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
             *buf = Vec::new();
         }
         out
-    });
-    encoded.map_err(|e| Error::new(Kind::Encode).with(e))
+    })
 }
 
 /// Encoded values up to this size are copied out of the thread's scratch buffer, which keeps

@@ -166,8 +166,8 @@ pub(crate) mod private {
 use self::private::{Endpoint, Erase, Reply};
 
 fn encode<T: Serialize>(value: &T) -> Result<Bytes, BoxError> {
-    match rmp_serde::to_vec_named(value) {
-        Ok(v) => Ok(Bytes::from(v)),
+    match crate::payload::encode_msgpack(value) {
+        Ok(v) => Ok(v),
         Err(e) => Err(Box::new(Status::new(
             Code::Internal,
             format!("response does not encode as {}: {e}", type_name::<T>()),
