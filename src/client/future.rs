@@ -287,7 +287,13 @@ impl ResponseFuture {
             cancel,
             ..
         } = *acquiring;
-        Poll::Ready(client.start_by(req, Some(permit), deadline, cancel))
+        Poll::Ready(client.start_by(
+            req,
+            Some(permit),
+            deadline,
+            cancel,
+            tokio::time::Instant::now(),
+        ))
     }
 
     pub(crate) fn ready(reply: Reply) -> Self {

@@ -391,7 +391,7 @@ impl Client {
     /// A call that found every slot taken (`max_pending` calls pending, `Overflow::Backpressure`):
     /// its deadline runs, and its token may cancel it, from now on, while it waits for a slot.
     fn wait_for_slot(&self, mut req: Request, slots: Arc<Semaphore>) -> ResponseFuture {
-        let (deadline, cancel) = self.made_now(&mut req);
+        let (deadline, cancel) = self.made_at(&mut req, Instant::now());
         ResponseFuture::acquiring(self.clone(), req, slots, deadline, cancel)
     }
 
@@ -400,29 +400,35 @@ impl Client {
         mut req: Request,
         permit: Option<OwnedSemaphorePermit>,
     ) -> ResponseFuture {
-        let (deadline, cancel) = self.made_now(&mut req);
-        self.start_by(req, permit, deadline, cancel)
+        // One clock read per call: its deadline counts from the same instant it starts at.
+        let now = Instant::now();
+        let (deadline, cancel) = self.made_at(&mut req, now);
+        self.start_by(req, permit, deadline, cancel, now)
     }
 
-    /// What a call made now must end by, and its cancellation token, taken out of `req`.
-    fn made_now(&self, req: &mut Request) -> (Option<Instant>, Option<CancellationToken>) {
-        let deadline = resolve_deadline(req, self.handle.config().timeout, Instant::now());
+    /// What a call made at `now` must end by, and its cancellation token, taken out of `req`.
+    fn made_at(
+        &self,
+        req: &mut Request,
+        now: Instant,
+    ) -> (Option<Instant>, Option<CancellationToken>) {
+        let deadline = resolve_deadline(req, self.handle.config().timeout, now);
         (deadline, req.cancel.take())
     }
 
-    /// Starts a call that must be over by `deadline` (resolved when it was made, which for a
-    /// call that waited for a slot was before the wait).
+    /// Starts a call, at `now`, that must be over by `deadline` (resolved when it was made,
+    /// which for a call that waited for a slot was before the wait).
     pub(crate) fn start_by(
         &self,
         mut req: Request,
         permit: Option<OwnedSemaphorePermit>,
         deadline: Option<Instant>,
         cancel: Option<CancellationToken>,
+        now: Instant,
     ) -> ResponseFuture {
         if req.one_way {
             return ResponseFuture::ready(self.send_raw(req).map(|()| Response::default()));
         }
-        let now = Instant::now();
         continue_trace(&mut req);
         if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
             return ResponseFuture::ready(Err(Error::new(Kind::Cancelled)));
