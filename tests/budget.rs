@@ -26,10 +26,18 @@ const REPLY: usize = 64 * 1024;
 const GREEDY: usize = 8;
 
 /// Replies 64 KiB to `big`, holds the request 2 s for `hold`, echoes anything else.
+///
+/// `big` yields once first, as a handler that does any I/O would: it runs on a task of its
+/// own, not on the reader, so the reader goes on reading while replies are still being made
+/// (a handler that answers at its first poll on the reader has its reply queued before the
+/// next request is read, which the per-connection cap alone bounds).
 fn service() -> support::Svc {
     support::service(|req: Request| async move {
         match req.method() {
-            "big" => Ok(Response::new(Bytes::from(vec![7u8; REPLY]))),
+            "big" => {
+                tokio::task::yield_now().await;
+                Ok(Response::new(Bytes::from(vec![7u8; REPLY])))
+            }
             "hold" => {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 Ok(Response::new(Bytes::from_static(b"held")))

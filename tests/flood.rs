@@ -76,7 +76,14 @@ async fn cancels_for_ids_not_in_flight_are_closed() {
 /// The "rapid reset" pattern: each request cancelled right behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_request_cancel_pairs_are_closed() {
-    let server = support::serve(Server::builder(), support::sleepy(Duration::from_secs(10))).await;
+    let svc = support::service(|req: towerpc::Request| async move {
+        if req.method() == "Sleep" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        Ok(towerpc::Response::new(req.into_body()))
+    });
+    let server = support::serve(Server::builder(), svc).await;
+    let honest = Client::connect(server.addr).await.unwrap();
     let frames = (0..10)
         .map(|f| {
             (1..=500)
@@ -90,6 +97,8 @@ async fn rapid_request_cancel_pairs_are_closed() {
     let (code, reason) = flood_until_closed(server.addr, frames).await;
     assert_eq!(Code::from_u16(code), Code::ResourceExhausted, "{reason}");
     assert!(reason.contains("cancel"), "{reason}");
+    // The flood's handlers were stopped with its connection: the honest client is served.
+    honest_call(&honest).await;
 }
 
 /// Cancelling calls that have run a while is what cancels are for: never counted.
