@@ -38,6 +38,13 @@ const KEEP_BATCH: usize = 4 * DEFAULT_BUFFER_SIZE;
 /// (docs/benchmarks.md, session 9).
 pub(crate) const MESSAGE_CHUNK: usize = 32;
 
+/// A limit that a tokio semaphore will hold as permits: at least 1, at most
+/// `Semaphore::MAX_PERMITS` (`Semaphore::new` panics past it), so "no limit" may be spelled
+/// `usize::MAX`. The server's concurrency and connection limits and the client's `max_pending`.
+pub(crate) fn permits(n: usize) -> usize {
+    n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
+}
+
 /// Writes our preface and reads the peer's.
 pub(crate) async fn exchange_preface<T>(io: &mut T, ours: Preface) -> io::Result<Preface>
 where

@@ -159,7 +159,7 @@ impl Builder {
     /// Values past what a semaphore holds (`usize::MAX` for "no limit") are lowered to it.
     #[must_use]
     pub fn max_pending(mut self, n: usize) -> Self {
-        self.config.max_pending = n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        self.config.max_pending = crate::conn::permits(n);
         self
     }
 

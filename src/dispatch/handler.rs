@@ -166,13 +166,12 @@ pub(crate) mod private {
 use self::private::{Endpoint, Erase, Reply};
 
 fn encode<T: Serialize>(value: &T) -> Result<Bytes, BoxError> {
-    match crate::payload::encode_msgpack(value) {
-        Ok(v) => Ok(v),
-        Err(e) => Err(Box::new(Status::new(
+    crate::payload::encode_msgpack(value).map_err(|e| -> BoxError {
+        Box::new(Status::new(
             Code::Internal,
             format!("response does not encode as {}: {e}", type_name::<T>()),
-        ))),
-    }
+        ))
+    })
 }
 
 /// Decodes the request body as `T` (msgpack, depth-capped like

@@ -4,9 +4,9 @@
 //! poll on the reader (most handlers answer there, at no task's cost), then on a task of its own
 //! if it waits, so a slow handler never blocks the others; handlers whose first polls compute
 //! for long (100 µs, twice in a few requests: once may be the thread's preemption) send the
-//! next requests straight to tasks, so CPU-bound handlers use every core. One writer sends the replies back in batches. A handler limit stops the reader (and so the
-//! socket) when reached, which keeps memory bounded. Handler panics become `INTERNAL` errors
-//! for that call only.
+//! next requests straight to tasks, so CPU-bound handlers use every core. One writer sends the
+//! replies back in batches. A handler limit stops the reader (and so the socket) when reached,
+//! which keeps memory bounded. Handler panics become `INTERNAL` errors for that call only.
 
 mod budget;
 mod connection;
@@ -90,13 +90,6 @@ pub const DEFAULT_READ_SPIN: Duration = Duration::from_micros(50);
 
 /// Default cap on connections served at once (10,000). See [`Server::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-
-/// A count of slots a semaphore will hold: at least 1, at most what a tokio semaphore can
-/// (`Semaphore::MAX_PERMITS`, which `Semaphore::new` would panic past), so "no limit" may be
-/// spelled `usize::MAX`.
-fn permits(n: usize) -> usize {
-    n.clamp(1, Semaphore::MAX_PERMITS)
-}
 
 /// A towerpc server: configuration plus the counters of everything it serves.
 ///
@@ -288,7 +281,7 @@ impl<L> Server<L> {
     /// (`usize::MAX` for "no limit") are lowered to it, as 0 is raised to 1.
     #[must_use]
     pub fn max_concurrency(mut self, n: usize) -> Self {
-        self.config.max_concurrency = permits(n);
+        self.config.max_concurrency = crate::conn::permits(n);
         self
     }
 
@@ -296,7 +289,7 @@ impl<L> Server<L> {
     /// limit). Lower it so that one busy client cannot take every slot.
     #[must_use]
     pub fn max_concurrency_per_connection(mut self, n: usize) -> Self {
-        self.config.max_concurrency_per_connection = permits(n);
+        self.config.max_concurrency_per_connection = crate::conn::permits(n);
         self
     }
 
@@ -314,7 +307,7 @@ impl<L> Server<L> {
     /// ```
     #[must_use]
     pub fn max_connections(mut self, n: usize) -> Self {
-        self.config.max_connections = permits(n);
+        self.config.max_connections = crate::conn::permits(n);
         self
     }
 
