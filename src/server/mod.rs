@@ -15,6 +15,7 @@ mod handler;
 mod handshake;
 pub mod health;
 mod keepalive;
+mod limit;
 mod recover;
 #[cfg(feature = "http-upgrade")]
 mod upgrade;
@@ -22,6 +23,8 @@ mod upgrade;
 #[cfg(feature = "http-upgrade")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-upgrade")))]
 pub use self::upgrade::Upgrade;
+
+pub use self::limit::{Limited, LimitedFuture};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,7 +40,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::layer::util::{Identity, Stack};
-use tower::limit::{ConcurrencyLimit, ConcurrencyLimitLayer, GlobalConcurrencyLimitLayer};
 use tower::{Layer, Service};
 
 use self::health::HealthReporter;
@@ -192,11 +194,6 @@ impl Default for Server {
     }
 }
 
-/// The per-connection stack beneath the user's layers: the per-connection and the server-wide
-/// concurrency limits (tower's `ConcurrencyLimit`, the inner one on a semaphore shared by
-/// every connection, as `GlobalConcurrencyLimitLayer` makes it), around the service.
-pub type Limited<S> = ConcurrencyLimit<ConcurrencyLimit<S>>;
-
 impl Server {
     /// A server with the defaults.
     pub fn builder() -> Server {
@@ -238,8 +235,7 @@ impl<L> Server<L> {
     /// `Server::builder().layer(..)` does: each connection gets its own stack, so per-connection
     /// middleware (rate limits, timeouts, auth) keeps per-connection state. Layers added first
     /// are outermost. The built-in concurrency limits sit beneath them, next to the service:
-    /// tower's `ConcurrencyLimit` ([`Server::max_concurrency_per_connection`]) and
-    /// `GlobalConcurrencyLimit` ([`Server::max_concurrency`]).
+    /// [`Limited`] ([`Server::max_concurrency_per_connection`] and [`Server::max_concurrency`]).
     ///
     /// The reader of a connection waits for the stack to be ready before it reads the next
     /// request, so a layer that is not ready (a full limit) stops reading the socket, which is
@@ -640,10 +636,8 @@ impl<L> Server<L> {
     {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let global = GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(Semaphore::new(
-            self.config.max_concurrency,
-        )));
-        let per_connection = ConcurrencyLimitLayer::new(self.config.max_concurrency_per_connection);
+        let global = limit::Limit::new(self.config.max_concurrency);
+        let per_connection = self.config.max_concurrency_per_connection;
         self.config.health.draining(false);
         let config = Arc::new(self.config);
         tokio::pin!(signal);
@@ -678,9 +672,11 @@ impl<L> Server<L> {
                         }
                         // This connection's own stack: the user's layers around the limits
                         // around the service.
-                        let svc = self
-                            .layer
-                            .layer(per_connection.layer(global.layer(svc.clone())));
+                        let svc = self.layer.layer(Limited::new(
+                            svc.clone(),
+                            per_connection,
+                            global.clone(),
+                        ));
                         let conn = handshake::run(
                             io,
                             svc,
