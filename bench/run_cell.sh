@@ -31,19 +31,30 @@ if [ ! -x "${srv[0]}" ]; then
   echo "SKIP $sys: ${srv[0]} is not built" >&2
   exit 0
 fi
+# The host's steal over the cell (/proc/stat: time the hypervisor gave this machine's CPUs to
+# others), appended to the RESULT line: a cell the host starved says little about the systems.
+cpu_times() { awk '/^cpu /{ t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t; exit }' /proc/stat; }
+read -r steal0 total0 < <(cpu_times)
+steal_pct() {
+  local steal1 total1
+  read -r steal1 total1 < <(cpu_times)
+  awk -v s=$((steal1 - steal0)) -v t=$((total1 - total0)) 'BEGIN { printf "%.1f", (t > 0 ? 100 * s / t : 0) }'
+}
 case "$sys" in
   gorpc*)
     [ "$pl" = 1k-random ] && { copt+=(-random); pl=1k; }
     export GOMAXPROCS=2
     "${srv[@]}" & spid=$!
     sleep 0.4
-    timeout 120 "${cli[@]}" -addr "$addr" -conc "$c" -payload "$pl" -warmup "$wu" -dur "$du" -server-pid "$spid" -label "$sys" "${copt[@]}"
+    out=$(timeout 120 "${cli[@]}" -addr "$addr" -conc "$c" -payload "$pl" -warmup "$wu" -dur "$du" -server-pid "$spid" -label "$sys" "${copt[@]}")
     ;;
   *)
     "${srv[@]}" & spid=$!
     sleep 0.4
-    timeout 120 "${cli[@]}" --addr "$addr" --conc "$c" --payload "$pl" --warmup "$wu" --dur "$du" --server-pid "$spid" --label "$sys" "${copt[@]}" "${extra[@]}"
+    out=$(timeout 120 "${cli[@]}" --addr "$addr" --conc "$c" --payload "$pl" --warmup "$wu" --dur "$du" --server-pid "$spid" --label "$sys" "${copt[@]}" "${extra[@]}")
     ;;
 esac
+st=$(steal_pct)
+echo "$out" | sed "/RESULT/s/\$/ steal_pct=$st/"
 kill "$spid"; wait "$spid" 2>/dev/null
 exit 0

@@ -5,6 +5,9 @@ import sys
 from collections import defaultdict
 
 FLOOR = "raw"
+# A cell during which the host stole this much of the machine's CPU time (run_cell.sh's
+# steal_pct, from /proc/stat) is marked: its figures say more about the host than the systems.
+STEAL_MARK = 5.0
 NAMES = {
     "raw": "floor (tokio)",
     "towerpc": "towerpc",
@@ -73,8 +76,14 @@ def main():
         by[(r["payload"], int(r["conc"]), r["label"])][r["round"]] = r
     rounds = sorted({r["round"] for r in peer})
 
-    def per_round(cell, sys_, key):
-        return [num(by[(*cell, sys_)].get(rd, {}), key) for rd in rounds]
+    def cps_rounds(cell, sys_):
+        cols = []
+        for rd in rounds:
+            rec = by[(*cell, sys_)].get(rd, {})
+            steal = num(rec, "steal_pct")
+            mark = "†" if steal is not None and steal >= STEAL_MARK else ""
+            cols.append(fmt(num(rec, "cps")) + mark)
+        return " · ".join(cols)
 
     def ratio_rounds(cell, sys_, key="cps", base=FLOOR):
         vals = []
@@ -87,12 +96,18 @@ def main():
     if peer:
         out.append("### Calls/s per round (r1 · r2 …), and each system ÷ the floor in the same round")
         out.append("")
+        if any(num(r, "steal_pct") is not None for r in peer):
+            out.append(
+                f"† the host stole {STEAL_MARK:.0f} % or more of the machine's CPU time during that cell "
+                "(`steal` in /proc/stat)."
+            )
+            out.append("")
         out.append("| payload | callers | " + " | ".join(NAMES[s] for s in systems) + " |")
         out.append("|---|---:|" + "---:|" * len(systems))
         for cell in cells:
             cols = []
             for s in systems:
-                cps = " · ".join(fmt(v) for v in per_round(cell, s, "cps"))
+                cps = cps_rounds(cell, s)
                 if s != FLOOR:
                     rat = " · ".join(fmt(v, 2) for v in ratio_rounds(cell, s))
                     cols.append(f"{cps} (×{rat})")
@@ -118,14 +133,16 @@ def main():
             "CPU is client + server CPU-seconds per call; RSS is peak (VmHWM); wire is loopback bytes "
             "per call (headers and ACKs included); socket writes count both processes' own writes "
             "(towerpc's counters; – where a system has none); wake-ups are `write` syscalls from "
-            "`/proc/PID/io` (eventfd wake-ups of parked runtime threads; sockets use `send`)."
+            "`/proc/PID/io` (eventfd wake-ups of parked runtime threads; sockets use `send`); steal is "
+            "the share of the machine's CPU time the host gave to others during the cell."
         )
         out.append("")
         out.append(
             "| payload | callers | system | calls/s | × floor | p50 µs | p99 µs | CPU µs/call | "
-            "client RSS MiB | server RSS MiB | wire B/call | socket writes/call | wake-ups/call | errors |"
+            "client RSS MiB | server RSS MiB | wire B/call | socket writes/call | wake-ups/call | errors | "
+            "steal % |"
         )
-        out.append("|---|---:|---|" + "---:|" * 11)
+        out.append("|---|---:|---|" + "---:|" * 12)
         for cell in cells:
             for s in systems:
                 recs = list(by[(*cell, s)].values())
@@ -141,7 +158,7 @@ def main():
                     f"{fmt(m('p50_us'))} | {fmt(m('p99_us'))} | {fmt(cpu, 2)} | "
                     f"{fmt(crss / 1024 if crss else None, 1)} | {fmt(srss / 1024 if srss else None, 1)} | "
                     f"{fmt(m('lo_bytes_per_call'), 1)} | {fmt(m('sock_writes_per_call'), 4)} | "
-                    f"{fmt(m('wake_writes_per_call'), 4)} | {errs:,} |"
+                    f"{fmt(m('wake_writes_per_call'), 4)} | {errs:,} | {fmt(m('steal_pct'), 1)} |"
                 )
         out.append("")
 
@@ -149,8 +166,8 @@ def main():
     if mixed:
         out.append("### Mixed: 1,000 small callers beside 10 big ones, one connection (towerpc raw svc)")
         out.append("")
-        out.append("| round | big requests | small calls/s | small p50 µs | small p99 µs | p99 ÷ alone | big calls/s | big MB/s | big p99 ms |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("| round | big requests | small calls/s | small p50 µs | small p99 µs | p99 ÷ alone | big calls/s | big MB/s | big p99 ms | steal % |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         # Each cell prints BIG (when there are big callers) then RESULT.
         groups, pending_big = [], None
         for r in mixed:
@@ -171,7 +188,7 @@ def main():
                 f"| {res['round']} | {size} | {fmt(num(res, 'cps'))} | {fmt(num(res, 'p50_us'))} | {fmt(p99)} | "
                 f"{fmt(p99 / base if base and p99 else None, 2)} | "
                 f"{fmt(num(big, 'cps') if big else None, 1)} | {fmt(num(big, 'mb_per_s') if big else None, 1)} | "
-                f"{fmt(num(big, 'p99_us') / 1000 if big else None, 1)} |"
+                f"{fmt(num(big, 'p99_us') / 1000 if big else None, 1)} | {fmt(num(res, 'steal_pct'), 1)} |"
             )
         out.append("")
 
