@@ -113,7 +113,8 @@ impl Drop for Waiter {
 /// use towerpc::server::Limited;
 ///
 /// fn fits<L: Layer<Limited<S>>, S>(_: &L) {}
-/// fits::<_, towerpc::dispatch::Dispatcher>(&tower::timeout::TimeoutLayer::new(Duration::from_secs(1)));
+/// let timeout = tower::timeout::TimeoutLayer::new(Duration::from_secs(1));
+/// fits::<_, towerpc::dispatch::Dispatcher>(&timeout);
 /// ```
 ///
 /// [`Server::max_concurrency_per_connection`]: super::Server::max_concurrency_per_connection
