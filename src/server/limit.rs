@@ -41,34 +41,40 @@ impl Limit {
         })
     }
 
-    fn try_take(&self) -> bool {
+    fn try_take(self: &Arc<Self>) -> Option<Slot> {
         let mut used = self.used.load(SeqCst);
         while used < self.max {
             match self
                 .used
                 .compare_exchange_weak(used, used + 1, SeqCst, SeqCst)
             {
-                Ok(_) => return true,
+                Ok(_) => return Some(Slot(self.clone())),
                 Err(now) => used = now,
             }
         }
-        false
-    }
-
-    fn give(&self) {
-        self.used.fetch_sub(1, SeqCst);
-        // A waiter counts itself before its last try: either it sees this slot free, or this
-        // sees it waiting (both sides SeqCst). `notify_one` with nobody registered yet keeps
-        // the wake-up for the next `notified` poll, so a waiter between the two is not missed.
-        if self.waiting.load(SeqCst) != 0 {
-            self.freed.notify_one();
-        }
+        None
     }
 
     /// Slots in use now.
     #[cfg(test)]
     fn used(&self) -> usize {
         self.used.load(SeqCst)
+    }
+}
+
+/// A slot taken of a limit, given back when dropped.
+struct Slot(Arc<Limit>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let limit = &self.0;
+        limit.used.fetch_sub(1, SeqCst);
+        // A waiter counts itself before its last try: either it sees this slot free, or this
+        // sees it waiting (both sides SeqCst). `notify_one` with nobody registered yet keeps
+        // the wake-up for the next `notified` poll, so a waiter between the two is not missed.
+        if limit.waiting.load(SeqCst) != 0 {
+            limit.freed.notify_one();
+        }
     }
 }
 
@@ -125,9 +131,10 @@ pub struct Limited<S> {
     /// `None` when it is not tighter than `global`.
     connection: Option<Arc<Limit>>,
     global: Arc<Limit>,
-    /// Slots taken by `poll_ready` for the next call.
-    holds_connection: bool,
-    holds_global: bool,
+    /// Slots taken by `poll_ready` for the next call (the connection's first, so a global
+    /// slot held means the connection's is too, where there is that limit).
+    held_connection: Option<Slot>,
+    held_global: Option<Slot>,
     waiter: Option<Waiter>,
 }
 
@@ -138,8 +145,8 @@ impl<S> Limited<S> {
             inner,
             connection,
             global,
-            holds_connection: false,
-            holds_global: false,
+            held_connection: None,
+            held_global: None,
             waiter: None,
         }
     }
@@ -151,11 +158,11 @@ impl<S> Limited<S> {
 }
 
 /// Takes a slot of `limit`, or registers `waiter` for a wake-up when one is given back.
-fn poll_take(limit: &Arc<Limit>, waiter: &mut Option<Waiter>, cx: &mut Context<'_>) -> Poll<()> {
+fn poll_take(limit: &Arc<Limit>, waiter: &mut Option<Waiter>, cx: &mut Context<'_>) -> Poll<Slot> {
     loop {
-        if limit.try_take() {
+        if let Some(slot) = limit.try_take() {
             *waiter = None;
-            return Poll::Ready(());
+            return Poll::Ready(slot);
         }
         match waiter {
             // Count ourselves waiting, then try once more before sleeping.
@@ -178,33 +185,23 @@ where
     type Future = LimitedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if !self.holds_connection {
-            if let Some(limit) = &self.connection {
-                ready!(poll_take(limit, &mut self.waiter, cx));
-            }
-            self.holds_connection = true;
+        if let (Some(limit), None) = (&self.connection, &self.held_connection) {
+            self.held_connection = Some(ready!(poll_take(limit, &mut self.waiter, cx)));
         }
-        if !self.holds_global {
-            ready!(poll_take(&self.global, &mut self.waiter, cx));
-            self.holds_global = true;
+        if self.held_global.is_none() {
+            self.held_global = Some(ready!(poll_take(&self.global, &mut self.waiter, cx)));
         }
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: R) -> Self::Future {
-        assert!(
-            self.holds_connection && self.holds_global,
-            "Limited::call without a successful poll_ready"
-        );
-        self.holds_connection = false;
-        self.holds_global = false;
-        let slots = Slots {
-            connection: self.connection.clone(),
-            global: self.global.clone(),
-        };
+        let global = self
+            .held_global
+            .take()
+            .expect("Limited::call without a successful poll_ready");
         LimitedFuture {
             inner: self.inner.call(req),
-            _slots: slots,
+            _slots: (self.held_connection.take(), global),
         }
     }
 }
@@ -215,23 +212,9 @@ impl<S: Clone> Clone for Limited<S> {
             inner: self.inner.clone(),
             connection: self.connection.clone(),
             global: self.global.clone(),
-            holds_connection: false,
-            holds_global: false,
+            held_connection: None,
+            held_global: None,
             waiter: None,
-        }
-    }
-}
-
-impl<S> Drop for Limited<S> {
-    fn drop(&mut self) {
-        // Slots taken for a call that will not be made.
-        if self.holds_connection {
-            if let Some(limit) = &self.connection {
-                limit.give();
-            }
-        }
-        if self.holds_global {
-            self.global.give();
         }
     }
 }
@@ -246,28 +229,14 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Limited<S> {
     }
 }
 
-/// A call's slots, given back when it is dropped.
-struct Slots {
-    connection: Option<Arc<Limit>>,
-    global: Arc<Limit>,
-}
-
-impl Drop for Slots {
-    fn drop(&mut self) {
-        if let Some(limit) = &self.connection {
-            limit.give();
-        }
-        self.global.give();
-    }
-}
-
 pin_project! {
     /// The response future of [`Limited`]: the service's own, holding the call's slots until
     /// it completes or is dropped.
     pub struct LimitedFuture<F> {
         #[pin]
         inner: F,
-        _slots: Slots,
+        // The connection's (where it has a limit of its own) and the server-wide one.
+        _slots: (Option<Slot>, Slot),
     }
 }
 
