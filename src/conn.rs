@@ -40,7 +40,8 @@ pub(crate) const MESSAGE_CHUNK: usize = 32;
 
 /// A limit that a tokio semaphore will hold as permits: at least 1, at most
 /// `Semaphore::MAX_PERMITS` (`Semaphore::new` panics past it), so "no limit" may be spelled
-/// `usize::MAX`. The server's concurrency and connection limits and the client's `max_pending`.
+/// `usize::MAX`. The client's `max_pending` and the server's connection limit are semaphores;
+/// the server's concurrency limits (`server::Limited`) keep to the same range.
 pub(crate) fn permits(n: usize) -> usize {
     n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
 }
