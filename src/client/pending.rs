@@ -2,7 +2,7 @@
 //! from request id to the caller waiting for it. One mutex guards all of it, so starting a call
 //! (allocate id, encode into the outbox, register the waiter) is a single short critical section.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
@@ -43,35 +43,107 @@ pub(crate) enum Slot {
     Abandoned,
 }
 
-/// Hashes the client's own call ids for [`Inner::pending`]: one multiplication instead of
-/// SipHash. The keys are ids this client chose (sequential), so no peer can pick colliding
-/// ones; a reply's id from the server is only looked up.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
+/// The in-flight table: call id → [`Slot`], in a ring of slots indexed by the id's low bits.
+/// Ids are this client's own (sequential, see [`Inner::next_free_id`]), so the live ones sit
+/// in neighbouring slots: starting a call and delivering its reply each touch one slot, with
+/// no hashing and no probing, and the table is never more than three-quarters full, so a free
+/// slot for the next id is near. A reply's id from the server is only looked up (and must
+/// match the slot's id exactly); the table grows only with calls this client makes.
+#[derive(Debug, Default)]
+pub(crate) struct Calls {
+    /// A power of two long (or empty before the first call).
+    slots: Vec<Entry>,
+    len: usize,
+}
 
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
+#[derive(Debug)]
+enum Entry {
+    Free,
+    Used(u32, Slot),
+}
+
+/// The table's first size.
+const FIRST_SLOTS: usize = 16;
+
+impl Calls {
+    fn index(&self, id: u32) -> usize {
+        id as usize & (self.slots.len().wrapping_sub(1))
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    /// The slot of call `id`, if it is in the table.
+    pub(crate) fn get(&self, id: u32) -> Option<&Slot> {
+        match self.slots.get(self.index(id))? {
+            Entry::Used(i, slot) if *i == id => Some(slot),
+            _ => None,
         }
     }
 
-    fn write_u32(&mut self, id: u32) {
-        // Fibonacci hashing: the high bits (the table's control bytes) and the low ones (its
-        // buckets) both vary with consecutive ids.
-        self.0 = (u64::from(id) ^ (u64::from(id) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    fn get_mut(&mut self, id: u32) -> Option<&mut Slot> {
+        let at = self.index(id);
+        match self.slots.get_mut(at)? {
+            Entry::Used(i, slot) if *i == id => Some(slot),
+            _ => None,
+        }
     }
-}
 
-impl std::hash::BuildHasher for IdHasher {
-    type Hasher = IdHasher;
+    fn remove(&mut self, id: u32) -> Option<Slot> {
+        let at = self.index(id);
+        let entry = self.slots.get_mut(at)?;
+        if !matches!(entry, Entry::Used(i, _) if *i == id) {
+            return None;
+        }
+        self.len -= 1;
+        match std::mem::replace(entry, Entry::Free) {
+            Entry::Used(_, slot) => Some(slot),
+            Entry::Free => None,
+        }
+    }
 
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(0)
+    /// Whether `id` may be inserted: its slot is free.
+    fn vacant(&self, id: u32) -> bool {
+        matches!(self.slots[self.index(id)], Entry::Free)
+    }
+
+    /// Makes room for one more call, so that the table stays at most three-quarters full:
+    /// doubled, every entry moves to the slot of its id's one more low bit. Two ids in
+    /// different slots differ in their low bits, so they still do with one bit more.
+    fn reserve_one(&mut self) {
+        if (self.len + 1) * 4 <= self.slots.len() * 3 {
+            return;
+        }
+        let size = (self.slots.len() * 2).max(FIRST_SLOTS);
+        let old = std::mem::replace(&mut self.slots, Vec::with_capacity(size));
+        self.slots.resize_with(size, || Entry::Free);
+        for entry in old {
+            if let Entry::Used(id, _) = entry {
+                let at = self.index(id);
+                self.slots[at] = entry;
+            }
+        }
+    }
+
+    /// Puts `slot` at `id`, whose slot must be [`vacant`](Self::vacant).
+    fn insert(&mut self, id: u32, slot: Slot) {
+        let at = self.index(id);
+        debug_assert!(matches!(self.slots[at], Entry::Free));
+        self.slots[at] = Entry::Used(id, slot);
+        self.len += 1;
+    }
+
+    /// Every call's id and slot, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = (u32, &Slot)> {
+        self.slots.iter().filter_map(|e| match e {
+            Entry::Used(id, slot) => Some((*id, slot)),
+            Entry::Free => None,
+        })
+    }
+
+    /// Every call's slot, emptying the table.
+    fn into_slots(self) -> impl Iterator<Item = Slot> {
+        self.slots.into_iter().filter_map(|e| match e {
+            Entry::Used(_, slot) => Some(slot),
+            Entry::Free => None,
+        })
     }
 }
 
@@ -110,7 +182,7 @@ pub(crate) struct Inner {
     /// Bumped for every connection; a writer or a call from an older connection sees it changed.
     pub(crate) gen: Gen,
     pub(crate) outbox: Outbox,
-    pub(crate) pending: HashMap<u32, Slot, IdHasher>,
+    pub(crate) pending: Calls,
     next_id: u32,
     pub(crate) live: usize,
     /// The most calls live lately: raised with `live`, decayed by an eighth per write. Tells
@@ -180,7 +252,7 @@ impl Shared {
                 phase: Phase::Connecting,
                 gen: 0,
                 outbox: Outbox::provisional(config.max_frame_len),
-                pending: HashMap::default(),
+                pending: Calls::default(),
                 next_id: 0,
                 live: 0,
                 live_high: 0,
@@ -482,7 +554,7 @@ impl Shared {
             self.closed.cancel();
         }
         drop(inner);
-        for slot in pending.into_values() {
+        for slot in pending.into_slots() {
             if let Slot::Waiting(tx, queued_at, ..) = slot {
                 let e = err();
                 let e = if was_up && queued_at == takes && !e.is_retry_safe() {
@@ -559,12 +631,14 @@ pub(crate) fn timeout_ms(timeout: Option<Duration>) -> u32 {
 
 impl Inner {
     fn next_free_id(&mut self) -> u32 {
-        // Ids wrap after 2^32 calls; one still awaiting a reply is skipped, so an id is never
-        // reused while a reply for it may arrive. The map holds at most 2 * max_pending ids,
-        // so the loop ends quickly.
+        // Ids wrap after 2^32 calls; one whose slot is taken (by a call still awaiting a reply,
+        // or one with the same low bits) is skipped, so an id is never reused while a reply for
+        // it may arrive. The table is at most three-quarters full and live ids are mostly
+        // consecutive, so the loop ends quickly.
+        self.pending.reserve_one();
         loop {
             self.next_id = self.next_id.wrapping_add(1);
-            if self.next_id != 0 && !self.pending.contains_key(&self.next_id) {
+            if self.next_id != 0 && self.pending.vacant(self.next_id) {
                 return self.next_id;
             }
         }
@@ -602,7 +676,7 @@ impl Inner {
             .pending
             .iter()
             .filter(|(_, slot)| matches!(slot, Slot::Waiting(_, _, false, _)))
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         for id in ids {
             let Some(tx) = self.give_up(id) else {
@@ -622,7 +696,7 @@ impl Inner {
     /// reply (so the id is not reused while one may come). Returns the caller's sender if it
     /// was still waiting.
     fn give_up(&mut self, id: u32) -> Option<oneshot::Sender<Reply>> {
-        let slot = self.pending.get_mut(&id)?;
+        let slot = self.pending.get_mut(id)?;
         if matches!(slot, Slot::Abandoned) {
             return None;
         }
@@ -670,7 +744,7 @@ impl Inner {
 
     /// Whether `e` is the entry of a call still waiting.
     fn expiry_is_live(&self, e: &Expiry) -> bool {
-        matches!(self.pending.get(&e.id), Some(Slot::Waiting(.., seq)) if *seq == e.seq)
+        matches!(self.pending.get(e.id), Some(Slot::Waiting(.., seq)) if *seq == e.seq)
     }
 
     /// Delivers replies; `Err` names a protocol violation (a reply to an id not awaiting one).
@@ -680,7 +754,7 @@ impl Inner {
         reply: Reply,
         out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
     ) -> std::result::Result<(), &'static str> {
-        match self.pending.remove(&id) {
+        match self.pending.remove(id) {
             Some(Slot::Waiting(tx, ..)) => {
                 self.live -= 1;
                 out.push((tx, reply));
@@ -789,6 +863,66 @@ mod tests {
         let ids: Vec<u32> = (0..3).map(|_| start("c").0).collect();
         // u32::MAX, then neither 0 (never an id) nor 1 and 2 (their replies may come).
         assert_eq!(ids, [u32::MAX, 3, 4]);
+    }
+
+    #[test]
+    fn the_call_table_grows_keeps_its_calls_and_matches_whole_ids() {
+        let slot = |n: u64| Slot::Waiting(oneshot::channel().0, n, false, 0);
+        let mut calls = Calls::default();
+        assert!(calls.get(1).is_none());
+        // Ids 1..=200 (growing the table past its first size several times), then every
+        // other one answered.
+        for id in 1..=200 {
+            calls.reserve_one();
+            assert!(calls.vacant(id));
+            calls.insert(id, slot(u64::from(id)));
+        }
+        assert!(calls.slots.len() >= 256 && calls.len == 200);
+        for id in (1..=200).step_by(2) {
+            assert!(
+                matches!(calls.remove(id), Some(Slot::Waiting(_, n, ..)) if n == u64::from(id))
+            );
+        }
+        assert!(calls.remove(1).is_none());
+        for id in 1..=200u32 {
+            let want = id % 2 == 0;
+            assert_eq!(calls.get(id).is_some(), want, "{id}");
+        }
+        // A reply whose id shares a live call's low bits is not that call's.
+        let size = calls.slots.len() as u32;
+        assert!(calls.get(2 + size).is_none() && calls.remove(2 + size).is_none());
+        assert!(!calls.vacant(2 + size) && calls.vacant(1 + size));
+        assert_eq!(calls.iter().count(), 100);
+        assert_eq!(calls.into_slots().count(), 100);
+        // An entry is no bigger than a slot and its id, padded.
+        assert!(std::mem::size_of::<Entry>() <= 32);
+    }
+
+    #[tokio::test]
+    async fn ids_skip_slots_taken_by_calls_still_awaiting_a_reply() {
+        let shared = shared();
+        let start = || {
+            let (id, _, rx, _) = shared
+                .start(&mut Request::new("M", "x"), None, None, false)
+                .unwrap();
+            (id, rx)
+        };
+        // Call 1 never gets its reply; thousands after it do.
+        let (stuck, _rx) = start();
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5_000 {
+            let (id, _rx) = start();
+            assert_ne!(id, stuck);
+            assert!(seen.insert(id), "id {id} given out twice");
+            shared
+                .lock()
+                .complete(id, Ok(Response::new(bytes::Bytes::new())), &mut out)
+                .unwrap();
+        }
+        let inner = shared.lock();
+        assert!(inner.pending.get(stuck).is_some());
+        assert_eq!(inner.pending.slots.len(), FIRST_SLOTS);
     }
 
     #[tokio::test]
@@ -952,7 +1086,7 @@ mod tests {
             assert!(queued);
             rxs.push(rx);
             let inner = shared.lock();
-            assert!(matches!(inner.pending.get(&id), Some(Slot::Waiting(.., seq)) if *seq == want));
+            assert!(matches!(inner.pending.get(id), Some(Slot::Waiting(.., seq)) if *seq == want));
         }
         // All three are live entries, and all three time out.
         assert_eq!(shared.expire(deadline), None);
