@@ -222,8 +222,11 @@ impl Batch {
             .zip(deadlines)
             .map(|(s, t)| match s {
                 Ok(Some((id, rx))) => {
-                    let permit = permits.as_mut().and_then(|p| p.split(1));
-                    ResponseFuture::waiting((shared.clone(), id, gen, rx), permit, t, None, None)
+                    // The call's slot is the table's now (see `Shared::permits`).
+                    if let Some(slot) = permits.as_mut().and_then(|p| p.split(1)) {
+                        slot.forget();
+                    }
+                    ResponseFuture::waiting((shared.clone(), id, gen, rx), t, None, None)
                 }
                 Ok(None) => ResponseFuture::ready(Ok(Response::default())),
                 Err(e) => ResponseFuture::ready(Err(e)),

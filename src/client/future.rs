@@ -174,8 +174,6 @@ enum State {
     Waiting {
         call: Call,
         rx: oneshot::Receiver<Reply>,
-        // Held until the call ends: it is the caller's slot under backpressure.
-        _permit: Option<OwnedSemaphorePermit>,
     },
     Parked(Box<Parked>),
     // Boxed: only calls made while every slot is taken wait here.
@@ -188,7 +186,6 @@ enum State {
 impl ResponseFuture {
     pub(crate) fn waiting(
         (shared, id, gen, rx): Started,
-        permit: Option<OwnedSemaphorePermit>,
         deadline: Option<Instant>,
         cancel: Option<CancellationToken>,
         trace: Option<Trace>,
@@ -200,7 +197,6 @@ impl ResponseFuture {
             state: State::Waiting {
                 call: Call { shared, id, gen },
                 rx,
-                _permit: permit,
             },
             extras: Extras::boxed(deadline, cancel, trace),
         }
@@ -341,10 +337,13 @@ impl Future for ResponseFuture {
                         else {
                             unreachable!("matched just above")
                         };
+                        // The call's slot is the table's now (see `Shared::permits`).
+                        if let Some(slot) = parked.permit {
+                            slot.forget();
+                        }
                         *this.state = State::Waiting {
                             call: Call { shared, id, gen },
                             rx,
-                            _permit: parked.permit,
                         };
                         continue;
                     }

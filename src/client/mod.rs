@@ -274,6 +274,7 @@ impl Client {
                 config.clone(),
                 health.clone(),
                 counters.clone(),
+                permits.clone(),
             ));
             let (tx, rx) = oneshot::channel();
             tokio::spawn(connection::run(
@@ -437,9 +438,13 @@ impl Client {
         let trace = future::Trace::start(&req, &self.handle.conns[0]);
         match self.handle.try_start(&mut req, deadline, now, true) {
             Ok((started, queued)) => {
+                // The call's slot is the table's now (see `Shared::permits`).
+                if let Some(slot) = permit {
+                    slot.forget();
+                }
                 // A deadline in the connection's queue needs no timer here.
                 let timer = deadline.filter(|_| !queued);
-                ResponseFuture::waiting(started, permit, timer, cancel, trace)
+                ResponseFuture::waiting(started, timer, cancel, trace)
             }
             Err(Refusal::Fail(e)) => ResponseFuture::ready(Err(e)),
             Err(Refusal::Park) => {

@@ -3,11 +3,12 @@
 //! (allocate id, encode into the outbox, register the waiter) is a single short critical section.
 
 use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch, Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -211,6 +212,9 @@ pub(crate) struct Inner {
     counted_up: bool,
     /// `Client::close` was called: no new calls; the connection closes once the live ones end.
     pub(crate) closing: bool,
+    /// Calls that stopped waiting under this lock: their slots of [`Shared::permits`] go back
+    /// when it is released ([`Locked`]), once for all of them.
+    freed: usize,
 }
 
 /// Why [`Shared::start`] did not queue a call.
@@ -239,6 +243,46 @@ pub(crate) struct Shared {
     pub(crate) health: Arc<watch::Sender<usize>>,
     /// Cancelled when the connection task has finished for good.
     pub(crate) finished: CancellationToken,
+    /// The client's call slots under backpressure (`None` when overflow fails the oldest
+    /// call), shared by its connections. A call takes one before it starts; once it is in the
+    /// table the slot is the table's, given back when the call stops waiting (its reply, its
+    /// deadline, its drop, the connection's loss): under the lock that is taken anyway, and
+    /// given back once per release of it rather than once per call.
+    pub(crate) permits: Option<Arc<Semaphore>>,
+}
+
+/// The lock on a connection's [`Inner`]: on release it gives back the call slots of calls
+/// that stopped waiting while it was held (see [`Shared::permits`]).
+pub(crate) struct Locked<'a> {
+    guard: Option<MutexGuard<'a, Inner>>,
+    permits: Option<&'a Semaphore>,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        let freed = std::mem::take(&mut guard.freed);
+        drop(guard);
+        if let (Some(permits), true) = (self.permits, freed > 0) {
+            permits.add_permits(freed);
+        }
+    }
 }
 
 impl Shared {
@@ -246,6 +290,7 @@ impl Shared {
         config: Config,
         health: Arc<watch::Sender<usize>>,
         counters: Arc<Counters>,
+        permits: Option<Arc<Semaphore>>,
     ) -> Shared {
         Shared {
             inner: Mutex::new(Inner {
@@ -265,6 +310,7 @@ impl Shared {
                 takes: 0,
                 counted_up: false,
                 closing: false,
+                freed: 0,
             }),
             notify_writer: Notify::new(),
             closed: CancellationToken::new(),
@@ -272,13 +318,17 @@ impl Shared {
             config,
             health,
             finished: CancellationToken::new(),
+            permits,
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> Locked<'_> {
         // A panic while holding this lock cannot leave the map half-updated in a way that
         // matters more than losing the client, so poisoning is ignored.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        Locked {
+            guard: Some(self.inner.lock().unwrap_or_else(|e| e.into_inner())),
+            permits: self.permits.as_deref(),
+        }
     }
 
     fn unavailable(&self, cause: Option<&str>) -> Error {
@@ -541,6 +591,7 @@ impl Shared {
             inner.phase,
             Phase::Connected | Phase::Draining | Phase::Closing
         );
+        inner.freed += inner.live;
         inner.live = 0;
         inner.abandoned = 0;
         inner.order.clear();
@@ -705,6 +756,7 @@ impl Inner {
         };
         self.live -= 1;
         self.abandoned += 1;
+        self.freed += 1;
         Some(tx)
     }
 
@@ -757,6 +809,7 @@ impl Inner {
         match self.pending.remove(id) {
             Some(Slot::Waiting(tx, ..)) => {
                 self.live -= 1;
+                self.freed += 1;
                 out.push((tx, reply));
             }
             Some(Slot::Abandoned) => self.abandoned -= 1,
@@ -834,11 +887,16 @@ mod tests {
     use crate::conn::Source;
 
     fn shared() -> Arc<Shared> {
+        shared_with(None)
+    }
+
+    fn shared_with(permits: Option<Arc<Semaphore>>) -> Arc<Shared> {
         let config = crate::client::Builder::new().into_config();
         let shared = Shared::new(
             config,
             Arc::new(watch::Sender::new(0)),
             Arc::new(Counters::default()),
+            permits,
         );
         shared.set_phase(Phase::Connected);
         Arc::new(shared)
@@ -923,6 +981,60 @@ mod tests {
         let inner = shared.lock();
         assert!(inner.pending.get(stuck).is_some());
         assert_eq!(inner.pending.slots.len(), FIRST_SLOTS);
+    }
+
+    #[tokio::test]
+    async fn call_slots_go_back_when_calls_stop_waiting_once_per_release_of_the_lock() {
+        let slots = Arc::new(Semaphore::new(4));
+        let shared = shared_with(Some(slots.clone()));
+        // As the client does: a slot taken, then the table's once the call is in it.
+        let start = |deadline: Option<Instant>| {
+            slots.try_acquire().unwrap().forget();
+            let (id, gen, rx, _) = shared
+                .start(&mut Request::new("M", "x"), None, deadline, false)
+                .unwrap();
+            (id, gen, rx)
+        };
+        let reply = || Ok(Response::new(bytes::Bytes::new()));
+        let mut out = Vec::new();
+        let calls: Vec<_> = (0..4).map(|_| start(None)).collect();
+        assert_eq!(slots.available_permits(), 0);
+
+        // A reply.
+        shared
+            .lock()
+            .complete(calls[0].0, reply(), &mut out)
+            .unwrap();
+        assert_eq!(slots.available_permits(), 1);
+        // Two replies under one lock: both slots come back when it is released.
+        {
+            let mut inner = shared.lock();
+            inner.complete(calls[1].0, reply(), &mut out).unwrap();
+            inner.complete(calls[2].0, reply(), &mut out).unwrap();
+            assert_eq!(slots.available_permits(), 1);
+        }
+        assert_eq!(slots.available_permits(), 3);
+        // A caller that gives up (its future dropped); its late reply frees nothing more.
+        let (id, gen, _) = calls[3];
+        shared.abandon(id, gen, true);
+        assert_eq!(slots.available_permits(), 4);
+        shared.lock().complete(id, reply(), &mut out).unwrap();
+        assert_eq!(slots.available_permits(), 4);
+
+        // The connection's deadline queue.
+        let now = Instant::now();
+        let _due = start(Some(now));
+        assert_eq!(slots.available_permits(), 3);
+        shared.expire(now);
+        assert_eq!(slots.available_permits(), 4);
+
+        // The connection lost with calls waiting (and one abandoned, whose slot is back).
+        let (gone, gen, _) = start(None);
+        let _rest: Vec<_> = (0..3).map(|_| start(None)).collect();
+        shared.abandon(gone, gen, false);
+        assert_eq!(slots.available_permits(), 1);
+        shared.reset(Phase::Connecting, lost);
+        assert_eq!(slots.available_permits(), 4);
     }
 
     #[tokio::test]
