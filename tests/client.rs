@@ -1298,6 +1298,60 @@ async fn a_call_waiting_for_a_slot_keeps_its_deadline_and_its_token() {
     assert!(err.is_timeout(), "{err:?}");
 }
 
+/// A slot taken for a call that then does not start (its token already cancelled, its
+/// deadline already passed) goes back: with one slot, every later call still gets it.
+#[tokio::test]
+async fn calls_that_never_start_give_their_slot_back() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let client = Client::builder()
+        .max_pending(1)
+        .connect(server.addr)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let token = tokio_util::sync::CancellationToken::new();
+        token.cancel();
+        let err = client
+            .request(Request::new("Echo", "a").with_cancel(token))
+            .await
+            .unwrap_err();
+        assert!(err.is_cancelled(), "{err:?}");
+        let err = client
+            .request(Request::new("Echo", "b").with_timeout(Duration::ZERO))
+            .await
+            .unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+    }
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(Request::new("Echo", "c")),
+    )
+    .await
+    .expect("no slot left for the call")
+    .unwrap();
+    assert_eq!(&reply.body()[..], b"c");
+}
+
+/// A wait-for-ready call holds its slot while it waits for a connection, and gives it back
+/// when it is dropped there.
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_waiting_for_a_connection_gives_its_slot_back() {
+    let parked = never_connected(Client::builder().max_pending(1).wait_for_ready(true));
+    for _ in 0..3 {
+        let mut call = tokio_test::task::spawn(parked.request(Request::new("m", "x")));
+        assert!(call.poll().is_pending());
+        assert_eq!(parked.pending(), 0, "a parked call is not in the table");
+    }
+    // Each of those held the one slot while it waited; this call gets it and waits for a
+    // connection (not for a slot) until its deadline.
+    let err = parked
+        .request(Request::new("m", "y").with_timeout(Duration::from_millis(100)))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(format!("{err:?}").contains("no connection came up"), "{err:?}");
+}
+
 /// RELIABILITY.md P5, gorpc's counter-example: a server that completes the handshake and drops
 /// every connection at once is a failed dial, and the waits between dials keep growing (the
 /// gRPC schedule: at most 15 dials in 10 minutes) instead of starting over at each handshake.

@@ -7,13 +7,13 @@ use std::task::{Context, Poll};
 
 use futures_util::Stream;
 use pin_project_lite::pin_project;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::pending::{Gen, Refusal, Reply, Shared};
-use super::Handle;
+use super::{Handle, Permit};
 use crate::error::{Error, Kind, Result};
 use crate::stats::Counters;
 use crate::{Request, Response};
@@ -165,9 +165,16 @@ struct Acquiring {
 struct Parked {
     handle: Arc<Handle>,
     req: Request,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Permit,
     deadline: Option<Instant>,
     changes: WatchStream<usize>,
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        // Given up before it started (its deadline, its token, its drop): the slot goes back.
+        std::mem::replace(&mut self.permit, Permit::Uncounted).give_back(&self.handle);
+    }
 }
 
 enum State {
@@ -205,7 +212,7 @@ impl ResponseFuture {
     pub(crate) fn parked(
         handle: Arc<Handle>,
         req: Request,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Permit,
         deadline: Option<Instant>,
         cancel: Option<CancellationToken>,
     ) -> Self {
@@ -285,7 +292,7 @@ impl ResponseFuture {
         } = *acquiring;
         Poll::Ready(client.start_by(
             req,
-            Some(permit),
+            Permit::Owned(permit),
             deadline,
             cancel,
             tokio::time::Instant::now(),
@@ -332,15 +339,12 @@ impl Future for ResponseFuture {
                         if let Some(trace) = this.extras.as_ref().and_then(|e| e.trace.as_ref()) {
                             trace.id(id);
                         }
-                        let State::Parked(parked) =
+                        let State::Parked(mut parked) =
                             std::mem::replace(this.state, State::Ready { reply: None })
                         else {
                             unreachable!("matched just above")
                         };
-                        // The call's slot is the table's now (see `Shared::permits`).
-                        if let Some(slot) = parked.permit {
-                            slot.forget();
-                        }
+                        std::mem::replace(&mut parked.permit, Permit::Uncounted).give_to_table();
                         *this.state = State::Waiting {
                             call: Call { shared, id, gen },
                             rx,

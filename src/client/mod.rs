@@ -229,6 +229,34 @@ impl Handle {
     }
 }
 
+/// A call's `max_pending` slot under backpressure, from when it is taken until the call is in
+/// the in-flight table, which then holds it (see `Shared::permits`).
+pub(crate) enum Permit {
+    /// No slots are counted: overflow fails the oldest call.
+    Uncounted,
+    /// Taken by `poll_ready`, or by a call that waited for one.
+    Owned(OwnedSemaphorePermit),
+    /// Taken at once by a call that found one free, as a count only: whoever holds it gives
+    /// it back with [`Permit::give_back`] if the call does not start.
+    Taken,
+}
+
+impl Permit {
+    /// The call is in the in-flight table, which holds its slot now.
+    pub(crate) fn give_to_table(self) {
+        if let Permit::Owned(permit) = self {
+            permit.forget();
+        }
+    }
+
+    /// The call did not start: its slot goes back (an owned permit's as it drops here).
+    pub(crate) fn give_back(self, handle: &Handle) {
+        if let (Permit::Taken, Some(sem)) = (self, &handle.permits) {
+            sem.add_permits(1);
+        }
+    }
+}
+
 /// A call's deadline passed: counted, and said with the server's name.
 fn timed_out(shared: &Shared) -> Error {
     Counters::inc(&shared.counters.timeouts);
@@ -349,9 +377,13 @@ impl Client {
     /// `request` and `invoke` stay small.
     fn start_call(&self, req: Request) -> ResponseFuture {
         let permit = match &self.handle.permits {
-            // A free slot is the common case: take it without building an acquire future.
-            Some(sem) => match sem.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
+            // A free slot is the common case: take it without building an acquire future (or
+            // cloning the semaphore's `Arc`, as an owned permit would).
+            Some(sem) => match sem.try_acquire() {
+                Ok(permit) => {
+                    permit.forget();
+                    Permit::Taken
+                }
                 Err(tokio::sync::TryAcquireError::NoPermits) => {
                     return self.wait_for_slot(req, sem.clone())
                 }
@@ -359,7 +391,7 @@ impl Client {
                     return ResponseFuture::ready(Err(Error::new(Kind::Closed)))
                 }
             },
-            None => None,
+            None => Permit::Uncounted,
         };
         self.start(req, permit)
     }
@@ -396,11 +428,7 @@ impl Client {
         ResponseFuture::acquiring(self.clone(), req, slots, deadline, cancel)
     }
 
-    pub(crate) fn start(
-        &self,
-        mut req: Request,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> ResponseFuture {
+    pub(crate) fn start(&self, mut req: Request, permit: Permit) -> ResponseFuture {
         // One clock read per call: its deadline counts from the same instant it starts at.
         let now = Instant::now();
         let (deadline, cancel) = self.made_at(&mut req, now);
@@ -422,31 +450,33 @@ impl Client {
     pub(crate) fn start_by(
         &self,
         mut req: Request,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Permit,
         deadline: Option<Instant>,
         cancel: Option<CancellationToken>,
         now: Instant,
     ) -> ResponseFuture {
         if req.one_way {
+            permit.give_back(&self.handle);
             return ResponseFuture::ready(self.send_raw(req).map(|()| Response::default()));
         }
         continue_trace(&mut req);
         if cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+            permit.give_back(&self.handle);
             return ResponseFuture::ready(Err(Error::new(Kind::Cancelled)));
         }
         // Before the start, which takes the method out of the request.
         let trace = future::Trace::start(&req, &self.handle.conns[0]);
         match self.handle.try_start(&mut req, deadline, now, true) {
             Ok((started, queued)) => {
-                // The call's slot is the table's now (see `Shared::permits`).
-                if let Some(slot) = permit {
-                    slot.forget();
-                }
+                permit.give_to_table();
                 // A deadline in the connection's queue needs no timer here.
                 let timer = deadline.filter(|_| !queued);
                 ResponseFuture::waiting(started, timer, cancel, trace)
             }
-            Err(Refusal::Fail(e)) => ResponseFuture::ready(Err(e)),
+            Err(Refusal::Fail(e)) => {
+                permit.give_back(&self.handle);
+                ResponseFuture::ready(Err(e))
+            }
             Err(Refusal::Park) => {
                 ResponseFuture::parked(self.handle.clone(), req, permit, deadline, cancel)
             }
@@ -583,12 +613,12 @@ impl Service<Request> for Client {
 
     fn call(&mut self, req: Request) -> ResponseFuture {
         let permit = match self.handle.permits {
-            Some(_) => Some(
+            Some(_) => Permit::Owned(
                 self.permit
                     .take()
                     .expect("Client::call called before poll_ready returned Ready"),
             ),
-            None => None,
+            None => Permit::Uncounted,
         };
         self.start(req, permit)
     }
