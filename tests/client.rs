@@ -1349,7 +1349,10 @@ async fn a_call_dropped_while_waiting_for_a_connection_gives_its_slot_back() {
         .await
         .unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
-    assert!(format!("{err:?}").contains("no connection came up"), "{err:?}");
+    assert!(
+        format!("{err:?}").contains("no connection came up"),
+        "{err:?}"
+    );
 }
 
 /// RELIABILITY.md P5, gorpc's counter-example: a server that completes the handshake and drops

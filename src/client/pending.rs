@@ -1,4 +1,4 @@
-//! The client's shared state: the phase of its connection, the outbox, and the in-flight map
+//! The client's shared state: the phase of its connection, the outbox, and the in-flight table
 //! from request id to the caller waiting for it. One mutex guards all of it, so starting a call
 //! (allocate id, encode into the outbox, register the waiter) is a single short critical section.
 
@@ -203,7 +203,7 @@ pub(crate) struct Inner {
     expiry_seq: u32,
     /// What [`Expiry::at`] counts from: when the client was made.
     epoch: Instant,
-    /// When the in-flight map last went from empty to non-empty: a stall is measured from the
+    /// When the in-flight table last went from empty to non-empty: a stall is measured from the
     /// later of this and the last byte received.
     pub(crate) busy_since: Option<Instant>,
     /// Non-empty takes by the writer of this generation (see [`Slot::Waiting`]).
