@@ -50,11 +50,12 @@ pub(crate) enum Slot {
 /// no hashing and no probing, and the table is never more than three-quarters full, so a free
 /// slot for the next id is near. A reply's id from the server is only looked up (and must
 /// match the slot's id exactly); the table grows only with calls this client makes.
+///
+/// How many calls it holds is not kept here: it is [`Inner::live`] plus [`Inner::abandoned`].
 #[derive(Debug, Default)]
 pub(crate) struct Calls {
     /// A power of two long (or empty before the first call).
     slots: Vec<Entry>,
-    len: usize,
 }
 
 #[derive(Debug)]
@@ -71,6 +72,14 @@ impl Calls {
         id as usize & (self.slots.len().wrapping_sub(1))
     }
 
+    /// The entry of call `id`, if it is in the table (its slot holds that very id).
+    fn entry_mut(&mut self, id: u32) -> Option<&mut Entry> {
+        let at = self.index(id);
+        self.slots
+            .get_mut(at)
+            .filter(|e| matches!(e, Entry::Used(i, _) if *i == id))
+    }
+
     /// The slot of call `id`, if it is in the table.
     pub(crate) fn get(&self, id: u32) -> Option<&Slot> {
         match self.slots.get(self.index(id))? {
@@ -80,21 +89,14 @@ impl Calls {
     }
 
     fn get_mut(&mut self, id: u32) -> Option<&mut Slot> {
-        let at = self.index(id);
-        match self.slots.get_mut(at)? {
-            Entry::Used(i, slot) if *i == id => Some(slot),
-            _ => None,
+        match self.entry_mut(id)? {
+            Entry::Used(_, slot) => Some(slot),
+            Entry::Free => None,
         }
     }
 
     fn remove(&mut self, id: u32) -> Option<Slot> {
-        let at = self.index(id);
-        let entry = self.slots.get_mut(at)?;
-        if !matches!(entry, Entry::Used(i, _) if *i == id) {
-            return None;
-        }
-        self.len -= 1;
-        match std::mem::replace(entry, Entry::Free) {
+        match std::mem::replace(self.entry_mut(id)?, Entry::Free) {
             Entry::Used(_, slot) => Some(slot),
             Entry::Free => None,
         }
@@ -105,11 +107,12 @@ impl Calls {
         matches!(self.slots[self.index(id)], Entry::Free)
     }
 
-    /// Makes room for one more call, so that the table stays at most three-quarters full:
-    /// doubled, every entry moves to the slot of its id's one more low bit. Two ids in
-    /// different slots differ in their low bits, so they still do with one bit more.
-    fn reserve_one(&mut self) {
-        if (self.len + 1) * 4 <= self.slots.len() * 3 {
+    /// Makes room for one more call beside the `len` it holds, so that the table stays at most
+    /// three-quarters full: doubled, every entry moves to the slot of its id's one more low
+    /// bit. Two ids in different slots differ in their low bits, so they still do with one
+    /// bit more.
+    fn reserve_one(&mut self, len: usize) {
+        if (len + 1) * 4 <= self.slots.len() * 3 {
             return;
         }
         let size = (self.slots.len() * 2).max(FIRST_SLOTS);
@@ -128,7 +131,6 @@ impl Calls {
         let at = self.index(id);
         debug_assert!(matches!(self.slots[at], Entry::Free));
         self.slots[at] = Entry::Used(id, slot);
-        self.len += 1;
     }
 
     /// Every call's id and slot, in no particular order.
@@ -686,7 +688,7 @@ impl Inner {
         // or one with the same low bits) is skipped, so an id is never reused while a reply for
         // it may arrive. The table is at most three-quarters full and live ids are mostly
         // consecutive, so the loop ends quickly.
-        self.pending.reserve_one();
+        self.pending.reserve_one(self.live + self.abandoned);
         loop {
             self.next_id = self.next_id.wrapping_add(1);
             if self.next_id != 0 && self.pending.vacant(self.next_id) {
@@ -931,11 +933,11 @@ mod tests {
         // Ids 1..=200 (growing the table past its first size several times), then every
         // other one answered.
         for id in 1..=200 {
-            calls.reserve_one();
+            calls.reserve_one(id as usize - 1);
             assert!(calls.vacant(id));
             calls.insert(id, slot(u64::from(id)));
         }
-        assert!(calls.slots.len() >= 256 && calls.len == 200);
+        assert!(calls.slots.len() >= 256 && calls.iter().count() == 200);
         for id in (1..=200).step_by(2) {
             assert!(
                 matches!(calls.remove(id), Some(Slot::Waiting(_, n, ..)) if n == u64::from(id))
