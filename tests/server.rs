@@ -403,6 +403,47 @@ async fn max_concurrency_bounds_handlers_running_at_once() {
     );
 }
 
+/// A handler that answers on its first poll runs on the reader, in a box kept for the next
+/// one: what it held (its concurrency slot, what its future captured) goes when it answers,
+/// not when the next request comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_that_answer_at_once_let_go_of_what_they_held_at_once() {
+    /// Counts the handlers' futures alive.
+    struct Alive(Arc<AtomicUsize>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, SeqCst);
+        }
+    }
+    let alive = Arc::new(AtomicUsize::new(0));
+    let svc = {
+        let alive = alive.clone();
+        support::service(move |req: Request| {
+            alive.fetch_add(1, SeqCst);
+            let guard = Alive(alive.clone());
+            async move {
+                let _guard = guard;
+                Ok(Response::new(req.into_body()))
+            }
+        })
+    };
+    let server = support::serve(Server::builder().max_concurrency(1), svc).await;
+    let client = Client::builder().connect(server.addr).await.unwrap();
+    for n in 0..3u64 {
+        let echoed =
+            tokio::time::timeout(Duration::from_secs(5), client.invoke::<_, u64>("Echo", &n))
+                .await
+                .expect("the one slot was not given back by the last call");
+        assert_eq!(echoed.unwrap(), n);
+        eventually(
+            "the handler's future to be dropped",
+            Duration::from_secs(2),
+            || alive.load(SeqCst) == 0,
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_dials_are_refused_at_once_during_a_drain() {
     let grace = Duration::from_secs(3);

@@ -4,7 +4,6 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -21,7 +20,7 @@ use tower::Service;
 
 use super::budget::{Account, Budget, RECHECK};
 use super::flood::{Flood, RAPID_CANCEL};
-use super::handler::{HandlerTask, HeldBytes};
+use super::handler::{HandlerTask, Spawned, TaskBox};
 use super::keepalive::{Due, Keepalive};
 use super::recover::status_from_error;
 use super::Config;
@@ -423,6 +422,7 @@ pub(super) async fn serve<S, IO>(
         inline_off: 0,
         since_slow: u32::MAX,
         clock: std::time::Instant::now(),
+        spare: None,
     };
 
     let stop = tokio::select! {
@@ -481,7 +481,7 @@ fn cancel_all(conn: &Conn, last: Option<&Message>) {
     inner.closing = true;
 }
 
-struct Ctx<'a, S> {
+struct Ctx<'a, S: Service<Request>> {
     conn: &'a Arc<Conn>,
     svc: S,
     config: &'a Config,
@@ -507,6 +507,8 @@ struct Ctx<'a, S> {
     /// each handler's first poll on the reader, and after waiting for readiness. What it
     /// measures from there is the reader's own work on one request: one clock read each.
     clock: std::time::Instant,
+    /// An empty box for the next handler (see `Ctx::spawn`).
+    spare: Option<TaskBox<S::Future>>,
 }
 
 impl<S> Ctx<'_, S>
@@ -772,11 +774,6 @@ where
                 }
             }
         }
-        self.conn.in_flight_bytes.fetch_add(size, Ordering::AcqRel);
-        let held = HeldBytes {
-            conn: self.conn.clone(),
-            size,
-        };
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
         let deadline = timeout.map(|t| arrived + t);
         // One span per call; with no subscriber interested it is a no-op and nothing below is
@@ -853,7 +850,7 @@ where
                 let svc = &mut self.svc;
                 match std::panic::catch_unwind(AssertUnwindSafe(|| svc.call(req))) {
                     Ok(fut) => {
-                        let task = HandlerTask::new(fut, id, deadline, trace, span, held);
+                        let task = HandlerTask::new(fut, id, deadline, trace, span, size);
                         return self.spawn(id, arrived, task);
                     }
                     Err(_panic) => {
@@ -887,15 +884,12 @@ where
     /// other requests' handlers would no longer run side by side: after two first polls that
     /// took [`INLINE_SLOW`], [`SLOW_AGAIN`] or fewer apart, the next [`INLINE_BACKOFF`]
     /// requests are spawned unpolled.
-    fn spawn<F>(
+    fn spawn(
         &mut self,
         id: Option<u32>,
         arrived: tokio::time::Instant,
-        task: HandlerTask<F>,
-    ) -> Option<Stop>
-    where
-        HandlerTask<F>: Future<Output = ()> + Send + 'static,
-    {
+        task: HandlerTask<S::Future>,
+    ) -> Option<Stop> {
         let inline = self.inline_off == 0;
         // With no handler running on a task of its own nothing is in flight (an entry never
         // outlives its task, and only this reader enters calls), so no id can be a duplicate:
@@ -918,13 +912,20 @@ where
                 }
             }
         }
-        let mut task = Box::pin(task);
+        // The box of the last handler that answered on the reader, if it did: a handler that
+        // answers at once costs no allocation.
+        let mut slot = self.spare.take().unwrap_or_else(|| Box::pin(None));
+        slot.as_mut().set(Some(task));
         if inline {
+            let mut task = slot
+                .as_mut()
+                .as_pin_mut()
+                .expect("a handler was just put there");
             task.as_mut().entered(enter_first);
             // The handler's wakers are the task's from its next poll on: a future polled again
             // with a new waker must use that one.
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            let polled = task.as_mut().poll(&mut cx);
+            let polled = task.as_mut().poll_on(&mut cx, self.conn);
             // Since the last clock read: this request's decoding, routing, `call` and first
             // poll, all of it time the reader spent on it.
             let now = std::time::Instant::now();
@@ -939,6 +940,10 @@ where
             }
             self.clock = now;
             if polled.is_ready() {
+                // Dropped in place (with what it held: the request, its concurrency slots), the
+                // box kept for the next handler.
+                slot.as_mut().set(None);
+                self.spare = Some(slot);
                 return None;
             }
             if let (Some(id), false) = (id, enter_first) {
@@ -960,7 +965,10 @@ where
                 self.clock = std::time::Instant::now();
             }
         }
-        let handle = self.tasks.spawn(task).abort_handle();
+        let handle = self
+            .tasks
+            .spawn(Spawned::new(slot, self.conn))
+            .abort_handle();
         if let Some(id) = id {
             match self.conn.lock().in_flight.get_mut(&id) {
                 Some(call) => call.handle = Some(handle),

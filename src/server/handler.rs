@@ -1,9 +1,11 @@
 //! One request's handler: the service's future run in the call's deadline and trace
 //! scopes, under a lazily armed deadline, with panics isolated, ending in the one reply.
 //!
-//! The reader polls it once itself and spawns it (boxed) only if it waits. It is written out by
-//! hand rather than as nested wrappers in an `async` block because it is made for every
-//! request: each wrapper and each `await` state grows it, and every byte is moved into its box.
+//! The reader polls it once itself, in a box kept from one request to the next, and spawns it
+//! in that box (with its connection and request bytes, [`Spawned`]) only if it waits. It is
+//! written out by hand rather than as nested wrappers in an `async` block because it is made
+//! for every request: each wrapper and each `await` state grows it, and every byte is moved
+//! into its box.
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -43,7 +45,9 @@ pin_project! {
         // The call is entered in flight (not so while the reader runs its first poll with
         // nothing else in flight).
         entered: bool,
-        held: HeldBytes,
+        // Request bytes (method, metadata, body) the handler holds: accounted only once it
+        // runs on a task of its own (see `Spawned`).
+        size: usize,
         done: bool,
     }
 }
@@ -55,7 +59,7 @@ impl<F> HandlerTask<F> {
         deadline: Option<Instant>,
         trace: Option<TraceContext>,
         span: Option<tracing::Span>,
-        held: HeldBytes,
+        size: usize,
     ) -> Self {
         HandlerTask {
             fut,
@@ -65,7 +69,7 @@ impl<F> HandlerTask<F> {
             span: span.map(|s| Box::new((s, std::time::Instant::now()))),
             id,
             entered: true,
-            held,
+            size,
             done: false,
         }
     }
@@ -76,14 +80,15 @@ impl<F> HandlerTask<F> {
     }
 }
 
-impl<F, E> Future for HandlerTask<F>
+impl<F, E> HandlerTask<F>
 where
     F: Future<Output = Result<Response, E>>,
     E: Into<BoxError>,
 {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    /// Polls the handler; once it ends, its reply goes to `conn`. The connection is lent by
+    /// whoever polls: the reader for the first poll, [`Spawned`] after that, so a handler that
+    /// answers at once costs no reference count of its own.
+    pub(super) fn poll_on(self: Pin<&mut Self>, cx: &mut Context<'_>, conn: &Conn) -> Poll<()> {
         let this = self.project();
         if *this.done {
             return Poll::Ready(());
@@ -106,7 +111,7 @@ where
             Ok(Poll::Ready(Err(e))) => Err(status_from_error(e.into())),
             Err(_panic) => {
                 // The panic payload may hold paths or secrets: it stays in this process.
-                Counters::inc(&this.held.conn.counters.panics);
+                Counters::inc(&conn.counters.panics);
                 Err(Status::new(Code::Internal, "handler panicked"))
             }
             Ok(Poll::Pending) => {
@@ -125,7 +130,6 @@ where
             }
         };
         *this.done = true;
-        let conn = &this.held.conn;
         Counters::inc(&conn.counters.calls);
         if reply.is_err() {
             Counters::inc(&conn.counters.errors);
@@ -147,11 +151,56 @@ where
     }
 }
 
-/// Request bytes a handler task holds; released when the task ends, however it ends.
+/// The box a handler is polled in: empty between handlers, kept by the reader for the next
+/// one while handlers answer on their first poll.
+pub(super) type TaskBox<F> = Pin<Box<Option<HandlerTask<F>>>>;
+
+/// A handler that did not answer on its first poll (or was not polled on the reader), run on
+/// a task of its own: still in the box it was first polled in, with its connection and the
+/// request bytes it holds accounted into that connection's `in_flight_bytes` until it ends,
+/// however it ends.
+pub(super) struct Spawned<F> {
+    // Dropped first: the bytes are given back once the handler no longer holds them.
+    task: TaskBox<F>,
+    held: HeldBytes,
+}
+
+impl<F> Spawned<F> {
+    /// `task` holds a handler (its slot is never empty here).
+    pub(super) fn new(task: TaskBox<F>, conn: &Arc<Conn>) -> Self {
+        let size = task.as_ref().as_pin_ref().map_or(0, |t| t.size);
+        conn.in_flight_bytes.fetch_add(size, Ordering::AcqRel);
+        Spawned {
+            task,
+            held: HeldBytes {
+                conn: conn.clone(),
+                size,
+            },
+        }
+    }
+}
+
+impl<F, E> Future for Spawned<F>
+where
+    F: Future<Output = Result<Response, E>>,
+    E: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        match this.task.as_mut().as_pin_mut() {
+            Some(task) => task.poll_on(cx, &this.held.conn),
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+/// Request bytes a spawned handler holds; released when its task ends, however it ends.
 #[derive(Debug)]
-pub(super) struct HeldBytes {
-    pub(super) conn: Arc<Conn>,
-    pub(super) size: usize,
+struct HeldBytes {
+    conn: Arc<Conn>,
+    size: usize,
 }
 
 impl Drop for HeldBytes {
