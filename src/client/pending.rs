@@ -235,8 +235,8 @@ impl From<Error> for Refusal {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) inner: Mutex<Inner>,
-    pub(crate) notify_writer: Notify,
+    pub(crate) inner: Padded<Mutex<Inner>>,
+    pub(crate) notify_writer: Padded<Notify>,
     pub(crate) closed: CancellationToken,
     pub(crate) counters: Arc<Counters>,
     pub(crate) config: Config,
@@ -251,6 +251,23 @@ pub(crate) struct Shared {
     /// deadline, its drop, the connection's loss): under the lock that is taken anyway, and
     /// given back once per release of it rather than once per call.
     pub(crate) permits: Option<Arc<Semaphore>>,
+}
+
+/// A value on cache lines of its own (128 bytes: the CPU fetches lines in pairs). The table's
+/// lock and what it guards are written at every call by whichever thread holds it, the
+/// writer's `Notify` often; the fields beside them (the counters, the configuration) are read
+/// at every call and written almost never. Unpadded, loading `counters` to count a call that
+/// ended was the hottest instruction of the response future's poll at 1,000 callers.
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// The lock on a connection's [`Inner`]: on release it gives back the call slots of calls
@@ -295,7 +312,7 @@ impl Shared {
         permits: Option<Arc<Semaphore>>,
     ) -> Shared {
         Shared {
-            inner: Mutex::new(Inner {
+            inner: Padded(Mutex::new(Inner {
                 phase: Phase::Connecting,
                 gen: 0,
                 outbox: Outbox::provisional(config.max_frame_len),
@@ -313,8 +330,8 @@ impl Shared {
                 counted_up: false,
                 closing: false,
                 freed: 0,
-            }),
-            notify_writer: Notify::new(),
+            })),
+            notify_writer: Padded(Notify::new()),
             closed: CancellationToken::new(),
             counters,
             config,
