@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Batch, Message, Outbox};
-use crate::conn::{Source, MAX_BATCH_YIELDS};
+use crate::conn::{Padded, Source, MAX_BATCH_YIELDS};
 use crate::error::{Error, Kind, Result};
 use crate::stats::Counters;
 use crate::{Request, Response, Timeout};
@@ -251,23 +251,6 @@ pub(crate) struct Shared {
     /// deadline, its drop, the connection's loss): under the lock that is taken anyway, and
     /// given back once per release of it rather than once per call.
     pub(crate) permits: Option<Arc<Semaphore>>,
-}
-
-/// A value on cache lines of its own (128 bytes: the CPU fetches lines in pairs). The table's
-/// lock and what it guards are written at every call by whichever thread holds it, the
-/// writer's `Notify` often; the fields beside them (the counters, the configuration) are read
-/// at every call and written almost never. Unpadded, loading `counters` to count a call that
-/// ended was the hottest instruction of the response future's poll at 1,000 callers.
-#[derive(Debug)]
-#[repr(align(128))]
-pub(crate) struct Padded<T>(pub(crate) T);
-
-impl<T> Deref for Padded<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
 }
 
 /// The lock on a connection's [`Inner`]: on release it gives back the call slots of calls

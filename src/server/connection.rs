@@ -26,7 +26,8 @@ use super::recover::status_from_error;
 use super::Config;
 use crate::codec::{code, Batch, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
 use crate::conn::{
-    wire, write_loop, FrameReader, Source, Spin, WriteOptions, MAX_BATCH_YIELDS, MESSAGE_CHUNK,
+    wire, write_loop, FrameReader, Padded, Source, Spin, WriteOptions, MAX_BATCH_YIELDS,
+    MESSAGE_CHUNK,
 };
 use crate::error::{Code, Status};
 use crate::protocol::{self, error_message};
@@ -55,8 +56,8 @@ impl InFlight {
 /// State shared by the reader, the writer and the handlers of one connection.
 #[derive(Debug)]
 pub(super) struct Conn {
-    inner: Mutex<Inner>,
-    notify_writer: Notify,
+    inner: Padded<Mutex<Inner>>,
+    notify_writer: Padded<Notify>,
     /// Replies answered on the reader's first poll queued while the writer may be asleep: the
     /// reader wakes it once it is done with the frame (or is about to wait), so that a frame's
     /// replies leave together and the writer's thread is woken once, not per reply.
@@ -336,12 +337,12 @@ pub(super) async fn serve<S, IO>(
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let conn = Arc::new(Conn {
-        inner: Mutex::new(Inner {
+        inner: Padded(Mutex::new(Inner {
             outbox: Outbox::new(peer.max_frame_len as usize, 0),
             in_flight: HashMap::new(),
             closing: false,
-        }),
-        notify_writer: Notify::new(),
+        })),
+        notify_writer: Padded(Notify::new()),
         wake_deferred: AtomicBool::new(false),
         notify_taken: Notify::new(),
         in_flight_bytes: AtomicUsize::new(0),
