@@ -93,7 +93,12 @@ struct Waiting {
 }
 
 /// Closes the client when the last clone goes.
+///
+/// Aligned to 128 bytes so that, in its `Arc`, the reference counts (written by every clone
+/// and drop of a `Client`, often one per call, on any thread) are not on the lines of the
+/// fields that every call reads.
 #[derive(Debug)]
+#[repr(align(128))]
 pub(crate) struct Handle {
     /// One engine per connection; almost always one.
     conns: Box<[Arc<Shared>]>,
