@@ -224,7 +224,7 @@ impl Batch {
                 Ok(Some((id, rx))) => {
                     // The call's slot is the table's now (see `Shared::permits`).
                     if let Some(slot) = permits.as_mut().and_then(|p| p.split(1)) {
-                        slot.forget();
+                        super::Permit::Owned(slot).give_to_table();
                     }
                     ResponseFuture::waiting((shared.clone(), id, gen, rx), t, None, None)
                 }
