@@ -37,17 +37,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
-tokio::task_local! {
-    static DEADLINE: Option<Instant>;
+thread_local! {
+    /// The deadline of the scope being polled on this thread (see `crate::scope`).
+    static DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
 /// The deadline of the scope this code runs in: on a server, the deadline of the call being
 /// handled. `None` outside any scope, or in a scope without a deadline.
 pub fn current() -> Option<Instant> {
-    DEADLINE.try_with(|d| *d).ok().flatten()
+    crate::scope::current(&DEADLINE)
 }
 
 /// What is left of [`current`] now (zero once it has passed); `None` without a deadline.
@@ -60,13 +60,13 @@ pub fn remaining() -> Option<Duration> {
 /// timeout only, even inside a handler).
 pub fn scope<F: Future>(deadline: Option<Instant>, fut: F) -> Scoped<F> {
     Scoped {
-        inner: DEADLINE.scope(deadline, fut),
+        inner: crate::scope::Scoped::new(&DEADLINE, deadline, fut),
     }
 }
 
 /// Runs `f` with `deadline` as the [`current`] deadline: a scope for one poll of a future.
 pub(crate) fn sync_scope<R>(deadline: Option<Instant>, f: impl FnOnce() -> R) -> R {
-    DEADLINE.sync_scope(deadline, f)
+    crate::scope::sync_scope(&DEADLINE, deadline, f)
 }
 
 pin_project! {
@@ -74,7 +74,7 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct Scoped<F> {
         #[pin]
-        inner: TaskLocalFuture<Option<Instant>, F>,
+        inner: crate::scope::Scoped<Instant, F>,
     }
 }
 

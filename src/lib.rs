@@ -17,6 +17,7 @@ pub mod payload;
 mod protocol;
 mod request;
 pub mod retry;
+mod scope;
 pub mod server;
 pub mod stats;
 pub mod trace;

@@ -39,7 +39,6 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use pin_project_lite::pin_project;
-use tokio::task::futures::TaskLocalFuture;
 
 /// The metadata key the trace context travels under.
 pub const TRACEPARENT: &str = "traceparent";
@@ -177,26 +176,27 @@ impl FromStr for TraceContext {
     }
 }
 
-tokio::task_local! {
-    static CURRENT: Option<TraceContext>;
+thread_local! {
+    /// The trace context of the scope being polled on this thread (see `crate::scope`).
+    static CURRENT: std::cell::Cell<Option<TraceContext>> = const { std::cell::Cell::new(None) };
 }
 
 /// The trace context of the scope this code runs in: on a server, the caller's.
 pub fn current() -> Option<TraceContext> {
-    CURRENT.try_with(|c| *c).ok().flatten()
+    crate::scope::current(&CURRENT)
 }
 
 /// Runs `fut` with `ctx` as its [`current`] trace context: towerpc calls made while polling it
 /// send a child of it.
 pub fn scope<F: Future>(ctx: Option<TraceContext>, fut: F) -> Scoped<F> {
     Scoped {
-        inner: CURRENT.scope(ctx, fut),
+        inner: crate::scope::Scoped::new(&CURRENT, ctx, fut),
     }
 }
 
 /// Runs `f` with `ctx` as the [`current`] trace context: a scope for one poll of a future.
 pub(crate) fn sync_scope<R>(ctx: Option<TraceContext>, f: impl FnOnce() -> R) -> R {
-    CURRENT.sync_scope(ctx, f)
+    crate::scope::sync_scope(&CURRENT, ctx, f)
 }
 
 pin_project! {
@@ -204,7 +204,7 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct Scoped<F> {
         #[pin]
-        inner: TaskLocalFuture<Option<TraceContext>, F>,
+        inner: crate::scope::Scoped<TraceContext, F>,
     }
 }
 
