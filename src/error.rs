@@ -363,27 +363,50 @@ impl Error {
 /// known tower error. Tower's `Buffer` shares its inner service's error behind its own, so
 /// the whole chain is searched.
 fn classify(e: &(dyn std::error::Error + 'static)) -> std::result::Result<Error, Kind> {
-    let mut cur = Some(e);
-    while let Some(inner) = cur {
-        if let Some(ours) = inner.downcast_ref::<Error>() {
-            return Ok(ours.duplicate());
-        }
-        if let Some(status) = inner.downcast_ref::<Status>() {
-            // The wire's own error: what a server (or a layer speaking for one) said.
-            return Ok(Error::remote(status.clone()));
-        }
-        if inner.is::<tower::timeout::error::Elapsed>() {
-            return Err(Kind::Timeout);
-        }
-        if inner.is::<tower::load_shed::error::Overloaded>() {
-            return Err(Kind::Overloaded);
-        }
-        if inner.is::<tower::buffer::error::Closed>() {
-            return Err(Kind::Closed);
-        }
-        cur = inner.source();
+    match known_errors(e).next() {
+        Some(Known::Ours(ours)) => Ok(ours.duplicate()),
+        // The wire's own error: what a server (or a layer speaking for one) said.
+        Some(Known::Status(status)) => Ok(Error::remote(status.clone())),
+        Some(Known::Elapsed) => Err(Kind::Timeout),
+        Some(Known::Overloaded) => Err(Kind::Overloaded),
+        Some(Known::Closed) => Err(Kind::Closed),
+        None => Err(Kind::Service),
     }
-    Err(Kind::Service)
+}
+
+/// An error in a `source()` chain that towerpc reads: its own, a wire status, or one of
+/// tower's well-known errors.
+pub(crate) enum Known<'a> {
+    Ours(&'a Error),
+    Status(&'a Status),
+    /// `tower::timeout`'s.
+    Elapsed,
+    /// `tower::load_shed`'s.
+    Overloaded,
+    /// `tower::buffer`'s, its worker gone.
+    Closed,
+}
+
+/// The errors of `e`'s chain that towerpc reads, `e` first: what the client makes of a layer's
+/// error (`Error::from`) and the server of a handler's (`server::recover`) both come from here.
+pub(crate) fn known_errors<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = Known<'a>> {
+    std::iter::successors(Some(e), |e| e.source()).filter_map(|e| {
+        if let Some(ours) = e.downcast_ref::<Error>() {
+            Some(Known::Ours(ours))
+        } else if let Some(status) = e.downcast_ref::<Status>() {
+            Some(Known::Status(status))
+        } else if e.is::<tower::timeout::error::Elapsed>() {
+            Some(Known::Elapsed)
+        } else if e.is::<tower::load_shed::error::Overloaded>() {
+            Some(Known::Overloaded)
+        } else if e.is::<tower::buffer::error::Closed>() {
+            Some(Known::Closed)
+        } else {
+            None
+        }
+    })
 }
 
 /// Error codes carried on the wire in `ERROR` and `GOAWAY` messages.

@@ -1,32 +1,24 @@
 //! The error boundary: a handler's `BoxError` becomes a wire [`Status`].
 
-use crate::error::{Code, Status};
+use crate::error::{Code, Known, Status};
 use crate::BoxError;
 
 /// Maps a handler error to what the client will see. A [`Status`] anywhere in the `source()`
 /// chain is used as it is; tower's well-known errors get their natural codes; anything else is
 /// [`Code::Application`] with the error's display text.
 pub(crate) fn status_from_error(err: BoxError) -> Status {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
-    while let Some(e) = cur {
-        if let Some(s) = e.downcast_ref::<Status>() {
-            return s.clone();
-        }
-        if let Some(e) = e.downcast_ref::<crate::Error>() {
-            if let Some(s) = e.status() {
-                return s.clone();
-            }
-        }
-        if e.is::<tower::timeout::error::Elapsed>() {
-            return Status::new(Code::DeadlineExceeded, "handler timed out");
-        }
-        if e.is::<tower::load_shed::error::Overloaded>() {
+    crate::error::known_errors(&*err)
+        .find_map(|known| match known {
+            Known::Status(s) => Some(s.clone()),
+            // A towerpc error that carries no status (a call of the handler's own that failed
+            // here) says nothing of this call: what is behind it may.
+            Known::Ours(e) => e.status().cloned(),
+            Known::Elapsed => Some(Status::new(Code::DeadlineExceeded, "handler timed out")),
             // Shed before the handler ran, so safe to retry elsewhere.
-            return Status::new(Code::Refused, "server overloaded");
-        }
-        cur = e.source();
-    }
-    Status::new(Code::Application, err.to_string())
+            Known::Overloaded => Some(Status::new(Code::Refused, "server overloaded")),
+            Known::Closed => None,
+        })
+        .unwrap_or_else(|| Status::new(Code::Application, err.to_string()))
 }
 
 #[cfg(test)]
