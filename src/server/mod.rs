@@ -420,7 +420,9 @@ impl<L> Server<L> {
     }
 
     /// Request bytes (method, metadata and body) that one connection's running handlers may
-    /// hold at once before its reader pauses. Default 64 MiB. Without it, memory per connection
+    /// hold at once before its reader pauses (counted from when a handler goes on to a task
+    /// of its own: one that answers on its first poll, on the reader, is done with them
+    /// before the next request is read). Default 64 MiB. Without it, memory per connection
     /// would be bounded only by `max_concurrency_per_connection × max_frame_len`, and with
     /// compression a few wire bytes can decompress into a mebibyte-sized request. A single
     /// request larger than the cap still runs, alone.
