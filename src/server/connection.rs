@@ -623,8 +623,7 @@ where
             // One clock read per frame: its requests arrived together, and their deadlines
             // count from then.
             let arrived = tokio::time::Instant::now();
-            self.clock = std::time::Instant::now();
-            self.unclocked = 0;
+            self.restart_clock();
             let mut request = false;
             let in_frame = frame.left();
             let mut batch = Vec::with_capacity(frame.left().min(MESSAGE_CHUNK));
@@ -851,8 +850,7 @@ where
         if waited {
             // Time spent waiting is not the reader's work on the requests before it: they go
             // unjudged.
-            self.clock = std::time::Instant::now();
-            self.unclocked = 0;
+            self.restart_clock();
         }
         let status = match ready {
             Some(Ok(())) => {
@@ -880,6 +878,13 @@ where
             Some(id) => self.conn.answer_at_once(id, &error_message(id, &status)),
             None => None,
         }
+    }
+
+    /// Starts the reader's clock afresh: what it did before (waiting for a frame, or for the
+    /// stack to be ready, or spawning during a backoff) is not judged.
+    fn restart_clock(&mut self) {
+        self.clock = std::time::Instant::now();
+        self.unclocked = 0;
     }
 
     /// Reads the clock to judge the first polls run on the reader since it was last read (see
@@ -984,8 +989,7 @@ where
             self.inline_off -= 1;
             if self.inline_off == 0 {
                 // The next first poll is timed from here, not from before the requests spawned.
-                self.clock = std::time::Instant::now();
-                self.unclocked = 0;
+                self.restart_clock();
             }
         }
         let handle = self
