@@ -1532,3 +1532,240 @@ async fn duration_max_means_never_everywhere() {
     let n: u64 = client.invoke("Echo", &7u64).await.unwrap();
     assert_eq!(n, 7);
 }
+
+/// What a hand-driven server saw of a client's stream: the kind and id of each message it
+/// began (a message in fragments once, at its first piece), and the fragment data to ACK.
+#[derive(Debug, Default)]
+struct Seen {
+    starts: Vec<(u8, u32)>,
+    /// FRAGMENT data bytes read and not acknowledged yet.
+    unacked: u32,
+    /// Whether a message is partly read from its fragments.
+    in_message: bool,
+    /// Messages in fragments read to their end.
+    ended: usize,
+}
+
+/// Reads one frame off `stream` by hand, noting what it holds in `seen`; `false` at end of
+/// stream.
+async fn read_noting(stream: &mut tokio::net::TcpStream, seen: &mut Seen) -> bool {
+    use tokio::io::AsyncReadExt;
+
+    let mut head = [0u8; 8];
+    if stream.read_exact(&mut head).await.is_err() {
+        return false;
+    }
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.expect("a whole frame");
+    if body[0] == 0x09 {
+        // A lone FRAGMENT (all this client sends): a first piece starts with its message's
+        // kind and id.
+        if !seen.in_message {
+            let id = u32::from_be_bytes([body[7], body[8], body[9], body[10]]);
+            seen.starts.push((body[6], id));
+        }
+        seen.in_message = body[1] == 1;
+        seen.ended += usize::from(body[1] == 0);
+        seen.unacked += u32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+        return true;
+    }
+    let mut buf = bytes::BytesMut::from(&head[..]);
+    buf.extend_from_slice(&body);
+    let mut codec = towerpc::codec::FrameCodec::new();
+    let frame = tokio_util::codec::Decoder::decode(&mut codec, &mut buf)
+        .expect("a good frame")
+        .expect("a whole frame");
+    for m in frame.into_messages() {
+        match m {
+            Message::Request { id, .. } => seen.starts.push((0x01, id)),
+            Message::Cancel { id } => seen.starts.push((0x05, id)),
+            _ => {}
+        }
+    }
+    true
+}
+
+/// How the caller of a large request gives up on it.
+#[derive(Debug, Clone, Copy)]
+enum GiveUp {
+    /// Drops its future.
+    Drop,
+    /// Its own timeout passes (`Request::with_timeout`).
+    OwnTimeout,
+    /// The client's default timeout passes (the connection's deadline queue).
+    ClientTimeout,
+    /// It is the oldest call when `max_pending` is reached with `Overflow::FailOldest`.
+    FailedAsOldest,
+}
+
+/// A large request whose caller gives up before any of it has left (it waits for its
+/// fragments' turn behind another large one, which waits for the server's window) is taken
+/// back out of the queue: the server sees neither it nor a CANCEL for it, and its id is free
+/// at once instead of reserved until a reply that would never have been needed.
+async fn a_large_request_given_up_before_any_of_it_left_is_never_sent(how: GiveUp) {
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, script) = support::raw_server(move |mut conn| async move {
+        let mut seen = Seen::default();
+        // The first request's pieces up to the window (1 MiB), unacknowledged: the client can
+        // send no more fragments until the test has given up on the second request.
+        while seen.unacked < 1024 * 1024 {
+            assert!(
+                read_noting(&mut conn.stream, &mut seen).await,
+                "closed early"
+            );
+        }
+        go_rx.await.unwrap();
+        while seen.ended < 1 {
+            if seen.unacked > 0 {
+                let bytes = std::mem::take(&mut seen.unacked);
+                conn.write_frame(vec![Message::Ack { bytes }]).await;
+            }
+            assert!(
+                read_noting(&mut conn.stream, &mut seen).await,
+                "closed early"
+            );
+        }
+        // Whatever was queued behind the first request would follow it now.
+        let bytes = std::mem::take(&mut seen.unacked);
+        conn.write_frame(vec![Message::Ack { bytes }]).await;
+        let more = tokio::time::timeout(
+            Duration::from_millis(300),
+            read_noting(&mut conn.stream, &mut seen),
+        )
+        .await;
+        assert!(more.is_err(), "more came after the first request: {seen:?}");
+        let calls = seen.starts.iter().filter(|(kind, _)| *kind == 0x01);
+        let replies = calls
+            .map(|&(_, id)| Message::Response {
+                id,
+                body: support::msgpack(&1u64),
+            })
+            .collect();
+        conn.write_frame(replies).await;
+        while read_noting(&mut conn.stream, &mut seen).await {}
+        seen.starts
+    })
+    .await;
+    let builder = match how {
+        GiveUp::ClientTimeout => Client::builder().timeout(Duration::from_millis(200)),
+        GiveUp::FailedAsOldest => Client::builder()
+            .max_pending(1)
+            .overflow(Overflow::FailOldest),
+        _ => Client::builder(),
+    };
+    let client = builder.connect(addr).await.unwrap();
+    // What holds the window: a large call, or (where the second must be the oldest call) a
+    // large one-way message.
+    let first = match how {
+        GiveUp::FailedAsOldest => {
+            let big = serde_bytes::ByteBuf::from(vec![1u8; 3 << 20]);
+            client.send("first", &big).unwrap();
+            None
+        }
+        _ => {
+            let caller = client.clone();
+            let req =
+                Request::new("first", vec![1u8; 3 << 20]).with_timeout(Duration::from_secs(20));
+            let task = tokio::spawn(async move { caller.request(req).await });
+            support::eventually("the first request is out", Duration::from_secs(5), || {
+                client.pending() == 1
+            })
+            .await;
+            Some(task)
+        }
+    };
+    let second = Request::new("second", vec![2u8; 200 << 10]);
+    let mut third = None;
+    match how {
+        GiveUp::Drop => {
+            let second = client.request(second);
+            let gave_up = tokio::time::timeout(Duration::from_millis(50), second).await;
+            assert!(
+                gave_up.is_err(),
+                "the second call cannot have been answered"
+            );
+        }
+        GiveUp::OwnTimeout => {
+            let second = second.with_timeout(Duration::from_millis(50));
+            let err = support::within(Duration::from_secs(5), client.request(second))
+                .await
+                .unwrap_err();
+            assert!(err.is_timeout(), "{err:?}");
+        }
+        GiveUp::ClientTimeout => {
+            let err = support::within(Duration::from_secs(5), client.request(second))
+                .await
+                .unwrap_err();
+            assert!(err.is_timeout(), "{err:?}");
+        }
+        GiveUp::FailedAsOldest => {
+            let second = tokio::spawn({
+                let client = client.clone();
+                async move { client.request(second).await }
+            });
+            support::eventually("the second call is waiting", Duration::from_secs(5), || {
+                client.pending() == 1
+            })
+            .await;
+            third = Some(tokio::spawn({
+                let client = client.clone();
+                async move { client.invoke::<_, u64>("third", &3u64).await }
+            }));
+            let err = support::within(Duration::from_secs(5), second)
+                .await
+                .unwrap()
+                .unwrap_err();
+            assert!(err.is_overloaded(), "{err:?}");
+        }
+    }
+    assert_eq!(
+        client.pending(),
+        1,
+        "the second call's id is still reserved"
+    );
+    go_tx.send(()).unwrap();
+    if let Some(first) = first {
+        let reply = support::within(Duration::from_secs(10), first)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&reply.body()[..], &support::msgpack(&1u64)[..]);
+    }
+    if let Some(third) = third {
+        let reply = support::within(Duration::from_secs(10), third)
+            .await
+            .unwrap();
+        assert_eq!(reply.unwrap(), 1);
+    }
+    client.close().await;
+    let starts = support::within(Duration::from_secs(10), script)
+        .await
+        .unwrap();
+    let calls = starts.iter().filter(|(kind, _)| *kind == 0x01).count();
+    assert_eq!(calls, 1, "the server saw more than one call: {starts:?}");
+    assert!(
+        starts.iter().all(|(kind, _)| *kind != 0x05),
+        "a CANCEL: {starts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_dropped_before_any_of_it_left_is_never_sent() {
+    a_large_request_given_up_before_any_of_it_left_is_never_sent(GiveUp::Drop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_timed_out_before_any_of_it_left_is_never_sent() {
+    a_large_request_given_up_before_any_of_it_left_is_never_sent(GiveUp::OwnTimeout).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_past_the_clients_timeout_before_any_of_it_left_is_never_sent() {
+    a_large_request_given_up_before_any_of_it_left_is_never_sent(GiveUp::ClientTimeout).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_failed_as_the_oldest_before_any_of_it_left_is_never_sent() {
+    a_large_request_given_up_before_any_of_it_left_is_never_sent(GiveUp::FailedAsOldest).await;
+}

@@ -328,6 +328,14 @@ where
     let n = ok.load(Ordering::Relaxed);
     let nf = n.max(1) as f64;
     let srss = spid.as_deref().map(peak_rss_kb).unwrap_or(0);
+    if std::env::var_os("TAILS").is_some() {
+        // The shape of the tail, for telling a broad shift from rare stalls.
+        let q = |q: f64| hist.quantile(q) as f64 / 1000.0;
+        println!(
+            "TAILS p50_us={:.1} p90_us={:.1} p95_us={:.1} p99_us={:.1} p999_us={:.1} p9999_us={:.1}",
+            q(0.5), q(0.9), q(0.95), q(0.99), q(0.999), q(0.9999)
+        );
+    }
     println!(
         "RESULT label={}{} payload={} conc={} calls={} errs={} secs={:.2} cps={:.0} p50_us={:.1} p99_us={:.1} cli_cpu_s={:.2} srv_cpu_s={:.2} cpu_s_per_M={:.2} lo_bytes_per_call={:.1} lo_pkts_per_call={:.3} cli_rss_kb={} srv_rss_kb={} wake_writes_per_call={:.4} sock_writes_per_call={}",
         o.label,

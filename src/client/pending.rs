@@ -450,7 +450,10 @@ impl Shared {
                 if inner.instant(e.at) > now {
                     break;
                 }
-                due.extend(inner.give_up(e.id));
+                if let Some(tx) = inner.give_up(e.id) {
+                    inner.withdraw(e.id);
+                    due.push(tx);
+                }
             }
             inner.deadlines.pop_front();
         }
@@ -570,6 +573,9 @@ impl Shared {
         }
         if inner.closing && inner.live == 0 {
             self.closed.cancel();
+        }
+        if inner.withdraw(id) {
+            return;
         }
         if cancel && matches!(inner.phase, Phase::Connected | Phase::Draining) {
             let was_empty = inner.outbox.is_empty();
@@ -704,7 +710,7 @@ impl Inner {
                 let _ = tx.send(Err(
                     Error::new(Kind::Overloaded).target(shared.config.target.as_ref())
                 ));
-                if self.phase == Phase::Connected {
+                if !self.withdraw(id) && self.phase == Phase::Connected {
                     let _ = self.outbox.push(&Message::Cancel { id });
                 }
                 return true;
@@ -743,6 +749,29 @@ impl Inner {
             cancelled |= self.outbox.push(&Message::Cancel { id }).is_ok();
         }
         cancelled && was_empty
+    }
+
+    /// Takes the request of `id`, a call just given up, back out of the outbox if none of it
+    /// has left yet (a large one waiting for its fragments' turn, see `Outbox::withdraw`):
+    /// the server never sees it, no reply will come, and the id is free at once. Returns
+    /// whether it did; if not, the request is (or will be) on the wire, and the id stays
+    /// reserved until its reply.
+    fn withdraw(&mut self, id: u32) -> bool {
+        if !self.outbox.withdraw(id) {
+            return false;
+        }
+        let slot = self.pending.remove(id);
+        debug_assert!(
+            matches!(slot, Some(Slot::Abandoned)),
+            "withdrawn before given up"
+        );
+        if let Some(Slot::Abandoned) = slot {
+            self.abandoned -= 1;
+        }
+        if self.live == 0 && self.abandoned == 0 {
+            self.busy_since = None;
+        }
+        true
     }
 
     /// The caller of `id` is no longer waiting: its slot stays, abandoned, until the server's

@@ -185,6 +185,9 @@ pub(crate) const FRAME_TARGET: usize = 64 * 1024;
 /// a small call may wait behind, besides the small calls ahead of it.
 pub(crate) const FRAGMENTS_PER_TAKE: usize = 256 * 1024;
 
+/// Most queued large messages [`Outbox::withdraw`] looks through.
+const WITHDRAW_SCAN: usize = 256;
+
 /// The write side of a connection: messages from any number of tasks are appended here, packed
 /// into frames as they come, and the writer task takes everything at once for one `write`.
 ///
@@ -496,6 +499,25 @@ impl Outbox {
         Ok(())
     }
 
+    /// Takes REQUEST `id` back out, if it waits to go out in fragments and none of it has left
+    /// yet (its caller gave up before it was sent): it never leaves, and the peer needs no
+    /// CANCEL for it. Returns whether it was taken out. A request partly sent stays: closing
+    /// the connection is the one way to abandon a message in fragments (PROTOCOL.md §4.1).
+    ///
+    /// Looks through at most [`WITHDRAW_SCAN`] queued large messages, so that thousands of
+    /// callers giving up at once do not each walk a long queue under the connection's lock;
+    /// one further back is sent, and cancelled, as a small request is.
+    pub(crate) fn withdraw(&mut self, id: u32) -> bool {
+        let found = self.big.iter().take(WITHDRAW_SCAN).position(|big| {
+            big.sent == 0 && big.head.first() == Some(&kind::REQUEST) && big.id() == id
+        });
+        let Some(big) = found.and_then(|i| self.big.remove(i)) else {
+            return false;
+        };
+        self.big_len -= big.len();
+        true
+    }
+
     /// Appends one message, or refuses it (writing nothing) if it breaks a limit.
     ///
     /// An ACK is not appended: it leaves at the head of the next take, merged with any other
@@ -752,6 +774,54 @@ mod tests {
     /// One take, fragments gathered, as the bytes a writer would send.
     fn take(o: &mut Outbox) -> BytesMut {
         o.take(Batch::new(true)).into_contiguous()
+    }
+
+    fn big_req(id: u32, len: usize, fill: u8) -> Message {
+        Message::Request {
+            id,
+            timeout_ms: 0,
+            method: Bytes::from_static(b"m"),
+            metadata: Bytes::new(),
+            body: Bytes::from(vec![fill; len]),
+        }
+    }
+
+    #[test]
+    fn a_large_request_is_withdrawn_only_while_none_of_it_has_left() {
+        let mut o = Outbox::new(16 << 20, 0);
+        o.push(&big_req(1, 2 * FRAGMENT_WINDOW, 1)).unwrap();
+        o.push(&big_req(2, 3 * FRAGMENT_SIZE, 0xee)).unwrap();
+        o.push(&big_response(3, 3 * FRAGMENT_SIZE)).unwrap();
+        o.push(&req(4, b"small")).unwrap();
+        let before = o.len();
+        // The first is on its way once a take has sent its first pieces; a small request and
+        // a response are not this outbox's to take back; an unknown id is nothing.
+        let first = take(&mut o);
+        assert!(first.len() > FRAGMENT_SIZE);
+        assert!(!o.withdraw(1), "partly sent");
+        assert!(!o.withdraw(3), "a response");
+        assert!(!o.withdraw(4), "small: already in a frame");
+        assert!(!o.withdraw(9), "unknown");
+        let left = o.len();
+        assert!(left < before);
+        assert!(o.withdraw(2));
+        assert!(!o.withdraw(2), "only once");
+        assert_eq!(
+            o.len(),
+            left - big_req(2, 3 * FRAGMENT_SIZE, 0xee).encoded_len()
+        );
+        // What is left is the rest of the first request, then the response: request 2's
+        // bytes never appear.
+        let mut rest = BytesMut::new();
+        while !o.is_drained() {
+            o.ack(o.outstanding as u32).unwrap();
+            rest.extend_from_slice(&take(&mut o));
+        }
+        assert!(rest.len() > FRAGMENT_WINDOW);
+        assert!(
+            !rest.windows(8).any(|w| w == [0xee; 8]),
+            "request 2 went out"
+        );
     }
 
     #[test]
