@@ -1099,6 +1099,59 @@ async fn the_server_acknowledges_fragments_as_it_reads_them_and_its_reply_waits_
     p.assert_alive(9).await;
 }
 
+/// A CANCEL for a call whose large reply waits to go out in fragments, none of it sent yet
+/// (behind another large reply, which waits for our ACKs), takes the reply back: the call is
+/// answered ERROR CANCELLED at once instead, and its megabytes never come.
+#[tokio::test]
+async fn a_cancel_takes_back_a_large_reply_none_of_which_has_left() {
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    // Two requests whole (a frame may hold a large message whole: no window applies), each
+    // echoed: 3 MiB, then 200 KiB.
+    p.send(&frame(&[request(1, 0, "echo", &vec![0x11; 3 << 20])]))
+        .await;
+    p.send(&frame(&[request(2, 0, "echo", &vec![0x22; 200 << 10])]))
+        .await;
+    // The first reply's pieces up to the window, unacknowledged.
+    let mut unacked = 0usize;
+    while unacked < 1 << 20 {
+        let (head, body) = p.read_frame().await.expect("server closed");
+        for m in parse_messages(&body, be_u16(&head[6..])) {
+            match m {
+                Msg::Fragment { data, .. } => unacked += data.len(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    p.send(&frame(&[cancel(2)])).await;
+    let (head, body) = p.read_frame().await.expect("server closed");
+    let msgs = parse_messages(&body, be_u16(&head[6..]));
+    assert!(
+        matches!(&msgs[..], [Msg::Error { id: 2, code: 1, .. }]),
+        "not ERROR CANCELLED for the second call: {msgs:?}"
+    );
+    // The rest of the first reply, and nothing after it.
+    p.send(&frame(&[ack(unacked as u32)])).await;
+    let mut got = unacked;
+    let mut more = true;
+    while more {
+        let (head, body) = p.read_frame().await.expect("server closed");
+        for m in parse_messages(&body, be_u16(&head[6..])) {
+            let Msg::Fragment { more: m_more, data } = m else {
+                panic!("unexpected {m:?}")
+            };
+            got += data.len();
+            more = m_more;
+            p.send(&frame(&[ack(data.len() as u32)])).await;
+        }
+    }
+    assert_eq!(got, 9 + (3 << 20), "the whole first RESPONSE");
+    let mut byte = [0u8; 1];
+    let quiet = tokio::time::timeout(Duration::from_millis(300), p.stream.read(&mut byte)).await;
+    assert!(quiet.is_err(), "more came after the first reply");
+    p.assert_alive(9).await;
+}
+
 protocol_error! {
     ack_for_more_than_outstanding_is_a_protocol_error: frame(&[ack(1)]);
     ack_of_zero_bytes_is_a_protocol_error: frame(&[ack(0)]);

@@ -499,17 +499,22 @@ impl Outbox {
         Ok(())
     }
 
-    /// Takes REQUEST `id` back out, if it waits to go out in fragments and none of it has left
-    /// yet (its caller gave up before it was sent): it never leaves, and the peer needs no
-    /// CANCEL for it. Returns whether it was taken out. A request partly sent stays: closing
-    /// the connection is the one way to abandon a message in fragments (PROTOCOL.md §4.1).
+    /// Takes the REQUEST, RESPONSE or ERROR of call `id` back out, if it waits to go out in
+    /// fragments and none of it has left yet (a request whose caller gave up before it was
+    /// sent, a reply to a call the client cancelled): it never leaves. Returns whether it was
+    /// taken out. A message partly sent stays: closing the connection is the one way to
+    /// abandon a message in fragments (PROTOCOL.md §4.1).
     ///
     /// Looks through at most [`WITHDRAW_SCAN`] queued large messages, so that thousands of
-    /// callers giving up at once do not each walk a long queue under the connection's lock;
-    /// one further back is sent, and cancelled, as a small request is.
+    /// calls given up at once do not each walk a long queue under the connection's lock; one
+    /// further back is sent, and cancelled, as a small one is.
     pub(crate) fn withdraw(&mut self, id: u32) -> bool {
         let found = self.big.iter().take(WITHDRAW_SCAN).position(|big| {
-            big.sent == 0 && big.head.first() == Some(&kind::REQUEST) && big.id() == id
+            let call = matches!(
+                big.head.first(),
+                Some(&(kind::REQUEST | kind::RESPONSE | kind::ERROR))
+            );
+            big.sent == 0 && call && big.id() == id
         });
         let Some(big) = found.and_then(|i| self.big.remove(i)) else {
             return false;
@@ -786,41 +791,55 @@ mod tests {
         }
     }
 
+    fn big_oneway(len: usize) -> Message {
+        Message::OneWay {
+            timeout_ms: 0,
+            method: Bytes::from_static(b"m"),
+            metadata: Bytes::new(),
+            body: Bytes::from(vec![9u8; len]),
+        }
+    }
+
     #[test]
-    fn a_large_request_is_withdrawn_only_while_none_of_it_has_left() {
+    fn a_large_call_is_withdrawn_only_while_none_of_it_has_left() {
         let mut o = Outbox::new(16 << 20, 0);
         o.push(&big_req(1, 2 * FRAGMENT_WINDOW, 1)).unwrap();
         o.push(&big_req(2, 3 * FRAGMENT_SIZE, 0xee)).unwrap();
         o.push(&big_response(3, 3 * FRAGMENT_SIZE)).unwrap();
         o.push(&req(4, b"small")).unwrap();
+        o.push(&big_oneway(5 * FRAGMENT_SIZE)).unwrap();
         let before = o.len();
-        // The first is on its way once a take has sent its first pieces; a small request and
-        // a response are not this outbox's to take back; an unknown id is nothing.
+        // The first is on its way once a take has sent its first pieces; a small request is
+        // in a frame already; a one-way message is no call; an unknown id is nothing.
         let first = take(&mut o);
         assert!(first.len() > FRAGMENT_SIZE);
         assert!(!o.withdraw(1), "partly sent");
-        assert!(!o.withdraw(3), "a response");
         assert!(!o.withdraw(4), "small: already in a frame");
+        assert!(!o.withdraw(0), "a one-way message");
         assert!(!o.withdraw(9), "unknown");
         let left = o.len();
         assert!(left < before);
-        assert!(o.withdraw(2));
+        assert!(o.withdraw(2), "a request");
         assert!(!o.withdraw(2), "only once");
-        assert_eq!(
-            o.len(),
-            left - big_req(2, 3 * FRAGMENT_SIZE, 0xee).encoded_len()
-        );
-        // What is left is the rest of the first request, then the response: request 2's
-        // bytes never appear.
+        let request = big_req(2, 3 * FRAGMENT_SIZE, 0xee).encoded_len();
+        assert_eq!(o.len(), left - request);
+        assert!(o.withdraw(3), "a response");
+        // What is left is the rest of the first request and the one-way message: request 2's
+        // and response 3's bytes never appear.
         let mut rest = BytesMut::new();
         while !o.is_drained() {
             o.ack(o.outstanding as u32).unwrap();
             rest.extend_from_slice(&take(&mut o));
         }
-        assert!(rest.len() > FRAGMENT_WINDOW);
+        assert!(rest.len() > FRAGMENT_WINDOW + 5 * FRAGMENT_SIZE);
         assert!(
             !rest.windows(8).any(|w| w == [0xee; 8]),
             "request 2 went out"
+        );
+        let response: Vec<u8> = (0..8).collect();
+        assert!(
+            !rest.windows(8).any(|w| w == response),
+            "response 3 went out"
         );
     }
 

@@ -718,8 +718,14 @@ where
                         return Some(Stop::Flood(why));
                     }
                 }
-                if let Some(call) = inner.in_flight.remove(&id) {
+                let running = inner.in_flight.remove(&id);
+                // A reply waiting to go out in fragments, none of it sent yet, is not sent
+                // either: the caller gave up on it.
+                let unsent = running.is_none() && inner.outbox.withdraw(id);
+                if let Some(call) = &running {
                     call.abort();
+                }
+                if running.is_some() || unsent {
                     let status = Status::new(Code::Cancelled, "cancelled by the client");
                     let wake = self.conn.push(&mut inner, &error_message(id, &status));
                     drop(inner);
