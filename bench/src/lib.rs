@@ -29,6 +29,9 @@ pub struct Opts {
     /// (the mixed workload); their figures print on a second line, `BIG ...`.
     pub big: usize,
     pub big_size: usize,
+    /// Which way the big calls' `big_size` bytes go: `echo` (both: the request, echoed back),
+    /// `up` (the request; a one-byte reply) or `down` (an 8-byte request; the reply).
+    pub big_dir: String,
     /// Connections the callers share (default 1): towerpc's `Builder::connections`, the
     /// floor's callers spread over that many connections. For the multi-core runs
     /// (`pinned.sh`); the RESULT line names it when it is not 1.
@@ -54,6 +57,7 @@ impl Opts {
             compression: None,
             big: 0,
             big_size: 200 * 1024,
+            big_dir: "echo".into(),
             conns: 1,
             rate: 0.0,
         };
@@ -72,6 +76,13 @@ impl Opts {
                 "--compression" => o.compression = Some(v),
                 "--big" => o.big = v.parse().unwrap(),
                 "--big-size" => o.big_size = v.parse().unwrap(),
+                "--big-dir" => {
+                    assert!(
+                        ["echo", "up", "down"].contains(&v.as_str()),
+                        "--big-dir echo|up|down"
+                    );
+                    o.big_dir = v.clone();
+                }
                 "--conns" => o.conns = v.parse::<usize>().unwrap().max(1),
                 "--rate" => o.rate = v.parse().unwrap(),
                 x => panic!("unknown arg {x}"),

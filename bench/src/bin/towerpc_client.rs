@@ -6,6 +6,8 @@
 //! `--compression zstd|lz4` offers stream compression. `--big N --big-size B` adds the mixed
 //! workload: N more callers sending B-byte requests on the same connection; their calls/s and
 //! throughput print on a second line (`BIG ...`), and the RESULT line is the small calls' alone.
+//! `--big-dir up|down` sends the B bytes one way only (a one-byte reply; an 8-byte request for
+//! a B-byte reply) instead of echoing them; `TAILS=1` prints the small calls' quantiles.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,10 +80,19 @@ fn spawn_big(client: &Client, o: &Opts) -> tokio::task::JoinHandle<()> {
     let end = start + Duration::from_secs_f64(o.dur);
     for _ in 0..o.big {
         let (c, body, hist, done) = (client.clone(), body.clone(), hist.clone(), done.clone());
+        let dir = o.big_dir.clone();
         tokio::spawn(async move {
             loop {
                 let t0 = Instant::now();
-                let ok = matches!(c.request(Request::new("echo", body.clone())).await, Ok(r) if r.body().len() == body.len());
+                let (req, want) = match dir.as_str() {
+                    "up" => (Request::new("bigup", body.clone()), 1),
+                    "down" => (
+                        Request::new("bigdown", (body.len() as u64).to_be_bytes().to_vec()),
+                        body.len(),
+                    ),
+                    _ => (Request::new("echo", body.clone()), body.len()),
+                };
+                let ok = matches!(c.request(req).await, Ok(r) if r.body().len() == want);
                 if ok && t0 >= start && t0 < end {
                     hist.record(t0.elapsed().as_nanos() as u64);
                     done.fetch_add(1, Ordering::Relaxed);

@@ -5,7 +5,9 @@
 //!   small (default): a `Dispatcher` with the route "echo": i64 -> i64.
 //!   1k:              a `Dispatcher` with the route "echo": byte string (serde_bytes) -> the same.
 //!   raw:             a plain `tower::service_fn` that returns the request body unchanged
-//!                    (no msgpack decode/encode on the server; label "towerpc-raw").
+//!                    (no msgpack decode/encode on the server; label "towerpc-raw"), and
+//!                    for the mixed workload's `--big-dir`: "bigup" answers one byte, "bigdown"
+//!                    as many bytes as its 8-byte body says.
 //! Every mode also answers "stats" with the server's socket write count (a u64), which the
 //! client reads at both ends of its window to count writes per call without strace.
 use serde_bytes::ByteBuf;
@@ -51,6 +53,16 @@ async fn main() {
                 async move {
                     Ok::<_, BoxError>(match stats {
                         Some(n) => Response::new(towerpc::payload::to_msgpack(&n)?),
+                        // The mixed workload's other directions (`--big-dir`): the big
+                        // bytes one way only.
+                        None if req.method() == "bigup" => {
+                            Response::new(bytes::Bytes::from_static(b"\x01"))
+                        }
+                        None if req.method() == "bigdown" => {
+                            let n = req.body().get(..8).and_then(|b| b.try_into().ok());
+                            let n = u64::from_be_bytes(n.ok_or("an 8-byte size")?);
+                            Response::new(bytes::Bytes::from(vec![7u8; usize::try_from(n)?]))
+                        }
                         None => Response::new(req.into_body()),
                     })
                 }
