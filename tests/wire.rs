@@ -1152,6 +1152,46 @@ async fn a_cancel_takes_back_a_large_reply_none_of_which_has_left() {
     p.assert_alive(9).await;
 }
 
+/// Large replies queued past `max_queued_bytes` while the client reads them (they wait only
+/// for its ACKs) do not stop the server reading its requests: a small call made behind them is
+/// answered within the first window of their fragments, before any ACK, and the large replies
+/// keep to the window meanwhile.
+#[tokio::test]
+async fn small_calls_are_read_and_answered_while_large_replies_past_the_cap_wait_for_acks() {
+    let srv = start(Server::builder().max_queued_bytes(1 << 20)).await;
+    let mut p = Peer::connect(srv.addr).await;
+    // Three 1 MiB echoes, whole: 3 MiB of replies queued, three times the cap.
+    for id in 1..=3 {
+        p.send(&frame(&[request(id, 0, "echo", &vec![0x44; 1 << 20])]))
+            .await;
+    }
+    // The first window of their fragments, unacknowledged.
+    let mut unacked = 0usize;
+    while unacked < 1 << 20 {
+        let (head, body) = p.read_frame().await.expect("server closed");
+        for m in parse_messages(&body, be_u16(&head[6..])) {
+            match m {
+                Msg::Fragment { data, .. } => unacked += data.len(),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(unacked, 1 << 20, "past the window");
+    // A small call now: read, run and answered before another byte of the large replies.
+    p.send(&frame(&[request(4, 0, "echo", b"\xa1x")])).await;
+    let (head, body) = p.read_frame().await.expect("server closed");
+    let msgs = parse_messages(&body, be_u16(&head[6..]));
+    assert_eq!(
+        msgs,
+        vec![Msg::Response {
+            id: 4,
+            body: b"\xa1x".to_vec()
+        }],
+        "the small call's reply, not more fragments"
+    );
+    p.assert_alive(9).await;
+}
+
 protocol_error! {
     ack_for_more_than_outstanding_is_a_protocol_error: frame(&[ack(1)]);
     ack_of_zero_bytes_is_a_protocol_error: frame(&[ack(0)]);

@@ -120,6 +120,12 @@ impl Conn {
         (queued, self.account(queued))
     }
 
+    /// Whether the writer has nothing it may send until the client's ACKs give its fragments
+    /// window back (or nothing at all).
+    fn waits_for_window(&self) -> bool {
+        self.lock().outbox.is_empty()
+    }
+
     /// Queues `msg`; wakes the writer if it may be asleep.
     fn push(&self, inner: &mut Inner, msg: &Message) -> bool {
         let was_empty = inner.outbox.is_empty();
@@ -263,6 +269,13 @@ impl Conn {
 /// not wait on round trips: spinning there took 6–25 % of the big calls' throughput in the
 /// mixed cell.
 const SPIN_MAX_MESSAGES: usize = 64;
+
+/// How far past `max_queued_bytes` a connection's replies may queue while its client reads them:
+/// from the cap up to this many times it, the reader reads one frame for each batch the writer
+/// sends instead of pausing until the queue is back under the cap. Paused, ten callers
+/// downloading 4 MiB replies beside 1,000 small callers made the small calls wait for the
+/// large replies to drain (docs/benchmarks.md, session 21); throttled, they go on.
+const THROTTLE_UP_TO: usize = 4;
 
 /// Why a connection was closed by the server-wide budget.
 const CONDEMNED: &str = "server memory budget exceeded: replies are not read";
@@ -524,6 +537,9 @@ where
 {
     async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FrameReader<R>) -> Stop {
         let mut spin = Spin::new(self.config.read_spin, self.config.spin_slots.clone());
+        // Whether the writer has taken a batch since the last frame of requests was read while
+        // the queue was over `max_queued_bytes` (see `THROTTLE_UP_TO`).
+        let mut took = false;
         'frames: loop {
             // A client that does not read its replies must not make us queue them without
             // bound, nor may all clients together exceed the server's budget: pause reading
@@ -548,18 +564,39 @@ where
                     self.conn.pace(true);
                     break;
                 }
+                let throttle_cap = THROTTLE_UP_TO.saturating_mul(self.config.max_queued_bytes);
+                if queued <= throttle_cap && !over_budget {
+                    // Throttled: the client reads its replies (the writer sends them, at the
+                    // pace of its ACKs), so one more frame of requests is read for each batch
+                    // written (frames of ACKs and other control messages cost nothing), and
+                    // any frame while the writer waits for ACKs. Its small calls go on while
+                    // its large replies drain, and its queue grows only as fast as it reads.
+                    // Fragments keep to the window: we read.
+                    self.conn.pace(true);
+                    if took || self.conn.waits_for_window() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = self.conn.notify_taken.notified() => took = true,
+                        _ = tokio::time::sleep(RECHECK) => {}
+                        _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
+                            self.start_drain("server shutting down")
+                        }
+                    }
+                    continue;
+                }
                 if over_budget {
                     // Buffers kept for messages to come in fragments are not counted, but the
                     // server is short of memory: they go.
                     reader.release_spares();
                 }
-                // The client's ACKs wait unread behind what we do not read: fragments go out
-                // unpaced meanwhile, or a reply waiting for them would wait for good.
+                // Paused. The client's ACKs wait unread behind what we do not read: fragments
+                // go out unpaced meanwhile, or a reply waiting for them would wait for good.
                 self.conn.pace(false);
                 // While paused, look again now and then: the replies of running calls keep
                 // arriving, and the budget is shared with every other connection.
                 tokio::select! {
-                    _ = self.conn.notify_taken.notified() => {}
+                    _ = self.conn.notify_taken.notified() => took = true,
                     _ = self.conn.budget.freed.notified(), if over_budget => {}
                     _ = tokio::time::sleep(RECHECK) => {}
                     _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
@@ -645,6 +682,7 @@ where
             }
             self.judge_first_polls();
             self.conn.wake_writer_now();
+            took &= !request;
             // A request arriving in fragments is activity from its first piece on.
             self.keepalive.read(arrived, request || reader.in_message());
             if let Some(ack) = reader.take_ack() {

@@ -81,11 +81,11 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// together (256 MiB).
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
 
-/// Default cap on reply bytes queued for one connection (64 MiB) before its reader pauses: room
-/// for a few of the largest replies (16 MiB) going out in fragments at the pace the client
-/// reads them, while its small calls go on. At 8 MiB, ten callers downloading 4 MiB replies
-/// beside 1,000 small callers paused the reader whenever their replies were queued, and the
-/// small calls waited for them to drain: 41–48k calls/s at a p50 of 21–24 ms, against
+/// Default cap on reply bytes queued for one connection (64 MiB) before its reader slows down
+/// (see [`Server::max_queued_bytes`]): room for a few of the largest replies (16 MiB) going out
+/// in fragments at the pace the client reads them. At 8 MiB, and with the reader pausing at
+/// the cap, ten callers downloading 4 MiB replies beside 1,000 small callers made the small
+/// calls wait for the large replies to drain: 41–48k calls/s at a p50 of 21–24 ms, against
 /// 487–504k at 1.9 ms with 64 MiB (three paired rounds, docs/benchmarks.md, session 21).
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 
@@ -415,15 +415,15 @@ impl<L> Server<L> {
         self
     }
 
-    /// Reply bytes queued for one connection before its reader pauses. Default 64 MiB
-    /// ([`DEFAULT_MAX_QUEUED_BYTES`]). With a client that does not read its replies, this (plus
-    /// one write in progress) is what the connection can hold; all connections together are
-    /// held to [`max_buffered_bytes`](Self::max_buffered_bytes).
-    ///
-    /// Large replies wait here while they go out in fragments, at the pace the client reads
-    /// them (PROTOCOL.md §4.1): keep the cap above the large replies one connection has
-    /// queued at once, or its reader pauses behind them and its small calls wait until they
-    /// have drained.
+    /// Reply bytes queued for one connection before its reader slows down. Default 64 MiB
+    /// ([`DEFAULT_MAX_QUEUED_BYTES`]). Past it, the reader reads a frame of requests for each
+    /// batch of replies written, and reads on while the writer waits for the client's ACKs
+    /// (large replies go out in fragments at the pace the client reads them, PROTOCOL.md
+    /// §4.1): a client that reads its replies keeps making small calls beside its large
+    /// ones. At four times this the reader stops until the queue is back under it: with a
+    /// client that does not read its replies, that (plus one write in progress) is what the
+    /// connection can hold. All connections together are held to
+    /// [`max_buffered_bytes`](Self::max_buffered_bytes).
     #[must_use]
     pub fn max_queued_bytes(mut self, n: usize) -> Self {
         self.config.max_queued_bytes = n.max(1);
