@@ -164,7 +164,7 @@ def main():
 
     mixed = [r for r in rows if r.get("kind") == "mixed"]
     if mixed:
-        out.append("### Mixed: 1,000 small callers beside 10 big ones, one connection (towerpc raw svc)")
+        out.append("### Mixed: 1,000 small callers beside 10 big ones, one connection (towerpc raw svc; big calls echo their bytes, `down`: an 8-byte request for a big reply)")
         out.append("")
         out.append("| round | big requests | small calls/s | small p50 µs | small p99 µs | p99 ÷ alone | big calls/s | big MB/s | big p99 ms | steal % |")
         out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -182,6 +182,8 @@ def main():
                 alone[res["round"]] = num(res, "p99_us")
         for res, big in groups:
             size = "none" if big is None else f"{int(big['size']) // 1024:,} KiB"
+            if big is not None and big.get("dir", "echo") != "echo":
+                size += f" {big['dir']}"
             base = alone.get(res["round"])
             p99 = num(res, "p99_us")
             out.append(

@@ -100,12 +100,12 @@ fn spawn_big(client: &Client, o: &Opts) -> tokio::task::JoinHandle<()> {
             }
         });
     }
-    let (big, size, secs) = (o.big, o.big_size, o.dur);
+    let (big, size, secs, dir) = (o.big, o.big_size, o.dur, o.big_dir.clone());
     tokio::spawn(async move {
         tokio::time::sleep_until(end.into()).await;
         let n = done.load(Ordering::Relaxed);
         println!(
-            "BIG callers={big} size={size} calls={n} cps={:.1} mb_per_s={:.1} p50_us={:.1} p99_us={:.1}",
+            "BIG callers={big} size={size} dir={dir} calls={n} cps={:.1} mb_per_s={:.1} p50_us={:.1} p99_us={:.1}",
             n as f64 / secs,
             n as f64 * size as f64 / secs / 1e6,
             hist.quantile(0.5) as f64 / 1e3,
