@@ -409,6 +409,22 @@ impl Peer {
     }
 
     /// PING with `data` and check the next frame is exactly its PONG.
+    /// Fragments, and nothing else, until the server has sent a whole window (1 MiB) of them
+    /// unacknowledged; returns their data bytes.
+    async fn read_a_window_of_fragments(&mut self) -> usize {
+        let mut unacked = 0usize;
+        while unacked < 1 << 20 {
+            let (head, body) = self.read_frame().await.expect("server closed");
+            for m in parse_messages(&body, be_u16(&head[6..])) {
+                match m {
+                    Msg::Fragment { data, .. } => unacked += data.len(),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        unacked
+    }
+
     async fn assert_alive(&mut self, data: u64) {
         self.send(&frame(&[ping(data)])).await;
         let got = self.read_exact(17).await;
@@ -1113,16 +1129,7 @@ async fn a_cancel_takes_back_a_large_reply_none_of_which_has_left() {
     p.send(&frame(&[request(2, 0, "echo", &vec![0x22; 200 << 10])]))
         .await;
     // The first reply's pieces up to the window, unacknowledged.
-    let mut unacked = 0usize;
-    while unacked < 1 << 20 {
-        let (head, body) = p.read_frame().await.expect("server closed");
-        for m in parse_messages(&body, be_u16(&head[6..])) {
-            match m {
-                Msg::Fragment { data, .. } => unacked += data.len(),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
+    let unacked = p.read_a_window_of_fragments().await;
     p.send(&frame(&[cancel(2)])).await;
     let (head, body) = p.read_frame().await.expect("server closed");
     let msgs = parse_messages(&body, be_u16(&head[6..]));
@@ -1166,16 +1173,7 @@ async fn small_calls_are_read_and_answered_while_large_replies_past_the_cap_wait
             .await;
     }
     // The first window of their fragments, unacknowledged.
-    let mut unacked = 0usize;
-    while unacked < 1 << 20 {
-        let (head, body) = p.read_frame().await.expect("server closed");
-        for m in parse_messages(&body, be_u16(&head[6..])) {
-            match m {
-                Msg::Fragment { data, .. } => unacked += data.len(),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
+    let unacked = p.read_a_window_of_fragments().await;
     assert_eq!(unacked, 1 << 20, "past the window");
     // A small call now: read, run and answered before another byte of the large replies.
     p.send(&frame(&[request(4, 0, "echo", b"\xa1x")])).await;
