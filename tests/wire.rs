@@ -1328,3 +1328,47 @@ async fn the_server_keeps_its_frames_and_replies_to_the_limit_the_client_announc
     );
     p.assert_alive(3).await;
 }
+
+// ===== hostile peers: what §4.1, §6, §7 and §3.3 leave no room for =====
+
+#[tokio::test]
+async fn a_duplicate_id_behind_a_full_limit_is_a_protocol_error_and_never_runs() {
+    // §6: a REQUEST whose id is in flight when it is read is a protocol error, also when the
+    // reader must wait (for a handler slot, or for the request bytes handlers hold to go
+    // down) before it could run it: the duplicate is never run nor answered, however long
+    // the first takes.
+    let limits = [
+        (
+            "one handler a connection",
+            Server::builder().max_concurrency_per_connection(1),
+        ),
+        (
+            "1000 request bytes held",
+            Server::builder().max_in_flight_bytes(1000),
+        ),
+    ];
+    for (what, server) in limits {
+        let srv = start(server).await;
+        let mut p = Peer::connect(srv.addr).await;
+        p.send(&frame(&[request(5, 0, "slow", &[1; 2000])])).await;
+        p.assert_alive(1).await;
+        let started = Instant::now();
+        p.send(&frame(&[request(5, 0, "echo", &[2])])).await;
+        let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+        // The server PINGs while its reader waits (§9); those aside, at most the first call's
+        // ERROR comes before the GOAWAY, and never the duplicate's reply.
+        let replies: Vec<_> = before
+            .into_iter()
+            .filter(|m| !matches!(m, Msg::Ping(_)))
+            .collect();
+        assert!(replies.len() <= 1, "{what}: {replies:?}");
+        for m in replies {
+            assert!(matches!(m, Msg::Error { id: 5, .. }), "{what}: {m:?}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{what}: judged only once the first call ended: {:?}",
+            started.elapsed()
+        );
+    }
+}

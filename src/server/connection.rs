@@ -802,6 +802,17 @@ where
         metadata: Bytes,
         body: Bytes,
     ) -> Option<Stop> {
+        // A duplicate id is judged as it is read (PROTOCOL.md §6), not only in `spawn`: the
+        // reader may wait below for bytes or a handler slot, and by the time the duplicate
+        // could run the first may have been answered. With no task running nothing is in
+        // flight (see `spawn`), which spares the lock.
+        if let Some(id) = id {
+            if !self.tasks.is_empty() && self.conn.lock().in_flight.contains_key(&id) {
+                return Some(Stop::Protocol(CodecError::InvalidFrame(
+                    "request id already in flight",
+                )));
+            }
+        }
         // Bound what running handlers hold: decompression makes big requests cheap to send.
         let size = method.len() + metadata.len() + body.len();
         let max = self.config.max_in_flight_bytes;
