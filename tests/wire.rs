@@ -1331,6 +1331,145 @@ async fn the_server_keeps_its_frames_and_replies_to_the_limit_the_client_announc
 
 // ===== hostile peers: what §4.1, §6, §7 and §3.3 leave no room for =====
 
+/// `whole` cut in two FRAGMENTs, each in a frame of its own.
+fn in_two_frames(whole: &[u8], at: usize) -> Vec<u8> {
+    [
+        frame(&[fragment(1, &whole[..at])]),
+        frame(&[fragment(0, &whole[at..])]),
+    ]
+    .concat()
+}
+
+protocol_error! {
+    a_reassembled_request_with_a_method_not_utf8_is_a_protocol_error:
+        in_two_frames(&call_msg(0x01, 1, 0, &[0xFF, 0xFE], &[7u8; 100]), 40);
+    a_reassembled_request_with_an_empty_method_is_a_protocol_error:
+        in_two_frames(&request(1, 0, "", &[7u8; 100]), 40);
+    a_reassembled_request_with_id_0_is_a_protocol_error:
+        in_two_frames(&request(0, 0, "echo", &[7u8; 100]), 40);
+    a_reassembled_oneway_with_an_id_is_a_protocol_error:
+        in_two_frames(&call_msg(0x02, 7, 0, b"echo", &[7u8; 100]), 40);
+    a_reassembled_request_with_metadata_above_16_kib_is_a_protocol_error: {
+        let mut m = request(1, 0, "echo", &[]);
+        m[10..12].copy_from_slice(&16_385u16.to_be_bytes());
+        m.splice(20..20, std::iter::repeat_n(0x80, 16_385));
+        in_two_frames(&m, 8_000)
+    };
+    an_ack_of_u32_max_is_a_protocol_error: frame(&[ack(u32::MAX)]);
+}
+
+#[tokio::test]
+async fn a_request_in_fragments_reusing_an_id_in_flight_is_a_protocol_error() {
+    // §4.1: the reassembled message is checked as any other, ids included (§6).
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[request(5, 0, "sleep", &[1])])).await;
+    p.assert_alive(1).await;
+    p.send(&in_two_frames(&request(5, 0, "echo", &[2u8; 300]), 100))
+        .await;
+    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+    assert!(before.len() <= 1, "{before:?}");
+    for m in before {
+        assert!(matches!(m, Msg::Error { id: 5, .. }), "{m:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_ack_for_one_byte_more_than_the_server_sent_is_a_protocol_error() {
+    // §4.1, §12: an ACK for exactly what is outstanding is fine; one byte more is not. The
+    // reply (300,009 bytes) fits the 1 MiB window: all of it is outstanding once it is in.
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let body = vec![0x42; 300_000];
+    let sent = 9 + body.len() as u32;
+    p.send(&frame(&[request(1, 0, "echo", &body)])).await;
+    assert_eq!(
+        p.expect_msg().await,
+        Msg::Response {
+            id: 1,
+            body: body.clone()
+        }
+    );
+    assert!(p.last_pieces >= 2, "the reply came whole");
+    p.send(&frame(&[ack(sent - 1)])).await;
+    p.assert_alive(2).await;
+    // One byte is outstanding now; two are acknowledged.
+    p.send(&frame(&[ack(2)])).await;
+    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+    assert!(before.is_empty(), "{before:?}");
+}
+
+#[tokio::test]
+async fn a_deadline_of_0_is_none_and_one_of_u32_max_ms_does_not_expire() {
+    // §7: 0 = no deadline; the largest is 49.7 days away, not an overflow nor a past instant.
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[
+        request(1, 0, "slow", &[1]),
+        request(2, u32::MAX, "slow", &[2]),
+        request(3, u32::MAX, "echo", &[3]),
+    ]))
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(p.expect_msg().await);
+    }
+    got.sort_by_key(|m| match m {
+        Msg::Response { id, .. } | Msg::Error { id, .. } => *id,
+        _ => 0,
+    });
+    assert_eq!(
+        got,
+        (1..=3u8)
+            .map(|id| Msg::Response {
+                id: id as u32,
+                body: vec![id]
+            })
+            .collect::<Vec<_>>()
+    );
+    p.assert_alive(4).await;
+}
+
+#[tokio::test]
+async fn a_health_check_reusing_an_id_in_flight_is_a_protocol_error() {
+    // §6: the health check is a REQUEST as any other, its id included.
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[request(5, 0, "sleep", &[1])])).await;
+    p.assert_alive(1).await;
+    p.send(&frame(&[request(5, 0, "towerpc.health.Check", &[])]))
+        .await;
+    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+    assert!(before.len() <= 1, "{before:?}");
+    for m in before {
+        assert!(matches!(m, Msg::Error { id: 5, .. }), "{m:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_duplicate_id_while_draining_is_a_protocol_error_not_refused() {
+    // §6 and §10.1: REFUSED says the request never ran; for a duplicate of a call that is
+    // running it would be one reply too many, and a lie about the first.
+    let mut srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[request(1, 0, "slow", &[1])])).await;
+    p.assert_alive(1).await;
+    srv.stop.take().unwrap().send(()).unwrap();
+    match p.expect_msg().await {
+        Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
+        m => panic!("expected GOAWAY 0, got {m:?}"),
+    }
+    p.send(&frame(&[request(1, 0, "echo", &[2])])).await;
+    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+    assert!(before.len() <= 1, "{before:?}");
+    for m in before {
+        assert!(
+            matches!(m, Msg::Error { id: 1, code, .. } if code != REFUSED),
+            "{m:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_duplicate_id_behind_a_full_limit_is_a_protocol_error_and_never_runs() {
     // §6: a REQUEST whose id is in flight when it is read is a protocol error, also when the
@@ -1370,5 +1509,25 @@ async fn a_duplicate_id_behind_a_full_limit_is_a_protocol_error_and_never_runs()
             "{what}: judged only once the first call ended: {:?}",
             started.elapsed()
         );
+    }
+}
+
+#[cfg(feature = "compression-zstd")]
+#[tokio::test]
+async fn reserved_compression_bits_are_never_chosen() {
+    // §3.3: a v1 server never chooses a reserved bit, and chooses exactly one algorithm.
+    let server = Server::builder().accept_compression(towerpc::codec::Compression::Zstd);
+    let srv = start(server).await;
+    for (offer, chosen) in [(0xF8, 0x00), (0xFF, 0x01), (0x09, 0x01)] {
+        let mut p = Peer::raw(srv.addr).await;
+        let mut preface = CLIENT_PREFACE;
+        preface[6] = offer;
+        p.send(&preface).await;
+        let mut want = SERVER_PREFACE;
+        want[6] = chosen;
+        assert_eq!(p.read_exact(12).await, want, "offer {offer:#04x}");
+        if chosen == 0 {
+            p.assert_alive(offer as u64).await;
+        }
     }
 }
