@@ -1769,3 +1769,194 @@ async fn a_large_request_past_the_clients_timeout_before_any_of_it_left_is_never
 async fn a_large_request_failed_as_the_oldest_before_any_of_it_left_is_never_sent() {
     a_large_request_given_up_before_any_of_it_left_is_never_sent(GiveUp::FailedAsOldest).await;
 }
+
+// ===== hostile servers: what §5, §6, §9, §10 and §12 ask of the client =====
+
+/// A frame around `body` with the given header fields, by hand.
+fn raw_frame(flags: u8, reserved: u8, count: u16, body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&[flags, reserved]);
+    f.extend_from_slice(&count.to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// A FRAGMENT message by hand: kind 09, more, len u32, data.
+fn raw_fragment(more: u8, data: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x09, more];
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+/// A RESPONSE by hand, with `body_len` as announced (which may lie).
+fn raw_response(id: u32, body_len: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x03];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&body_len.to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// An ERROR by hand: `msg` need not be UTF-8.
+fn raw_error(id: u32, code: u16, msg: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x04];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&code.to_be_bytes());
+    m.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    m.extend_from_slice(&0u32.to_be_bytes());
+    m.extend_from_slice(msg);
+    m
+}
+
+#[tokio::test]
+async fn malformed_input_from_a_server_gets_goaway_and_fails_the_pending_call() {
+    // §12 from the client's side: every row a server can break, while a call is pending on
+    // the id the bad bytes name (so nothing of them may reach it as a reply).
+    use tokio::io::AsyncWriteExt;
+
+    let pong = {
+        let mut m = vec![0x07];
+        m.extend_from_slice(&9u64.to_be_bytes());
+        m
+    };
+    type Case = (&'static str, fn(u32, &[u8]) -> Vec<u8>, u16);
+    let cases: [Case; 20] = [
+        ("frame flags 1", |_, p| raw_frame(1, 0, 1, p), 11),
+        ("frame reserved 1", |_, p| raw_frame(0, 1, 1, p), 11),
+        ("frame count 0", |_, p| raw_frame(0, 0, 0, p), 11),
+        ("frame len 0", |_, _| raw_frame(0, 0, 1, &[]), 11),
+        (
+            "frame len u32::MAX",
+            |_, _| vec![0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 1],
+            12,
+        ),
+        ("unknown kind", |_, _| raw_frame(0, 0, 1, &[0x7F; 9]), 11),
+        (
+            "a PING running past its frame",
+            |_, _| raw_frame(0, 0, 1, &[0x06, 0, 0, 0, 1]),
+            11,
+        ),
+        (
+            "bytes left over",
+            |_, p| raw_frame(0, 0, 1, &[p, &[0, 0][..]].concat()),
+            11,
+        ),
+        (
+            "an ERROR whose message is not UTF-8",
+            |id, _| raw_frame(0, 0, 1, &raw_error(id, 2, &[0xFF, 0xFE])),
+            11,
+        ),
+        (
+            "a GOAWAY whose reason is not UTF-8",
+            |_, _| raw_frame(0, 0, 1, &[0x08, 0, 2, 0, 2, 0xC3, 0x28]),
+            11,
+        ),
+        (
+            "a ONEWAY",
+            |_, _| {
+                let mut m = vec![0x02, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+                m.push(b'm');
+                raw_frame(0, 0, 1, &m)
+            },
+            11,
+        ),
+        (
+            "a FRAGMENT with more = 2",
+            |id, _| raw_frame(0, 0, 1, &raw_fragment(2, &raw_response(id, 1, &[7]))),
+            11,
+        ),
+        (
+            "an empty FRAGMENT",
+            |_, _| raw_frame(0, 0, 1, &raw_fragment(1, &[])),
+            11,
+        ),
+        (
+            "a first FRAGMENT short of the RESPONSE's fixed part",
+            |id, _| raw_frame(0, 0, 1, &raw_fragment(1, &raw_response(id, 100, &[])[..5])),
+            11,
+        ),
+        (
+            "a REQUEST in fragments",
+            |_, _| {
+                let mut m = vec![0x01, 0, 0, 0, 9, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 40];
+                m.push(b'm');
+                m.extend_from_slice(&[0; 40]);
+                let (a, b) = m.split_at(20);
+                raw_frame(0, 0, 2, &[raw_fragment(1, a), raw_fragment(0, b)].concat())
+            },
+            11,
+        ),
+        (
+            "a first FRAGMENT announcing a 4 GiB RESPONSE",
+            |id, _| raw_frame(0, 0, 1, &raw_fragment(1, &raw_response(id, u32::MAX, &[7]))),
+            12,
+        ),
+        (
+            "a FRAGMENT running past its RESPONSE",
+            |id, _| {
+                let m = raw_response(id, 40, &[7; 41]);
+                let (a, b) = m.split_at(20);
+                raw_frame(0, 0, 2, &[raw_fragment(1, a), raw_fragment(0, b)].concat())
+            },
+            11,
+        ),
+        (
+            "a last FRAGMENT leaving its RESPONSE short",
+            |id, _| {
+                let m = raw_response(id, 40, &[7; 39]);
+                let (a, b) = m.split_at(20);
+                raw_frame(0, 0, 2, &[raw_fragment(1, a), raw_fragment(0, b)].concat())
+            },
+            11,
+        ),
+        (
+            "a FRAGMENT saying more after its RESPONSE is whole",
+            |id, _| {
+                let m = raw_response(id, 40, &[7; 40]);
+                let (a, b) = m.split_at(20);
+                raw_frame(0, 0, 2, &[raw_fragment(1, a), raw_fragment(1, b)].concat())
+            },
+            11,
+        ),
+        (
+            "an ACK of 0 bytes",
+            |_, _| raw_frame(0, 0, 1, &[0x0A, 0, 0, 0, 0]),
+            11,
+        ),
+    ];
+    for (what, bad, code) in cases {
+        let pong = pong.clone();
+        let (addr, script) = support::raw_server(move |mut conn| async move {
+            let msgs = conn
+                .read_frame_within(Duration::from_secs(5))
+                .await
+                .expect("a request");
+            let Some(Message::Request { id, .. }) = msgs.first().cloned() else {
+                panic!("{what}: expected a request, got {msgs:?}");
+            };
+            conn.stream.write_all(&bad(id, &pong)).await.unwrap();
+            conn.read_to_end_within(Duration::from_secs(5)).await
+        })
+        .await;
+        let client = Client::builder().connect(addr).await.unwrap();
+        let res = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.invoke::<_, u64>("Echo", &1u64),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the call hung"));
+        let err = res.expect_err(what);
+        assert!(!err.is_remote(), "{what}: a reply got through: {err:?}");
+        assert!(err.is_protocol(), "{what}: {err:?}");
+        let seen = tokio::time::timeout(Duration::from_secs(5), script)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the client did not close"))
+            .unwrap();
+        assert!(
+            matches!(seen.last(), Some(Message::GoAway { code: c, .. }) if *c == code),
+            "{what}: the client said {seen:?}"
+        );
+        assert_eq!(client.pending(), 0, "{what}");
+    }
+}
