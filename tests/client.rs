@@ -1960,3 +1960,26 @@ async fn malformed_input_from_a_server_gets_goaway_and_fails_the_pending_call() 
         assert_eq!(client.pending(), 0, "{what}");
     }
 }
+
+#[tokio::test]
+async fn a_ping_to_an_idle_client_is_answered_with_its_data() {
+    // §9: a client answers PINGs promptly, also with no call in flight.
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        for data in [0, 7, u64::MAX] {
+            conn.write_frame(vec![Message::Ping { data }]).await;
+            let got = conn
+                .read_frame_within(Duration::from_secs(2))
+                .await
+                .expect("the client closed");
+            assert_eq!(got, vec![Message::Pong { data }]);
+        }
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), script)
+        .await
+        .expect("no PONG in time")
+        .unwrap();
+    drop(client);
+}
+
