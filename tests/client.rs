@@ -1983,3 +1983,59 @@ async fn a_ping_to_an_idle_client_is_answered_with_its_data() {
     drop(client);
 }
 
+#[tokio::test]
+async fn error_codes_the_client_does_not_know_are_unknown() {
+    // §10: a receiver treats a code it does not know as UNKNOWN (2); 0 is never sent in an
+    // ERROR, and is no success.
+    use tokio::io::AsyncWriteExt;
+    let codes = [0u16, 15, 999, u16::MAX];
+    let (addr, script) = support::raw_server(move |mut conn| async move {
+        let mut ids = Vec::new();
+        while ids.len() < codes.len() {
+            for m in conn.read_frame().await.expect("requests") {
+                if let Message::Request { id, body, .. } = m {
+                    ids.push((id, body));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (id, body) in ids {
+            let n: usize = rmp_serde::from_slice(&body).unwrap();
+            out.extend(raw_frame(0, 0, 1, &raw_error(id, codes[n], b"odd")));
+        }
+        conn.stream.write_all(&out).await.unwrap();
+        conn.read_to_end_within(Duration::from_secs(5)).await
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    let calls = (0..codes.len()).map(|n| {
+        let client = client.clone();
+        async move { client.invoke::<_, u64>("Echo", &n).await }
+    });
+    let results = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("the calls hung");
+    for (n, res) in results.into_iter().enumerate() {
+        let err = res.unwrap_err();
+        assert!(err.is_remote(), "code {}: {err:?}", codes[n]);
+        assert_eq!(
+            err.code(),
+            Some(towerpc::Code::Unknown),
+            "code {}",
+            codes[n]
+        );
+    }
+    assert!(client.is_connected());
+    client.close().await;
+    let seen = script.await.unwrap();
+    assert!(
+        !seen
+            .iter()
+            .any(|m| matches!(m, Message::GoAway { code: 11, .. })),
+        "{seen:?}"
+    );
+}
+
