@@ -2039,3 +2039,56 @@ async fn error_codes_the_client_does_not_know_are_unknown() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_reply_to_a_timed_out_call_is_a_protocol_error_and_reaches_no_caller() {
+    // §6: the late reply to a call that timed out is dropped and frees its id; one more for
+    // that id is awaited by nobody, and must not reach the call in flight beside it.
+    use tokio::io::AsyncWriteExt;
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        let mut ids = Vec::new();
+        while ids.len() < 2 {
+            for m in conn.read_frame().await.expect("requests") {
+                if let Message::Request { id, .. } = m {
+                    ids.push(id);
+                }
+            }
+        }
+        let (late, live) = (ids[0], ids[1]);
+        assert_ne!(late, live, "an id reused before its reply");
+        let body = support::msgpack(&99u64);
+        let mut out = raw_frame(0, 0, 1, &raw_response(late, body.len() as u32, &body));
+        out.extend(raw_frame(
+            0,
+            0,
+            1,
+            &raw_response(late, body.len() as u32, &body),
+        ));
+        conn.stream.write_all(&out).await.unwrap();
+        conn.read_to_end_within(Duration::from_secs(5)).await
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    let first = client.request(
+        Request::new("Echo", support::msgpack(&1u64)).with_timeout(Duration::from_millis(100)),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the first call hung")
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    let second = client.invoke::<_, u64>("Echo", &2u64);
+    let res = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the second call hung");
+    let err = res.expect_err("the second call got the first one's reply");
+    assert!(err.is_protocol(), "{err:?}");
+    let seen = tokio::time::timeout(Duration::from_secs(5), script)
+        .await
+        .expect("the client did not close")
+        .unwrap();
+    assert!(
+        matches!(seen.last(), Some(Message::GoAway { code: 11, .. })),
+        "{seen:?}"
+    );
+}
+
