@@ -2092,3 +2092,54 @@ async fn a_second_reply_to_a_timed_out_call_is_a_protocol_error_and_reaches_no_c
     );
 }
 
+#[tokio::test]
+async fn an_ack_for_more_than_the_client_sent_is_a_protocol_error() {
+    // §4.1, §12: the client's request goes in fragments; an ACK for exactly its pieces is
+    // fine, one byte more is not.
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        // Frames holding pieces decode to nothing until the last piece is in.
+        let (method, metadata, body) = loop {
+            let msgs = conn
+                .read_frame_within(Duration::from_secs(5))
+                .await
+                .expect("a request");
+            match msgs.first().cloned() {
+                None => continue,
+                Some(Message::Request {
+                    method,
+                    metadata,
+                    body,
+                    ..
+                }) => break (method, metadata, body),
+                Some(m) => panic!("expected a request, got {m:?}"),
+            }
+        };
+        let sent = (16 + method.len() + metadata.len() + body.len()) as u32;
+        // Exactly what was sent: accepted, and the client answers the PING behind it.
+        conn.write_frame(vec![
+            Message::Ack { bytes: sent },
+            Message::Ping { data: 5 },
+        ])
+        .await;
+        let pong = conn.read_frame_within(Duration::from_secs(5)).await;
+        assert_eq!(pong, Some(vec![Message::Pong { data: 5 }]));
+        conn.write_frame(vec![Message::Ack { bytes: 1 }]).await;
+        conn.read_to_end_within(Duration::from_secs(5)).await
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    let big = Request::new("Echo", vec![0x33u8; 300_000]);
+    let res = tokio::time::timeout(Duration::from_secs(5), client.request(big))
+        .await
+        .expect("the call hung");
+    let err = res.unwrap_err();
+    assert!(err.is_protocol(), "{err:?}");
+    let seen = tokio::time::timeout(Duration::from_secs(5), script)
+        .await
+        .expect("the client did not close")
+        .unwrap();
+    assert!(
+        matches!(seen.last(), Some(Message::GoAway { code: 11, .. })),
+        "{seen:?}"
+    );
+}
