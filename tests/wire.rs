@@ -1531,3 +1531,66 @@ async fn reserved_compression_bits_are_never_chosen() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_cancel_overtaking_the_last_piece_of_its_request_is_ignored() {
+    // §4.1 Order: a CANCEL may arrive before the last piece of the REQUEST it cancels; it is
+    // ignored as for any id not in flight (§8), and the request runs when its last piece comes.
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let whole = request(7, 0, "echo", &[7u8; 500]);
+    p.send(&frame(&[fragment(1, &whole[..100]), cancel(7)]))
+        .await;
+    p.assert_alive(1).await;
+    p.send(&frame(&[fragment(0, &whole[100..])])).await;
+    assert_eq!(
+        p.expect_msg().await,
+        Msg::Response {
+            id: 7,
+            body: vec![7u8; 500]
+        }
+    );
+    p.assert_alive(2).await;
+}
+
+#[tokio::test]
+async fn a_request_whose_last_piece_comes_after_the_drain_began_is_refused() {
+    // §4.1: a reassembled message is handled as if it arrived whole where its last piece is;
+    // §10.1: a REQUEST read after GOAWAY DRAINING is answered REFUSED and never run.
+    let mut srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let whole = request(2, 0, "echo", &[2u8; 500]);
+    p.send(&frame(&[
+        request(1, 0, "slow", &[1]),
+        fragment(1, &whole[..100]),
+    ]))
+    .await;
+    p.assert_alive(1).await;
+    srv.stop.take().unwrap().send(()).unwrap();
+    match p.expect_msg().await {
+        Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
+        m => panic!("expected GOAWAY 0, got {m:?}"),
+    }
+    p.send(&frame(&[fragment(0, &whole[100..])])).await;
+    let mut rest = Vec::new();
+    while let Some(m) = p.next_msg().await {
+        rest.push(m);
+    }
+    assert!(
+        rest.iter().any(|m| matches!(
+            m,
+            Msg::Error {
+                id: 2,
+                code: REFUSED,
+                ..
+            }
+        )),
+        "{rest:?}"
+    );
+    assert!(
+        rest.iter()
+            .any(|m| matches!(m, Msg::Response { id: 1, body } if body == &[1])),
+        "{rest:?}"
+    );
+    assert_eq!(rest.len(), 2, "{rest:?}");
+}
