@@ -2143,3 +2143,74 @@ async fn an_ack_for_more_than_the_client_sent_is_a_protocol_error() {
         "{seen:?}"
     );
 }
+
+#[tokio::test]
+async fn a_reply_to_a_request_not_yet_sent_is_a_protocol_error_not_its_answer() {
+    // §6, §12: a reply is awaited only for a request that was sent. Call A goes out in
+    // fragments until the window is full (the server never acknowledges); call B, as large,
+    // waits behind it with not one byte sent. A "reply" to B, its id guessed (ids are
+    // sequential), must not reach B's caller as the server's answer.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, script) = support::raw_server(|mut conn| async move {
+        let mut head = [0u8; 8];
+        conn.stream.read_exact(&mut head).await.unwrap();
+        let n = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; n];
+        conn.stream.read_exact(&mut body).await.unwrap();
+        assert_eq!(&body[..1], &[0x09], "A in fragments");
+        let a = u32::from_be_bytes(body[7..11].try_into().unwrap());
+        // B is queued meanwhile.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reply = support::msgpack(&"forged");
+        let forged = raw_response(a + 1, reply.len() as u32, &reply);
+        conn.stream
+            .write_all(&raw_frame(0, 0, 1, &forged))
+            .await
+            .unwrap();
+        // Frame by frame to the end (by hand: A's pieces stop mid-message); the last one's body.
+        let mut last = Vec::new();
+        let read_all = async {
+            loop {
+                let mut head = [0u8; 8];
+                if conn.stream.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let n = u32::from_be_bytes(head[..4].try_into().unwrap()) as usize;
+                last = vec![0u8; n];
+                if conn.stream.read_exact(&mut last).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read_all)
+            .await
+            .expect("the client did not close");
+        last
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    let a = client.request(Request::new("A", vec![1u8; 3 << 20]));
+    let b = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.request(Request::new("B", vec![2u8; 3 << 20])).await
+        })
+    };
+    let b = tokio::time::timeout(Duration::from_secs(5), b)
+        .await
+        .expect("call B hung")
+        .unwrap();
+    let err = b.expect_err("B got an answer to a request the server never saw");
+    assert!(!err.is_remote(), "{err:?}");
+    let a = tokio::time::timeout(Duration::from_secs(5), a)
+        .await
+        .expect("call A hung");
+    assert!(a.is_err(), "{a:?}");
+    let last = script.await.unwrap();
+    assert_eq!(
+        last.get(..3),
+        Some(&[0x08, 0, 11][..]),
+        "not a GOAWAY 11 last"
+    );
+}

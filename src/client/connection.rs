@@ -458,7 +458,7 @@ where
                 replied |= matches!(msg, Message::Response { .. } | Message::Error { .. });
                 let res = match msg {
                     Message::Response { id, body } => {
-                        inner.complete(id, Ok(Response::new(body)), &mut out)
+                        inner.answer(id, Ok(Response::new(body)), &mut out)
                     }
                     Message::Error {
                         id,
@@ -467,7 +467,7 @@ where
                         details,
                     } => {
                         let status = protocol::error_status(code, &message, details);
-                        inner.complete(id, Err(Error::remote(status)), &mut out)
+                        inner.answer(id, Err(Error::remote(status)), &mut out)
                     }
                     Message::Ping { data } => {
                         wake |= inner.push_control(&Message::Pong { data });

@@ -830,6 +830,25 @@ impl Inner {
         matches!(self.pending.get(e.id), Some(Slot::Waiting(.., seq)) if *seq == e.seq)
     }
 
+    /// Delivers a reply from the server to its call, as [`complete`](Self::complete) does,
+    /// unless not one byte of the call's request has left (nothing taken since it was queued,
+    /// or a large one still waiting whole): no server can be answering it (PROTOCOL.md §6,
+    /// §12), and the reply is a protocol error. The call stays, for the connection's end to
+    /// fail.
+    pub(crate) fn answer(
+        &mut self,
+        id: u32,
+        reply: Reply,
+        out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
+    ) -> std::result::Result<(), &'static str> {
+        if let Some(Slot::Waiting(_, queued_at, ..)) = self.pending.get(id) {
+            if *queued_at == self.takes || self.outbox.unsent(id) {
+                return Err("reply to a request that was not sent");
+            }
+        }
+        self.complete(id, reply, out)
+    }
+
     /// Delivers replies; `Err` names a protocol violation (a reply to an id not awaiting one).
     pub(crate) fn complete(
         &mut self,

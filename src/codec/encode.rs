@@ -596,6 +596,12 @@ impl Outbox {
         put_header(&mut self.buf[start..], len, self.count);
     }
 
+    /// Whether the message with `id` waits in the lane of large messages with none of it
+    /// taken yet: a request not one byte of which has left, which no reply can answer.
+    pub(crate) fn unsent(&self, id: u32) -> bool {
+        self.big.iter().any(|big| big.sent == 0 && big.id() == id)
+    }
+
     /// Bytes waiting to be written.
     pub(crate) fn len(&self) -> usize {
         self.buf.len() + self.big_len + self.ack_len()
