@@ -597,9 +597,14 @@ impl Outbox {
     }
 
     /// Whether the message with `id` waits in the lane of large messages with none of it
-    /// taken yet: a request not one byte of which has left, which no reply can answer.
+    /// taken yet: a request not one byte of which has left, which no reply can answer. Looks
+    /// through at most [`WITHDRAW_SCAN`] of them, as [`withdraw`](Self::withdraw) does: it is
+    /// asked at every reply.
     pub(crate) fn unsent(&self, id: u32) -> bool {
-        self.big.iter().any(|big| big.sent == 0 && big.id() == id)
+        self.big
+            .iter()
+            .take(WITHDRAW_SCAN)
+            .any(|big| big.sent == 0 && big.id() == id)
     }
 
     /// Bytes waiting to be written.
