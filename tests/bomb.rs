@@ -661,6 +661,24 @@ fn zstd_frame_with_an_ordinary_window_is_decoded() {
 }
 
 #[test]
+fn zstd_frame_with_the_largest_window_a_receiver_must_take_is_decoded() {
+    // §3.3: a receiver MUST decode windows up to 8 MiB (window log 23); the cap refuses only
+    // what is above it.
+    let _serial = serial();
+    let log = towerpc::codec::ZSTD_WINDOW_LOG_MAX;
+    assert_eq!(log, 23, "the cap is the protocol's 8 MiB");
+    let r = window_case("zstd window log 23", WindowDecl::Log(log));
+    assert_eq!(
+        r.probes, 1,
+        "the frame with an 8 MiB window was not decoded"
+    );
+    assert!(
+        r.outcome.closed_in.is_none(),
+        "the server closed a connection with a valid 8 MiB window"
+    );
+}
+
+#[test]
 fn zstd_frame_declaring_a_2_gib_window_is_refused() {
     let _serial = serial();
     let name = "zstd window log 31";
