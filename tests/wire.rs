@@ -1594,3 +1594,60 @@ async fn a_request_whose_last_piece_comes_after_the_drain_began_is_refused() {
     );
     assert_eq!(rest.len(), 2, "{rest:?}");
 }
+
+const RESOURCE_EXHAUSTED: u16 = 7;
+
+#[tokio::test]
+async fn a_hundred_pings_in_a_second_are_answered_and_one_more_closes() {
+    // §11: at most 100 PINGs a second from a client; more closes with GOAWAY
+    // RESOURCE_EXHAUSTED. One frame's messages arrive at one instant, inside one second.
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let pings: Vec<Vec<u8>> = (0..100).map(ping).collect();
+    p.send(&frame(&pings)).await;
+    for data in 0..100 {
+        assert_eq!(p.expect_msg().await, Msg::Pong(data));
+    }
+    p.send(&frame(&[request(1, 0, "echo", &[1])])).await;
+    assert_eq!(
+        p.expect_msg().await,
+        Msg::Response {
+            id: 1,
+            body: vec![1]
+        }
+    );
+
+    let mut p = Peer::connect(srv.addr).await;
+    let pings: Vec<Vec<u8>> = (0..101).map(ping).collect();
+    p.send(&frame(&pings)).await;
+    // Up to 100 PONGs may come first (more than `expect_goaway_then_close` reads past).
+    let mut pongs = 0;
+    loop {
+        match p.expect_msg().await {
+            Msg::Pong(_) => pongs += 1,
+            Msg::GoAway { code, .. } => {
+                assert_eq!(code, RESOURCE_EXHAUSTED);
+                break;
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+        assert!(pongs <= 100, "the 101st PING was answered");
+    }
+    p.expect_closed().await;
+}
+
+#[tokio::test]
+async fn a_thousand_cancels_for_ids_not_in_flight_are_ignored_and_one_more_closes() {
+    // §11: useless CANCELs, at most 1,000 a second (plus the calls answered in it).
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let cancels: Vec<Vec<u8>> = (1..=1000).map(cancel).collect();
+    p.send(&frame(&cancels)).await;
+    p.assert_alive(1).await;
+
+    let mut p = Peer::connect(srv.addr).await;
+    let cancels: Vec<Vec<u8>> = (1..=1001).map(cancel).collect();
+    p.send(&frame(&cancels)).await;
+    let before = p.expect_goaway_then_close(RESOURCE_EXHAUSTED).await;
+    assert!(before.is_empty(), "{before:?}");
+}
