@@ -1651,3 +1651,66 @@ async fn a_thousand_cancels_for_ids_not_in_flight_are_ignored_and_one_more_close
     let before = p.expect_goaway_then_close(RESOURCE_EXHAUSTED).await;
     assert!(before.is_empty(), "{before:?}");
 }
+
+#[tokio::test]
+async fn a_oneway_read_after_goaway_draining_never_runs() {
+    // §10.1: ONEWAYs read after the server's GOAWAY DRAINING are not run.
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let ran = std::sync::Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counted = ran.clone();
+    let svc = tower::service_fn(move |req: Request| {
+        let counted = counted.clone();
+        async move {
+            match req.method() {
+                "count" => {
+                    counted.fetch_add(1, SeqCst);
+                }
+                _ => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+            Ok::<_, BoxError>(Response::new(req.into_body()))
+        }
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(Server::builder().serve_with_incoming_shutdown(
+        towerpc::server::TcpIncoming::from(listener),
+        svc,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut p = Peer::connect(addr).await;
+    // The control: a ONEWAY before the drain runs.
+    p.send(&frame(&[
+        oneway("count", &[1]),
+        request(1, 0, "hold", &[1]),
+    ]))
+    .await;
+    p.assert_alive(1).await;
+    let deadline = Instant::now() + VERDICT;
+    while ran.load(SeqCst) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        ran.load(SeqCst),
+        1,
+        "the ONEWAY before the drain did not run"
+    );
+    stop.send(()).unwrap();
+    match p.expect_msg().await {
+        Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
+        m => panic!("expected GOAWAY 0, got {m:?}"),
+    }
+    p.send(&frame(&[oneway("count", &[2]), ping(2)])).await;
+    assert_eq!(p.expect_msg().await, Msg::Pong(2));
+    assert_eq!(
+        p.expect_msg().await,
+        Msg::Response {
+            id: 1,
+            body: vec![1]
+        }
+    );
+    p.expect_closed().await;
+    assert_eq!(ran.load(SeqCst), 1, "the ONEWAY after the GOAWAY ran");
+}
