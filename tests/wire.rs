@@ -1714,3 +1714,60 @@ async fn a_oneway_read_after_goaway_draining_never_runs() {
     p.expect_closed().await;
     assert_eq!(ran.load(SeqCst), 1, "the ONEWAY after the GOAWAY ran");
 }
+
+#[tokio::test]
+async fn a_protocol_error_stops_the_handlers_still_running() {
+    // §6: a server that closes a connection itself stops the handlers still running and,
+    // best effort, answers their requests ERROR CANCELLED before its GOAWAY.
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    struct Dropped(std::sync::Arc<AtomicUsize>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+    let dropped = std::sync::Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counted = dropped.clone();
+    let svc = tower::service_fn(move |_req: Request| {
+        let guard = Dropped(counted.clone());
+        async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            Ok::<_, BoxError>(Response::default())
+        }
+    });
+    tokio::spawn(
+        Server::builder().serve_with_incoming(towerpc::server::TcpIncoming::from(listener), svc),
+    );
+    let mut p = Peer::connect(addr).await;
+    p.send(&frame(&[
+        request(1, 0, "hold", &[1]),
+        request(2, 0, "hold", &[2]),
+    ]))
+    .await;
+    p.assert_alive(1).await;
+    let mut bad = frame(&[ping(2)]);
+    bad[4] = 1;
+    p.send(&bad).await;
+    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+    for m in &before {
+        assert!(
+            matches!(
+                m,
+                Msg::Error {
+                    id: 1 | 2,
+                    code: 1,
+                    ..
+                }
+            ),
+            "not ERROR CANCELLED: {m:?}"
+        );
+    }
+    let deadline = Instant::now() + VERDICT;
+    while dropped.load(SeqCst) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(dropped.load(SeqCst), 2, "handlers still running");
+}
