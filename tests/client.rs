@@ -2214,3 +2214,44 @@ async fn a_reply_to_a_request_not_yet_sent_is_a_protocol_error_not_its_answer() 
         "not a GOAWAY 11 last"
     );
 }
+
+#[tokio::test]
+async fn calls_pending_at_a_server_goaway_are_not_retry_safe_whatever_its_code() {
+    // §6: when the connection closes with calls pending, the client cannot tell whether they
+    // ran; a GOAWAY (§5.6) says why the server goes, not what became of each call. Only an
+    // ERROR REFUSED for the call itself says it never ran (§10).
+    use tokio::io::AsyncWriteExt;
+    for code in [2u16, 6, 7, 11, 14, 999] {
+        let (addr, script) = support::raw_server(move |mut conn| async move {
+            let msgs = conn
+                .read_frame_within(Duration::from_secs(5))
+                .await
+                .expect("a request");
+            assert!(
+                matches!(msgs.first(), Some(Message::Request { .. })),
+                "{msgs:?}"
+            );
+            let mut m = vec![0x08];
+            m.extend_from_slice(&code.to_be_bytes());
+            m.extend_from_slice(&3u16.to_be_bytes());
+            m.extend_from_slice(b"bye");
+            conn.stream
+                .write_all(&raw_frame(0, 0, 1, &m))
+                .await
+                .unwrap();
+            conn.stream.shutdown().await.unwrap();
+            conn.read_to_end_within(Duration::from_secs(5)).await
+        })
+        .await;
+        let client = Client::builder().connect(addr).await.unwrap();
+        let res = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.invoke::<_, u64>("Echo", &1u64),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("GOAWAY {code}: the call hung"));
+        let err = res.expect_err("a reply from nowhere");
+        assert!(!err.is_retry_safe(), "GOAWAY {code}: {err:?}");
+        script.await.unwrap();
+    }
+}
