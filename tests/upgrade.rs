@@ -311,3 +311,51 @@ async fn the_upgrade_runs_over_tls_through_the_tls_connector() {
     assert_eq!(rpc.handle().stats().accepts, 1);
     rpc.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upgrade_named_in_lists_and_any_case_is_answered_101_and_speaks_towerpc() {
+    // §15: `Upgrade` and `Connection` are comma-separated lists compared without regard to
+    // case, and `towerpc/1` names the protocol; the 101 carries `Connection: Upgrade` and
+    // `Upgrade: towerpc`, and the bytes after it are a towerpc connection (§3).
+    let app = app().await;
+    let mut s = TcpStream::connect(app.addr).await.unwrap();
+    let req = format!(
+        "GET {DEFAULT_PATH} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, UPGRADE\r\n\
+         Upgrade: h2c, TowerPC/1\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte: nothing past the head is read here.
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("no response head")
+            .unwrap();
+        assert_eq!(n, 1, "closed before a response head: {got:?}");
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(head.contains("upgrade: towerpc"), "{head}");
+    // A towerpc connection now: prefaces, then a PING answered.
+    let mut preface = *b"TRPC\x01C\x00\x00\x01\x00\x00\x00";
+    s.write_all(&preface).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut preface))
+        .await
+        .expect("no server preface")
+        .unwrap();
+    assert_eq!(&preface[..6], b"TRPC\x01S");
+    let ping = [0, 0, 0, 9, 0, 0, 0, 1, 0x06, 1, 2, 3, 4, 5, 6, 7, 8];
+    s.write_all(&ping).await.unwrap();
+    let mut pong = [0u8; 17];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut pong))
+        .await
+        .expect("no PONG")
+        .unwrap();
+    assert_eq!(pong[8], 0x07);
+    assert_eq!(&pong[9..], &ping[9..]);
+    drop(s);
+    app.stop().await;
+}
