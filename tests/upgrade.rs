@@ -359,3 +359,22 @@ async fn an_upgrade_named_in_lists_and_any_case_is_answered_101_and_speaks_tower
     drop(s);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_http2_request_at_the_path_is_answered_426_even_with_upgrade_headers() {
+    // §15: HTTP/2 has no `Upgrade`; a request over it is answered 426 naming towerpc.
+    use tower::ServiceExt;
+    let rpc = Server::builder().into_upgrade(service());
+    let req = http::Request::builder()
+        .version(http::Version::HTTP_2)
+        .method("GET")
+        .uri(DEFAULT_PATH)
+        .header("connection", "Upgrade")
+        .header("upgrade", "towerpc")
+        .body(())
+        .unwrap();
+    let resp = rpc.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), http::StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(resp.headers()["upgrade"], "towerpc");
+    rpc.shutdown().await;
+}
