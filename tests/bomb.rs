@@ -95,6 +95,9 @@ type Source = Box<dyn FnMut() -> Option<Vec<u8>> + Send>;
 enum Enc {
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
     Deflate(flate2::write::DeflateEncoder<Vec<u8>>),
+    /// The library's own lz4 encoder (async; into a `Vec`, it never waits: see [`at_once`]).
+    #[cfg(feature = "compression-lz4")]
+    Lz4(async_compression::tokio::write::Lz4Encoder<Vec<u8>>),
 }
 
 impl Enc {
@@ -107,6 +110,11 @@ impl Enc {
                 Vec::new(),
                 flate2::Compression::best(),
             )),
+            #[cfg(feature = "compression-lz4")]
+            Compression::Lz4 => {
+                Enc::Lz4(async_compression::tokio::write::Lz4Encoder::new(Vec::new()))
+            }
+            #[allow(unreachable_patterns)]
             _ => unreachable!("no other algorithm"),
         }
     }
@@ -115,6 +123,8 @@ impl Enc {
         match self {
             Enc::Zstd(e) => e.write_all(b).unwrap(),
             Enc::Deflate(e) => e.write_all(b).unwrap(),
+            #[cfg(feature = "compression-lz4")]
+            Enc::Lz4(e) => at_once(tokio::io::AsyncWriteExt::write_all(e, b)).unwrap(),
         }
     }
 
@@ -122,6 +132,8 @@ impl Enc {
         match self {
             Enc::Zstd(e) => e.do_finish().unwrap(),
             Enc::Deflate(e) => e.try_finish().unwrap(),
+            #[cfg(feature = "compression-lz4")]
+            Enc::Lz4(e) => at_once(tokio::io::AsyncWriteExt::shutdown(e)).unwrap(),
         }
     }
 
@@ -129,6 +141,8 @@ impl Enc {
         match self {
             Enc::Zstd(e) => std::mem::take(e.get_mut()),
             Enc::Deflate(e) => std::mem::take(e.get_mut()),
+            #[cfg(feature = "compression-lz4")]
+            Enc::Lz4(e) => std::mem::take(e.get_mut()),
         }
     }
 }
@@ -176,6 +190,18 @@ fn bomb(algo: Compression, prefix: &[u8]) -> Source {
         }
     }
     Box::new(move || primed.pop_front().or_else(|| step().map(|(out, _)| out)))
+}
+
+/// Runs `fut`, which never waits (async compression over in-memory buffers), to its end in one
+/// poll: the bombs are made inside a runtime, where blocking on another is refused.
+#[cfg(feature = "compression-lz4")]
+fn at_once<F: std::future::Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("in-memory compression waited"),
+    }
 }
 
 /// A frame header (length, flags 0, reserved 0, count 1).
@@ -344,6 +370,12 @@ fn server_messages(algo: Compression, received: &[u8]) -> Vec<Message> {
             if let Ok(mut d) = zstd::stream::read::Decoder::new(received) {
                 read_all(&mut d);
             }
+        }
+        #[cfg(feature = "compression-lz4")]
+        Compression::Lz4 => {
+            // Up to where the stream ends or breaks off: what was read is kept.
+            let mut d = async_compression::tokio::bufread::Lz4Decoder::new(received);
+            let _ = at_once(tokio::io::AsyncReadExt::read_to_end(&mut d, &mut plain));
         }
         _ => read_all(&mut flate2::read::DeflateDecoder::new(received)),
     }
@@ -752,6 +784,37 @@ fn corrupt_stream_case(algo: Compression, garbage: Vec<u8>) {
 fn zstd_stream_that_does_not_decode_is_a_protocol_error() {
     // Not a zstd frame's magic, nor a skippable frame's.
     corrupt_stream_case(Compression::Zstd, vec![0x5A; 64]);
+}
+
+#[cfg(feature = "compression-lz4")]
+#[test]
+fn lz4_stream_that_does_not_decode_is_a_protocol_error() {
+    // Not an LZ4 frame's magic (04 22 4D 18), nor a skippable frame's.
+    corrupt_stream_case(Compression::Lz4, vec![0x5A; 64]);
+}
+
+#[cfg(feature = "compression-lz4")]
+#[test]
+fn lz4_bomb_of_zeros_is_cut_off() {
+    zeros_bomb(Compression::Lz4);
+}
+
+#[cfg(feature = "compression-lz4")]
+#[test]
+fn lz4_bomb_behind_a_max_size_frame_header_is_cut_off() {
+    max_frame_bomb(Compression::Lz4);
+}
+
+#[cfg(feature = "compression-lz4")]
+#[test]
+fn lz4_bomb_announcing_a_frame_above_the_limit_is_refused_from_the_header() {
+    oversized_header_bomb(Compression::Lz4);
+}
+
+#[cfg(feature = "compression-lz4")]
+#[test]
+fn lz4_bomb_of_valid_requests_is_bounded() {
+    request_bomb_case(Compression::Lz4);
 }
 
 #[test]
