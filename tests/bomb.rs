@@ -1022,8 +1022,18 @@ fn client_bombed(
 
 #[test]
 fn zstd_and_deflate_bombs_from_a_server_are_cut_off_by_the_client() {
+    client_bombs_are_cut_off(&[Compression::Zstd, Compression::Deflate]);
+}
+
+#[cfg(feature = "compression-lz4")]
+#[test]
+fn lz4_bombs_from_a_server_are_cut_off_by_the_client() {
+    client_bombs_are_cut_off(&[Compression::Lz4]);
+}
+
+fn client_bombs_are_cut_off(algos: &[Compression]) {
     let _serial = serial();
-    for algo in [Compression::Zstd, Compression::Deflate] {
+    for &algo in algos {
         for (what, prefix) in [
             ("zeros", Vec::new()),
             (
