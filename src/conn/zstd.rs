@@ -886,4 +886,18 @@ mod tests {
         let (stream, _) = stream_of(&batches).await;
         assert_eq!(decode(&stream), batches.concat());
     }
+
+    #[tokio::test]
+    async fn the_writer_keeps_to_the_window_every_receiver_takes() {
+        // PROTOCOL.md §3.3: senders MUST NOT use a window above 8 MiB. A reference decoder
+        // capped at that reads 24 MiB of batches that repeat from far back.
+        let block = noise(9, 1 << 20);
+        let batches: Vec<Vec<u8>> = (0..24).map(|i| block[..(1 << 20) - i].to_vec()).collect();
+        let (stream, _) = stream_of(&batches).await;
+        let mut d = zstd::stream::read::Decoder::new(&stream[..]).unwrap();
+        d.window_log_max(ZSTD_WINDOW_LOG_MAX).unwrap();
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut d, &mut out).unwrap();
+        assert!(out == batches.concat(), "the stream did not round-trip");
+    }
 }
