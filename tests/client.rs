@@ -2255,3 +2255,58 @@ async fn calls_pending_at_a_server_goaway_are_not_retry_safe_whatever_its_code()
         script.await.unwrap();
     }
 }
+
+#[cfg(all(
+    feature = "compression-zstd",
+    feature = "compression-deflate",
+    feature = "compression-lz4"
+))]
+#[tokio::test]
+async fn the_client_offers_no_reserved_bit_and_sends_nothing_before_the_server_preface() {
+    // §3.3: a v1 client offers no reserved compression bit. §3.1: it sends no frame before it
+    // has read the server's preface, even with calls waiting to go.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use towerpc::codec::{Compression, PREFACE_LEN};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = Client::builder()
+        .compression(Compression::Zstd)
+        .compression(Compression::Deflate)
+        .compression(Compression::Lz4)
+        .connect_lazy(addr);
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.invoke::<_, u64>("Echo", &1u64).await })
+    };
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let mut preface = [0u8; PREFACE_LEN];
+    stream.read_exact(&mut preface).await.unwrap();
+    assert_eq!(preface[6], 0x07, "the offer: {:#04x}", preface[6]);
+    eventually("the call queued", Duration::from_secs(5), || {
+        client.pending() == 1
+    })
+    .await;
+    let mut early = [0u8; 1];
+    let quiet = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut early)).await;
+    assert!(
+        quiet.is_err(),
+        "the client sent {quiet:?} before the server's preface"
+    );
+    // With the preface (no compression chosen), the request comes.
+    stream
+        .write_all(&support::server_preface(16 << 20))
+        .await
+        .unwrap();
+    let mut conn = support::RawConn::new(stream);
+    let msgs = conn
+        .read_frame_within(Duration::from_secs(5))
+        .await
+        .expect("the request");
+    assert!(
+        matches!(msgs.first(), Some(Message::Request { .. })),
+        "{msgs:?}"
+    );
+    drop(conn);
+    let _ = call.await;
+}
