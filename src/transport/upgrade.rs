@@ -381,6 +381,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_connection_is_handed_over_only_once_the_whole_101_head_is_in() {
+        // PROTOCOL.md §15: no towerpc byte before the whole 101 response head.
+        let (client, mut server) = tokio::io::duplex(4096);
+        let uri: Uri = "http://localhost/".parse().unwrap();
+        let mut up = tokio::spawn(async move { upgrade(client, &uri).await.map(|_| ()) });
+        let mut buf = vec![0u8; 1024];
+        let _ = server.read(&mut buf).await.unwrap();
+        server
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: towerpc\r\n")
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), &mut up).await;
+        assert!(
+            early.is_err(),
+            "handed over before the head ended: {early:?}"
+        );
+        server
+            .write_all(b"Connection: Upgrade\r\n\r\n")
+            .await
+            .unwrap();
+        up.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn switching_to_another_protocol_is_refused() {
         let (client, mut server) = tokio::io::duplex(4096);
         tokio::spawn(async move {
