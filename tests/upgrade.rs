@@ -378,3 +378,23 @@ async fn an_http2_request_at_the_path_is_answered_426_even_with_upgrade_headers(
     assert_eq!(resp.headers()["upgrade"], "towerpc");
     rpc.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_refused_upgrade_fails_calls_as_never_sent() {
+    // §15: any status but 101 is a failed connection attempt, as a refused TCP connection:
+    // nothing was sent, so the calls may be retried elsewhere.
+    let app = app().await;
+    let client = Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy_with(url(app.addr, "/nope"), UpgradeConnector::new());
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.invoke::<_, u64>("echo", &1u64),
+    )
+    .await
+    .expect("the call hung")
+    .unwrap_err();
+    assert!(err.is_retry_safe(), "{err:#}");
+    assert_eq!(app.rpc.handle().stats().accepts, 0);
+    app.stop().await;
+}
