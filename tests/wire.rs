@@ -1771,3 +1771,55 @@ async fn a_protocol_error_stops_the_handlers_still_running() {
     }
     assert_eq!(dropped.load(SeqCst), 2, "handlers still running");
 }
+
+#[tokio::test]
+async fn a_server_waiting_for_a_handler_slot_pings_every_250_ms() {
+    // §9: a server whose reader waits for its handlers reads no PINGs, and MUST show it is
+    // alive with a PING of its own at least every 250 ms while it waits.
+    let srv = start(Server::builder().max_concurrency_per_connection(1)).await;
+    let mut p = Peer::connect(srv.addr).await;
+    p.send(&frame(&[request(1, 0, "sleep", &[1])])).await;
+    p.assert_alive(1).await;
+    p.send(&frame(&[request(2, 0, "echo", &[2]), ping(3)]))
+        .await;
+    let mut last = Instant::now();
+    for n in 0..6 {
+        match p.expect_msg().await {
+            Msg::Ping(data) => {
+                let gap = last.elapsed();
+                // 250 ms, with room for a loaded machine's timers.
+                assert!(gap < Duration::from_millis(450), "PING {n} after {gap:?}");
+                last = Instant::now();
+                p.send(&frame(&[{
+                    let mut m = vec![0x07];
+                    m.extend_from_slice(&data.to_be_bytes());
+                    m
+                }]))
+                .await;
+            }
+            m => panic!("expected the server's PING, got {m:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_request_at_the_field_limits_is_answered() {
+    // §5.1, §11: a 255-byte method and 16,384 bytes of metadata are within the limits; only
+    // one more is a protocol error (`metadata_above_16_kib_is_a_protocol_error`).
+    let srv = start_default().await;
+    let mut p = Peer::connect(srv.addr).await;
+    let method = "é".repeat(127) + "x";
+    assert_eq!(method.len(), 255);
+    let mut m = request(1, 0, &method, &[5]);
+    m[10..12].copy_from_slice(&16_384u16.to_be_bytes());
+    m.splice(16 + 255..16 + 255, std::iter::repeat_n(0x80, 16_384));
+    assert_eq!(m.len(), 16 + 255 + 16_384 + 1);
+    p.send(&frame(&[m])).await;
+    assert_eq!(
+        p.expect_msg().await,
+        Msg::Response {
+            id: 1,
+            body: vec![5]
+        }
+    );
+}
