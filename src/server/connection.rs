@@ -175,9 +175,7 @@ impl Conn {
     fn answer_at_once(&self, id: u32, msg: &Message) -> Option<Stop> {
         let mut inner = self.lock();
         if inner.in_flight.contains_key(&id) {
-            return Some(Stop::Protocol(CodecError::InvalidFrame(
-                "request id already in flight",
-            )));
+            return Some(Stop::Protocol(DUPLICATE));
         }
         let wake = self.push(&mut inner, msg);
         drop(inner);
@@ -802,24 +800,18 @@ where
         metadata: Bytes,
         body: Bytes,
     ) -> Option<Stop> {
-        // A duplicate id is judged as it is read (PROTOCOL.md §6), not only in `spawn`: the
-        // reader may wait below for bytes or a handler slot, and by the time the duplicate
-        // could run the first may have been answered. With no task running nothing is in
-        // flight (see `spawn`), which spares the lock.
-        if let Some(id) = id {
-            if !self.tasks.is_empty() && self.conn.lock().in_flight.contains_key(&id) {
-                return Some(Stop::Protocol(CodecError::InvalidFrame(
-                    "request id already in flight",
-                )));
-            }
-        }
         // Bound what running handlers hold: decompression makes big requests cheap to send.
         let size = method.len() + metadata.len() + body.len();
         let max = self.config.max_in_flight_bytes;
+        let mut judged = false;
         loop {
             let held = self.conn.in_flight_bytes.load(Ordering::Acquire);
             if held == 0 || held + size <= max {
                 break;
+            }
+            // About to wait: a duplicate is judged now, as it was read (see `DUPLICATE`).
+            if !std::mem::replace(&mut judged, true) && self.in_flight(id) {
+                return Some(Stop::Protocol(DUPLICATE));
             }
             self.conn.wake_writer_now();
             tokio::select! {
@@ -895,10 +887,19 @@ where
                 let poll = self.svc.poll_ready(cx);
                 if poll.is_pending() && !waited {
                     waited = true;
+                    // About to wait: a duplicate is judged now, as it was read (see
+                    // `DUPLICATE`). With no task running nothing is in flight.
+                    let tasks = !self.tasks.is_empty();
+                    if tasks && id.is_some_and(|id| self.conn.lock().in_flight.contains_key(&id)) {
+                        return std::task::Poll::Ready(None);
+                    }
                     self.conn.wake_writer_now();
                 }
-                poll
-            }) => Some(r),
+                poll.map(Some)
+            }) => match r {
+                Some(r) => Some(r),
+                None => return Some(Stop::Protocol(DUPLICATE)),
+            },
             _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => None,
             _ = ping_while_busy(self.conn) => unreachable!("pings for ever"),
         };
@@ -933,6 +934,12 @@ where
             Some(id) => self.conn.answer_at_once(id, &error_message(id, &status)),
             None => None,
         }
+    }
+
+    /// Whether request `id` is in flight (read and not yet answered). With no task running
+    /// nothing is (see [`Ctx::spawn`]), which spares the lock.
+    fn in_flight(&self, id: Option<u32>) -> bool {
+        id.is_some_and(|id| !self.tasks.is_empty() && self.conn.lock().in_flight.contains_key(&id))
     }
 
     /// Starts the reader's clock afresh: what it did before (waiting for a frame, or for the
@@ -990,11 +997,7 @@ where
         if let (Some(id), true) = (id, enter_first) {
             match self.conn.lock().in_flight.entry(id) {
                 // The handler's future is dropped unpolled: it never ran.
-                Entry::Occupied(_) => {
-                    return Some(Stop::Protocol(CodecError::InvalidFrame(
-                        "request id already in flight",
-                    )))
-                }
+                Entry::Occupied(_) => return Some(Stop::Protocol(DUPLICATE)),
                 Entry::Vacant(slot) => {
                     slot.insert(InFlight {
                         handle: None,
@@ -1062,6 +1065,12 @@ where
         None
     }
 }
+
+/// A REQUEST whose id is in flight (PROTOCOL.md §6). `spawn` refuses it when the reader goes
+/// straight on to its handler; when the reader must wait first (for a handler slot, or for the
+/// request bytes handlers hold to go down) it is judged before the wait, as it was read: by
+/// the time it could run, the first might have been answered and the duplicate would run.
+const DUPLICATE: CodecError = CodecError::InvalidFrame("request id already in flight");
 
 /// A reading of the reader's time on first polls (one handler's, or a run of up to
 /// [`CLOCK_EVERY`]) this long, twice close together, sends the next requests to tasks of
