@@ -2310,3 +2310,49 @@ async fn the_client_offers_no_reserved_bit_and_sends_nothing_before_the_server_p
     drop(conn);
     let _ = call.await;
 }
+
+#[tokio::test]
+async fn a_server_vanishing_mid_frame_or_mid_message_fails_the_call_and_nothing_hangs() {
+    // §12: EOF inside a frame is a truncated connection, and EOF with a message partly
+    // reassembled drops it (§4.1); the call fails as lost (it may have run), never with the
+    // partial bytes as its reply.
+    use tokio::io::AsyncWriteExt;
+    type Cut = fn(u32) -> Vec<u8>;
+    let cuts: [(&str, Cut); 2] = [
+        ("half a RESPONSE frame", |id| {
+            let body = support::msgpack(&7u64);
+            let f = raw_frame(0, 0, 1, &raw_response(id, body.len() as u32, &body));
+            f[..f.len() / 2].to_vec()
+        }),
+        ("the first FRAGMENT of a RESPONSE", |id| {
+            let m = raw_response(id, 100, &[0xC0; 50]);
+            raw_frame(0, 0, 1, &raw_fragment(1, &m))
+        }),
+    ];
+    for (what, cut) in cuts {
+        let (addr, script) = support::raw_server(move |mut conn| async move {
+            let msgs = conn
+                .read_frame_within(Duration::from_secs(5))
+                .await
+                .expect("a request");
+            let Some(Message::Request { id, .. }) = msgs.first().cloned() else {
+                panic!("{what}: expected a request, got {msgs:?}");
+            };
+            conn.stream.write_all(&cut(id)).await.unwrap();
+            // Gone: both directions closed.
+        })
+        .await;
+        let client = Client::builder().connect(addr).await.unwrap();
+        let res = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.invoke::<_, u64>("Echo", &1u64),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the call hung"));
+        let err = res.expect_err(what);
+        assert!(!err.is_remote(), "{what}: {err:?}");
+        assert!(!err.is_retry_safe(), "{what}: {err:?}");
+        script.await.unwrap();
+        assert_eq!(client.pending(), 0, "{what}");
+    }
+}
