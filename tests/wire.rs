@@ -409,6 +409,14 @@ impl Peer {
     }
 
     /// PING with `data` and check the next frame is exactly its PONG.
+    /// The next message is GOAWAY DRAINING (code 0): the server has begun to shut down.
+    async fn expect_draining(&mut self) {
+        match self.expect_msg().await {
+            Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
+            m => panic!("expected GOAWAY 0, got {m:?}"),
+        }
+    }
+
     /// Fragments, and nothing else, until the server has sent a whole window (1 MiB) of them
     /// unacknowledged; returns their data bytes.
     async fn read_a_window_of_fragments(&mut self) -> usize {
@@ -851,10 +859,7 @@ async fn shutdown_sends_goaway_draining_and_refuses_new_requests() {
     p.assert_alive(11).await;
 
     srv.stop.take().unwrap().send(()).unwrap();
-    match p.expect_msg().await {
-        Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
-        m => panic!("expected GOAWAY 0, got {m:?}"),
-    }
+    p.expect_draining().await;
 
     p.send(&frame(&[request(2, 0, "echo", &[2])])).await;
     let mut rest = Vec::new();
@@ -1455,10 +1460,7 @@ async fn a_duplicate_id_while_draining_is_a_protocol_error_not_refused() {
     p.send(&frame(&[request(1, 0, "slow", &[1])])).await;
     p.assert_alive(1).await;
     srv.stop.take().unwrap().send(()).unwrap();
-    match p.expect_msg().await {
-        Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
-        m => panic!("expected GOAWAY 0, got {m:?}"),
-    }
+    p.expect_draining().await;
     p.send(&frame(&[request(1, 0, "echo", &[2])])).await;
     let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
     assert!(before.len() <= 1, "{before:?}");
@@ -1567,10 +1569,7 @@ async fn a_request_whose_last_piece_comes_after_the_drain_began_is_refused() {
     .await;
     p.assert_alive(1).await;
     srv.stop.take().unwrap().send(()).unwrap();
-    match p.expect_msg().await {
-        Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
-        m => panic!("expected GOAWAY 0, got {m:?}"),
-    }
+    p.expect_draining().await;
     p.send(&frame(&[fragment(0, &whole[100..])])).await;
     let mut rest = Vec::new();
     while let Some(m) = p.next_msg().await {
@@ -1698,10 +1697,7 @@ async fn a_oneway_read_after_goaway_draining_never_runs() {
         "the ONEWAY before the drain did not run"
     );
     stop.send(()).unwrap();
-    match p.expect_msg().await {
-        Msg::GoAway { code, .. } => assert_eq!(code, 0, "GOAWAY DRAINING"),
-        m => panic!("expected GOAWAY 0, got {m:?}"),
-    }
+    p.expect_draining().await;
     p.send(&frame(&[oneway("count", &[2]), ping(2)])).await;
     assert_eq!(p.expect_msg().await, Msg::Pong(2));
     assert_eq!(
