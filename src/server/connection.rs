@@ -269,10 +269,12 @@ impl Conn {
 const SPIN_MAX_MESSAGES: usize = 64;
 
 /// How far past `max_queued_bytes` a connection's replies may queue while its client reads them:
-/// from the cap up to this many times it, the reader reads one frame for each batch the writer
-/// sends instead of pausing until the queue is back under the cap. Paused, ten callers
-/// downloading 4 MiB replies beside 1,000 small callers made the small calls wait for the
-/// large replies to drain (docs/benchmarks.md, session 21); throttled, they go on.
+/// from the cap up to this many times it, the reader reads a frame of requests for each batch
+/// the writer sends (frames of control messages cost nothing), and any frame while the writer
+/// waits for the client's ACKs, instead of pausing until the queue is back under the cap.
+/// Paused, ten callers downloading 4 MiB replies beside 1,000 small callers made the small
+/// calls wait for the large replies to drain (docs/benchmarks.md, session 21); throttled, they
+/// go on.
 const THROTTLE_UP_TO: usize = 4;
 
 /// Why a connection was closed by the server-wide budget.
