@@ -509,13 +509,7 @@ impl Outbox {
     /// calls given up at once do not each walk a long queue under the connection's lock; one
     /// further back is sent, and cancelled, as a small one is.
     pub(crate) fn withdraw(&mut self, id: u32) -> bool {
-        let found = self.big.iter().take(WITHDRAW_SCAN).position(|big| {
-            let call = matches!(
-                big.head.first(),
-                Some(&(kind::REQUEST | kind::RESPONSE | kind::ERROR))
-            );
-            big.sent == 0 && call && big.id() == id
-        });
+        let found = self.unsent_call(id);
         let Some(big) = found.and_then(|i| self.big.remove(i)) else {
             return false;
         };
@@ -601,10 +595,19 @@ impl Outbox {
     /// through at most [`WITHDRAW_SCAN`] of them, as [`withdraw`](Self::withdraw) does: it is
     /// asked at every reply.
     pub(crate) fn unsent(&self, id: u32) -> bool {
-        self.big
-            .iter()
-            .take(WITHDRAW_SCAN)
-            .any(|big| big.sent == 0 && big.id() == id)
+        self.unsent_call(id).is_some()
+    }
+
+    /// Where the REQUEST, RESPONSE or ERROR of call `id` waits among the first
+    /// [`WITHDRAW_SCAN`] large messages with none of it taken yet, if it does.
+    fn unsent_call(&self, id: u32) -> Option<usize> {
+        self.big.iter().take(WITHDRAW_SCAN).position(|big| {
+            let call = matches!(
+                big.head.first(),
+                Some(&(kind::REQUEST | kind::RESPONSE | kind::ERROR))
+            );
+            big.sent == 0 && call && big.id() == id
+        })
     }
 
     /// Bytes waiting to be written.
