@@ -5,6 +5,7 @@
 #                             # fragments (fe3ff0d), into bench/pinned-bin/ (needs git, cargo)
 #   bench/pinned.sh run       # the cells below: result lines to $OUT/pinned.txt (OUT=/tmp),
 #                             # tables to $OUT/pinned.md (pinned_table.py, where python3 is)
+#   bench/pinned.sh spin      # the reader spin on and off (see `spin` below): $OUT/spin.txt
 #
 # `run` needs only the binaries and taskset: the server is pinned to the first half of the
 # machine's cores and the client to the second (one core each on two cores), and each runtime
@@ -18,7 +19,8 @@
 #             over as many), then, where there are cores enough, the server on 2, 4 and 8
 #             cores with 10,000 callers over 8 connections.
 #   mixed:    1,000 small callers alone and beside 10 callers of 200 KiB and of 4 MiB, this
-#             build against fe3ff0d (before fragments), two rounds.
+#             build against fe3ff0d (before fragments), and beside 10 downloading 4 MiB replies
+#             (this build), three rounds; the small calls' quantiles (TAILS) with each.
 #   one:      one caller, towerpc against the floor, three rounds.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -65,11 +67,21 @@ run() {
   n=$(nproc)
   half=$((n / 2))
   local lo="0-$((half - 1))" hi="$half-$((n - 1))"
+  # With SMT, split by physical core, so the two sides never share one (its sibling threads
+  # may be numbered far apart).
+  if command -v lscpu >/dev/null; then
+    read -r lo hi < <(lscpu -p=CPU,CORE | awk -F, '!/^#/ { core[$1] = $2; if (!($2 in seen)) { seen[$2] = 1; cores[nc++] = $2 } }
+      END { for (i = 0; i < nc; i++) half_of[cores[i]] = (i < nc / 2) ? 0 : 1
+            for (c = 0; c in core; c++) list[half_of[core[c]]] = list[half_of[core[c]]] (list[half_of[core[c]]] == "" ? "" : ",") c
+            print list[0], list[1] }')
+  fi
   WARMUP=${WARMUP:-1} DUR=${DUR:-4}
+  export TAILS=1
   RESULTS=${OUT:-/tmp}/pinned.txt
   {
     echo "# machine: $n cores, $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
     echo "# date: $(date -u +%Y-%m-%dT%H:%MZ) warmup=$WARMUP dur=$DUR server=$lo client=$hi"
+    echo "# topology (CPU,CORE,SOCKET): $(lscpu -p=CPU,CORE,SOCKET 2>/dev/null | grep -v '^#' | tr '\n' ' ')"
   } > "$RESULTS"
   ROUND=1
   for conc in 1000 10000; do
@@ -82,15 +94,17 @@ run() {
   for s in 2 4 8; do
     [ "$s" -le "$half" ] || continue
     for sys in raw towerpc; do
-      cell server-cores "$BIN/head" "0-$((s - 1))" "$hi" "$sys" small 10000 --conns 8
+      cell server-cores "$BIN/head" "$(echo "$lo" | cut -d, -f1-"$s")" "$hi" "$sys" small 10000 --conns 8
     done
   done
-  for ROUND in 1 2; do
+  for ROUND in 1 2 3; do
     for build in head old; do
       cell "mixed-$build" "$BIN/$build" "$lo" "$hi" towerpc-raw small 1000 --big 0
       cell "mixed-$build" "$BIN/$build" "$lo" "$hi" towerpc-raw small 1000 --big 10 --big-size 204800
       cell "mixed-$build" "$BIN/$build" "$lo" "$hi" towerpc-raw small 1000 --big 10 --big-size 4194304
     done
+    # Downloads (fe3ff0d's client has no --big-dir): this build only.
+    cell mixed-head "$BIN/head" "$lo" "$hi" towerpc-raw small 1000 --big 10 --big-size 4194304 --big-dir down
   done
   for ROUND in 1 2 3; do
     for sys in raw towerpc; do
@@ -102,8 +116,75 @@ run() {
   fi
 }
 
+# threads PID: each of the process's threads' CPU ticks (utime + stime) over the next second,
+# the busiest first: how many threads a cell keeps busy.
+threads() {
+  local pid=$1 t a b
+  declare -A before
+  for t in /proc/"$pid"/task/*; do
+    before[$t]=$(awk '{ print $14 + $15 }' "$t/stat" 2>/dev/null)
+  done
+  sleep 1
+  for t in "${!before[@]}"; do
+    b=$(awk '{ print $14 + $15 }' "$t/stat" 2>/dev/null) || continue
+    a=${before[$t]}
+    echo $((b - a))
+  done | sort -rn | tr '\n' ' '
+}
+
+# spin: the reader spin on many cores. One caller, 10, 100 and 1,000 (one connection), the
+# floor against towerpc with its spin (client `reply_spin`, server `read_spin`) on (the
+# default), off on both sides (SPIN_US=0), and on with two worker threads a side
+# (TOKIO_WORKER_THREADS=2); three rounds (two for 10 and 1,000). For one caller, each process's busiest threads'
+# CPU ticks over a second of the window (THREADS lines). Then the mixed 4 MiB cell at equal
+# small work: fe3ff0d, this build, and this build capped (`--rate`) at fe3ff0d's small
+# calls/s, two rounds.
+spin() {
+  local n half
+  n=$(nproc)
+  half=$((n / 2))
+  local lo="0-$((half - 1))" hi="$half-$((n - 1))"
+  WARMUP=${WARMUP:-1} DUR=${DUR:-4}
+  RESULTS=${OUT:-/tmp}/spin.txt
+  {
+    echo "# machine: $n cores, $(uname -sr), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
+    echo "# date: $(date -u +%Y-%m-%dT%H:%MZ) warmup=$WARMUP dur=$DUR server=$lo client=$hi"
+  } > "$RESULTS"
+  local conc variant
+  for ROUND in 1 2 3; do
+    for conc in 1 10 100 1000; do
+      [ "$ROUND" = 3 ] && [ "$conc" != 1 ] && [ "$conc" != 100 ] && continue
+      cell spin-floor "$BIN/head" "$lo" "$hi" raw small "$conc"
+      for variant in default off two-workers; do
+        case $variant in
+          default) unset SPIN_US TOKIO_WORKER_THREADS ;;
+          off) export SPIN_US=0; unset TOKIO_WORKER_THREADS ;;
+          two-workers) unset SPIN_US; export TOKIO_WORKER_THREADS=2 ;;
+        esac
+        if [ "$conc" = 1 ] && [ "$ROUND" = 1 ]; then
+          (sleep $((${WARMUP%.*} + 1)); for p in $(pgrep -f "^$BIN/head/towerpc_(server|client)"); do
+            echo "THREADS variant=$variant pid=$p $(tr '\0' ' ' < /proc/"$p"/cmdline | cut -c1-40): $(threads "$p")" >> "$RESULTS" &
+          done; wait) &
+        fi
+        cell "spin-$variant" "$BIN/head" "$lo" "$hi" towerpc small "$conc"
+        wait
+      done
+      unset SPIN_US TOKIO_WORKER_THREADS
+    done
+  done
+  local old
+  for ROUND in 1 2; do
+    old=$(cell rate-old "$BIN/old" "$lo" "$hi" towerpc-raw small 1000 --big 10 --big-size 4194304 \
+      | grep RESULT | grep -o ' cps=[0-9]*' | cut -d= -f2)
+    cell rate-head "$BIN/head" "$lo" "$hi" towerpc-raw small 1000 --big 10 --big-size 4194304 >/dev/null
+    cell rate-head-at-old "$BIN/head" "$lo" "$hi" towerpc-raw small 1000 --big 10 --big-size 4194304 \
+      --rate "${old:-0}" >/dev/null
+  done
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   run) run ;;
-  *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+  spin) spin ;;
+  *) echo "usage: $0 prepare|run|spin" >&2; exit 2 ;;
 esac

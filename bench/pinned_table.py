@@ -14,11 +14,32 @@ def result_and_big(rows):
     """Pairs each RESULT line with the BIG line printed just before it (mixed cells)."""
     out, big = [], None
     for r in rows:
+        if "p9999_us" in r:  # a TAILS line: tails_of reads it
+            continue
         if "size" in r and "mb_per_s" in r:
             big = r
             continue
         out.append((r, big))
         big = None
+    return out
+
+
+def tails_of(rows):
+    """(round, big calls) -> (TAILS, RESULT, BIG) for cells run with TAILS=1, in run order."""
+    out, big, tail = {}, None, None
+    for r in rows:
+        if "p9999_us" in r:
+            tail = r
+        elif "size" in r and "mb_per_s" in r:
+            big = r
+        elif "cps" in r:
+            if tail:
+                size = int(big["size"]) if big else 0
+                label = "none" if size == 0 else (f"{size // 1024} KiB" if size < 1 << 20 else f"{size >> 20} MiB")
+                if big and big.get("dir", "echo") != "echo":
+                    label += f" {big['dir']}"
+                out[(r["round"], label)] = (tail, r, big)
+            big, tail = None, None
     return out
 
 
@@ -47,6 +68,8 @@ def main():
     mixed = {}
     for build in ("head", "old"):
         for r, big in result_and_big(rows_of(rows, f"mixed-{build}")):
+            if big and big.get("dir", "echo") != "echo":
+                continue  # downloads: this build only, in the table below
             size = int(big["size"]) if big else 0
             mixed.setdefault((r["round"], size), {})[build] = (r, big)
     if mixed:
@@ -65,7 +88,21 @@ def main():
                 f"| {fmt(num(ro, 'cps'))} → {fmt(num(rn, 'cps'))} | {fmt(bmo)} → {fmt(bmn)} | {ratio} |"
             )
 
-    one = rows_of(rows, "one")
+    tails = tails_of(rows_of(rows, "mixed-head"))
+    if tails:
+        out += ["", "### Mixed, this build: the small calls' latency beside the big ones ÷ alone, same round", ""]
+        out.append("| round | big calls | small calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | p99 ÷ alone | big MB/s |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        alone = {rnd: t for (rnd, label), (t, r, big) in tails.items() if label == "none"}
+        for (rnd, label), (t, r, big) in tails.items():
+            a = alone.get(rnd)
+            ratio = fmt(num(t, "p99_us") / num(a, "p99_us"), 2) if a and num(a, "p99_us") else "–"
+            out.append(
+                f"| {rnd} | {label} | {fmt(num(r, 'cps'))} | {fmt(num(t, 'p50_us'))} | {fmt(num(t, 'p90_us'))} "
+                f"| {fmt(num(t, 'p99_us'))} | {fmt(num(t, 'p999_us'))} | {ratio} | {fmt(num(big or {}, 'mb_per_s'))} |"
+            )
+
+    one = [r for r in rows_of(rows, "one") if "cps" in r]
     if one:
         out += ["", "### One caller", ""]
         out.append("| round | floor calls/s | towerpc calls/s | ratio | CPU per call ratio |")

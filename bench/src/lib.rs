@@ -97,6 +97,13 @@ impl Opts {
     }
 }
 
+/// `SPIN_US`, when set: the towerpc reader spin (client `reply_spin`, server `read_spin`) in
+/// µs, 0 for none, instead of the library's default.
+pub fn spin_us() -> Option<u64> {
+    let v = std::env::var("SPIN_US").ok().filter(|v| !v.is_empty())?;
+    Some(v.parse().expect("SPIN_US: microseconds"))
+}
+
 /// Log-linear histogram (32 sub-buckets per power of two, ~3% resolution), ns.
 pub struct Hist {
     b: Vec<AtomicU64>,

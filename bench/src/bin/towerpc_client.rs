@@ -8,6 +8,7 @@
 //! throughput print on a second line (`BIG ...`), and the RESULT line is the small calls' alone.
 //! `--big-dir up|down` sends the B bytes one way only (a one-byte reply; an 8-byte request for
 //! a B-byte reply) instead of echoing them; `TAILS=1` prints the small calls' quantiles.
+//! `SPIN_US=N` sets `Builder::reply_spin` to N µs (0: off) instead of the default.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,9 @@ async fn main() {
     let mut builder = Client::builder();
     if o.conns > 1 {
         builder = builder.connections(o.conns);
+    }
+    if let Some(us) = harness::spin_us() {
+        builder = builder.reply_spin(Duration::from_micros(us));
     }
     match o.compression.as_deref() {
         None | Some("none") => {}

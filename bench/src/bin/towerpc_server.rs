@@ -10,6 +10,7 @@
 //!                    as many bytes as its 8-byte body says.
 //! Every mode also answers "stats" with the server's socket write count (a u64), which the
 //! client reads at both ends of its window to count writes per call without strace.
+//! `SPIN_US=N` sets `Server::read_spin` to N µs (0: off) instead of the default.
 use serde_bytes::ByteBuf;
 use towerpc::codec::Compression;
 use towerpc::dispatch::Dispatcher;
@@ -23,9 +24,12 @@ async fn main() {
         .parse()
         .unwrap();
     let mode = std::env::args().nth(2).unwrap_or("small".into());
-    let server = Server::builder()
+    let mut server = Server::builder()
         .accept_compression(Compression::Zstd)
         .accept_compression(Compression::Lz4);
+    if let Some(us) = harness::spin_us() {
+        server = server.read_spin(std::time::Duration::from_micros(us));
+    }
     let handle = server.clone();
     let writes = move || handle.stats().write_calls;
     let r = match mode.as_str() {
