@@ -112,6 +112,11 @@ pub(crate) fn goaway_protocol(e: &CodecError) -> Message {
     }
 }
 
+/// PINGs a peer may send per second before the connection is closed with GOAWAY
+/// RESOURCE_EXHAUSTED "too many pings" (PROTOCOL.md §11): a server's budget for each client,
+/// and a client's for its server.
+pub(crate) const MAX_PINGS_PER_SEC: u32 = 100;
+
 /// The GOAWAY with `code` and `reason`: OK starts a graceful close (§10.1), any other code
 /// closes the connection.
 pub(crate) fn goaway(code: u16, reason: &'static str) -> Message {

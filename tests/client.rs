@@ -1983,6 +1983,84 @@ async fn a_ping_to_an_idle_client_is_answered_with_its_data() {
     drop(client);
 }
 
+/// A server that sends `pings` PINGs in one frame after the client's request, then reads what
+/// the client sends until it closes (or, when the client keeps the connection, until the
+/// client's PONGs have all come).
+async fn ping_flood(pings: u64) -> (Client, tokio::task::JoinHandle<Vec<Message>>) {
+    let (addr, script) = support::raw_server(move |mut conn| async move {
+        let msgs = conn
+            .read_frame_within(Duration::from_secs(5))
+            .await
+            .expect("a request");
+        assert!(
+            matches!(msgs.first(), Some(Message::Request { .. })),
+            "{msgs:?}"
+        );
+        conn.write_frame((0..pings).map(|data| Message::Ping { data }).collect())
+            .await;
+        let mut seen = Vec::new();
+        while seen.len() < pings as usize {
+            match conn.read_frame_within(Duration::from_secs(5)).await {
+                Some(msgs) => seen.extend(msgs),
+                None => break,
+            }
+            if matches!(seen.last(), Some(Message::GoAway { .. })) {
+                break;
+            }
+        }
+        seen
+    })
+    .await;
+    (Client::builder().connect(addr).await.unwrap(), script)
+}
+
+#[tokio::test]
+async fn a_server_pinging_past_its_budget_gets_goaway_resource_exhausted() {
+    // §11: a client budgets its server's PINGs as a server budgets a client's (each costs a
+    // PONG, queued even while the server reads nothing).
+    let (client, script) = ping_flood(101).await;
+    let call = client.invoke::<_, u64>("echo", &1u64);
+    let err = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call hung")
+        .unwrap_err();
+    assert!(err.is_protocol(), "{err:?}");
+    let seen = script.await.unwrap();
+    let pongs = seen
+        .iter()
+        .filter(|m| matches!(m, Message::Pong { .. }))
+        .count();
+    assert!(pongs <= 100, "{pongs} PONGs");
+    assert!(
+        matches!(seen.last(), Some(Message::GoAway { code: 7, reason }) if reason.as_ref() == b"too many pings"),
+        "no GOAWAY RESOURCE_EXHAUSTED: {:?}",
+        seen.last()
+    );
+    assert_eq!(client.stats().protocol_errors, 1);
+}
+
+#[tokio::test]
+async fn a_server_pinging_within_its_budget_gets_every_pong() {
+    let (client, script) = ping_flood(100).await;
+    let c = client.clone();
+    let call = tokio::spawn(async move { c.invoke::<_, u64>("echo", &1u64).await });
+    let seen = tokio::time::timeout(Duration::from_secs(10), script)
+        .await
+        .expect("the PONGs did not come")
+        .unwrap();
+    let pongs: Vec<u64> = seen
+        .iter()
+        .filter_map(|m| match m {
+            Message::Pong { data } => Some(*data),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pongs, (0..100).collect::<Vec<_>>(), "{seen:?}");
+    assert_eq!(client.stats().protocol_errors, 0);
+    assert!(!call.is_finished(), "the call, unanswered, waits on");
+    call.abort();
+}
+
 #[tokio::test]
 async fn error_codes_the_client_does_not_know_are_unknown() {
     // §10: a receiver treats a code it does not know as UNKNOWN (2); 0 is never sent in an

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::protocol::MAX_PINGS_PER_SEC;
+
 /// Control messages cost the server work but carry none, so they are budgeted, the way h2
 /// counts resets since CVE-2023-44487 ("rapid reset"): per one-second window a peer may send
 /// [`MAX_PINGS_PER_SEC`] pings, and useless cancels (for an id not in flight, or within
@@ -20,9 +22,6 @@ pub(super) struct Flood {
     /// `Conn::answered` when the window began.
     answered_at_start: u64,
 }
-
-/// Pings a client may send per second before the connection is closed.
-const MAX_PINGS_PER_SEC: u32 = 100;
 
 /// Cancels a client may send per second beyond the calls answered in that second; only
 /// cancels for ids not in flight, or sent within [`RAPID_CANCEL`] of their request, count.
