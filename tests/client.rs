@@ -1770,6 +1770,80 @@ async fn a_large_request_failed_as_the_oldest_before_any_of_it_left_is_never_sen
     a_large_request_given_up_before_any_of_it_left_is_never_sent(GiveUp::FailedAsOldest).await;
 }
 
+/// A connection lost while a large request waits whole behind another's fragments: the one
+/// partly sent may have reached a handler and fails as lost; the one none of which left fails
+/// as unavailable, safe to send again (a retry layer resends only that one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_none_of_which_left_is_safe_to_retry_when_the_connection_is_lost() {
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, script) = support::raw_server(move |mut conn| async move {
+        let mut seen = Seen::default();
+        // The first request's pieces up to the window, unacknowledged; then the server dies.
+        while seen.unacked < 1024 * 1024 {
+            assert!(
+                read_noting(&mut conn.stream, &mut seen).await,
+                "closed early"
+            );
+        }
+        // A small call queued after the second goes out ahead of it (whole messages are
+        // never paced): the client has written since the second was queued.
+        while !seen
+            .starts
+            .iter()
+            .any(|&(kind, id)| (kind, id) == (0x01, 3))
+        {
+            assert!(
+                read_noting(&mut conn.stream, &mut seen).await,
+                "closed early"
+            );
+        }
+        // Then the server dies.
+        go_rx.await.unwrap();
+        seen.starts
+    })
+    .await;
+    let client = Client::builder().connect(addr).await.unwrap();
+    let call = |method: &'static str, size: usize| {
+        let client = client.clone();
+        let req = Request::new(method, vec![1u8; size]);
+        tokio::spawn(async move { client.request(req).await })
+    };
+    let first = call("first", 3 << 20);
+    support::eventually("the first request is out", Duration::from_secs(5), || {
+        client.pending() == 1
+    })
+    .await;
+    let second = call("second", 200 << 10);
+    support::eventually("the second request waits", Duration::from_secs(5), || {
+        client.pending() == 2
+    })
+    .await;
+    let third = call("third", 8);
+    go_tx.send(()).unwrap();
+    let starts = support::within(Duration::from_secs(10), script)
+        .await
+        .unwrap();
+    assert_eq!(starts, vec![(0x01, 1), (0x01, 3)], "the second never began");
+    let third = support::within(Duration::from_secs(10), third)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(third.is_closed() && !third.is_retry_safe(), "{third:?}");
+    let first = support::within(Duration::from_secs(10), first)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(first.is_closed() && !first.is_retry_safe(), "{first:?}");
+    let second = support::within(Duration::from_secs(10), second)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        second.is_unavailable() && second.is_retry_safe(),
+        "{second:?}"
+    );
+}
+
 // ===== hostile servers: what §5, §6, §9, §10 and §12 ask of the client =====
 
 /// A frame around `body` with the given header fields, by hand.

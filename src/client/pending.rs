@@ -141,10 +141,10 @@ impl Calls {
         })
     }
 
-    /// Every call's slot, emptying the table.
-    fn into_slots(self) -> impl Iterator<Item = Slot> {
+    /// Every call's id and slot, emptying the table.
+    fn into_slots(self) -> impl Iterator<Item = (u32, Slot)> {
         self.slots.into_iter().filter_map(|e| match e {
-            Entry::Used(_, slot) => Some(slot),
+            Entry::Used(id, slot) => Some((id, slot)),
             Entry::Free => None,
         })
     }
@@ -587,8 +587,9 @@ impl Shared {
     }
 
     /// Fails every call of the current connection with `err()` and starts a new generation
-    /// in `phase`. A call whose request never left the process (no take since it was queued)
-    /// fails as unavailable instead, which says it is safe to send again.
+    /// in `phase`. A call whose request never left the process (no take since it was queued,
+    /// or a large one still waiting whole behind another's fragments) fails as unavailable
+    /// instead, which says it is safe to send again.
     pub(crate) fn reset(&self, phase: Phase, err: impl Fn() -> Error) {
         let mut inner = self.lock();
         let pending = std::mem::take(&mut inner.pending);
@@ -607,16 +608,22 @@ impl Shared {
         inner.busy_since = None;
         inner.gen = inner.gen.wrapping_add(1);
         inner.takes = 0;
-        inner.outbox = Outbox::provisional(self.config.max_frame_len);
+        let outbox = std::mem::replace(
+            &mut inner.outbox,
+            Outbox::provisional(self.config.max_frame_len),
+        );
         self.enter(&mut inner, phase);
         if inner.closing {
             self.closed.cancel();
         }
         drop(inner);
-        for slot in pending.into_slots() {
+        let unsent = outbox.unsent_calls();
+        drop(outbox);
+        for (id, slot) in pending.into_slots() {
             if let Slot::Waiting(tx, queued_at, ..) = slot {
                 let e = err();
-                let e = if was_up && queued_at == takes && !e.is_retry_safe() {
+                let never_left = queued_at == takes || unsent.binary_search(&id).is_ok();
+                let e = if was_up && never_left && !e.is_retry_safe() {
                     Error::new(Kind::Unavailable)
                         .target(self.config.target.as_ref())
                         .with(format!(

@@ -270,6 +270,16 @@ impl Big {
         self.head.len() + self.tail.len()
     }
 
+    /// Whether none of it has been taken yet and it is a call's: a REQUEST, RESPONSE or ERROR
+    /// (not a ONEWAY, whose id is 0).
+    fn unsent_call(&self) -> bool {
+        let call = matches!(
+            self.head.first(),
+            Some(&(kind::REQUEST | kind::RESPONSE | kind::ERROR))
+        );
+        self.sent == 0 && call
+    }
+
     /// The message's id (every kind with a payload has it right after its kind byte).
     fn id(&self) -> u32 {
         self.head
@@ -598,16 +608,26 @@ impl Outbox {
         self.unsent_call(id).is_some()
     }
 
+    /// The ids of the calls whose large REQUEST, RESPONSE or ERROR waits with none of it taken
+    /// yet, ascending (a connection's end: those never left, and are safe to send again).
+    pub(crate) fn unsent_calls(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .big
+            .iter()
+            .filter(|big| big.unsent_call())
+            .map(|big| big.id())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Where the REQUEST, RESPONSE or ERROR of call `id` waits among the first
     /// [`WITHDRAW_SCAN`] large messages with none of it taken yet, if it does.
     fn unsent_call(&self, id: u32) -> Option<usize> {
-        self.big.iter().take(WITHDRAW_SCAN).position(|big| {
-            let call = matches!(
-                big.head.first(),
-                Some(&(kind::REQUEST | kind::RESPONSE | kind::ERROR))
-            );
-            big.sent == 0 && call && big.id() == id
-        })
+        self.big
+            .iter()
+            .take(WITHDRAW_SCAN)
+            .position(|big| big.unsent_call() && big.id() == id)
     }
 
     /// Bytes waiting to be written.
