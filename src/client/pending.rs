@@ -775,10 +775,16 @@ impl Inner {
         if let Some(Slot::Abandoned) = slot {
             self.abandoned -= 1;
         }
+        self.left_the_table();
+        true
+    }
+
+    /// A call's slot left the table: with none left, nothing is in flight, and a stall is no
+    /// longer timed ([`Inner::busy_since`]).
+    fn left_the_table(&mut self) {
         if self.live == 0 && self.abandoned == 0 {
             self.busy_since = None;
         }
-        true
     }
 
     /// The caller of `id` is no longer waiting: its slot stays, abandoned, until the server's
@@ -872,9 +878,7 @@ impl Inner {
             Some(Slot::Abandoned) => self.abandoned -= 1,
             None => return Err("reply to a request id that is not awaiting one"),
         }
-        if self.live == 0 && self.abandoned == 0 {
-            self.busy_since = None;
-        }
+        self.left_the_table();
         Ok(())
     }
 
