@@ -576,25 +576,20 @@ where
                     if took || self.conn.waits_for_window() {
                         break;
                     }
-                    tokio::select! {
-                        _ = self.conn.notify_taken.notified() => took = true,
-                        _ = tokio::time::sleep(RECHECK) => {}
-                        _ = self.shutdown.cancelled(), if self.grace_deadline.is_none() => {
-                            self.start_drain("server shutting down")
-                        }
+                } else {
+                    if over_budget {
+                        // Buffers kept for messages to come in fragments are not counted, but
+                        // the server is short of memory: they go.
+                        reader.release_spares();
                     }
-                    continue;
+                    // Paused. The client's ACKs wait unread behind what we do not read:
+                    // fragments go out unpaced meanwhile, or a reply waiting for them would
+                    // wait for good.
+                    self.conn.pace(false);
                 }
-                if over_budget {
-                    // Buffers kept for messages to come in fragments are not counted, but the
-                    // server is short of memory: they go.
-                    reader.release_spares();
-                }
-                // Paused. The client's ACKs wait unread behind what we do not read: fragments
-                // go out unpaced meanwhile, or a reply waiting for them would wait for good.
-                self.conn.pace(false);
-                // While paused, look again now and then: the replies of running calls keep
-                // arriving, and the budget is shared with every other connection.
+                // Throttled or paused, look again at the next batch written, or now and then:
+                // the replies of running calls keep arriving, and the budget is shared with
+                // every other connection.
                 tokio::select! {
                     _ = self.conn.notify_taken.notified() => took = true,
                     _ = self.conn.budget.freed.notified(), if over_budget => {}
