@@ -84,6 +84,12 @@ pub(crate) trait Source {
     /// Bytes waiting to be taken.
     fn pending_len(&self) -> usize;
 
+    /// Whether the writer, with nothing to write, should let go of its spare batch buffer
+    /// before it sleeps (the connection has gone quiet); the source lets go of its own.
+    fn quiet(&self) -> bool {
+        false
+    }
+
     /// How many times the writer may yield, waiting for the batch to stop growing, before it
     /// writes: 0 when no caller or handler that could append is still running (one caller,
     /// whose request is already queued), since waiting would only add latency; at most
@@ -121,6 +127,9 @@ where
         };
         if buf.is_empty() {
             spare = buf;
+            if source.quiet() {
+                spare = Batch::new(gather);
+            }
             notify.notified().await;
             if let Some(delay) = opts.flush_delay {
                 // Trade latency for bigger batches: let more callers append before we take.
@@ -503,6 +512,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// any.
     pub(crate) fn release_spares(&self) -> bool {
         self.codec.release_spares()
+    }
+
+    /// Lets go of the read buffer, between frames and with nothing buffered, and of the
+    /// buffers kept for messages to come in fragments: a quiet connection holds none (the
+    /// next read takes a fresh buffer).
+    pub(crate) fn release_buffers(&mut self) {
+        if self.buf.is_empty() && !self.codec.in_frame() && !self.codec.in_message() {
+            self.buf = BytesMut::new();
+        }
+        self.codec.release_spares();
     }
 
     /// The next frame, checked whole; its messages come out with [`messages`](Self::messages).
@@ -1062,6 +1081,119 @@ mod tests {
         assert!(asked.len() >= 2, "{asked:?}");
         assert_eq!(asked[0], asked[1], "the reader waited before asking again");
         assert_eq!(reader.codec.spare_capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_reader_lets_go_of_its_buffer_only_between_frames() {
+        let mut outbox = Outbox::new(1 << 20, 0);
+        outbox.push(&Message::Ping { data: 1 }).unwrap();
+        let whole = outbox.take(Batch::new(false)).into_contiguous();
+        // One frame, then one frame and the first bytes of the next.
+        let mut partial = whole.to_vec();
+        partial.extend_from_slice(&whole[..5]);
+        for (wire, left) in [(&whole[..], 0), (&partial[..], 5)] {
+            let mut reader = FrameReader::new(wire, FrameCodec::new());
+            let mut frame = reader.next().await.unwrap().expect("a frame");
+            let mut msgs = Vec::new();
+            reader.messages(&mut frame, &mut msgs).unwrap();
+            assert_eq!(msgs, vec![Message::Ping { data: 1 }]);
+            assert!(reader.buf.capacity() > 0);
+            reader.release_buffers();
+            assert_eq!(reader.buf.len(), left);
+            if left == 0 {
+                assert_eq!(
+                    reader.buf.capacity(),
+                    0,
+                    "nothing buffered: the buffer goes"
+                );
+                assert!(
+                    reader.next().await.unwrap().is_none(),
+                    "a fresh one reads on"
+                );
+            } else {
+                assert!(reader.buf.capacity() >= left, "a frame's start stays");
+            }
+        }
+    }
+
+    /// A source with nothing to write that records the capacity of each spare the writer hands
+    /// it, and says once that the connection went quiet.
+    struct Idle {
+        quiet: AtomicBool,
+        spares: Mutex<Vec<usize>>,
+        outbox: Mutex<Outbox>,
+    }
+
+    impl Source for Idle {
+        fn take(&self, spare: Batch) -> Option<Batch> {
+            self.spares.lock().unwrap().push(spare.capacity());
+            Some(self.outbox.lock().unwrap().take(spare))
+        }
+
+        fn pending_len(&self) -> usize {
+            self.outbox.lock().unwrap().len()
+        }
+
+        fn quiet(&self) -> bool {
+            self.quiet.swap(false, Ordering::Relaxed)
+        }
+
+        fn batch_yields(&self) -> usize {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_writer_lets_go_of_its_spare_buffer() {
+        let source = Arc::new(Idle {
+            quiet: AtomicBool::new(false),
+            spares: Mutex::new(Vec::new()),
+            outbox: Mutex::new(Outbox::new(1 << 20, 0)),
+        });
+        let notify = Arc::new(Notify::new());
+        let writer = tokio::spawn({
+            let (source, notify) = (source.clone(), notify.clone());
+            async move {
+                let counters = Counters::default();
+                let opts = WriteOptions::default();
+                write_loop(tokio::io::sink(), &*source, &notify, opts, &counters).await
+            }
+        });
+        let wake = |quiet: bool| {
+            source.quiet.store(quiet, Ordering::Relaxed);
+            notify.notify_one();
+        };
+        let settle = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        // A batch of 10 KB: the writer's spare holds that much afterwards.
+        source
+            .outbox
+            .lock()
+            .unwrap()
+            .push(&Message::GoAway {
+                code: 0,
+                reason: bytes::Bytes::from(vec![b'x'; 10_000]),
+            })
+            .unwrap();
+        wake(false);
+        settle().await;
+        wake(false);
+        settle().await;
+        wake(true);
+        settle().await;
+        wake(false);
+        settle().await;
+        let spares = source.spares.lock().unwrap().clone();
+        let kept = spares.iter().filter(|&&c| c >= 10_000).count();
+        assert!(
+            kept >= 2,
+            "the spare kept its capacity while busy: {spares:?}"
+        );
+        assert_eq!(spares.last(), Some(&0), "let go once quiet: {spares:?}");
+        writer.abort();
     }
 
     #[tokio::test]

@@ -630,6 +630,14 @@ impl Outbox {
             .position(|big| big.unsent_call() && big.id() == id)
     }
 
+    /// Lets go of the buffer messages are encoded into, when nothing waits in it (a quiet
+    /// connection: the next push takes a fresh one).
+    pub(crate) fn release_buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Bytes waiting to be written.
     pub(crate) fn len(&self) -> usize {
         self.buf.len() + self.big_len + self.ack_len()

@@ -78,6 +78,9 @@ pub(super) struct Conn {
     max_frame_len: usize,
     /// Closed by the budget (see `condemn`); the reader stops.
     condemned: AtomicBool,
+    /// The connection went quiet (`keepalive::QUIET`): the writer lets go of its buffers
+    /// before it sleeps again.
+    quiet: AtomicBool,
     /// The reader is paused: fragments go out past the client's window (see `pace`).
     unpaced: AtomicBool,
     /// A handler finished and released its request bytes.
@@ -302,6 +305,14 @@ impl Source for ConnSource {
         self.0.lock().outbox.len()
     }
 
+    fn quiet(&self) -> bool {
+        if !self.0.quiet.load(Ordering::Relaxed) || !self.0.quiet.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        self.0.lock().outbox.release_buffer();
+        true
+    }
+
     fn batch_yields(&self) -> usize {
         // A handler still running will reply; with none left, every reply is already queued.
         if self.0.lock().in_flight.is_empty() {
@@ -366,6 +377,7 @@ pub(super) async fn serve<S, IO>(
         max_queued_bytes: config.max_queued_bytes,
         max_frame_len: peer.max_frame_len as usize,
         condemned: AtomicBool::new(false),
+        quiet: AtomicBool::new(false),
         unpaced: AtomicBool::new(false),
         notify_freed: Notify::new(),
         answered: AtomicU64::new(0),
@@ -509,8 +521,7 @@ struct Ctx<'a, S: Service<Request>> {
     drain_reason: &'static str,
     flood: Flood,
     keepalive: Keepalive,
-    /// The idle and keepalive timer, armed on the first read (boxed: most connections never
-    /// see it fire).
+    /// The idle, keepalive and quiet timer (`keepalive::QUIET`), armed on the first read.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Requests still to spawn before the reader tries running handlers itself again (after
     /// two took [`INLINE_SLOW`] on their first polls, see [`SLOW_AGAIN`]).
@@ -621,10 +632,15 @@ where
                     _ = drained(self.tasks, self.grace_deadline), if self.grace_deadline.is_some() => {
                         return Stop::Drained
                     }
-                    _ = timer.as_mut(), if self.keepalive.enabled() => {
+                    _ = timer.as_mut() => {
                         let now = tokio::time::Instant::now();
                         match self.keepalive.fire(now, !self.tasks.is_empty()) {
                             Due::Nothing => {}
+                            Due::Quiet => {
+                                reader.release_buffers();
+                                self.conn.quiet.store(true, Ordering::Relaxed);
+                                self.conn.notify_writer.notify_one();
+                            }
                             Due::Ping => self.conn.push_now(&Message::Ping { data: 0 }),
                             Due::Dead => return Stop::Dead,
                             Due::Idle if self.grace_deadline.is_none() => {
