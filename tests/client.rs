@@ -361,13 +361,7 @@ async fn silent_server_is_detected_as_stalled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_to_unknown_id_is_a_protocol_error() {
     let (addr, script) = support::raw_server(|mut conn| async move {
-        let msgs = conn
-            .read_frame_within(Duration::from_secs(5))
-            .await
-            .expect("a request");
-        let Some(Message::Request { id, .. }) = msgs.first().cloned() else {
-            panic!("expected a request, got {msgs:?}");
-        };
+        let id = conn.read_request_id().await;
         conn.write_frame(vec![Message::Response {
             id: id.wrapping_add(1000),
             body: support::msgpack(&7u64),
@@ -1586,6 +1580,17 @@ async fn read_noting(stream: &mut tokio::net::TcpStream, seen: &mut Seen) -> boo
     true
 }
 
+/// Reads frames off `stream` with [`read_noting`] until `done` says so.
+async fn read_noting_until(
+    stream: &mut tokio::net::TcpStream,
+    seen: &mut Seen,
+    done: impl Fn(&Seen) -> bool,
+) {
+    while !done(seen) {
+        assert!(read_noting(stream, seen).await, "closed early: {seen:?}");
+    }
+}
+
 /// How the caller of a large request gives up on it.
 #[derive(Debug, Clone, Copy)]
 enum GiveUp {
@@ -1609,12 +1614,7 @@ async fn a_large_request_given_up_before_any_of_it_left_is_never_sent(how: GiveU
         let mut seen = Seen::default();
         // The first request's pieces up to the window (1 MiB), unacknowledged: the client can
         // send no more fragments until the test has given up on the second request.
-        while seen.unacked < 1024 * 1024 {
-            assert!(
-                read_noting(&mut conn.stream, &mut seen).await,
-                "closed early"
-            );
-        }
+        read_noting_until(&mut conn.stream, &mut seen, |s| s.unacked >= 1024 * 1024).await;
         go_rx.await.unwrap();
         while seen.ended < 1 {
             if seen.unacked > 0 {
@@ -1779,24 +1779,13 @@ async fn a_large_request_none_of_which_left_is_safe_to_retry_when_the_connection
     let (addr, script) = support::raw_server(move |mut conn| async move {
         let mut seen = Seen::default();
         // The first request's pieces up to the window, unacknowledged; then the server dies.
-        while seen.unacked < 1024 * 1024 {
-            assert!(
-                read_noting(&mut conn.stream, &mut seen).await,
-                "closed early"
-            );
-        }
+        read_noting_until(&mut conn.stream, &mut seen, |s| s.unacked >= 1024 * 1024).await;
         // A small call queued after the second goes out ahead of it (whole messages are
         // never paced): the client has written since the second was queued.
-        while !seen
-            .starts
-            .iter()
-            .any(|&(kind, id)| (kind, id) == (0x01, 3))
-        {
-            assert!(
-                read_noting(&mut conn.stream, &mut seen).await,
-                "closed early"
-            );
-        }
+        read_noting_until(&mut conn.stream, &mut seen, |s| {
+            s.starts.contains(&(0x01, 3))
+        })
+        .await;
         // Then the server dies.
         go_rx.await.unwrap();
         seen.starts
@@ -2002,13 +1991,7 @@ async fn malformed_input_from_a_server_gets_goaway_and_fails_the_pending_call() 
     for (what, bad, code) in cases {
         let pong = pong.clone();
         let (addr, script) = support::raw_server(move |mut conn| async move {
-            let msgs = conn
-                .read_frame_within(Duration::from_secs(5))
-                .await
-                .expect("a request");
-            let Some(Message::Request { id, .. }) = msgs.first().cloned() else {
-                panic!("{what}: expected a request, got {msgs:?}");
-            };
+            let id = conn.read_request_id().await;
             conn.stream.write_all(&bad(id, &pong)).await.unwrap();
             conn.read_to_end_within(Duration::from_secs(5)).await
         })
@@ -2062,14 +2045,7 @@ async fn a_ping_to_an_idle_client_is_answered_with_its_data() {
 /// client's PONGs have all come).
 async fn ping_flood(pings: u64) -> (Client, tokio::task::JoinHandle<Vec<Message>>) {
     let (addr, script) = support::raw_server(move |mut conn| async move {
-        let msgs = conn
-            .read_frame_within(Duration::from_secs(5))
-            .await
-            .expect("a request");
-        assert!(
-            matches!(msgs.first(), Some(Message::Request { .. })),
-            "{msgs:?}"
-        );
+        conn.read_request_id().await;
         conn.write_frame((0..pings).map(|data| Message::Ping { data }).collect())
             .await;
         let mut seen = Vec::new();
@@ -2375,14 +2351,7 @@ async fn calls_pending_at_a_server_goaway_are_not_retry_safe_whatever_its_code()
     use tokio::io::AsyncWriteExt;
     for code in [2u16, 6, 7, 11, 14, 999] {
         let (addr, script) = support::raw_server(move |mut conn| async move {
-            let msgs = conn
-                .read_frame_within(Duration::from_secs(5))
-                .await
-                .expect("a request");
-            assert!(
-                matches!(msgs.first(), Some(Message::Request { .. })),
-                "{msgs:?}"
-            );
+            conn.read_request_id().await;
             let mut m = vec![0x08];
             m.extend_from_slice(&code.to_be_bytes());
             m.extend_from_slice(&3u16.to_be_bytes());
@@ -2483,13 +2452,7 @@ async fn a_server_vanishing_mid_frame_or_mid_message_fails_the_call_and_nothing_
     ];
     for (what, cut) in cuts {
         let (addr, script) = support::raw_server(move |mut conn| async move {
-            let msgs = conn
-                .read_frame_within(Duration::from_secs(5))
-                .await
-                .expect("a request");
-            let Some(Message::Request { id, .. }) = msgs.first().cloned() else {
-                panic!("{what}: expected a request, got {msgs:?}");
-            };
+            let id = conn.read_request_id().await;
             conn.stream.write_all(&cut(id)).await.unwrap();
             // Gone: both directions closed.
         })

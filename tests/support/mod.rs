@@ -387,6 +387,19 @@ impl RawConn {
             .unwrap_or_else(|_| panic!("no frame within {bound:?}"))
     }
 
+    /// The id of the REQUEST that the next frame (within 5 s) begins with; panics on anything
+    /// else.
+    pub async fn read_request_id(&mut self) -> u32 {
+        let msgs = self
+            .read_frame_within(Duration::from_secs(5))
+            .await
+            .expect("a request");
+        match msgs.first() {
+            Some(Message::Request { id, .. }) => *id,
+            _ => panic!("expected a request, got {msgs:?}"),
+        }
+    }
+
     /// Every message until end of stream, at most `bound` in all; panics on timeout.
     pub async fn read_to_end_within(&mut self, bound: Duration) -> Vec<Message> {
         let mut all = Vec::new();
