@@ -848,6 +848,10 @@ impl Inner {
     /// or a large one still waiting whole): no server can be answering it (PROTOCOL.md §6,
     /// §12), and the reply is a protocol error. The call stays, for the connection's end to
     /// fail.
+    ///
+    /// A request taken by the writer and not yet written counts as sent: its write can hand
+    /// the bytes to the kernel, and the server answer, before the writer is back to note it,
+    /// so no check there could tell an honest reply from a guessed one.
     pub(crate) fn answer(
         &mut self,
         id: u32,
