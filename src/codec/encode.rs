@@ -272,7 +272,7 @@ impl Big {
 
     /// Whether none of it has been taken yet and it is a call's: a REQUEST, RESPONSE or ERROR
     /// (not a ONEWAY, whose id is 0).
-    fn unsent_call(&self) -> bool {
+    fn is_unsent_call(&self) -> bool {
         let call = matches!(
             self.head.first(),
             Some(&(kind::REQUEST | kind::RESPONSE | kind::ERROR))
@@ -614,7 +614,7 @@ impl Outbox {
         let mut ids: Vec<u32> = self
             .big
             .iter()
-            .filter(|big| big.unsent_call())
+            .filter(|big| big.is_unsent_call())
             .map(|big| big.id())
             .collect();
         ids.sort_unstable();
@@ -627,7 +627,7 @@ impl Outbox {
         self.big
             .iter()
             .take(WITHDRAW_SCAN)
-            .position(|big| big.unsent_call() && big.id() == id)
+            .position(|big| big.is_unsent_call() && big.id() == id)
     }
 
     /// Lets go of the buffer messages are encoded into, when nothing waits in it (a quiet
