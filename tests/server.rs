@@ -803,3 +803,51 @@ async fn limits_of_usize_max_mean_no_limit() {
         assert_eq!(replies.take(call).unwrap(), i as u64);
     }
 }
+
+/// A raw client offering zstd: its stream and the compression byte of the server's preface.
+#[cfg(feature = "compression-zstd")]
+async fn offer_zstd(addr: SocketAddr) -> (tokio::net::TcpStream, u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut preface = support::client_preface(towerpc::codec::DEFAULT_MAX_FRAME_LEN as u32);
+    preface[6] = 0x01;
+    stream.write_all(&preface).await.unwrap();
+    let mut theirs = [0u8; towerpc::codec::PREFACE_LEN];
+    stream.read_exact(&mut theirs).await.unwrap();
+    (stream, theirs[6])
+}
+
+/// `Server::max_compression_bytes`: each compressed connection reserves its algorithm's bound
+/// (a few hundred bytes of zstd fill an 8 MiB window); a client whose reservation does not fit
+/// is served uncompressed (PROTOCOL.md §3.3), and the bytes come back with the connection.
+#[cfg(feature = "compression-zstd")]
+#[tokio::test]
+async fn past_the_compression_budget_a_client_is_served_uncompressed() {
+    let server = Server::builder()
+        .accept_compression(towerpc::codec::Compression::Zstd)
+        .max_compression_bytes(12 << 20);
+    let server = support::serve(server, support::echo()).await;
+    let (first, chosen) = offer_zstd(server.addr).await;
+    assert_eq!(chosen, 0x01, "room for one zstd connection");
+    let (second, chosen) = offer_zstd(server.addr).await;
+    assert_eq!(chosen, 0, "no room for a second: served plain");
+    let mut second = support::RawConn::new(second);
+    second.write_frame(vec![Message::Ping { data: 5 }]).await;
+    assert_eq!(
+        second.read_frame_within(Duration::from_secs(5)).await,
+        Some(vec![Message::Pong { data: 5 }]),
+        "the plain connection is served"
+    );
+    drop(first);
+    // The first connection's end gives its reservation back.
+    let mut again = 0;
+    for _ in 0..500 {
+        let (_stream, chosen) = offer_zstd(server.addr).await;
+        again = chosen;
+        if chosen == 0x01 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(again, 0x01, "the reservation never came back");
+}

@@ -61,6 +61,29 @@ impl Compression {
         Compression::ALL.iter().copied().find(|c| c.bit() == bit)
     }
 
+    /// The most memory one connection's compression state can come to (both directions):
+    /// what the peer may make the decoder hold, whatever it sends, plus our encoder and the
+    /// buffers around them. A server reserves it for each compressed connection in its
+    /// compression budget (`Server::max_compression_bytes`).
+    ///
+    /// - zstd: a window of up to 8 MiB ([`ZSTD_WINDOW_LOG_MAX`], the peer's choice), filled by
+    ///   a few hundred bytes of a compressed stream, and two 128 KiB blocks; our encoder at
+    ///   level 1 (a 512 KiB window and its tables); 10 MiB in all.
+    /// - lz4: blocks of up to 4 MiB (the peer's choice), an input and an output one; our
+    ///   encoder's 64 KiB blocks; 9 MiB.
+    /// - deflate: a 32 KiB window each way, the encoder's tables and the 64 KiB buffers on
+    ///   either side; 1 MiB.
+    pub(crate) fn memory_bound(self) -> usize {
+        match self {
+            #[cfg(feature = "compression-zstd")]
+            Compression::Zstd => 10 << 20,
+            #[cfg(feature = "compression-deflate")]
+            Compression::Deflate => 1 << 20,
+            #[cfg(feature = "compression-lz4")]
+            Compression::Lz4 => 9 << 20,
+        }
+    }
+
     /// What a server that accepts `accepted` (in order of preference) picks from a client's
     /// `offer` bitmask: the first accepted one offered, or none.
     pub(crate) fn choose(accepted: &[Compression], offer: u8) -> Option<Compression> {

@@ -102,6 +102,56 @@ impl Account {
     }
 }
 
+/// The memory all connections' stream compression may take (`Server::max_compression_bytes`).
+///
+/// Each compressed connection reserves its algorithm's [`memory_bound`] when it is negotiated,
+/// for its whole life: a peer can fill a zstd decoder's 8 MiB window with a few hundred bytes,
+/// so the state has to be counted at its bound, not at what it holds now. A connection whose
+/// reservation does not fit is served uncompressed (the server answers `00`, PROTOCOL.md
+/// §3.3).
+///
+/// [`memory_bound`]: crate::codec::Compression::memory_bound
+#[derive(Debug)]
+pub(crate) struct CompressionBudget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl CompressionBudget {
+    pub(crate) fn new(max: usize) -> Self {
+        CompressionBudget {
+            max,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Reserves `n` bytes, if they fit; they go back when the reservation is dropped.
+    pub(super) fn reserve(self: &std::sync::Arc<Self>, n: usize) -> Option<Reservation> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.max)
+            })
+            .ok()?;
+        Some(Reservation {
+            budget: self.clone(),
+            n,
+        })
+    }
+}
+
+/// Bytes of a [`CompressionBudget`] held by one connection.
+#[derive(Debug)]
+pub(super) struct Reservation {
+    budget: std::sync::Arc<CompressionBudget>,
+    n: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +178,19 @@ mod tests {
         heavy.close(&budget);
         light.close(&budget);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn compression_reservations_fit_the_budget_and_go_back_when_dropped() {
+        let budget = std::sync::Arc::new(CompressionBudget::new(25));
+        let a = budget.reserve(10).expect("fits");
+        let b = budget.reserve(10).expect("fits");
+        assert!(budget.reserve(10).is_none(), "30 > 25");
+        assert!(budget.reserve(usize::MAX).is_none(), "no overflow");
+        let c = budget.reserve(5).expect("exactly the budget");
+        drop(a);
+        let d = budget.reserve(10).expect("a's bytes came back");
+        drop((b, c, d));
+        assert_eq!(budget.used.load(Ordering::Relaxed), 0);
     }
 }

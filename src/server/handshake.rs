@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
+use super::budget::Reservation;
 use super::Config;
 use crate::codec::{Compression, Preface};
 use crate::conn::read_preface;
@@ -70,7 +71,9 @@ async fn established<S, IO>(
     S::Future: Send + 'static,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let Some((peer, compression)) = negotiate(&mut io, &info, deadline, &config, &counters).await
+    // The reservation is held until the connection is over.
+    let Some((peer, compression, _reservation)) =
+        negotiate(&mut io, &info, deadline, &config, &counters).await
     else {
         return;
     };
@@ -111,7 +114,7 @@ async fn negotiate<IO>(
     deadline: tokio::time::Instant,
     config: &Config,
     counters: &Counters,
-) -> Option<(Preface, Option<Compression>)>
+) -> Option<(Preface, Option<Compression>, Option<Reservation>)>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -128,7 +131,7 @@ where
             return None;
         }
     };
-    let (ours, compression) =
+    let (mut ours, mut compression) =
         match crate::protocol::answer_client(&peer, config.max_frame_len, &config.compression) {
             Ok(answer) => answer,
             Err((ours, why)) => {
@@ -142,9 +145,16 @@ where
                 return None;
             }
         };
+    // The compression state's bound, reserved for the connection's life; served plain when
+    // it does not fit (see `Server::max_compression_bytes`).
+    let reservation = compression.and_then(|c| config.compression_budget.reserve(c.memory_bound()));
+    if reservation.is_none() && compression.take().is_some() {
+        tracing::debug!(peer = ?info.remote_addr(), "compression budget spent: served uncompressed");
+        ours.compression = 0;
+    }
     if io.write_all(&ours.to_bytes()).await.is_err() {
         Counters::inc(&counters.accept_errors);
         return None;
     }
-    Some((peer, compression))
+    Some((peer, compression, reservation))
 }

@@ -81,6 +81,10 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// together (256 MiB).
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
 
+/// Default cap on the memory all connections' stream compression may take (256 MiB): room for
+/// 25 zstd connections at their bound. See [`Server::max_compression_bytes`].
+pub const DEFAULT_MAX_COMPRESSION_BYTES: usize = 256 * 1024 * 1024;
+
 /// Default cap on reply bytes queued for one connection (64 MiB) before its reader slows down
 /// (see [`Server::max_queued_bytes`]): room for a few of the largest replies (16 MiB) going out
 /// in fragments at the pace the client reads them. At 8 MiB, and with the reader pausing at
@@ -168,6 +172,9 @@ pub(crate) struct Config {
     /// The server-wide byte budget, shared by every connection (and every clone of the
     /// builder, as the counters are).
     pub(crate) budget: Arc<budget::Budget>,
+    /// The memory compressed connections may take, all together (see
+    /// [`Server::max_compression_bytes`]).
+    pub(crate) compression_budget: Arc<budget::CompressionBudget>,
     pub(crate) tcp_nodelay: bool,
     pub(crate) tcp_keepalive: Option<Duration>,
     /// Accepted compression algorithms, in order of preference.
@@ -220,6 +227,9 @@ impl Server {
                 max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
                 max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
                 budget: Arc::new(budget::Budget::new(DEFAULT_MAX_BUFFERED_BYTES)),
+                compression_budget: Arc::new(budget::CompressionBudget::new(
+                    DEFAULT_MAX_COMPRESSION_BYTES,
+                )),
                 tcp_nodelay: true,
                 tcp_keepalive: None,
                 compression: Vec::new(),
@@ -487,13 +497,39 @@ impl<L> Server<L> {
     }
 
     /// Accepts `compression` when a client offers it. Call it once per algorithm, most
-    /// preferred first; the server picks the first accepted one the client offered. Default:
-    /// none accepted, so connections are uncompressed.
+    /// preferred first; the server picks the first accepted one the client offered, while
+    /// [`max_compression_bytes`](Self::max_compression_bytes) has room for it. Default: none
+    /// accepted, so connections are uncompressed.
     #[must_use]
     pub fn accept_compression(mut self, compression: Compression) -> Self {
         if !self.config.compression.contains(&compression) {
             self.config.compression.push(compression);
         }
+        self
+    }
+
+    /// Server-wide cap on the memory of compressed connections' compression state. Default
+    /// 256 MiB ([`DEFAULT_MAX_COMPRESSION_BYTES`]).
+    ///
+    /// A compressed connection's state is what its peer makes it: a zstd stream may use an
+    /// 8 MiB window (PROTOCOL.md §3.3), and a few hundred bytes of it fill the window; lz4
+    /// blocks may be 4 MiB. So each compressed connection reserves its algorithm's bound for
+    /// its whole life (zstd 10 MiB, lz4 9 MiB, deflate 1 MiB, both directions), and a client
+    /// whose reservation does not fit is served uncompressed (the server answers no
+    /// compression, which every client accepts). Without the cap, twenty connections sending
+    /// 387 bytes of zstd each made a server hold 418 MiB.
+    ///
+    /// ```
+    /// use towerpc::codec::Compression;
+    /// // Up to about a hundred zstd connections compressed at once; the rest plain.
+    /// let server = towerpc::Server::builder()
+    ///     .accept_compression(Compression::Zstd)
+    ///     .max_compression_bytes(1 << 30);
+    /// # drop(server);
+    /// ```
+    #[must_use]
+    pub fn max_compression_bytes(mut self, n: usize) -> Self {
+        self.config.compression_budget = Arc::new(budget::CompressionBudget::new(n));
         self
     }
 
