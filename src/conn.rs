@@ -579,6 +579,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Ok(n) => n,
                 // Beneath us a decompressor (or TLS) found the stream corrupt or over its
                 // limits (a zstd window above the cap): the peer broke the protocol.
+                // A zstd window past the server's compression budget (`WindowGate`).
+                Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+                    return Err(CodecError::ResourceExhausted(
+                        "the compression window asked for is past the server's budget",
+                    ));
+                }
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     tracing::debug!(error = %e, "invalid data on the stream");
                     return Err(CodecError::InvalidFrame(
@@ -653,22 +659,30 @@ pub(crate) mod split;
 #[cfg(feature = "compression-zstd")]
 mod zstd;
 
-/// Wraps both halves of a connection in the negotiated compression.
+/// Asked with the window (bytes) each zstd frame read declares, before the decoder takes it
+/// on: `false` fails the read with `OutOfMemory` (see `Server::max_compression_bytes`).
+pub(crate) type WindowGate = Box<dyn FnMut(usize) -> bool + Send>;
+
+/// Wraps both halves of a connection in the negotiated compression; a zstd reader asks `gate`
+/// (when there is one) before each frame's window.
 pub(crate) fn wire<R, W>(
     r: R,
     w: W,
     compression: Option<crate::codec::Compression>,
+    gate: Option<WindowGate>,
 ) -> io::Result<(WireReader<R>, WireWriter<W>)>
 where
     R: AsyncRead + Send + Unpin + 'static,
     W: AsyncWrite + Send + Unpin + 'static,
 {
+    #[cfg(not(feature = "compression-zstd"))]
+    drop(gate);
     Ok(match compression {
         None => (WireReader::Plain { io: r }, WireWriter::Plain { io: w }),
         #[cfg(feature = "compression-zstd")]
         Some(crate::codec::Compression::Zstd) => (
             WireReader::Compressed {
-                io: Box::pin(self::zstd::ZstdReader::new(r)?),
+                io: Box::pin(self::zstd::ZstdReader::new(r)?.gate(gate)),
             },
             WireWriter::Compressed {
                 io: Box::pin(self::zstd::ZstdWriter::new(w)?),
@@ -719,7 +733,9 @@ impl<R: AsyncRead> AsyncRead for WireReader<R> {
                 // The decompressors report a corrupt stream (or a zstd window over the cap) as
                 // `Other` or `InvalidData`; make it `InvalidData` so the frame reader treats
                 // it as the protocol violation it is. Socket errors pass through unchanged.
-                Poll::Ready(Err(e)) if !is_socket_error(&e) => {
+                Poll::Ready(Err(e))
+                    if !is_socket_error(&e) && e.kind() != io::ErrorKind::OutOfMemory =>
+                {
                     Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
                 }
                 other => other,

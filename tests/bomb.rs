@@ -711,6 +711,41 @@ fn zstd_frame_with_the_largest_window_a_receiver_must_take_is_decoded() {
 }
 
 #[test]
+fn zstd_window_past_the_compression_budget_is_refused_with_resource_exhausted() {
+    // `Server::max_compression_bytes`: room for two zstd connections at the 512 KiB window
+    // towerpc's encoder uses (the honest client's and this one), not for an 8 MiB window.
+    let _serial = serial();
+    let name = "zstd window log 23 past the budget";
+    // Through the decoder (a checksum keeps it off the reader's path for one raw block, which
+    // takes no window), declaring an 8 MiB window.
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(23))
+        .unwrap();
+    enc.include_checksum(true).unwrap();
+    enc.write_all(&probe_frame()).unwrap();
+    let frame = enc.finish().unwrap();
+    assert_eq!(frame[5] >> 3, 23 - 10, "the frame declares an 8 MiB window");
+    let r = run_case(
+        name,
+        Server::builder().max_compression_bytes(6 << 20),
+        Compression::Zstd,
+        move || {
+            let mut frame = Some(frame);
+            Box::new(move || frame.take())
+        },
+        Duration::from_secs(3),
+    );
+    assert_eq!(r.probes, 0, "{name}: the request inside the frame ran");
+    assert!(r.outcome.closed_in.is_some(), "{name}: not closed");
+    let said = server_messages(Compression::Zstd, &r.outcome.received);
+    assert!(
+        said.iter()
+            .any(|m| matches!(m, Message::GoAway { code: 7, .. })),
+        "{name}: no GOAWAY RESOURCE_EXHAUSTED: {said:?}"
+    );
+}
+
+#[test]
 fn zstd_frame_declaring_a_2_gib_window_is_refused() {
     let _serial = serial();
     let name = "zstd window log 31";

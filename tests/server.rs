@@ -825,7 +825,7 @@ async fn offer_zstd(addr: SocketAddr) -> (tokio::net::TcpStream, u8) {
 async fn past_the_compression_budget_a_client_is_served_uncompressed() {
     let server = Server::builder()
         .accept_compression(towerpc::codec::Compression::Zstd)
-        .max_compression_bytes(12 << 20);
+        .max_compression_bytes(3 << 20);
     let server = support::serve(server, support::echo()).await;
     let (first, chosen) = offer_zstd(server.addr).await;
     assert_eq!(chosen, 0x01, "room for one zstd connection");

@@ -321,7 +321,7 @@ where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (r, w) = crate::conn::split::split(io);
-    let (r, w) = match wire(r, w, compression) {
+    let (r, w) = match wire(r, w, compression, None) {
         Ok(halves) => halves,
         Err(e) => return End::Io(e),
     };

@@ -33,6 +33,22 @@ pub enum Compression {
 /// a larger window is refused before the decoder allocates it.
 pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
+/// A zstd connection's compression state but the decoder's window (2 MiB): our level-1
+/// encoder (its 512 KiB window, tables and buffers), the decoder's tables and two 128 KiB
+/// blocks, and the reader's and writer's own buffers.
+#[cfg(feature = "compression-zstd")]
+pub(crate) const ZSTD_STATE: usize = 2 << 20;
+
+/// The window towerpc's zstd encoder uses (level 1: 512 KiB).
+#[cfg(feature = "compression-zstd")]
+pub(crate) const ZSTD_TOWERPC_WINDOW: usize = 512 << 10;
+
+/// A zstd connection's compression state when its peer's frames use a `window`-byte window.
+#[cfg(feature = "compression-zstd")]
+pub(crate) fn zstd_memory(window: usize) -> usize {
+    ZSTD_STATE + window.min(1 << ZSTD_WINDOW_LOG_MAX)
+}
+
 impl Compression {
     /// Every algorithm compiled in, in the server's default order of preference.
     pub const ALL: &'static [Compression] = &[
@@ -63,24 +79,36 @@ impl Compression {
 
     /// The most memory one connection's compression state can come to (both directions):
     /// what the peer may make the decoder hold, whatever it sends, plus our encoder and the
-    /// buffers around them. A server reserves it for each compressed connection in its
-    /// compression budget (`Server::max_compression_bytes`).
+    /// buffers around them.
     ///
-    /// - zstd: a window of up to 8 MiB ([`ZSTD_WINDOW_LOG_MAX`], the peer's choice), filled by
-    ///   a few hundred bytes of a compressed stream, and two 128 KiB blocks; our encoder at
-    ///   level 1 (a 512 KiB window and its tables); 10 MiB in all.
-    /// - lz4: blocks of up to 4 MiB (the peer's choice), an input and an output one; our
+    /// - zstd: [`ZSTD_STATE`] and a window of up to 8 MiB ([`ZSTD_WINDOW_LOG_MAX`], the
+    ///   peer's choice, which a few hundred bytes of a compressed stream fill); 10 MiB.
+    /// - lz4: blocks of up to 4 MiB (the peer's choice), an input and an output one, and our
     ///   encoder's 64 KiB blocks; 9 MiB.
     /// - deflate: a 32 KiB window each way, the encoder's tables and the 64 KiB buffers on
     ///   either side; 1 MiB.
+    #[allow(dead_code)] // With zstd alone, only the tests ask for its bound.
     pub(crate) fn memory_bound(self) -> usize {
         match self {
             #[cfg(feature = "compression-zstd")]
-            Compression::Zstd => 10 << 20,
+            Compression::Zstd => zstd_memory(1 << ZSTD_WINDOW_LOG_MAX),
             #[cfg(feature = "compression-deflate")]
             Compression::Deflate => 1 << 20,
             #[cfg(feature = "compression-lz4")]
             Compression::Lz4 => 9 << 20,
+        }
+    }
+
+    /// What a server reserves for a connection's compression state when it is negotiated
+    /// (`Server::max_compression_bytes`): the bound, but for zstd, whose window the server
+    /// learns from each frame's header and reserves then, the state with the 512 KiB window
+    /// towerpc's own encoder uses.
+    pub(crate) fn memory_at_start(self) -> usize {
+        match self {
+            #[cfg(feature = "compression-zstd")]
+            Compression::Zstd => zstd_memory(ZSTD_TOWERPC_WINDOW),
+            #[allow(unreachable_patterns)]
+            other => other.memory_bound(),
         }
     }
 
@@ -103,5 +131,21 @@ impl fmt::Display for Compression {
             #[cfg(feature = "compression-lz4")]
             Compression::Lz4 => f.write_str("lz4"),
         }
+    }
+}
+
+#[cfg(all(test, feature = "compression-zstd"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zstd_connection_reserves_its_state_at_towerpcs_window_and_at_most_the_cap() {
+        assert_eq!(Compression::Zstd.memory_at_start(), (2 << 20) + (512 << 10));
+        assert_eq!(Compression::Zstd.memory_bound(), 10 << 20);
+        assert_eq!(
+            zstd_memory(usize::MAX),
+            10 << 20,
+            "a declared window past the cap"
+        );
     }
 }

@@ -18,6 +18,9 @@ pub enum CodecError {
     },
     /// The bytes do not follow the wire format; the text says how.
     InvalidFrame(&'static str),
+    /// The peer asked for more memory than this side will give it (a zstd window past the
+    /// server's compression budget); the text says what.
+    ResourceExhausted(&'static str),
     /// The underlying I/O failed.
     Io(io::Error),
 }
@@ -29,6 +32,7 @@ impl CodecError {
         match self {
             CodecError::FrameTooLarge { .. } => code::FRAME_TOO_LARGE,
             CodecError::InvalidFrame(_) => code::PROTOCOL_ERROR,
+            CodecError::ResourceExhausted(_) => code::RESOURCE_EXHAUSTED,
             CodecError::Io(_) => code::UNAVAILABLE,
         }
     }
@@ -41,6 +45,7 @@ impl fmt::Display for CodecError {
                 write!(f, "frame of {len} bytes exceeds the limit of {max} bytes")
             }
             CodecError::InvalidFrame(why) => write!(f, "invalid frame: {why}"),
+            CodecError::ResourceExhausted(why) => write!(f, "resource exhausted: {why}"),
             CodecError::Io(_) => f.write_str("i/o error"),
         }
     }

@@ -36,6 +36,8 @@ pub use self::error::CodecError;
 pub use self::frame::{Frame, Message};
 pub use self::preface::{Preface, Role, PREFACE_LEN};
 
+#[cfg(feature = "compression-zstd")]
+pub(crate) use self::compression::zstd_memory;
 pub(crate) use self::decode::Incoming;
 pub(crate) use self::encode::{Batch, Outbox, FRAGMENTS_PER_TAKE, MAX_IO_SLICES};
 pub(crate) use self::frame::code;

@@ -397,6 +397,49 @@ fn frame_start(b: &[u8]) -> Start {
     }
 }
 
+/// What a zstd frame's header says of the window its decoder needs.
+#[derive(Debug, PartialEq, Eq)]
+enum Declared {
+    /// Too few bytes yet to tell.
+    More,
+    /// A window of this many bytes (a single-segment frame's content size).
+    Window(usize),
+    /// Not a zstd frame (a skippable one, or garbage): the decoder's to read or refuse.
+    Nothing,
+}
+
+/// The window the frame starting `b` declares (RFC 8878 §3.1.1.1).
+fn declared_window(b: &[u8]) -> Declared {
+    if b.len() < MAGIC.len() + 1 {
+        return Declared::More;
+    }
+    if b[..4] != MAGIC {
+        return Declared::Nothing;
+    }
+    let fhd = b[4];
+    let single_segment = fhd & 0x20 != 0;
+    if !single_segment {
+        let Some(&descriptor) = b.get(5) else {
+            return Declared::More;
+        };
+        let (exponent, mantissa) = (u32::from(descriptor >> 3), descriptor & 7);
+        // Past the cap the decoder refuses the frame: no more than the cap is ever held.
+        let log = (10 + exponent).min(ZSTD_WINDOW_LOG_MAX + 1);
+        let base = 1usize << log;
+        return Declared::Window(base + base / 8 * usize::from(mantissa));
+    }
+    let dictionary = [0, 1, 2, 4][usize::from(fhd & 3)];
+    let size = [1, 2, 4, 8][usize::from(fhd >> 6)];
+    let at = 5 + dictionary;
+    let Some(field) = b.get(at..at + size) else {
+        return Declared::More;
+    };
+    let mut le = [0u8; 8];
+    le[..size].copy_from_slice(field);
+    let content = u64::from_le_bytes(le) + if size == 2 { 256 } else { 0 };
+    Declared::Window(usize::try_from(content).unwrap_or(usize::MAX))
+}
+
 fn truncated() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
@@ -417,6 +460,9 @@ pub(crate) struct ZstdReader<R> {
     /// The decoder's last call filled all the room it was given: it may hold more output,
     /// which a call without new input hands out.
     full: bool,
+    /// Asked with each decoded frame's window before the decoder allocates it (a server's
+    /// compression budget); `false` fails the read.
+    gate: Option<crate::conn::WindowGate>,
 }
 
 impl<R> std::fmt::Debug for ZstdReader<R> {
@@ -441,7 +487,14 @@ impl<R: AsyncRead + Unpin> ZstdReader<R> {
             eof: false,
             reading: Reading::Frame,
             full: false,
+            gate: None,
         })
+    }
+
+    /// Asks `gate` with each frame's window before the decoder takes it on.
+    pub(crate) fn gate(mut self, gate: Option<crate::conn::WindowGate>) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// Reads more input after what is buffered (moved to the front first).
@@ -482,7 +535,24 @@ impl<R: AsyncRead + Unpin> AsyncRead for ZstdReader<R> {
                         this.pos += RAW_HEADER;
                         this.reading = Reading::Raw { left: len };
                     }
-                    Start::Other => this.reading = Reading::Decode,
+                    Start::Other => {
+                        if let Some(gate) = &mut this.gate {
+                            match declared_window(&this.buf[this.pos..this.end]) {
+                                Declared::More if !this.eof => {
+                                    ready!(this.poll_fill(cx))?;
+                                    continue;
+                                }
+                                Declared::Window(window) if !gate(window) => {
+                                    return Poll::Ready(Err(io::Error::new(
+                                        io::ErrorKind::OutOfMemory,
+                                        "a zstd window past the compression budget",
+                                    )));
+                                }
+                                _ => {}
+                            }
+                        }
+                        this.reading = Reading::Decode;
+                    }
                 },
                 Reading::Raw { left: 0 } => this.reading = Reading::Frame,
                 Reading::Raw { left } if buffered > 0 => {
@@ -558,6 +628,35 @@ impl<R: AsyncRead + Unpin> AsyncRead for ZstdReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_header_says_its_window() {
+        // Not single-segment: the window descriptor (exponent 9, mantissa 1: 512 KiB + 64 KiB).
+        let mut b = MAGIC.to_vec();
+        assert_eq!(declared_window(&b), Declared::More);
+        b.push(0x00);
+        assert_eq!(declared_window(&b), Declared::More);
+        b.push((9 << 3) | 1);
+        assert_eq!(
+            declared_window(&b),
+            Declared::Window((512 << 10) + (64 << 10))
+        );
+        // Past the cap: no more than twice the cap is ever asked for (the decoder refuses it).
+        let huge = [MAGIC.as_slice(), &[0x00, 31 << 3]].concat();
+        assert_eq!(
+            declared_window(&huge),
+            Declared::Window(2 << ZSTD_WINDOW_LOG_MAX)
+        );
+        // Single-segment, a 2-byte content size (+256) after a 1-byte dictionary id.
+        let single = [MAGIC.as_slice(), &[0x20 | 0x40 | 0x01, 7, 0x00, 0x01]].concat();
+        assert_eq!(declared_window(&single[..7]), Declared::More);
+        assert_eq!(declared_window(&single), Declared::Window(256 + 256));
+        // Not a zstd frame.
+        assert_eq!(
+            declared_window(&[0x50, 0x2A, 0x4D, 0x18, 0]),
+            Declared::Nothing
+        );
+    }
     use tokio::io::AsyncWriteExt;
 
     /// Writes `batches` through a [`ZstdWriter`], a flush after each; returns the stream and

@@ -10,6 +10,7 @@
 //! holding more than their share are closed (GOAWAY RESOURCE_EXHAUSTED).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -104,13 +105,13 @@ impl Account {
 
 /// The memory all connections' stream compression may take (`Server::max_compression_bytes`).
 ///
-/// Each compressed connection reserves its algorithm's [`memory_bound`] when it is negotiated,
-/// for its whole life: a peer can fill a zstd decoder's 8 MiB window with a few hundred bytes,
-/// so the state has to be counted at its bound, not at what it holds now. A connection whose
-/// reservation does not fit is served uncompressed (the server answers `00`, PROTOCOL.md
-/// §3.3).
-///
-/// [`memory_bound`]: crate::codec::Compression::memory_bound
+/// Each compressed connection reserves its state when it is negotiated, for its whole life,
+/// counted at what the peer can make it hold, not at what it holds now (a few hundred bytes of
+/// zstd fill an 8 MiB window): lz4 and deflate their bound at once, zstd the state with the
+/// window towerpc's encoder uses, grown to each frame's declared window before the decoder
+/// takes it on. A connection whose reservation does not fit is served uncompressed (the
+/// server answers `00`, PROTOCOL.md §3.3); a window that does not fit closes the connection
+/// (GOAWAY RESOURCE_EXHAUSTED).
 #[derive(Debug)]
 pub(crate) struct CompressionBudget {
     max: usize,
@@ -125,16 +126,20 @@ impl CompressionBudget {
         }
     }
 
-    /// Reserves `n` bytes, if they fit; they go back when the reservation is dropped.
-    pub(super) fn reserve(self: &std::sync::Arc<Self>, n: usize) -> Option<Reservation> {
+    /// Takes `n` more bytes, if they fit.
+    fn take(&self, n: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(n).filter(|&total| total <= self.max)
             })
-            .ok()?;
-        Some(Reservation {
+            .is_ok()
+    }
+
+    /// Reserves `n` bytes, if they fit; they go back when the reservation is dropped.
+    pub(super) fn reserve(self: &Arc<Self>, n: usize) -> Option<Reservation> {
+        self.take(n).then(|| Reservation {
             budget: self.clone(),
-            n,
+            n: AtomicUsize::new(n),
         })
     }
 }
@@ -142,13 +147,33 @@ impl CompressionBudget {
 /// Bytes of a [`CompressionBudget`] held by one connection.
 #[derive(Debug)]
 pub(super) struct Reservation {
-    budget: std::sync::Arc<CompressionBudget>,
-    n: usize,
+    budget: Arc<CompressionBudget>,
+    n: AtomicUsize,
+}
+
+impl Reservation {
+    /// Grows the reservation to `n` bytes (a larger zstd window), if the budget has room;
+    /// `true` when it holds that much now. It never shrinks: the decoder keeps its largest
+    /// window.
+    #[cfg_attr(not(any(feature = "compression-zstd", test)), allow(dead_code))]
+    pub(super) fn grow_to(&self, n: usize) -> bool {
+        let held = self.n.load(Ordering::Acquire);
+        if n <= held {
+            return true;
+        }
+        if !self.budget.take(n - held) {
+            return false;
+        }
+        self.n.fetch_add(n - held, Ordering::AcqRel);
+        true
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.n, Ordering::AcqRel);
+        self.budget
+            .used
+            .fetch_sub(*self.n.get_mut(), Ordering::AcqRel);
     }
 }
 
@@ -182,7 +207,7 @@ mod tests {
 
     #[test]
     fn compression_reservations_fit_the_budget_and_go_back_when_dropped() {
-        let budget = std::sync::Arc::new(CompressionBudget::new(25));
+        let budget = Arc::new(CompressionBudget::new(25));
         let a = budget.reserve(10).expect("fits");
         let b = budget.reserve(10).expect("fits");
         assert!(budget.reserve(10).is_none(), "30 > 25");
@@ -191,6 +216,21 @@ mod tests {
         drop(a);
         let d = budget.reserve(10).expect("a's bytes came back");
         drop((b, c, d));
+        assert_eq!(budget.used.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_reservation_grows_while_the_budget_has_room_and_gives_all_back() {
+        let budget = Arc::new(CompressionBudget::new(30));
+        let a = budget.reserve(10).unwrap();
+        let b = budget.reserve(10).unwrap();
+        assert!(a.grow_to(15), "5 more fit");
+        assert!(a.grow_to(12), "less than it holds: nothing to take");
+        assert!(!b.grow_to(16), "6 more do not");
+        assert_eq!(budget.used.load(Ordering::Relaxed), 25);
+        drop(a);
+        assert!(b.grow_to(16));
+        drop(b);
         assert_eq!(budget.used.load(Ordering::Relaxed), 0);
     }
 }

@@ -26,8 +26,8 @@ use super::recover::status_from_error;
 use super::Config;
 use crate::codec::{code, Batch, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
 use crate::conn::{
-    wire, write_loop, FrameReader, Padded, Source, Spin, WriteOptions, MAX_BATCH_YIELDS,
-    MESSAGE_CHUNK,
+    wire, write_loop, FrameReader, Padded, Source, Spin, WindowGate, WriteOptions,
+    MAX_BATCH_YIELDS, MESSAGE_CHUNK,
 };
 use crate::error::{Code, Status};
 use crate::protocol::{self, error_message};
@@ -350,6 +350,7 @@ pub(super) async fn serve<S, IO>(
     info: ConnectInfo,
     peer: Preface,
     compression: Option<Compression>,
+    window_gate: Option<WindowGate>,
     svc: S,
     config: Arc<Config>,
     counters: Arc<Counters>,
@@ -384,7 +385,7 @@ pub(super) async fn serve<S, IO>(
         counters: counters.clone(),
     });
     let (r, w) = crate::conn::split::split(io);
-    let (r, w) = match wire(r, w, compression) {
+    let (r, w) = match wire(r, w, compression, window_gate) {
         Ok(halves) => halves,
         Err(e) => {
             tracing::debug!(error = %e, "compression could not start");

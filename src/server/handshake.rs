@@ -11,7 +11,7 @@ use tower::Service;
 use super::budget::Reservation;
 use super::Config;
 use crate::codec::{Compression, Preface};
-use crate::conn::read_preface;
+use crate::conn::{read_preface, WindowGate};
 use crate::error::{Error, Kind};
 use crate::protocol::PrefaceRefusal;
 use crate::stats::{Counters, CountingIo};
@@ -71,13 +71,26 @@ async fn established<S, IO>(
     S::Future: Send + 'static,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    // The reservation is held until the connection is over.
-    let Some((peer, compression, _reservation)) =
+    // The reservation is held until the connection is over (and by the zstd reader's gate).
+    let Some((peer, compression, reservation)) =
         negotiate(&mut io, &info, deadline, &config, &counters).await
     else {
         return;
     };
-    super::connection::serve(io, info, peer, compression, svc, config, counters, shutdown).await
+    let gate = window_gate(compression, reservation.as_ref());
+    super::connection::serve(
+        io,
+        info,
+        peer,
+        compression,
+        gate,
+        svc,
+        config,
+        counters,
+        shutdown,
+    )
+    .await;
+    drop(reservation);
 }
 
 /// Runs one step of the handshake under the connection's handshake deadline: its failure, or
@@ -114,7 +127,7 @@ async fn negotiate<IO>(
     deadline: tokio::time::Instant,
     config: &Config,
     counters: &Counters,
-) -> Option<(Preface, Option<Compression>, Option<Reservation>)>
+) -> Option<(Preface, Option<Compression>, Option<Arc<Reservation>>)>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -147,7 +160,10 @@ where
         };
     // The compression state's bound, reserved for the connection's life; served plain when
     // it does not fit (see `Server::max_compression_bytes`).
-    let reservation = compression.and_then(|c| config.compression_budget.reserve(c.memory_bound()));
+    let reservation = compression.and_then(|c| {
+        let reserved = config.compression_budget.reserve(c.memory_at_start());
+        reserved.map(Arc::new)
+    });
     if reservation.is_none() && compression.take().is_some() {
         tracing::debug!(peer = ?info.remote_addr(), "compression budget spent: served uncompressed");
         ours.compression = 0;
@@ -157,4 +173,22 @@ where
         return None;
     }
     Some((peer, compression, reservation))
+}
+
+/// The zstd reader's gate: each frame's window grows the connection's reservation first (see
+/// `Server::max_compression_bytes`). Other algorithms reserve their bound at once.
+fn window_gate(
+    compression: Option<Compression>,
+    reservation: Option<&Arc<Reservation>>,
+) -> Option<WindowGate> {
+    match (compression, reservation) {
+        #[cfg(feature = "compression-zstd")]
+        (Some(Compression::Zstd), Some(reservation)) => {
+            let reservation = reservation.clone();
+            Some(Box::new(move |window| {
+                reservation.grow_to(crate::codec::zstd_memory(window))
+            }))
+        }
+        _ => None,
+    }
 }

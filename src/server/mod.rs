@@ -82,7 +82,8 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 256 * 1024 * 1024;
 
 /// Default cap on the memory all connections' stream compression may take (256 MiB): room for
-/// 25 zstd connections at their bound. See [`Server::max_compression_bytes`].
+/// about 100 zstd connections at the window towerpc's encoder uses, 25 at the largest. See
+/// [`Server::max_compression_bytes`].
 pub const DEFAULT_MAX_COMPRESSION_BYTES: usize = 256 * 1024 * 1024;
 
 /// Default cap on reply bytes queued for one connection (64 MiB) before its reader slows down
@@ -513,15 +514,18 @@ impl<L> Server<L> {
     ///
     /// A compressed connection's state is what its peer makes it: a zstd stream may use an
     /// 8 MiB window (PROTOCOL.md §3.3), and a few hundred bytes of it fill the window; lz4
-    /// blocks may be 4 MiB. So each compressed connection reserves its algorithm's bound for
-    /// its whole life (zstd 10 MiB, lz4 9 MiB, deflate 1 MiB, both directions), and a client
-    /// whose reservation does not fit is served uncompressed (the server answers no
-    /// compression, which every client accepts). Without the cap, twenty connections sending
-    /// 387 bytes of zstd each made a server hold 418 MiB.
+    /// blocks may be 4 MiB. So each compressed connection reserves its state for its whole life
+    /// at what the peer can make it hold: lz4 9 MiB and deflate 1 MiB at once, zstd 2.5 MiB
+    /// (the 512 KiB window towerpc's own encoder uses) grown to each frame's declared window
+    /// (up to 10 MiB) before the decoder takes it on. A client whose reservation does not fit
+    /// is served uncompressed (the server answers no compression, which every client
+    /// accepts); a zstd window that does not fit closes its connection (GOAWAY
+    /// RESOURCE_EXHAUSTED). Without the cap, sixty connections sending 387 bytes of zstd each
+    /// made a server hold 1,090 MiB.
     ///
     /// ```
     /// use towerpc::codec::Compression;
-    /// // Up to about a hundred zstd connections compressed at once; the rest plain.
+    /// // About 400 zstd connections compressed at once (100 at the largest window).
     /// let server = towerpc::Server::builder()
     ///     .accept_compression(Compression::Zstd)
     ///     .max_compression_bytes(1 << 30);
