@@ -629,6 +629,15 @@ impl<R: AsyncRead + Unpin> AsyncRead for ZstdReader<R> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn our_encoder_declares_the_window_a_server_reserves_at_start() {
+        // A server reserves a zstd connection's state at this window; a peer using ours never
+        // has to grow it (see `Server::max_compression_bytes`).
+        // (A raw frame would declare 128 KiB.)
+        let (stream, _) = stream_of(&[b"compressible ".repeat(1000)]).await;
+        assert_eq!(declared_window(&stream), Declared::Window(512 << 10));
+    }
+
     #[test]
     fn a_frame_header_says_its_window() {
         // Not single-segment: the window descriptor (exponent 9, mantissa 1: 512 KiB + 64 KiB).
