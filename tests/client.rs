@@ -1835,6 +1835,19 @@ async fn a_large_request_none_of_which_left_is_safe_to_retry_when_the_connection
 
 // ===== hostile servers: what §5, §6, §9, §10 and §12 ask of the client =====
 
+/// A RESPONSE for `id` announcing a 40-byte body and holding `body_len` bytes, sent as two
+/// FRAGMENTs of one frame, the second with `last_more` as its `more` flag.
+fn response_in_two_pieces(id: u32, body_len: usize, last_more: u8) -> Vec<u8> {
+    let m = raw_response(id, 40, &vec![7; body_len]);
+    let (a, b) = m.split_at(20);
+    raw_frame(
+        0,
+        0,
+        2,
+        &[raw_fragment(1, a), raw_fragment(last_more, b)].concat(),
+    )
+}
+
 /// A frame around `body` with the given header fields, by hand.
 fn raw_frame(flags: u8, reserved: u8, count: u16, body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_be_bytes().to_vec();
@@ -1957,29 +1970,17 @@ async fn malformed_input_from_a_server_gets_goaway_and_fails_the_pending_call() 
         ),
         (
             "a FRAGMENT running past its RESPONSE",
-            |id, _| {
-                let m = raw_response(id, 40, &[7; 41]);
-                let (a, b) = m.split_at(20);
-                raw_frame(0, 0, 2, &[raw_fragment(1, a), raw_fragment(0, b)].concat())
-            },
+            |id, _| response_in_two_pieces(id, 41, 0),
             11,
         ),
         (
             "a last FRAGMENT leaving its RESPONSE short",
-            |id, _| {
-                let m = raw_response(id, 40, &[7; 39]);
-                let (a, b) = m.split_at(20);
-                raw_frame(0, 0, 2, &[raw_fragment(1, a), raw_fragment(0, b)].concat())
-            },
+            |id, _| response_in_two_pieces(id, 39, 0),
             11,
         ),
         (
             "a FRAGMENT saying more after its RESPONSE is whole",
-            |id, _| {
-                let m = raw_response(id, 40, &[7; 40]);
-                let (a, b) = m.split_at(20);
-                raw_frame(0, 0, 2, &[raw_fragment(1, a), raw_fragment(1, b)].concat())
-            },
+            |id, _| response_in_two_pieces(id, 40, 1),
             11,
         ),
         (

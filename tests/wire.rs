@@ -390,6 +390,17 @@ impl Peer {
         }
     }
 
+    /// The verdict on a duplicate id (§6): GOAWAY PROTOCOL_ERROR and a close, before which
+    /// the server may answer the call already running under `id`, but only with an ERROR, and
+    /// at most once; it never runs the duplicate.
+    async fn expect_duplicate_refused(&mut self, id: u32) {
+        let before = self.expect_goaway_then_close(PROTOCOL_ERROR).await;
+        assert!(before.len() <= 1, "{before:?}");
+        for m in before {
+            assert!(matches!(m, Msg::Error { id: i, .. } if i == id), "{m:?}");
+        }
+    }
+
     /// Reads until a GOAWAY, asserts its code and that the connection closes right after.
     /// Returns the messages that came before it.
     async fn expect_goaway_then_close(&mut self, code: u16) -> Vec<Msg> {
@@ -753,14 +764,8 @@ async fn duplicate_in_flight_id_is_a_protocol_error() {
     p.assert_alive(8).await;
     p.send(&frame(&[request(5, 0, "echo", &[2])])).await;
     let started = Instant::now();
-    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
+    p.expect_duplicate_refused(5).await;
     assert!(started.elapsed() < VERDICT);
-    // The server may answer the sleeping call before hanging up (§6), but only with an ERROR,
-    // and at most once; it must never run the duplicate.
-    assert!(before.len() <= 1, "{before:?}");
-    for m in before {
-        assert!(matches!(m, Msg::Error { id: 5, .. }), "{m:?}");
-    }
 }
 
 #[tokio::test]
@@ -772,11 +777,7 @@ async fn duplicate_id_in_one_frame_is_a_protocol_error() {
         request(6, 0, "sleep", &[2]),
     ]))
     .await;
-    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
-    assert!(before.len() <= 1, "{before:?}");
-    for m in before {
-        assert!(matches!(m, Msg::Error { id: 6, .. }), "{m:?}");
-    }
+    p.expect_duplicate_refused(6).await;
 }
 
 #[tokio::test]
@@ -1372,11 +1373,7 @@ async fn a_request_in_fragments_reusing_an_id_in_flight_is_a_protocol_error() {
     p.assert_alive(1).await;
     p.send(&in_two_frames(&request(5, 0, "echo", &[2u8; 300]), 100))
         .await;
-    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
-    assert!(before.len() <= 1, "{before:?}");
-    for m in before {
-        assert!(matches!(m, Msg::Error { id: 5, .. }), "{m:?}");
-    }
+    p.expect_duplicate_refused(5).await;
 }
 
 #[tokio::test]
@@ -1444,11 +1441,7 @@ async fn a_health_check_reusing_an_id_in_flight_is_a_protocol_error() {
     p.assert_alive(1).await;
     p.send(&frame(&[request(5, 0, "towerpc.health.Check", &[])]))
         .await;
-    let before = p.expect_goaway_then_close(PROTOCOL_ERROR).await;
-    assert!(before.len() <= 1, "{before:?}");
-    for m in before {
-        assert!(matches!(m, Msg::Error { id: 5, .. }), "{m:?}");
-    }
+    p.expect_duplicate_refused(5).await;
 }
 
 #[tokio::test]
