@@ -894,6 +894,7 @@ where
         // limits are full, or a layer of the user's pushes back) the socket is not read. A
         // shutdown does not wait for it.
         let mut waited = false;
+        let (tasks, conn) = (self.tasks, self.conn);
         let ready = tokio::select! {
             // Readiness first: a ready stack (the common case) never polls the others.
             biased;
@@ -902,12 +903,11 @@ where
                 if poll.is_pending() && !waited {
                     waited = true;
                     // About to wait: a duplicate is judged now, as it was read (see
-                    // `DUPLICATE`). With no task running nothing is in flight.
-                    let tasks = !self.tasks.is_empty();
-                    if tasks && id.is_some_and(|id| self.conn.lock().in_flight.contains_key(&id)) {
+                    // `DUPLICATE`).
+                    if in_flight(tasks, conn, id) {
                         return std::task::Poll::Ready(None);
                     }
-                    self.conn.wake_writer_now();
+                    conn.wake_writer_now();
                 }
                 poll.map(Some)
             }) => match r {
@@ -950,10 +950,9 @@ where
         }
     }
 
-    /// Whether request `id` is in flight (read and not yet answered). With no task running
-    /// nothing is (see [`Ctx::spawn`]), which spares the lock.
+    /// Whether request `id` is in flight (read and not yet answered).
     fn in_flight(&self, id: Option<u32>) -> bool {
-        id.is_some_and(|id| !self.tasks.is_empty() && self.conn.lock().in_flight.contains_key(&id))
+        in_flight(self.tasks, self.conn, id)
     }
 
     /// Starts the reader's clock afresh: what it did before (waiting for a frame, or for the
@@ -1129,6 +1128,12 @@ async fn ping_while_busy(conn: &Conn) {
 
 /// Resolves once nothing is in flight (after a short linger that lets requests already on
 /// the wire arrive and be refused) or the grace period is over.
+/// Whether request `id` is in flight on `conn` (read and not yet answered). With no task
+/// running nothing is (see [`Ctx::spawn`]), which spares the lock.
+fn in_flight(tasks: &TaskTracker, conn: &Conn, id: Option<u32>) -> bool {
+    id.is_some_and(|id| !tasks.is_empty() && conn.lock().in_flight.contains_key(&id))
+}
+
 async fn drained(tasks: &TaskTracker, deadline: Option<tokio::time::Instant>) {
     let Some(deadline) = deadline else {
         return std::future::pending().await;
