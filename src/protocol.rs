@@ -1,8 +1,12 @@
-//! Protocol rules both ends share, next to the codec: the preface negotiation (PROTOCOL.md §3)
-//! and the mapping between [`Status`] and the ERROR and GOAWAY messages (§5.3, §5.6, §10). The
-//! client and the server engines call these rather than each keeping its own copy.
+//! Protocol rules both ends share, next to the codec: the preface negotiation (PROTOCOL.md §3),
+//! the mapping between [`Status`] and the ERROR and GOAWAY messages (§5.3, §5.6, §10), and the
+//! budgets of control messages (§11). The client and the server engines call these rather than
+//! each keeping its own copy.
+
+use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use crate::codec::{CodecError, Compression, Message, Preface, Role};
 use crate::error::{Code, Status};
@@ -117,6 +121,60 @@ pub(crate) fn goaway_protocol(e: &CodecError) -> Message {
 /// and a client's for its server.
 pub(crate) const MAX_PINGS_PER_SEC: u32 = 100;
 
+/// Useless CANCELs (for an id not in flight, or within 100 ms of their request) a client may
+/// send per second beyond the calls answered in that second, before a server closes the
+/// connection with GOAWAY RESOURCE_EXHAUSTED "too many cancels" (PROTOCOL.md §11).
+pub(crate) const MAX_USELESS_CANCELS_PER_SEC: u32 = 1000;
+
+/// CANCELs a client sends per second at most; past it a given-up call's CANCEL is left out
+/// (it is a hint, PROTOCOL.md §8: the server runs the handler on and its reply is dropped).
+/// Half the server's allowance for useless ones: the two sides' one-second windows do not
+/// line up, and any second of the server's overlaps at most two of the client's, so a client
+/// within this never makes a server count more than [`MAX_USELESS_CANCELS_PER_SEC`], however
+/// its CANCELs fall. A client that gives up calls that fast (a stuck server, a caller that
+/// drops calls in bulk) would otherwise have the connection closed, and every other call on
+/// it failed, for honest CANCELs.
+pub(crate) const MAX_CANCELS_PER_SEC: u32 = MAX_USELESS_CANCELS_PER_SEC / 2;
+
+/// Events counted in one-second windows against a budget: the budgets of control messages
+/// (PROTOCOL.md §11), kept by each side for what its peer sends and by a client for the
+/// CANCELs it sends. A window starts with the first event after the last one ended.
+#[derive(Debug)]
+pub(crate) struct PerSecond {
+    window: Instant,
+    count: u32,
+}
+
+impl PerSecond {
+    pub(crate) fn new(now: Instant) -> Self {
+        PerSecond {
+            window: now,
+            count: 0,
+        }
+    }
+
+    /// Counts an event at `now`; returns whether it started a new window.
+    pub(crate) fn count(&mut self, now: Instant) -> bool {
+        let rolled = now.duration_since(self.window) >= Duration::from_secs(1);
+        if rolled {
+            *self = PerSecond::new(now);
+        }
+        self.count = self.count.saturating_add(1);
+        rolled
+    }
+
+    /// Events counted in the current window, the last one included.
+    pub(crate) fn so_far(&self) -> u32 {
+        self.count
+    }
+
+    /// Counts an event at `now`; returns whether it is within `max` for its window.
+    pub(crate) fn admit(&mut self, now: Instant, max: u32) -> bool {
+        self.count(now);
+        self.count <= max
+    }
+}
+
 /// The GOAWAY with `code` and `reason`: OK starts a graceful close (§10.1), any other code
 /// closes the connection.
 pub(crate) fn goaway(code: u16, reason: &'static str) -> Message {
@@ -138,6 +196,30 @@ pub(crate) fn goaway_status(code: u16, reason: &[u8]) -> Status {
 mod tests {
     use super::*;
     use crate::codec::code;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_is_counted_per_second_from_the_first_event_after_the_last_window() {
+        let mut pings = PerSecond::new(Instant::now());
+        for _ in 0..MAX_PINGS_PER_SEC {
+            assert!(pings.admit(Instant::now(), MAX_PINGS_PER_SEC));
+        }
+        assert!(!pings.admit(Instant::now(), MAX_PINGS_PER_SEC), "one past");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(pings.count(Instant::now()), "a new window");
+        assert_eq!(pings.so_far(), 1);
+        for _ in 1..MAX_PINGS_PER_SEC {
+            assert!(
+                pings.admit(Instant::now(), MAX_PINGS_PER_SEC),
+                "a new second"
+            );
+        }
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!pings.count(Instant::now()), "still that window");
+        assert!(
+            !pings.admit(Instant::now(), MAX_PINGS_PER_SEC),
+            "still that second"
+        );
+    }
 
     #[test]
     fn server_answers_with_the_first_accepted_compression_offered() {

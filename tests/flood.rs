@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -120,5 +122,49 @@ async fn cancelling_calls_that_ran_is_not_a_flood() {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    }
+}
+
+/// A towerpc client that gives up thousands of calls at once (callers dropped right after
+/// their requests left, the pattern of "rapid reset") keeps within the server's cancel
+/// budget: it leaves out the CANCELs past its own (PROTOCOL.md §8, §11), so the connection,
+/// and every other call on it, lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_giving_up_calls_in_bulk_keeps_its_connection() {
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let svc = {
+        let arrived = arrived.clone();
+        support::service(move |req: towerpc::Request| {
+            let arrived = arrived.clone();
+            async move {
+                if req.method() == "Sleep" {
+                    arrived.fetch_add(1, SeqCst);
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                Ok(towerpc::Response::new(req.into_body()))
+            }
+        })
+    };
+    let server = support::serve(Server::builder(), svc).await;
+    let client = Client::builder()
+        .max_pending(10_000)
+        .connect(server.addr)
+        .await
+        .unwrap();
+    for round in 1..=2 {
+        let mut callers = tokio::task::JoinSet::new();
+        for i in 0..3000u64 {
+            let client = client.clone();
+            callers.spawn(async move { client.invoke::<_, u64>("Sleep", &i).await });
+        }
+        support::eventually("3,000 requests running", BOUND, || {
+            arrived.load(SeqCst) == 3000 * round
+        })
+        .await;
+        callers.shutdown().await;
+        // Whatever CANCELs went, the server has read them by the time it answers this.
+        honest_call(&client).await;
+        assert_eq!(client.stats().dials, 1, "the connection was closed");
+        assert_eq!(server.stats().protocol_errors, 0);
     }
 }

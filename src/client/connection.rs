@@ -21,7 +21,7 @@ use crate::conn::{
     exchange_preface, wire, write_loop, FrameReader, Spin, WriteOptions, MESSAGE_CHUNK,
 };
 use crate::error::{Code, Error, Kind, Result, Status};
-use crate::protocol;
+use crate::protocol::{self, PerSecond};
 use crate::stats::{with_dial_counters, Counters, MaybeCounted};
 use crate::transport::Connected;
 use crate::BoxError;
@@ -41,38 +41,8 @@ enum End {
     /// The server closed with a reason.
     GoAway(Status),
     Stalled,
-    /// The server sent control messages past their budget ([`Pings`]).
+    /// The server sent control messages past their budget (PROTOCOL.md §11).
     Flood(&'static str),
-}
-
-/// The server's PINGs in the current one-second window. Each costs a PONG, queued even while
-/// the server reads nothing (a server that floods PINGs and never reads made a client queue
-/// 90 MB of PONGs before its write timeout), so a server gets the budget a client gets
-/// (PROTOCOL.md §11): past [`protocol::MAX_PINGS_PER_SEC`] in a second the client closes with
-/// GOAWAY RESOURCE_EXHAUSTED. An honest server pings a few times a second at most (every
-/// 250 ms while it waits for a handler slot, §9).
-#[derive(Debug)]
-struct Pings {
-    window: Instant,
-    count: u32,
-}
-
-impl Pings {
-    fn new(now: Instant) -> Self {
-        Pings {
-            window: now,
-            count: 0,
-        }
-    }
-
-    /// A PING arrived at `now`: whether it is past the budget.
-    fn past_budget(&mut self, now: Instant) -> bool {
-        if now.duration_since(self.window) >= Duration::from_secs(1) {
-            *self = Pings::new(now);
-        }
-        self.count += 1;
-        self.count > protocol::MAX_PINGS_PER_SEC
-    }
 }
 
 /// Connections that lived shorter than this are followed by a backoff wait, not an immediate
@@ -426,7 +396,7 @@ where
         .min()
         .map_or(Duration::from_secs(3600), |t| t / 4);
     let mut last_recv = Instant::now();
-    let mut pings = Pings::new(last_recv);
+    let mut pings = PerSecond::new(last_recv);
     // When a reply last arrived: a server that answers pings but no calls is stuck.
     let mut last_reply = last_recv;
     let mut pinged = false;
@@ -505,7 +475,13 @@ where
                         inner.answer(id, Err(Error::remote(status)), &mut out)
                     }
                     Message::Ping { data } => {
-                        if pings.past_budget(last_recv) {
+                        // Each PING costs a PONG, queued even while the server reads
+                        // nothing: a server that floods PINGs and never reads made a client
+                        // queue 90 MB of PONGs before its write timeout. So a server gets the
+                        // budget a client gets (PROTOCOL.md §11); an honest one pings a few
+                        // times a second at most (every 250 ms while it waits for a handler
+                        // slot, §9).
+                        if !pings.admit(last_recv, protocol::MAX_PINGS_PER_SEC) {
                             end = Some(End::Flood("too many pings"));
                             break;
                         }
@@ -683,24 +659,4 @@ fn check_stall(
         shared.notify_writer.notify_one();
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_servers_ping_budget_is_counted_per_second() {
-        let mut pings = Pings::new(Instant::now());
-        for _ in 0..protocol::MAX_PINGS_PER_SEC {
-            assert!(!pings.past_budget(Instant::now()));
-        }
-        assert!(pings.past_budget(Instant::now()), "one past the budget");
-        tokio::time::advance(Duration::from_secs(1)).await;
-        for _ in 0..protocol::MAX_PINGS_PER_SEC {
-            assert!(!pings.past_budget(Instant::now()), "a new second");
-        }
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert!(pings.past_budget(Instant::now()), "still that second");
-    }
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{Batch, Message, Outbox};
 use crate::conn::{Padded, Source, MAX_BATCH_YIELDS};
 use crate::error::{Error, Kind, Result};
+use crate::protocol::{self, PerSecond};
 use crate::stats::Counters;
 use crate::{Request, Response, Timeout};
 
@@ -217,6 +218,8 @@ pub(crate) struct Inner {
     /// Calls that stopped waiting under this lock: their slots of [`Shared::permits`] go back
     /// when it is released ([`Locked`]), once for all of them.
     freed: usize,
+    /// CANCELs sent in the current second, against [`protocol::MAX_CANCELS_PER_SEC`].
+    cancels: PerSecond,
 }
 
 /// Why [`Shared::start`] did not queue a call.
@@ -308,6 +311,7 @@ impl Shared {
                 deadlines: VecDeque::new(),
                 expiry_seq: 0,
                 epoch: Instant::now(),
+                cancels: PerSecond::new(Instant::now()),
                 busy_since: None,
                 takes: 0,
                 counted_up: false,
@@ -579,7 +583,7 @@ impl Shared {
         }
         if cancel && matches!(inner.phase, Phase::Connected | Phase::Draining) {
             let was_empty = inner.outbox.is_empty();
-            if inner.outbox.push(&Message::Cancel { id }).is_ok() && was_empty {
+            if inner.cancel(id) && was_empty {
                 drop(inner);
                 self.notify_writer.notify_one();
             }
@@ -718,7 +722,7 @@ impl Inner {
                     Error::new(Kind::Overloaded).target(shared.config.target.as_ref())
                 ));
                 if !self.withdraw(id) && self.phase == Phase::Connected {
-                    let _ = self.outbox.push(&Message::Cancel { id });
+                    self.cancel(id);
                 }
                 return true;
             }
@@ -729,7 +733,7 @@ impl Inner {
     /// The server has answered no call for the stall bound although it is alive (it answers
     /// PINGs): its handlers are stuck. Every waiting call that has no deadline of its own fails
     /// at once with `is_stalled()`, rather than waiting out the client's default timeout, and
-    /// the server is told to stop it (CANCEL). Calls with their own deadline keep waiting for
+    /// the server is told to stop it (CANCEL, within the budget). Calls with their own deadline keep waiting for
     /// it. Returns how many failed, and whether the writer needs a wake-up.
     pub(crate) fn fail_stuck(
         &mut self,
@@ -753,9 +757,19 @@ impl Inner {
                 .target(shared.config.target.as_ref())
                 .with("the server answers pings but no calls".to_string());
             out.push((tx, Err(e)));
-            cancelled |= self.outbox.push(&Message::Cancel { id }).is_ok();
+            cancelled |= self.cancel(id);
         }
         cancelled && was_empty
+    }
+
+    /// Queues a CANCEL for `id`, a call given up whose request has left, if this second's
+    /// budget has room ([`protocol::MAX_CANCELS_PER_SEC`]); returns whether it did. Past the
+    /// budget the server is not told: its handler runs on, and the reply is dropped when it
+    /// comes (the id stays reserved until then), as for any CANCEL that crosses its reply.
+    fn cancel(&mut self, id: u32) -> bool {
+        self.cancels
+            .admit(Instant::now(), protocol::MAX_CANCELS_PER_SEC)
+            && self.outbox.push(&Message::Cancel { id }).is_ok()
     }
 
     /// Takes the request of `id`, a call just given up, back out of the outbox if none of it

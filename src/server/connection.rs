@@ -786,8 +786,7 @@ where
                 None
             }
             Message::Ping { data } => {
-                let answered = self.conn.answered.load(Ordering::Relaxed);
-                if let Some(why) = self.flood.ping(arrived, answered) {
+                if let Some(why) = self.flood.ping(arrived) {
                     return Some(Stop::Flood(why));
                 }
                 self.conn.push_now(&Message::Pong { data });
