@@ -168,3 +168,25 @@ async fn a_client_giving_up_calls_in_bulk_keeps_its_connection() {
         assert_eq!(server.stats().protocol_errors, 0);
     }
 }
+
+/// A towerpc client whose keepalive interval is shorter than the server's PING budget allows
+/// (1 ms, against 100 PINGs a second) sends at most 50 a second, so it keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_a_tiny_keepalive_keeps_within_the_ping_budget() {
+    let server = support::serve(Server::builder(), support::echo()).await;
+    let client = Client::builder()
+        .keepalive(Duration::from_millis(1))
+        .connect(server.addr)
+        .await
+        .unwrap();
+    // Idle for over a second of PINGs and PONGs (a server window or two).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    honest_call(&client).await;
+    assert_eq!(client.stats().dials, 1, "the connection was closed");
+    assert_eq!(server.stats().protocol_errors, 0);
+    let frames = server.stats().frames_read;
+    assert!(
+        frames <= 2 * 50 + 10,
+        "{frames} frames: PINGs past 50 a second"
+    );
+}

@@ -219,8 +219,9 @@ impl Builder {
     /// ([`stall_timeout`](Self::stall_timeout)) after: a connection that died while idle (a
     /// server that vanished, a NAT that forgot the flow) is found before a call needs it, and
     /// the client redials. Default `None` (off, as in gRPC): with calls pending the stall bound
-    /// finds a dead server anyway. Nothing happens with the stall bound off. Servers accept a
-    /// ping a second and more; keep `interval` in seconds or longer.
+    /// finds a dead server anyway. Nothing happens with the stall bound off. Keep `interval`
+    /// in seconds or longer: the client never pings more than 50 times a second (half the
+    /// budget a server gives it, PROTOCOL.md §11), however short the interval.
     ///
     /// # Examples
     ///

@@ -45,6 +45,35 @@ enum End {
     Flood(&'static str),
 }
 
+/// The client's own PINGs: one per silence (none while one is unanswered), and never two
+/// within [`MIN_PING_GAP`].
+#[derive(Debug, Default)]
+struct Pinging {
+    /// A PING went out and nothing has been received since.
+    outstanding: bool,
+    last: Option<Instant>,
+}
+
+/// The least time between two of the client's PINGs: at most 50 a second, half the budget a
+/// server gives its client (PROTOCOL.md §11), since the two sides' one-second windows need not
+/// line up. Only a stall bound under 40 ms or a keepalive interval under 20 ms would ping
+/// faster; before, such a client had its connection closed with GOAWAY RESOURCE_EXHAUSTED
+/// "too many pings".
+const MIN_PING_GAP: Duration = Duration::from_millis(2000 / protocol::MAX_PINGS_PER_SEC as u64);
+
+impl Pinging {
+    /// Whether a PING may go now; if so, it is counted as sent.
+    fn may_ping(&mut self) -> bool {
+        let now = Instant::now();
+        if self.outstanding || self.last.is_some_and(|at| now - at < MIN_PING_GAP) {
+            return false;
+        }
+        self.outstanding = true;
+        self.last = Some(now);
+        true
+    }
+}
+
 /// Connections that lived shorter than this are followed by a backoff wait, not an immediate
 /// redial, and do not start the backoff schedule over, so a server that accepts and drops at
 /// once is not hammered.
@@ -399,7 +428,7 @@ where
     let mut pings = PerSecond::new(last_recv);
     // When a reply last arrived: a server that answers pings but no calls is stuck.
     let mut last_reply = last_recv;
-    let mut pinged = false;
+    let mut pinging = Pinging::default();
     let mut out: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
     let lone = LoneWorker::new();
     // The reader spins (`Builder::reply_spin`, `Spin`) however many calls are out. With one
@@ -423,7 +452,7 @@ where
                 if let Some(stall) = stall {
                     let times = Silence { last_recv, last_reply };
                     let check = Check { stall, keepalive };
-                    if let Some(end) = check_stall(shared, times, check, &mut pinged, &mut out) {
+                    if let Some(end) = check_stall(shared, times, check, &mut pinging, &mut out) {
                         return end;
                     }
                     for (tx, reply) in out.drain(..) {
@@ -441,7 +470,7 @@ where
             Err(e) => return End::Protocol(e),
         };
         last_recv = Instant::now();
-        pinged = false;
+        pinging.outstanding = false;
         let mut replied = false;
         Counters::inc(&shared.counters.frames_read);
         let mut wake = false;
@@ -616,7 +645,7 @@ fn check_stall(
     shared: &Shared,
     times: Silence,
     Check { stall, keepalive }: Check,
-    pinged: &mut bool,
+    pinging: &mut Pinging,
     out: &mut Vec<(oneshot::Sender<Reply>, Reply)>,
 ) -> Option<End> {
     let mut inner = shared.lock();
@@ -630,8 +659,7 @@ fn check_stall(
             if silent >= interval + stall {
                 return Some(End::Stalled);
             }
-            if silent >= interval && !*pinged {
-                *pinged = true;
+            if silent >= interval && pinging.may_ping() {
                 let wake = inner.push_control(&Message::Ping { data: 0 });
                 drop(inner);
                 if wake {
@@ -646,8 +674,7 @@ fn check_stall(
         return Some(End::Stalled);
     }
     let mut wake = false;
-    if silent >= stall / 2 && !*pinged {
-        *pinged = true;
+    if silent >= stall / 2 && pinging.may_ping() {
         wake |= inner.push_control(&Message::Ping { data: 0 });
     }
     let unanswered = busy_since.max(times.last_reply).elapsed();
