@@ -403,10 +403,13 @@ pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     codec: FrameCodec,
-    /// Bound on reading one frame once its first byte has arrived.
+    /// Bound on the time spent waiting for one frame's bytes once its first byte has arrived.
     frame_timeout: Option<Duration>,
-    /// When the frame being read began, while one is partly read.
-    frame_started: Option<tokio::time::Instant>,
+    /// Time spent waiting in reads for the frame (or the message in fragments) being read.
+    /// Only the waits count: while the reader does not read (its owner is busy, or holds it
+    /// back: a server's concurrency limit, its memory budget) the peer cannot send either,
+    /// so a frame half in when the reader stopped has not been slow to arrive.
+    frame_waited: Duration,
     gate: Option<ReadGate>,
 }
 
@@ -426,7 +429,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(DEFAULT_BUFFER_SIZE),
             codec,
             frame_timeout: None,
-            frame_started: None,
+            frame_waited: Duration::ZERO,
             gate: None,
         }
     }
@@ -437,8 +440,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
-    /// Bounds how long one frame may take to arrive once its first byte has: a peer that
-    /// announces a frame and then sends its body a byte a second is cut off.
+    /// Bounds how long this side may wait for one frame to arrive once its first byte has
+    /// (time it spends not reading does not count): a peer that announces a frame and then
+    /// sends its body a byte a second is cut off.
     pub(crate) fn frame_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.frame_timeout = timeout;
         self
@@ -478,11 +482,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
         // The next frame's clock starts with its first byte (maybe already here). A message in
-        // fragments keeps the clock of its first piece: all of them must arrive within the
-        // bound, as a whole frame's bytes must. Only now, with this frame's pieces taken in,
+        // fragments keeps the clock of its first piece: the waits for all of them count
+        // against the bound, as for a whole frame's bytes. Only now, with this frame's pieces taken in,
         // is it known whether one is still on its way.
         if frame.left() == 0 && !self.codec.in_message() {
-            self.frame_started = None;
+            self.frame_waited = Duration::ZERO;
         }
         Ok(())
     }
@@ -560,10 +564,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 // A timer only while a frame is partly read: the common case, a read between
                 // frames, arms none.
                 Some(t) => {
-                    let started = *self
-                        .frame_started
-                        .get_or_insert_with(tokio::time::Instant::now);
-                    match tokio::time::timeout_at(started + t, read).await {
+                    let started = tokio::time::Instant::now();
+                    let left = t.saturating_sub(self.frame_waited);
+                    let res = tokio::time::timeout_at(started + left, read).await;
+                    self.frame_waited += started.elapsed();
+                    match res {
                         Ok(res) => res,
                         Err(_) => {
                             return Err(CodecError::Io(io::Error::new(

@@ -189,3 +189,109 @@ async fn a_frame_after_a_message_in_fragments_has_a_clock_of_its_own() {
         ]
     );
 }
+
+/// A REQUEST for `method` with `body`, no timeout and no metadata.
+fn request(id: u32, method: &str, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0x01];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0, method.len() as u8, 0, 0]);
+    m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    m.extend_from_slice(method.as_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// `msgs` as one frame.
+fn frame(msgs: &[&[u8]]) -> Vec<u8> {
+    let len: usize = msgs.iter().map(|m| m.len()).sum();
+    let mut f = (len as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&(msgs.len() as u16).to_be_bytes());
+    for m in msgs {
+        f.extend_from_slice(m);
+    }
+    f
+}
+
+/// A FRAGMENT (PROTOCOL.md §5.7) carrying `data`.
+fn fragment(data: &[u8], more: bool) -> Vec<u8> {
+    let mut m = vec![0x09, u8::from(more)];
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+#[tokio::test(start_paused = true)]
+async fn time_the_server_spends_not_reading_does_not_count_against_a_message() {
+    // One handler at a time; `slow` holds it for 20 s. A request arrives in two pieces, and
+    // between them a small request that waits for the handler: the server stops reading for
+    // it (pushing back on the socket) with the message half in. The last piece comes 1 s after
+    // the server reads again, 21 s after the first: the server was waiting for it 1 s, within
+    // the 5 s frame read timeout, and serves all three.
+    let (mut client, server_end) = tokio::io::duplex(64 * 1024);
+    let svc = support::service(|req: towerpc::Request| async move {
+        if req.method() == "slow" {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        }
+        Ok(towerpc::Response::new(req.into_body()))
+    });
+    let server = Server::builder()
+        .frame_read_timeout(Duration::from_secs(5))
+        .max_concurrency(1);
+    let incoming = futures_util::stream::iter([Ok::<_, std::io::Error>(server_end)])
+        .chain(futures_util::stream::pending());
+    tokio::spawn(server.serve_with_incoming(incoming, svc));
+    client
+        .write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
+        .await
+        .unwrap();
+    let mut preface = [0u8; PREFACE_LEN];
+    client.read_exact(&mut preface).await.unwrap();
+
+    let (mut reader, mut writer) = tokio::io::split(client);
+    let step = Duration::from_millis(10);
+    writer
+        .write_all(&frame(&[&request(1, "slow", b"s")]))
+        .await
+        .unwrap();
+    tokio::time::sleep(step).await;
+    let big = request(2, "echo", &[7u8; 100]);
+    writer
+        .write_all(&frame(&[&fragment(&big[..50], true)]))
+        .await
+        .unwrap();
+    tokio::time::sleep(step).await;
+    writer
+        .write_all(&frame(&[&request(3, "echo", b"small")]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    writer
+        .write_all(&frame(&[&fragment(&big[50..], false)]))
+        .await
+        .unwrap();
+
+    let mut codec = towerpc::codec::FrameCodec::new();
+    let mut buf = bytes::BytesMut::new();
+    let mut answered = Vec::new();
+    while answered.len() < 3 {
+        use tokio_util::codec::Decoder;
+        if let Some(frame) = codec.decode(&mut buf).unwrap() {
+            for m in frame.into_messages() {
+                match m {
+                    towerpc::codec::Message::Response { id, .. } => answered.push(id),
+                    towerpc::codec::Message::Ping { .. } => {}
+                    other => panic!("unexpected {other:?} after {answered:?}"),
+                }
+            }
+            continue;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), reader.read_buf(&mut buf))
+            .await
+            .expect("nothing more from the server")
+            .unwrap();
+        assert!(n > 0, "the server hung up after answering {answered:?}");
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [1, 2, 3]);
+}

@@ -349,9 +349,12 @@ impl<L> Server<L> {
         self
     }
 
-    /// Bound on reading one frame once its first byte has arrived. Default 30 s. A client that
-    /// announces a frame and then sends it a byte at a time (slowloris) is disconnected; one
-    /// that sends nothing between frames is not affected. `None` disables it.
+    /// Bound on the time spent waiting for one frame (or all the fragments of one message)
+    /// once its first byte has arrived. Default 30 s. A client that announces a frame and then
+    /// sends it a byte at a time (slowloris) is disconnected; one that sends nothing between
+    /// frames is not affected, nor one whose frame was half in when the server stopped reading
+    /// for a while (its concurrency limit full, its memory budget spent): only the time the
+    /// server waits to read counts. `None` disables it.
     #[must_use]
     pub fn frame_read_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
         self.config.frame_read_timeout = d.into().map(crate::deadline::clamp);
