@@ -45,10 +45,15 @@ impl Budget {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// Whether the total is over the budget.
+    pub(super) fn is_over(&self) -> bool {
+        self.used.load(Ordering::Relaxed) > self.max
+    }
+
     /// Whether a connection holding `mine` must stop reading: the total is over the budget and
     /// it holds more than an even share.
     pub(super) fn over(&self, mine: usize) -> bool {
-        self.used.load(Ordering::Relaxed) > self.max && mine > self.share()
+        self.is_over() && mine > self.share()
     }
 
     /// Whether a connection holding `mine` must be closed: pausing its reader was not enough

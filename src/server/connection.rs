@@ -26,7 +26,7 @@ use super::recover::status_from_error;
 use super::Config;
 use crate::codec::{code, Batch, CodecError, Compression, FrameCodec, Message, Outbox, Preface};
 use crate::conn::{
-    wire, write_loop, FrameReader, Padded, Source, Spin, WindowGate, WriteOptions,
+    wire, write_loop, FrameReader, Padded, ReadGate, Source, Spin, WindowGate, WriteOptions,
     MAX_BATCH_YIELDS, MESSAGE_CHUNK,
 };
 use crate::error::{Code, Status};
@@ -416,17 +416,9 @@ pub(super) async fn serve<S, IO>(
         .new_codec();
     // While the server is over its byte budget, a connection holding more than its share stops
     // reading even in the middle of a frame: what a peer sends waits in its socket, not here.
-    let gate_conn = conn.clone();
-    let gate = Box::new(move |buffered: usize| {
-        gate_conn.reading.store(buffered, Ordering::Relaxed);
-        let (_, held) = gate_conn.held_now();
-        let go = !gate_conn.budget.over(held);
-        gate_conn.pace(go);
-        go
-    });
     let mut reader = FrameReader::new(r, codec)
         .frame_timeout(config.frame_read_timeout)
-        .gate(gate);
+        .gate(BudgetGate(conn.clone()));
     let tasks = TaskTracker::new();
     let info = Arc::new(info);
     let mut ctx = Ctx {
@@ -488,6 +480,27 @@ pub(super) async fn serve<S, IO>(
         reader.linger(crate::conn::LINGER).await;
     }
     conn.account.close(&conn.budget);
+}
+
+/// The server's byte budget, as its connection's reader asks it ([`ReadGate`]): while the
+/// server is over the budget, a connection holding more than an even share stops reading even
+/// in the middle of a frame (what its peer sends waits in its socket, not here), and every
+/// read between frames takes a little only.
+struct BudgetGate(Arc<Conn>);
+
+impl ReadGate for BudgetGate {
+    fn may_read(&self, held: usize) -> bool {
+        let conn = &self.0;
+        conn.reading.store(held, Ordering::Relaxed);
+        let (_, held) = conn.held_now();
+        let go = !conn.budget.over(held);
+        conn.pace(go);
+        go
+    }
+
+    fn short(&self) -> bool {
+        self.0.budget.is_over()
+    }
 }
 
 /// Stops every handler still running, answers each CANCELLED, queues `last` and marks the

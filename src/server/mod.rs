@@ -465,7 +465,12 @@ impl<L> Server<L> {
     /// backpressure), even in the middle of a frame, and lighter connections carry on. If the
     /// replies of calls already running push the total to half as much again, those heavy
     /// connections are closed (GOAWAY RESOURCE_EXHAUSTED). A connection can pass its share by
-    /// about one read buffer's growth. Not counted: the buffers of requests reassembled from
+    /// about one read buffer's growth; meanwhile every connection's reads between frames take
+    /// 4 KiB at most (64 KiB otherwise), so that many connections each sending most of a
+    /// frame cannot pass the cap together (9,000 such connections made a server with the
+    /// default cap hold 702 MiB; now 374 MiB, of which about 16 KiB a connection is what any
+    /// connection costs, idle or not: see [`max_connections`](Self::max_connections)). Not
+    /// counted: the buffers of requests reassembled from
     /// fragments, kept for the next ones once their handlers are done with them (at most two a
     /// connection and 32 MiB in the whole process); a connection over its share frees its own.
     #[must_use]
