@@ -5,10 +5,12 @@
 //! starting or stopping twice, which gorpc makes a panic, is a compile error or harmless here.
 //!
 //! Not repeated here: `TestTCPTransport`, `TestUnixTransport` and `TestTLSTransport` run the
-//! larger call suite of tests/transport.rs over each transport, and `dispatcher_test.go`'s
-//! calls (functions and services by name, argument and result shapes, one-way messages and
-//! batches through the dispatcher) are in tests/dispatch.rs; its tests of functions Go can
-//! only refuse at run time (a channel argument, too many results) are type errors in Rust.
+//! larger call suite of tests/transport.rs over each transport, and most of
+//! `dispatcher_test.go`'s calls (functions and services by name, argument and result shapes,
+//! unknown names, one-way messages and batches through the dispatcher) are in
+//! tests/dispatch.rs; the few it does not hold are at the end of this file. Its tests of
+//! functions Go can only refuse at run time (a channel argument, too many results) are type
+//! errors in Rust.
 
 mod support;
 
@@ -916,4 +918,78 @@ async fn get_real_listener_addr() {
     let real = incoming.local_addr().unwrap();
     assert_eq!(real.ip().to_string(), "127.0.0.1");
     assert_ne!(real.port(), 0);
+}
+
+// ===== dispatcher_test.go =====
+
+async fn dispatch(d: towerpc::dispatch::Dispatcher) -> (TestServer, Client) {
+    let server = support::serve(Server::builder(), support::dispatcher(d)).await;
+    let client = client().connect(server.addr).await.unwrap();
+    (server, client)
+}
+
+/// `TestDispatcherRecursiveStructArg`: a struct that holds another of its type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_recursive_struct_arg() {
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Node {
+        name: String,
+        next: Option<Box<Node>>,
+    }
+    let d = towerpc::dispatch::Dispatcher::new().route("Depth", |mut n: Node| async move {
+        let mut depth = 1u32;
+        while let Some(next) = n.next {
+            n = *next;
+            depth += 1;
+        }
+        (depth, n.name)
+    });
+    let (_server, client) = dispatch(d).await;
+    let list = (0..10).fold(None, |next, i| {
+        Some(Box::new(Node {
+            name: format!("n{i}"),
+            next,
+        }))
+    });
+    let (depth, last): (u32, String) = client.invoke("Depth", &*list.unwrap()).await.unwrap();
+    assert_eq!((depth, last.as_str()), (10, "n0"));
+}
+
+/// `TestDispatcherMapArgCall`, `TestDispatcherArrayArgCall`, `TestDispatcherSliceArgCall`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_map_array_slice_args() {
+    use std::collections::HashMap;
+
+    let d = towerpc::dispatch::Dispatcher::new()
+        .route("Map", |m: HashMap<String, i64>| async move {
+            m.into_iter()
+                .map(|(k, v)| (v, k))
+                .collect::<HashMap<i64, String>>()
+        })
+        .route("Array", |a: [u8; 5]| async move {
+            a.iter().map(|&b| u32::from(b)).sum::<u32>()
+        })
+        .route("Slice", |v: Vec<String>| async move { v.concat() });
+    let (_server, client) = dispatch(d).await;
+    let m: HashMap<String, i64> = [("a".into(), 1), ("b".into(), 2)].into();
+    let back: HashMap<i64, String> = client.invoke("Map", &m).await.unwrap();
+    assert_eq!(back, [(1, "a".into()), (2, "b".into())].into());
+    let sum: u32 = client.invoke("Array", &[1u8, 2, 3, 4, 5]).await.unwrap();
+    assert_eq!(sum, 15);
+    let s: String = client.invoke("Slice", &["foo", "bar"]).await.unwrap();
+    assert_eq!(s, "foobar");
+}
+
+/// `TestDispatcherSendWrongFunc`: a one-way message to a name nobody serves is sent without
+/// error (no reply says otherwise), and the connection carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_send_wrong_func() {
+    let d = towerpc::dispatch::Dispatcher::new().route("Echo", |n: i64| async move { n });
+    let (server, client) = dispatch(d).await;
+    for _ in 0..10 {
+        client.send("Nobody", &1i64).unwrap();
+    }
+    int_client(&client).await;
+    assert_eq!(client.stats().dials, 1);
+    assert_eq!(server.stats().protocol_errors, 0);
 }
