@@ -25,7 +25,8 @@ const MIB: usize = 1024 * 1024;
 const REPLY: usize = 64 * 1024;
 const GREEDY: usize = 8;
 
-/// Replies 64 KiB to `big`, holds the request 2 s for `hold`, echoes anything else.
+/// Replies 64 KiB to `big`, and to `late` 100 ms later; holds the request 2 s for `hold`;
+/// echoes anything else.
 ///
 /// `big` yields once first, as a handler that does any I/O would: it runs on a task of its
 /// own, not on the reader, so the reader goes on reading while replies are still being made
@@ -36,6 +37,10 @@ fn service() -> support::Svc {
         match req.method() {
             "big" => {
                 tokio::task::yield_now().await;
+                Ok(Response::new(Bytes::from(vec![7u8; REPLY])))
+            }
+            "late" => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 Ok(Response::new(Bytes::from(vec![7u8; REPLY])))
             }
             "hold" => {
@@ -51,17 +56,21 @@ fn service() -> support::Svc {
 /// never reads a reply. Returns how many requests the server took before it stopped reading.
 async fn greedy(addr: std::net::SocketAddr, frames: u32) -> u32 {
     let mut s = support::raw_connect(addr).await;
-    let sent = send_big_requests(&mut s, frames).await;
+    let sent = send_big_requests(&mut s, "big", frames).await;
     // Hold the connection open without reading while the caller measures.
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(s);
     sent
 }
 
-/// Writes up to `frames` frames of 16 `big` requests to `s` without reading, until a write
+/// Writes up to `frames` frames of 16 `method` requests to `s` without reading, until a write
 /// hangs (a server that stopped reading fills the socket buffers) or fails; returns how many
 /// requests went out.
-async fn send_big_requests(s: &mut tokio::net::TcpStream, frames: u32) -> u32 {
+async fn send_big_requests(
+    s: &mut tokio::net::TcpStream,
+    method: &'static str,
+    frames: u32,
+) -> u32 {
     use tokio_util::codec::Encoder;
     let mut codec = FrameCodec::new();
     let mut sent = 0;
@@ -70,7 +79,7 @@ async fn send_big_requests(s: &mut tokio::net::TcpStream, frames: u32) -> u32 {
             .map(|i| Message::Request {
                 id: f * 16 + i + 1,
                 timeout_ms: 0,
-                method: "big".into(),
+                method: method.into(),
                 metadata: Bytes::new(),
                 body: Bytes::new(),
             })
@@ -324,7 +333,10 @@ async fn a_client_that_never_reads_is_told_why_it_is_closed() {
     )
     .await;
     let mut s = support::raw_connect(srv.addr).await;
-    send_big_requests(&mut s, 200).await;
+    // Replies that come 100 ms after their requests: by then the server has started many
+    // more, and their replies together pass half as much again as the budget. (Replies that
+    // come at once stop the reader before that: it pauses, and the client is not closed.)
+    send_big_requests(&mut s, "late", 200).await;
     // Now read all it sent: replies, then the GOAWAY, then the close.
     let mut conn = support::RawConn::new(s);
     let said = conn.read_to_end_within(Duration::from_secs(10)).await;
