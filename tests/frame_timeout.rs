@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::time::Instant;
-use towerpc::codec::{DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
+use towerpc::codec::{Message, DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
 use towerpc::Server;
 
 /// A server over an in-memory stream; returns the client's end, past the preface exchange.
@@ -38,6 +38,31 @@ async fn until_closed(client: &mut (impl tokio::io::AsyncRead + Unpin)) -> Insta
             Err(_) => panic!("the server never closed the connection"),
         }
     }
+}
+
+/// Reads the server's messages until `enough` says so; panics if the server hangs up, or sends
+/// nothing for `quiet`.
+async fn read_until(
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
+    quiet: Duration,
+    mut enough: impl FnMut(&[Message]) -> bool,
+) -> Vec<Message> {
+    use tokio_util::codec::Decoder;
+    let mut codec = towerpc::codec::FrameCodec::new();
+    let mut buf = bytes::BytesMut::new();
+    let mut got = Vec::new();
+    while !enough(&got) {
+        if let Some(frame) = codec.decode(&mut buf).unwrap() {
+            got.extend(frame.into_messages());
+            continue;
+        }
+        let n = tokio::time::timeout(quiet, reader.read_buf(&mut buf))
+            .await
+            .expect("nothing more from the server")
+            .unwrap();
+        assert!(n > 0, "the server hung up; got {got:?}");
+    }
+    got
 }
 
 /// Writes `first`, then `next(0)`, `next(1)` … a second apart until it returns `None`, and
@@ -162,22 +187,7 @@ async fn a_frame_after_a_message_in_fragments_has_a_clock_of_its_own() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     writer.write_all(&ping[4..]).await.unwrap();
     // The reply to the request, then the PONG: the connection is still open.
-    let mut codec = towerpc::codec::FrameCodec::new();
-    let mut buf = bytes::BytesMut::new();
-    let mut got = Vec::new();
-    while got.len() < 2 {
-        use tokio_util::codec::Decoder;
-        if let Some(frame) = codec.decode(&mut buf).unwrap() {
-            got.extend(frame.into_messages());
-            continue;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(1), reader.read_buf(&mut buf))
-            .await
-            .expect("nothing more from the server")
-            .unwrap();
-        assert!(n > 0, "the server hung up; got {got:?}");
-    }
-    use towerpc::codec::Message;
+    let got = read_until(&mut reader, Duration::from_secs(1), |got| got.len() == 2).await;
     assert_eq!(
         got,
         [
@@ -271,27 +281,21 @@ async fn time_the_server_spends_not_reading_does_not_count_against_a_message() {
         .await
         .unwrap();
 
-    let mut codec = towerpc::codec::FrameCodec::new();
-    let mut buf = bytes::BytesMut::new();
-    let mut answered = Vec::new();
-    while answered.len() < 3 {
-        use tokio_util::codec::Decoder;
-        if let Some(frame) = codec.decode(&mut buf).unwrap() {
-            for m in frame.into_messages() {
-                match m {
-                    towerpc::codec::Message::Response { id, .. } => answered.push(id),
-                    towerpc::codec::Message::Ping { .. } => {}
-                    other => panic!("unexpected {other:?} after {answered:?}"),
-                }
-            }
-            continue;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), reader.read_buf(&mut buf))
-            .await
-            .expect("nothing more from the server")
-            .unwrap();
-        assert!(n > 0, "the server hung up after answering {answered:?}");
-    }
+    let got = read_until(&mut reader, Duration::from_secs(10), |got| {
+        got.iter()
+            .filter(|m| matches!(m, Message::Response { .. }))
+            .count()
+            == 3
+    })
+    .await;
+    let mut answered: Vec<u32> = got
+        .iter()
+        .filter_map(|m| match m {
+            Message::Response { id, .. } => Some(*id),
+            Message::Ping { .. } => None,
+            other => panic!("unexpected {other:?} in {got:?}"),
+        })
+        .collect();
     answered.sort_unstable();
     assert_eq!(answered, [1, 2, 3]);
 }
