@@ -12,13 +12,23 @@ use tokio::time::Instant;
 use towerpc::codec::{Message, DEFAULT_MAX_FRAME_LEN, PREFACE_LEN};
 use towerpc::Server;
 
-/// A server over an in-memory stream; returns the client's end, past the preface exchange.
+/// A server with a frame read timeout of `timeout` over an in-memory stream; returns the
+/// client's end, past the preface exchange.
 async fn serve(timeout: Duration) -> DuplexStream {
+    serve_with(
+        Server::builder().frame_read_timeout(timeout),
+        support::echo(),
+    )
+    .await
+}
+
+/// `server` serving `svc` over an in-memory stream; returns the client's end, past the
+/// preface exchange.
+async fn serve_with(server: Server, svc: support::Svc) -> DuplexStream {
     let (mut client, server_end) = tokio::io::duplex(64 * 1024);
-    let server = Server::builder().frame_read_timeout(timeout);
     let incoming = futures_util::stream::iter([Ok::<_, std::io::Error>(server_end)])
         .chain(futures_util::stream::pending());
-    tokio::spawn(server.serve_with_incoming(incoming, support::echo()));
+    tokio::spawn(server.serve_with_incoming(incoming, svc));
     client
         .write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
         .await
@@ -238,7 +248,6 @@ async fn time_the_server_spends_not_reading_does_not_count_against_a_message() {
     // it (pushing back on the socket) with the message half in. The last piece comes 1 s after
     // the server reads again, 21 s after the first: the server was waiting for it 1 s, within
     // the 5 s frame read timeout, and serves all three.
-    let (mut client, server_end) = tokio::io::duplex(64 * 1024);
     let svc = support::service(|req: towerpc::Request| async move {
         if req.method() == "slow" {
             tokio::time::sleep(Duration::from_secs(20)).await;
@@ -248,15 +257,7 @@ async fn time_the_server_spends_not_reading_does_not_count_against_a_message() {
     let server = Server::builder()
         .frame_read_timeout(Duration::from_secs(5))
         .max_concurrency(1);
-    let incoming = futures_util::stream::iter([Ok::<_, std::io::Error>(server_end)])
-        .chain(futures_util::stream::pending());
-    tokio::spawn(server.serve_with_incoming(incoming, svc));
-    client
-        .write_all(&support::client_preface(DEFAULT_MAX_FRAME_LEN as u32))
-        .await
-        .unwrap();
-    let mut preface = [0u8; PREFACE_LEN];
-    client.read_exact(&mut preface).await.unwrap();
+    let client = serve_with(server, svc).await;
 
     let (mut reader, mut writer) = tokio::io::split(client);
     let step = Duration::from_millis(10);
