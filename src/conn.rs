@@ -428,10 +428,10 @@ pub(crate) struct FrameReader<R> {
     codec: FrameCodec,
     /// Bound on the time spent waiting for one frame's bytes once its first byte has arrived.
     frame_timeout: Option<Duration>,
-    /// Time spent waiting in reads for the frame (or the message in fragments) being read.
-    /// Only the waits count: while the reader does not read (its owner is busy, or holds it
-    /// back: a server's concurrency limit, its memory budget) the peer cannot send either,
-    /// so a frame half in when the reader stopped has not been slow to arrive.
+    /// Time spent waiting in reads for the frame (or the message in fragments) being read,
+    /// and held back by the gate meanwhile. Only the waits count: while the reader's owner
+    /// does not read (a server waiting for a handler slot) the peer cannot send either, so a
+    /// frame half in when the reader stopped has not been slow to arrive.
     frame_waited: Duration,
     /// When the read now waiting (or the last one, dropped before it completed) began to wait,
     /// in the middle of a frame with a frame timeout.
@@ -511,8 +511,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         // The next frame's clock starts with its first byte (maybe already here). A message in
         // fragments keeps the clock of its first piece: the waits for all of them count
-        // against the bound, as for a whole frame's bytes. Only now, with this frame's pieces taken in,
-        // is it known whether one is still on its way.
+        // against the bound, as for a whole frame's bytes. Only now, with this frame's pieces
+        // taken in, is it known whether one is still on its way.
         if frame.left() == 0 && !self.codec.in_message() {
             self.frame_waited = Duration::ZERO;
         }

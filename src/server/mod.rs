@@ -352,9 +352,10 @@ impl<L> Server<L> {
     /// Bound on the time spent waiting for one frame (or all the fragments of one message)
     /// once its first byte has arrived. Default 30 s. A client that announces a frame and then
     /// sends it a byte at a time (slowloris) is disconnected; one that sends nothing between
-    /// frames is not affected, nor one whose frame was half in when the server stopped reading
-    /// for a while (its concurrency limit full, its memory budget spent): only the time the
-    /// server waits to read counts. It also bounds a large request's upload: 16 MiB in 30 s
+    /// frames is not affected, nor one whose frame was half in when the server stopped
+    /// reading for a while to wait for a handler slot: only the time the server waits to read
+    /// counts, and the time its memory budget holds a read in the middle of a frame back (so
+    /// that under memory pressure a frame half in is not held for good). It also bounds a large request's upload: 16 MiB in 30 s
     /// asks for 0.56 MB/s, so raise it where clients send large requests over slow links.
     /// `None` disables it.
     #[must_use]
