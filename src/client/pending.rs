@@ -733,8 +733,8 @@ impl Inner {
     /// The server has answered no call for the stall bound although it is alive (it answers
     /// PINGs): its handlers are stuck. Every waiting call that has no deadline of its own fails
     /// at once with `is_stalled()`, rather than waiting out the client's default timeout, and
-    /// the server is told to stop it (CANCEL, within the budget). Calls with their own deadline keep waiting for
-    /// it. Returns how many failed, and whether the writer needs a wake-up.
+    /// the server is told to stop it (CANCEL, within the budget). Calls with their own deadline
+    /// keep waiting for it. Returns how many failed, and whether the writer needs a wake-up.
     pub(crate) fn fail_stuck(
         &mut self,
         shared: &Shared,

@@ -414,8 +414,6 @@ pub(super) async fn serve<S, IO>(
     let codec = FrameCodec::builder()
         .max_frame_len(config.max_frame_len)
         .new_codec();
-    // While the server is over its byte budget, a connection holding more than its share stops
-    // reading even in the middle of a frame: what a peer sends waits in its socket, not here.
     let mut reader = FrameReader::new(r, codec)
         .frame_timeout(config.frame_read_timeout)
         .gate(BudgetGate(conn.clone()));
