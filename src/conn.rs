@@ -436,6 +436,8 @@ pub(crate) struct FrameReader<R> {
     /// When the read now waiting (or the last one, dropped before it completed) began to wait,
     /// in the middle of a frame with a frame timeout.
     waiting_since: Option<tokio::time::Instant>,
+    /// Bytes the last read took.
+    last_read: usize,
     gate: Option<Box<dyn ReadGate>>,
 }
 
@@ -452,12 +454,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(io: R, codec: FrameCodec) -> Self {
         FrameReader {
             io,
-            // Taken at the first read, at the size it needs then.
+            // Taken at the first read, small (see `next`).
             buf: BytesMut::new(),
             codec,
             frame_timeout: None,
             frame_waited: Duration::ZERO,
             waiting_since: None,
+            last_read: 0,
             gate: None,
         }
     }
@@ -570,16 +573,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // small buffer. What it takes is counted at the next read, in the middle of the
             // frame it began, which the gate may hold back.
             let short = !partial && self.gate.as_ref().is_some_and(|gate| gate.short());
+            // Between frames after a small read (a new connection, a quiet or light one): a
+            // small buffer will do, and many idle connections then hold 4 KiB each, not 64. A
+            // read that fills it, or a frame larger than it, grows it.
+            let light = !partial && self.last_read < SHORT_READ;
             // While a message arrives in fragments, read several of them at once: a large
             // message then costs as few reads as it did in one frame.
             let want = if self.codec.in_message() {
                 4 * DEFAULT_BUFFER_SIZE
-            } else if short {
+            } else if short || light {
                 SHORT_READ
             } else {
                 DEFAULT_BUFFER_SIZE
             };
-            let grow = self.buf.capacity() - self.buf.len() < want / 4;
+            // A light read gets all of its small buffer; others grow theirs once less than a
+            // quarter of what they want is free (fewer, larger reallocations).
+            let grow = self.buf.capacity() - self.buf.len() < if light { want } else { want / 4 };
             // A timer only while a frame is partly read: the common case, a read between
             // frames, arms none (and reads no clock).
             let deadline = self.frame_timeout.filter(|_| partial).map(|t| {
@@ -645,6 +654,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 Err(e) => return Err(e.into()),
             };
+            self.last_read = n;
             if n == 0 {
                 // A message partly reassembled is dropped with the connection.
                 return if self.buf.is_empty() && !self.codec.in_message() {

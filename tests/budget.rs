@@ -404,3 +404,42 @@ async fn many_connections_each_sending_most_of_a_frame_are_held_to_the_budget() 
         "the budget made little difference: {unbounded} vs {bounded}"
     );
 }
+
+/// A connection waiting for its first frame, or idle after a light one, reads into a 4 KiB
+/// buffer, not a 64 KiB one: heap per idle connection 85 KB before, about 24 KB now (most of
+/// it the connection's task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_hold_small_read_buffers() {
+    let _serial = SERIAL.lock().await;
+    let srv = support::serve(Server::builder(), service()).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let heap0 = ALLOC.current_usage();
+    let n = 500;
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(support::raw_connect(srv.addr).await);
+    }
+    // One small call on each half, then all are idle.
+    let mut raws: Vec<_> = conns.into_iter().map(support::RawConn::new).collect();
+    for raw in raws.iter_mut().step_by(2) {
+        raw.write_frame(vec![Message::Request {
+            id: 1,
+            timeout_ms: 0,
+            method: "echo".into(),
+            metadata: Bytes::new(),
+            body: Bytes::from_static(b"hi"),
+        }])
+        .await;
+        raw.read_frame_within(Duration::from_secs(5))
+            .await
+            .expect("a reply");
+    }
+    support::eventually("every connection accepted", Duration::from_secs(10), || {
+        srv.stats().accepts == n as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let per_conn = ALLOC.current_usage().saturating_sub(heap0) / n;
+    eprintln!("{per_conn} bytes of heap per idle connection");
+    assert!(per_conn < 48 * 1024, "{per_conn} bytes per idle connection");
+}
