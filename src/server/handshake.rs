@@ -41,19 +41,45 @@ pub(super) async fn run<S, IO>(
     let deadline = tokio::time::Instant::now() + config.handshake_timeout;
     #[cfg(feature = "tls")]
     if let Some(acceptor) = config.tls.clone() {
-        let tls = match handshake_step(deadline, "TLS handshake", acceptor.accept(io)).await {
-            Ok(tls) => tls,
-            Err(err) => return refused(&config, &counters, &info, err),
-        };
-        let certs = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-        let info = info.with_peer_certificates(certs);
-        return established(tls, info, deadline, svc, config, counters, shutdown).await;
+        // Boxed: a TLS connection's state (rustls's, inline in its futures) is several KB,
+        // which every plain connection's task would reserve too (8 KB a task instead of 3).
+        let tls = with_tls(
+            acceptor, io, info, deadline, svc, config, counters, shutdown,
+        );
+        return Box::pin(tls).await;
     }
     established(io, info, deadline, svc, config, counters, shutdown).await
+}
+
+/// The TLS handshake, then the rest over TLS.
+#[cfg(feature = "tls")]
+#[allow(clippy::too_many_arguments)]
+async fn with_tls<S, IO>(
+    acceptor: tokio_rustls::TlsAcceptor,
+    io: IO,
+    info: ConnectInfo,
+    deadline: tokio::time::Instant,
+    svc: S,
+    config: Arc<Config>,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+) where
+    S: Service<Request, Response = Response> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let tls = match handshake_step(deadline, "TLS handshake", acceptor.accept(io)).await {
+        Ok(tls) => tls,
+        Err(err) => return refused(&config, &counters, &info, err),
+    };
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+    let info = info.with_peer_certificates(certs);
+    established(tls, info, deadline, svc, config, counters, shutdown).await
 }
 
 /// The rest of the handshake (the hook, the prefaces), then the connection proper.
