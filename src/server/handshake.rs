@@ -39,81 +39,88 @@ pub(super) async fn run<S, IO>(
     // a peer that sends nothing, or a ClientHello a byte a second, costs a timer here and
     // never holds up the accept loop.
     let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+    let handoff = Handoff {
+        info,
+        deadline,
+        svc,
+        config,
+        counters,
+        shutdown,
+    };
     #[cfg(feature = "tls")]
-    if let Some(acceptor) = config.tls.clone() {
+    if let Some(acceptor) = handoff.config.tls.clone() {
         // Boxed: a TLS connection's state (rustls's, inline in its futures) is several KB,
         // which every plain connection's task would reserve too (8 KB a task instead of 3).
-        let tls = with_tls(
-            acceptor, io, info, deadline, svc, config, counters, shutdown,
-        );
-        return Box::pin(tls).await;
+        return Box::pin(with_tls(acceptor, io, handoff)).await;
     }
-    established(io, info, deadline, svc, config, counters, shutdown).await
+    established(io, handoff).await
 }
 
-/// The TLS handshake, then the rest over TLS.
-#[cfg(feature = "tls")]
-#[allow(clippy::too_many_arguments)]
-async fn with_tls<S, IO>(
-    acceptor: tokio_rustls::TlsAcceptor,
-    io: IO,
+/// What a connection's handshake carries through to the connection proper.
+struct Handoff<S> {
     info: ConnectInfo,
+    /// The handshake's one bound.
     deadline: tokio::time::Instant,
     svc: S,
     config: Arc<Config>,
     counters: Arc<Counters>,
     shutdown: CancellationToken,
-) where
+}
+
+/// The TLS handshake, then the rest over TLS.
+#[cfg(feature = "tls")]
+async fn with_tls<S, IO>(acceptor: tokio_rustls::TlsAcceptor, io: IO, mut handoff: Handoff<S>)
+where
     S: Service<Request, Response = Response> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let tls = match handshake_step(deadline, "TLS handshake", acceptor.accept(io)).await {
+    let accept = acceptor.accept(io);
+    let tls = match handshake_step(handoff.deadline, "TLS handshake", accept).await {
         Ok(tls) => tls,
-        Err(err) => return refused(&config, &counters, &info, err),
+        Err(err) => return refused(&handoff.config, &handoff.counters, &handoff.info, err),
     };
     let certs = tls
         .get_ref()
         .1
         .peer_certificates()
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-    let info = info.with_peer_certificates(certs);
-    established(tls, info, deadline, svc, config, counters, shutdown).await
+    handoff.info = handoff.info.with_peer_certificates(certs);
+    established(tls, handoff).await
 }
 
 /// The rest of the handshake (the hook, the prefaces), then the connection proper.
-async fn established<S, IO>(
-    mut io: IO,
-    info: ConnectInfo,
-    deadline: tokio::time::Instant,
-    svc: S,
-    config: Arc<Config>,
-    counters: Arc<Counters>,
-    shutdown: CancellationToken,
-) where
+async fn established<S, IO>(mut io: IO, handoff: Handoff<S>)
+where
     S: Service<Request, Response = Response> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     // The reservation is held until the connection is over (and by the zstd reader's gate).
-    let Some((peer, compression, reservation)) =
-        negotiate(&mut io, &info, deadline, &config, &counters).await
+    let Some((peer, compression, reservation)) = negotiate(
+        &mut io,
+        &handoff.info,
+        handoff.deadline,
+        &handoff.config,
+        &handoff.counters,
+    )
+    .await
     else {
         return;
     };
     let gate = window_gate(compression, reservation.as_ref());
     super::connection::serve(
         io,
-        info,
+        handoff.info,
         peer,
         compression,
         gate,
-        svc,
-        config,
-        counters,
-        shutdown,
+        handoff.svc,
+        handoff.config,
+        handoff.counters,
+        handoff.shutdown,
     )
     .await;
     drop(reservation);
