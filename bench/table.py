@@ -164,7 +164,7 @@ def main():
 
     mixed = [r for r in rows if r.get("kind") == "mixed"]
     if mixed:
-        out.append("### Mixed: 1,000 small callers beside 10 big ones, one connection (towerpc raw svc; big calls echo their bytes, `down`: an 8-byte request for a big reply)")
+        out.append("### Mixed: 1,000 small callers beside 10 big ones, one connection (towerpc raw svc; big calls echo their bytes; `up`: a big request for a one-byte reply; `down`: an 8-byte request for a big reply)")
         out.append("")
         out.append("| round | big requests | small calls/s | small p50 µs | small p99 µs | p99 ÷ alone | big calls/s | big MB/s | big p99 ms | steal % |")
         out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
