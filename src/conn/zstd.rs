@@ -382,12 +382,11 @@ fn frame_start(b: &[u8]) -> Start {
     if b.len() < RAW_HEADER {
         return Start::More;
     }
-    let (exponent, mantissa) = (u32::from(b[5] >> 3), usize::from(b[5] & 7));
-    let log = 10 + exponent;
-    if log > ZSTD_WINDOW_LOG_MAX {
+    let window = descriptor_window(b[5]);
+    if window >= 1 << (ZSTD_WINDOW_LOG_MAX + 1) {
+        // A window log past our cap.
         return Start::Other;
     }
-    let window = (1usize << log) + (1usize << log) / 8 * mantissa;
     let block = u32::from_le_bytes([b[6], b[7], b[8], 0]);
     let (last, kind, size) = (block & 1, (block >> 1) & 3, (block >> 3) as usize);
     if last == 1 && kind == 0 && size <= window.min(MAX_BLOCK) {
@@ -395,6 +394,15 @@ fn frame_start(b: &[u8]) -> Start {
     } else {
         Start::Other
     }
+}
+
+/// The window a frame's window descriptor asks for (RFC 8878 §3.1.1.1.2), its log taken at
+/// most one past our cap: such a frame the decoder refuses, so no more than the cap is ever
+/// held, and any window at or past `1 << (ZSTD_WINDOW_LOG_MAX + 1)` says the cap is passed.
+fn descriptor_window(descriptor: u8) -> usize {
+    let (exponent, mantissa) = (u32::from(descriptor >> 3), usize::from(descriptor & 7));
+    let base = 1usize << (10 + exponent).min(ZSTD_WINDOW_LOG_MAX + 1);
+    base + base / 8 * mantissa
 }
 
 /// What a zstd frame's header says of the window its decoder needs.
@@ -422,11 +430,7 @@ fn declared_window(b: &[u8]) -> Declared {
         let Some(&descriptor) = b.get(5) else {
             return Declared::More;
         };
-        let (exponent, mantissa) = (u32::from(descriptor >> 3), descriptor & 7);
-        // Past the cap the decoder refuses the frame: no more than the cap is ever held.
-        let log = (10 + exponent).min(ZSTD_WINDOW_LOG_MAX + 1);
-        let base = 1usize << log;
-        return Declared::Window(base + base / 8 * usize::from(mantissa));
+        return Declared::Window(descriptor_window(descriptor));
     }
     let dictionary = [0, 1, 2, 4][usize::from(fhd & 3)];
     let size = [1, 2, 4, 8][usize::from(fhd >> 6)];
