@@ -357,13 +357,20 @@ async fn held_by_partial_frames(server: Server, n: usize) -> usize {
     tokio::time::sleep(Duration::from_millis(50)).await;
     ALLOC.reset_peak_usage();
     let heap0 = ALLOC.current_usage();
-    let body = 60_000;
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&((16 + 4 + body) as u32).to_be_bytes());
-    frame.extend_from_slice(&[0, 0, 0, 1, 0x01, 0, 0, 0, 1, 0, 0, 0, 0, 4, 0, 0]);
-    frame.extend_from_slice(&(body as u32).to_be_bytes());
-    frame.extend_from_slice(b"echo");
-    frame.resize(frame.len() + body - 1, 0);
+    let mut frame = bytes::BytesMut::new();
+    tokio_util::codec::Encoder::encode(
+        &mut FrameCodec::new(),
+        Message::Request {
+            id: 1,
+            timeout_ms: 0,
+            method: "echo".into(),
+            metadata: Bytes::new(),
+            body: Bytes::from(vec![0u8; 60_000]),
+        },
+        &mut frame,
+    )
+    .unwrap();
+    frame.truncate(frame.len() - 1);
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
         let mut s = support::raw_connect(srv.addr).await;
