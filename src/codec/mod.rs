@@ -41,6 +41,7 @@ pub(crate) use self::compression::zstd_memory;
 pub(crate) use self::decode::Incoming;
 pub(crate) use self::encode::{Batch, Outbox, FRAGMENTS_PER_TAKE, MAX_IO_SLICES};
 pub(crate) use self::frame::code;
+pub(crate) use self::spare::Limit;
 
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, Encoder, Framed};

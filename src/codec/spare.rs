@@ -40,15 +40,16 @@ pub(super) const MAX_KEPT: usize = 32 * 1024 * 1024;
 /// Bytes kept across the process, against [`MAX_KEPT`].
 static KEPT: Limit = Limit::new(MAX_KEPT);
 
-/// A cap on the bytes kept by many decoders together.
+/// A cap on bytes that many holders share: the buffers kept by many decoders here, the
+/// compression state of many server connections (`server::budget::CompressionBudget`).
 #[derive(Debug)]
-pub(super) struct Limit {
+pub(crate) struct Limit {
     used: AtomicUsize,
     max: usize,
 }
 
 impl Limit {
-    pub(super) const fn new(max: usize) -> Self {
+    pub(crate) const fn new(max: usize) -> Self {
         Limit {
             used: AtomicUsize::new(0),
             max,
@@ -56,7 +57,7 @@ impl Limit {
     }
 
     /// Takes `n` bytes of the cap, if that many are left.
-    fn claim(&self, n: usize) -> bool {
+    pub(crate) fn claim(&self, n: usize) -> bool {
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
                 used.checked_add(n).filter(|&u| u <= self.max)
@@ -64,8 +65,15 @@ impl Limit {
             .is_ok()
     }
 
-    fn give_back(&self, n: usize) {
+    /// Gives back `n` bytes taken with [`claim`](Self::claim).
+    pub(crate) fn give_back(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Bytes taken now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
     }
 }
 

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::codec::Limit;
+
 /// How often a reader paused on the budget looks again, besides being woken: bytes are freed in
 /// many places (other connections' handlers and writers), not all of which wake it.
 pub(super) const RECHECK: Duration = Duration::from_millis(10);
@@ -118,31 +120,16 @@ impl Account {
 /// server answers `00`, PROTOCOL.md §3.3); a window that does not fit closes the connection
 /// (GOAWAY RESOURCE_EXHAUSTED).
 #[derive(Debug)]
-pub(crate) struct CompressionBudget {
-    max: usize,
-    used: AtomicUsize,
-}
+pub(crate) struct CompressionBudget(Limit);
 
 impl CompressionBudget {
     pub(crate) fn new(max: usize) -> Self {
-        CompressionBudget {
-            max,
-            used: AtomicUsize::new(0),
-        }
-    }
-
-    /// Takes `n` more bytes, if they fit.
-    fn take(&self, n: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|&total| total <= self.max)
-            })
-            .is_ok()
+        CompressionBudget(Limit::new(max))
     }
 
     /// Reserves `n` bytes, if they fit; they go back when the reservation is dropped.
     pub(super) fn reserve(self: &Arc<Self>, n: usize) -> Option<Reservation> {
-        self.take(n).then(|| Reservation {
+        self.0.claim(n).then(|| Reservation {
             budget: self.clone(),
             n: AtomicUsize::new(n),
         })
@@ -166,7 +153,7 @@ impl Reservation {
         if n <= held {
             return true;
         }
-        if !self.budget.take(n - held) {
+        if !self.budget.0.claim(n - held) {
             return false;
         }
         self.n.fetch_add(n - held, Ordering::AcqRel);
@@ -176,9 +163,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget
-            .used
-            .fetch_sub(*self.n.get_mut(), Ordering::AcqRel);
+        self.budget.0.give_back(*self.n.get_mut());
     }
 }
 
@@ -221,7 +206,7 @@ mod tests {
         drop(a);
         let d = budget.reserve(10).expect("a's bytes came back");
         drop((b, c, d));
-        assert_eq!(budget.used.load(Ordering::Relaxed), 0);
+        assert_eq!(budget.0.used(), 0);
     }
 
     #[test]
@@ -232,10 +217,10 @@ mod tests {
         assert!(a.grow_to(15), "5 more fit");
         assert!(a.grow_to(12), "less than it holds: nothing to take");
         assert!(!b.grow_to(16), "6 more do not");
-        assert_eq!(budget.used.load(Ordering::Relaxed), 25);
+        assert_eq!(budget.0.used(), 25);
         drop(a);
         assert!(b.grow_to(16));
         drop(b);
-        assert_eq!(budget.used.load(Ordering::Relaxed), 0);
+        assert_eq!(budget.0.used(), 0);
     }
 }
