@@ -3,7 +3,7 @@
 //! closed-loop caller driver used by every client binary.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,14 +105,41 @@ pub fn spin_us() -> Option<u64> {
 }
 
 /// Log-linear histogram (32 sub-buckets per power of two, ~3% resolution), ns.
+///
+/// Sharded: each thread records into a shard of its own (cache lines of its own), so callers
+/// on different runtime workers never write the same line. One shared array (and a shared
+/// count of good calls beside it) had the workers contend for the same few lines at every
+/// call: at a million calls a second on two cores that was cache-line traffic the client paid
+/// for in CPU, and took from the server (see [`drive`]).
 pub struct Hist {
+    shards: Vec<Shard>,
+}
+
+/// One thread's buckets.
+#[repr(align(128))]
+struct Shard {
     b: Vec<AtomicU64>,
 }
+
 const SUB: u32 = 5;
+const SHARDS: usize = 16;
+
+thread_local! {
+    /// This thread's shard.
+    static SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+    };
+}
+
 impl Hist {
     pub fn new() -> Hist {
         Hist {
-            b: (0..(64 << SUB)).map(|_| AtomicU64::new(0)).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    b: (0..(64 << SUB)).map(|_| AtomicU64::new(0)).collect(),
+                })
+                .collect(),
         }
     }
     fn idx(v: u64) -> usize {
@@ -133,10 +160,25 @@ impl Hist {
         (1u64 << e) | (m << (e - SUB as u64))
     }
     pub fn record(&self, ns: u64) {
-        self.b[Self::idx(ns)].fetch_add(1, Ordering::Relaxed);
+        let shard = SHARD.with(|s| *s);
+        self.shards[shard].b[Self::idx(ns)].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Each bucket's count, summed over the shards.
+    fn counts(&self) -> Vec<u64> {
+        let mut counts = vec![0u64; 64 << SUB];
+        for shard in &self.shards {
+            for (c, b) in counts.iter_mut().zip(&shard.b) {
+                *c += b.load(Ordering::Relaxed);
+            }
+        }
+        counts
+    }
+    /// How many values were recorded.
+    pub fn count(&self) -> u64 {
+        self.counts().iter().sum()
     }
     pub fn quantile(&self, q: f64) -> u64 {
-        let counts: Vec<u64> = self.b.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+        let counts = self.counts();
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return 0;
@@ -244,6 +286,13 @@ pub type SocketWrites =
 
 /// Closed-loop driver: `conc` tasks each loop `call(i)`; measures during
 /// [warmup, warmup+dur). Prints one result line.
+///
+/// What the driver does per call writes no memory another caller writes (the histogram is
+/// sharded per thread), and the clients' `call`s clone no shared handle per call (each binary
+/// leaks its client and payload for `&'static` borrows; tonic's client, whose calls take
+/// `&mut self`, is cloned per call as its users do): on two cores, a shared counter and two
+/// shared `Arc`s touched at every call cost towerpc's client 0.55 → 0.78–1.43 µs of CPU a call
+/// (docs/benchmarks.md, session 24), more in some runs than in others.
 pub async fn drive<F, Fut>(o: &Opts, call: F)
 where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
@@ -293,16 +342,14 @@ where
     let hist = Arc::new(Hist::new());
     let recording = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
     let errs = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::with_capacity(o.conc);
     let schedule = Arc::new(Schedule::new(o.rate));
     for t in 0..o.conc {
-        let (hist, recording, stop, ok, errs, call, schedule) = (
+        let (hist, recording, stop, errs, call, schedule) = (
             hist.clone(),
             recording.clone(),
             stop.clone(),
-            ok.clone(),
             errs.clone(),
             call.clone(),
             schedule.clone(),
@@ -315,8 +362,8 @@ where
                 let ns = t0.elapsed().as_nanos() as u64;
                 if recording.load(Ordering::Relaxed) {
                     if good {
+                        // The good calls' count is the histogram's.
                         hist.record(ns);
-                        ok.fetch_add(1, Ordering::Relaxed);
                     } else {
                         errs.fetch_add(1, Ordering::Relaxed);
                     }
@@ -343,7 +390,7 @@ where
     let c1 = cpu_secs("self");
     let s1 = spid.as_deref().map(cpu_secs).unwrap_or(f64::NAN);
     stop.store(true, Ordering::SeqCst);
-    let n = ok.load(Ordering::Relaxed);
+    let n = hist.count();
     let nf = n.max(1) as f64;
     let srss = spid.as_deref().map(peak_rss_kb).unwrap_or(0);
     if std::env::var_os("TAILS").is_some() {

@@ -10,10 +10,12 @@ async fn main() {
     transport.config_mut().max_frame_length(usize::MAX);
     // One client (one TCP connection) shared by all callers; default Config.
     let client = EchoClient::new(client::Config::default(), transport.await.unwrap()).spawn();
+    // Borrowed for the process's life by every call: no shared handle cloned per call.
+    let c: &'static EchoClient = Box::leak(Box::new(client));
     let big = o.big();
     let data = payload_bytes(big);
     drive(&o, move |i| {
-        let c = client.clone();
+        // tarpc's call takes its argument by value.
         let data = data.clone();
         async move {
             if big {

@@ -2,7 +2,6 @@ use harness::echo_pb::echo_client::EchoClient;
 use harness::echo_pb::{BytesMsg, IntMsg};
 use harness::{drive, payload_bytes, Opts};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use tonic::transport::Channel;
 
 /// Print the first few RPC errors to stderr (so failures are visible, not just counted).
@@ -30,16 +29,16 @@ async fn main() {
     let client = EchoClient::new(ch);
     let big = o.big();
     let data = payload_bytes(big);
-    let seen = Arc::new(AtomicU64::new(0));
+    let seen: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
     drive(&o, move |i| {
+        // tonic's calls take `&mut self`: its users clone the client per call.
         let mut c = client.clone();
         let data = data.clone();
-        let seen = seen.clone();
         async move {
             if big {
-                matches!(report(c.echo_bytes(BytesMsg { data }).await, &seen), Some(r) if r.get_ref().data.len() == 1024)
+                matches!(report(c.echo_bytes(BytesMsg { data }).await, seen), Some(r) if r.get_ref().data.len() == 1024)
             } else {
-                matches!(report(c.echo_int(IntMsg { v: i as i64 }).await, &seen), Some(r) if r.get_ref().v == i as i64)
+                matches!(report(c.echo_int(IntMsg { v: i as i64 }).await, seen), Some(r) if r.get_ref().v == i as i64)
             }
         }
     })
