@@ -30,14 +30,18 @@ prepare() {
   cargo build --release --quiet --bin towerpc_server --bin towerpc_client --bin raw_server --bin raw_client
   mkdir -p "$BIN/head" "$BIN/old"
   cp target/release/{towerpc,raw}_{server,client} "$BIN/head/"
-  # The old build does not change: built once.
-  [ -x "$BIN/old/towerpc_client" ] && { du -sh "$BIN"; return; }
-  local wt
+  # fe3ff0d's library under this tree's harness (`bench/` copied over that tree's; the feature
+  # `before-spin` leaves out the spin settings it lacks): both builds run the same workload,
+  # the big bytes sent up included. Its own target folder, so this tree's binaries stay.
+  local wt old_target=$PWD/target/before-fragments
   wt=$(mktemp -d)
   git worktree add --quiet --detach "$wt" fe3ff0d
-  (cd "$wt/bench" && CARGO_TARGET_DIR="$wt/target" cargo build --release --quiet \
-    --bin towerpc_server --bin towerpc_client)
-  cp "$wt"/target/release/towerpc_{server,client} "$BIN/old/"
+  rm -rf "$wt/bench"
+  mkdir -p "$wt/bench"
+  cp -r src proto Cargo.toml Cargo.lock build.rs "$wt/bench/"
+  (cd "$wt/bench" && CARGO_TARGET_DIR="$old_target" cargo build --release --quiet \
+    --features before-spin --bin towerpc_server --bin towerpc_client)
+  cp "$old_target"/release/towerpc_{server,client} "$BIN/old/"
   git worktree remove --force "$wt"
   du -sh "$BIN"
 }

@@ -25,6 +25,7 @@ async fn main() {
     if o.conns > 1 {
         builder = builder.connections(o.conns);
     }
+    #[cfg(not(feature = "before-spin"))]
     if let Some(us) = harness::spin_us() {
         builder = builder.reply_spin(Duration::from_micros(us));
     }

@@ -24,9 +24,11 @@ async fn main() {
         .parse()
         .unwrap();
     let mode = std::env::args().nth(2).unwrap_or("small".into());
+    #[cfg_attr(feature = "before-spin", allow(unused_mut))]
     let mut server = Server::builder()
         .accept_compression(Compression::Zstd)
         .accept_compression(Compression::Lz4);
+    #[cfg(not(feature = "before-spin"))]
     if let Some(us) = harness::spin_us() {
         server = server.read_spin(std::time::Duration::from_micros(us));
     }
