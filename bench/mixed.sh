@@ -26,8 +26,8 @@ RESULTS=$OUT/mixed.txt
 }
 : >"$RESULTS"
 
-# cell ROUND LABEL BIN SIZE DIR RATE: one run (SIZE 0: the small callers alone); prints the
-# small calls/s
+# cell ROUND LABEL BINDIR SIZE WAY RATE: one run (SIZE 0: the small callers alone; WAY: echo,
+# up or down); prints the small calls/s
 cell() {
   local round=$1 label=$2 dir=$3 size=$4 way=$5 rate=$6
   local addr=127.0.0.1:$((7100 + RANDOM % 800)) out spid extra=()
