@@ -355,9 +355,9 @@ impl<L> Server<L> {
     /// frames is not affected, nor one whose frame was half in when the server stopped
     /// reading for a while to wait for a handler slot: only the time the server waits to read
     /// counts, and the time its memory budget holds a read in the middle of a frame back (so
-    /// that under memory pressure a frame half in is not held for good). It also bounds a large request's upload: 16 MiB in 30 s
-    /// asks for 0.56 MB/s, so raise it where clients send large requests over slow links.
-    /// `None` disables it.
+    /// that under memory pressure a frame half in is not held for good). It also bounds a
+    /// large request's upload: 16 MiB in 30 s asks for 0.56 MB/s, so raise it where clients
+    /// send large requests over slow links. `None` disables it.
     #[must_use]
     pub fn frame_read_timeout(mut self, d: impl Into<Option<Duration>>) -> Self {
         self.config.frame_read_timeout = d.into().map(crate::deadline::clamp);
